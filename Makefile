@@ -1,0 +1,40 @@
+# Every target does its own set-up: a fresh Debian machine needs only `make test` or `make demo`.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+.PHONY: test lint typecheck unit demo bench servers clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev,bench]'
+	touch $(STAMP)
+
+# redis-server comes from Debian when it is missing and we may install it; the suite
+# starts its own servers on free loopback ports, so a running system Redis is never used.
+servers:
+	@command -v redis-server >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    (apt-get install -y -qq redis-server >/dev/null 2>&1 || \
+	     (apt-get update -qq && apt-get install -y -qq redis-server)); \
+	  else echo "redis-server is missing: install it (Debian: apt-get install redis-server)"; exit 1; fi; }
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check celery_singleton_lock tests benchmarks examples
+
+typecheck: $(STAMP)
+	$(VENV)/bin/mypy
+
+test: $(STAMP) servers lint typecheck
+	$(PY) -m pytest -q
+
+demo: $(STAMP) servers
+	$(PY) examples/duplicate_jobs.py
+
+bench: $(STAMP) servers
+	$(PY) -m benchmarks
+
+clean:
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

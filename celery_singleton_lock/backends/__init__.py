@@ -1,0 +1,86 @@
+"""From a URL to a lock backend: the scheme picks the class, imported only when used.
+
+A missing optional dependency fails with the ``pip install`` line that brings it, and a
+misspelt scheme with the schemes we know.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+import os
+import threading
+from typing import Any
+from urllib.parse import urlsplit
+
+from celery_singleton_lock.backends.base import LockBackend
+from celery_singleton_lock.errors import ConfigurationError, mask_url
+
+__all__ = ["BACKEND_ALIASES", "LockBackend", "backend_class", "connect", "shared_backend"]
+
+#: URL scheme -> "module:Class", imported lazily.
+BACKEND_ALIASES: dict[str, str] = {
+    "redis": "celery_singleton_lock.backends.redis:RedisBackend",
+    "rediss": "celery_singleton_lock.backends.redis:RedisBackend",
+    "unix": "celery_singleton_lock.backends.redis:RedisBackend",
+    "memory": "celery_singleton_lock.backends.memory:MemoryBackend",
+}
+
+
+def backend_class(url: str, *, option: str = "url") -> type[LockBackend]:
+    """The backend class serving ``url``'s scheme.
+
+    :raises ConfigurationError: for an unknown scheme or a missing extra.
+    """
+    if not isinstance(url, str) or "://" not in url:
+        msg = f"{option} must be a URL like redis://host:6379/0, got {url!r}"
+        raise ConfigurationError(msg, option=option)
+    scheme = urlsplit(url).scheme.lower()
+    target = BACKEND_ALIASES.get(scheme)
+    if target is None:
+        close = difflib.get_close_matches(scheme, BACKEND_ALIASES, n=1)
+        hint = f"; did you mean {close[0]}://?" if close else ""
+        known = ", ".join(f"{s}://" for s in sorted(BACKEND_ALIASES))
+        msg = f"{option}: no lock backend for {mask_url(url)!r} (known: {known}){hint}"
+        raise ConfigurationError(msg, option=option)
+    module_name, class_name = target.split(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ConfigurationError as exc:
+        raise ConfigurationError(str(exc), option=option) from None
+    cls: type[LockBackend] = getattr(module, class_name)
+    return cls
+
+
+def connect(url: str, **options: Any) -> LockBackend:
+    """Connect to the lock server at ``url``; no round trip happens until the first lock.
+
+    >>> backend = connect("redis://127.0.0.1:6379/0")  # doctest: +SKIP
+    >>> with backend.lock("report:42", ttl=30, timeout=10) as held:  # doctest: +SKIP
+    ...     held.fencing_token
+
+    :param options: ``prefix``, ``connect_timeout``, and options of the backend's client
+        (for Redis: ``ssl_ca_certs``, ``ssl_certfile``, ``username``...).
+    """
+    cls = backend_class(url)
+    if cls.schemes == ("memory",):
+        options.setdefault("shared", True)
+    return cls(url, **options)
+
+
+_shared: dict[tuple[Any, ...], LockBackend] = {}
+_shared_guard = threading.Lock()
+
+
+def shared_backend(url: str, **options: Any) -> LockBackend:
+    """The backend for ``url`` and ``options`` in this process, created on first use.
+
+    Tasks share it, so a worker process keeps one connection pool per server; a forked
+    child gets its own.
+    """
+    cache_key = (os.getpid(), url, repr(sorted(options.items())))
+    with _shared_guard:
+        backend = _shared.get(cache_key)
+        if backend is None:
+            backend = _shared[cache_key] = connect(url, **options)
+        return backend

@@ -1,0 +1,252 @@
+"""The interface every lock backend implements, and the logic they all share.
+
+:class:`LockBackend` owns the public methods: validation, tokens, the blocking loop with
+its deadline, handing leases to the lease keeper, logging and signals. A backend only
+implements one-shot operations on fully prefixed keys:
+
+``_try_acquire(key, token, ttl, owner)``  one attempt; a :class:`Granted` or :class:`Refused`
+``_wait_for_release(key, timeout)``        block until a release is announced or timeout
+``_renew(locks)``                          replace the TTL of many locks in one round trip
+``_release(key, field, value)``            delete if the stored ``field`` equals ``value``
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import socket
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from celery_singleton_lock import signals
+from celery_singleton_lock.errors import ConfigurationError, LockContended, mask_url
+from celery_singleton_lock.lease import HeldLock, LeaseKeeper, Owner, clock_drift
+
+__all__ = ["Granted", "LockBackend", "Refused"]
+
+logger = logging.getLogger("celery_singleton_lock.acquire")
+release_logger = logging.getLogger("celery_singleton_lock.release")
+
+_HOST = socket.gethostname()
+
+
+@dataclass(frozen=True)
+class Granted:
+    """An attempt that got the lock."""
+
+    fencing_token: int
+
+
+@dataclass(frozen=True)
+class Refused:
+    """An attempt that found the lock taken.
+
+    :ivar holder_ttl: seconds left on the holder's lease when we looked, if known.
+    :ivar holder_task_id: the holder's Celery task id, if it is a task.
+    """
+
+    holder_ttl: float | None
+    holder_task_id: str | None = None
+
+
+class LockBackend(ABC):
+    """A lock server, reached through one URL. Get one with :func:`connect`.
+
+    :param url: the server's URL (its scheme chose this class).
+    :param prefix: namespace put in front of every key.
+    :param connect_timeout: seconds within which an unreachable server is reported as
+        :class:`LockBackendUnavailable`.
+    :param clock: a monotonic clock; tests pass a fake one.
+    """
+
+    #: URL schemes this backend serves.
+    schemes: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        prefix: str = "singleton-lock",
+        connect_timeout: float = 5.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.url = mask_url(url)
+        self.prefix = prefix
+        self.connect_timeout = connect_timeout
+        self.clock = clock
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.url}>"
+
+    # -- the public lock API -------------------------------------------------------------
+
+    def acquire(
+        self,
+        key: str,
+        ttl: float,
+        *,
+        blocking: bool = False,
+        timeout: float | None = None,
+        owner: Owner | None = None,
+    ) -> HeldLock | None:
+        """Take the lock ``key`` for ``ttl`` seconds, kept alive until released.
+
+        :param blocking: wait for the holder to release (woken by the server, never by
+            polling) instead of returning None at once.
+        :param timeout: with ``blocking``, give up after this many seconds (None: never).
+        :param owner: who holds it, stored for people and for ``revoke``.
+        :returns: a :class:`HeldLock`, or None when the lock is taken (or the wait timed out).
+        :raises LockBackendUnavailable: the server did not answer within ``connect_timeout``.
+        """
+        result = self.attempt(key, ttl, owner=owner)
+        if isinstance(result, HeldLock):
+            return result
+        if not blocking:
+            return None
+        return self.wait(key, ttl, timeout=timeout, owner=owner, refused=result)
+
+    @contextmanager
+    def lock(
+        self, key: str, ttl: float, *, timeout: float | None = None, blocking: bool = True
+    ) -> Iterator[HeldLock]:
+        """Hold ``key`` for the ``with`` block; its body never runs unlocked.
+
+        :raises LockContended: the lock could not be taken (within ``timeout``).
+        """
+        held = self.acquire(key, ttl, blocking=blocking, timeout=timeout)
+        if held is None:
+            waited = f" within {timeout}s" if blocking and timeout is not None else ""
+            raise LockContended(f"lock {key!r} is held by somebody else{waited}", key=key)
+        try:
+            yield held
+        finally:
+            self.release(held)
+
+    def release(self, held: HeldLock) -> bool:
+        """Release ``held`` if it is still ours; wake one waiter.
+
+        :returns: False when it was no longer ours (lost, expired, or released before).
+        """
+        LeaseKeeper.for_process().untrack(held)
+        if not held._mark_released():
+            return False
+        ours = self._release(self._full_key(held.key), "token", held.token)
+        if ours:
+            release_logger.debug("released %r", held.key)
+        else:
+            release_logger.warning(
+                "lock %r was no longer ours when released (fencing token %s)",
+                held.key, held.fencing_token,
+            )
+        signals.lock_released.send(sender=held.sender, key=held.key, held=held, was_held=ours)
+        return ours
+
+    def release_task_lock(self, key: str, task_id: str) -> bool:
+        """Release ``key`` if the task ``task_id`` holds it, from any process.
+
+        The worker's main process uses this when it kills a task (revoke with terminate,
+        hard time limit), so the lock is free at once instead of at TTL expiry.
+        """
+        if not task_id:
+            return False
+        return self._release(self._full_key(key), "task_id", task_id)
+
+    def renew(self, locks: Sequence[HeldLock]) -> list[bool]:
+        """Replace the TTL of every lock in ``locks`` (one round trip); True where still ours."""
+        if not locks:
+            return []
+        return self._renew([(self._full_key(h.key), h.token, h.ttl) for h in locks])
+
+    def close(self) -> None:  # noqa: B027 - a backend without resources has nothing to close
+        """Close connections. Held locks are left to their TTL."""
+
+    # -- shared steps, also used by the Celery task ------------------------------------
+
+    def attempt(
+        self, key: str, ttl: float, *, owner: Owner | None = None, sender: Any = None
+    ) -> HeldLock | Refused:
+        """One try at ``key``: the lock, or what we learned about its holder.
+
+        :param sender: the sender of the lock's signals (default: this backend).
+        """
+        _check_key_and_ttl(key, ttl)
+        owner = owner or Owner(host=_HOST, pid=os.getpid())
+        token = secrets.token_hex(16)
+        sent_at = self.clock()
+        result = self._try_acquire(self._full_key(key), token, ttl, owner)
+        if isinstance(result, Refused):
+            return result
+        held = HeldLock(
+            self, key, token, result.fencing_token, ttl, owner,
+            valid_until=sent_at + ttl - clock_drift(ttl),
+        )
+        held.sender = self if sender is None else sender
+        LeaseKeeper.for_process().track(held)
+        logger.debug("acquired %r (fencing token %s)", key, result.fencing_token)
+        signals.lock_acquired.send(sender=held.sender, key=key, held=held)
+        return held
+
+    def wait(
+        self,
+        key: str,
+        ttl: float,
+        *,
+        timeout: float | None,
+        owner: Owner | None = None,
+        refused: Refused | None = None,
+        sender: Any = None,
+    ) -> HeldLock | None:
+        """Wait for ``key`` after a refused attempt; None when ``timeout`` passes.
+
+        Each wait lasts until a release is announced, bounded by the holder's remaining
+        TTL: a holder that crashed is noticed when its lease expires, not later.
+        """
+        deadline = None if timeout is None else self.clock() + timeout
+        full_key = self._full_key(key)
+        while True:
+            holder_ttl = refused.holder_ttl if refused is not None else None
+            remaining = None if deadline is None else deadline - self.clock()
+            if remaining is not None and remaining <= 0:
+                return None
+            bounds = [b for b in (remaining, holder_ttl) if b is not None]
+            # An unknown holder TTL can only come from a backend that cannot tell; then
+            # re-check every connect_timeout at most.
+            self._wait_for_release(full_key, min(bounds) if bounds else self.connect_timeout)
+            result = self.attempt(key, ttl, owner=owner, sender=sender)
+            if isinstance(result, HeldLock):
+                return result
+            refused = result
+
+    def _full_key(self, key: str) -> str:
+        return f"{self.prefix}:{key}"
+
+    # -- what a backend implements -------------------------------------------------------
+
+    @abstractmethod
+    def _try_acquire(self, key: str, token: str, ttl: float, owner: Owner) -> Granted | Refused:
+        """One atomic attempt: take ``key`` if free, storing token, owner and a fencing token."""
+
+    @abstractmethod
+    def _wait_for_release(self, key: str, timeout: float) -> None:
+        """Block until a release of ``key`` is announced, or ``timeout`` seconds pass."""
+
+    @abstractmethod
+    def _renew(self, items: Sequence[tuple[str, str, float]]) -> list[bool]:
+        """For each (key, token, ttl): replace the TTL if the token matches."""
+
+    @abstractmethod
+    def _release(self, key: str, field: str, value: str) -> bool:
+        """Delete ``key`` if its stored ``field`` ("token" or "task_id") equals ``value``,
+        and announce the release to one waiter."""
+
+
+def _check_key_and_ttl(key: str, ttl: float) -> None:
+    if not isinstance(key, str) or not key:
+        raise ConfigurationError(f"lock key must be a non-empty str, got {key!r}", option="key")
+    if isinstance(ttl, bool) or not isinstance(ttl, int | float) or not ttl > 0:
+        raise ConfigurationError(f"ttl must be a positive number of seconds, got {ttl!r}", option="ttl")

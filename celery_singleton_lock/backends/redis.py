@@ -1,0 +1,203 @@
+"""One Redis server: ``redis://``, ``rediss://`` (TLS) and ``unix://`` URLs.
+
+Keys (the hash tag keeps a lock, its counter and its signal list in one cluster slot)::
+
+    {prefix:key}          hash: token, fence, task_id, owner; its TTL is the lease
+    {prefix:key}:fence    fencing counter, seeded from the server clock in microseconds
+    {prefix:key}:signal   release announcements; waiters block on it with BLPOP
+
+Every operation is one round trip: acquire, release and the renewal of any number of
+locks are each one script call. Waiters cost the server nothing while they block, and
+each release wakes one waiter (Redis serves blocked BLPOP clients first come, first served).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict
+from typing import Any
+
+from celery_singleton_lock.backends.base import Granted, LockBackend, Refused
+from celery_singleton_lock.errors import ConfigurationError, LockBackendUnavailable
+from celery_singleton_lock.lease import Owner
+
+try:
+    import redis
+    from redis.backoff import NoBackoff
+    from redis.retry import Retry
+except ImportError as exc:  # pragma: no cover - exercised only without the extra
+    msg = "the Redis backend needs redis-py: pip install 'celery-singleton-lock[redis]'"
+    raise ConfigurationError(msg, option="singleton_lock_backend") from exc
+
+__all__ = ["RedisBackend"]
+
+#: Seconds a release announcement waits in the signal list for a waiter that is
+#: between its refused attempt and its BLPOP. Without a waiter it simply expires.
+SIGNAL_LIFETIME_MS = 5_000
+#: The fencing counter outlives idle periods by this much; when it is gone, the next
+#: acquisition reseeds it from the server clock, so tokens still only go up.
+FENCE_LIFETIME_MS = 7 * 24 * 3600 * 1000
+
+
+class RedisBackend(LockBackend):
+    """Locks on one Redis server; see the module docstring for the keys it uses.
+
+    :param client_options: passed to :meth:`redis.Redis.from_url` (TLS files,
+        ``username``/``password``, ``ssl_cert_reqs``...); URL query parameters work too.
+    """
+
+    schemes = ("redis", "rediss", "unix")
+
+    # KEYS[1] lock hash, KEYS[2] fencing counter
+    # ARGV[1] token, ARGV[2] ttl ms, ARGV[3] task id or '', ARGV[4] owner JSON,
+    # ARGV[5] counter lifetime ms
+    # returns {1, fencing token} when granted; {0, holder's PTTL ms, holder's task id}
+    LUA_ACQUIRE = """
+    if redis.call('exists', KEYS[1]) == 1 then
+      return {0, redis.call('pttl', KEYS[1]), redis.call('hget', KEYS[1], 'task_id') or ''}
+    end
+    if redis.call('exists', KEYS[2]) == 0 then
+      local now = redis.call('time')
+      redis.call('set', KEYS[2], now[1] .. string.format('%06d', tonumber(now[2])))
+    end
+    local fence = redis.call('incr', KEYS[2])
+    redis.call('pexpire', KEYS[2], ARGV[5])
+    redis.call('hset', KEYS[1], 'token', ARGV[1], 'fence', fence, 'task_id', ARGV[3],
+               'owner', ARGV[4])
+    redis.call('pexpire', KEYS[1], ARGV[2])
+    return {1, fence}
+    """
+
+    # KEYS[i] lock hashes
+    # ARGV[2i-1] token of KEYS[i], ARGV[2i] its ttl ms
+    # returns one 1 (TTL replaced, never added to) or 0 (not ours any more) per key
+    LUA_RENEW = """
+    local ours = {}
+    for i, key in ipairs(KEYS) do
+      if redis.call('hget', key, 'token') == ARGV[2 * i - 1] then
+        redis.call('pexpire', key, ARGV[2 * i])
+        ours[i] = 1
+      else
+        ours[i] = 0
+      end
+    end
+    return ours
+    """
+
+    # KEYS[1] lock hash, KEYS[2] signal list
+    # ARGV[1] field to compare ('token' or 'task_id'), ARGV[2] expected value,
+    # ARGV[3] signal lifetime ms
+    # returns 1 when deleted (and one waiter is woken), 0 when not ours
+    LUA_RELEASE = """
+    if redis.call('hget', KEYS[1], ARGV[1]) ~= ARGV[2] then
+      return 0
+    end
+    redis.call('del', KEYS[1])
+    redis.call('lpush', KEYS[2], 1)
+    redis.call('ltrim', KEYS[2], 0, 0)
+    redis.call('pexpire', KEYS[2], ARGV[3])
+    return 1
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        prefix: str = "singleton-lock",
+        connect_timeout: float = 5.0,
+        clock: Callable[[], float] = time.monotonic,
+        **client_options: Any,
+    ) -> None:
+        super().__init__(url, prefix=prefix, connect_timeout=connect_timeout, clock=clock)
+        options: dict[str, Any] = {
+            "socket_connect_timeout": connect_timeout,
+            "socket_timeout": connect_timeout,
+            # One attempt per call: our own deadline logic decides what a failure means,
+            # and a hidden retry would stretch the connect-timeout bound.
+            "retry": Retry(NoBackoff(), 0),
+            **client_options,
+        }
+        try:
+            self._client = redis.Redis.from_url(url, **options)
+        except ValueError as exc:
+            msg = f"bad Redis URL {self.url}: {exc}"
+            raise ConfigurationError(msg, option="singleton_lock_backend") from None
+        self._acquire_script = self._client.register_script(self.LUA_ACQUIRE)
+        self._renew_script = self._client.register_script(self.LUA_RENEW)
+        self._release_script = self._client.register_script(self.LUA_RELEASE)
+
+    @contextmanager
+    def _answering(self, key: str | None = None) -> Iterator[None]:
+        """Turn "the server did not answer" into LockBackendUnavailable, URL masked."""
+        try:
+            yield
+        except (redis.ConnectionError, redis.TimeoutError) as exc:
+            msg = f"Redis at {self.url} did not answer within {self.connect_timeout}s: {exc}"
+            raise LockBackendUnavailable(msg, url=self.url, key=key) from None
+        except redis.ResponseError as exc:
+            if "NOAUTH" in str(exc) or "WRONGPASS" in str(exc):
+                msg = f"Redis at {self.url} refused our credentials: {exc}"
+                raise LockBackendUnavailable(msg, url=self.url, key=key) from None
+            raise
+
+    def _hashed(self, key: str) -> str:
+        return "{" + key + "}"
+
+    def _try_acquire(self, key: str, token: str, ttl: float, owner: Owner) -> Granted | Refused:
+        lock = self._hashed(key)
+        owner_json = json.dumps(asdict(owner), separators=(",", ":"))
+        with self._answering(key):
+            reply = self._acquire_script(
+                keys=[lock, lock + ":fence"],
+                args=[token, _ms(ttl), owner.task_id or "", owner_json, FENCE_LIFETIME_MS],
+            )
+        if reply[0] == 1:
+            return Granted(int(reply[1]))
+        holder_task_id = reply[2].decode() if reply[2] else None
+        return Refused(max(int(reply[1]), 1) / 1000, holder_task_id)
+
+    def _wait_for_release(self, key: str, timeout: float) -> None:
+        # BLPOP on a connection of the shared pool. Redis checks blocking timeouts only
+        # about every 100 ms, so the wait is timed here: when the socket has nothing by
+        # then, the connection (with its pending BLPOP) is dropped. The caller tries to
+        # acquire after every wait, so a release announced in that instant is not lost.
+        signal = self._hashed(key) + ":signal"
+        pool = self._client.connection_pool
+        with self._answering(key):
+            connection = pool.get_connection()
+            try:
+                connection.send_command(  # type: ignore[no-untyped-call]
+                    "BLPOP", signal, f"{timeout + 1:.3f}"
+                )
+                if connection.can_read(timeout=timeout):
+                    connection.read_response(timeout=self.connect_timeout)
+                else:
+                    connection.disconnect()  # type: ignore[no-untyped-call]
+            finally:
+                pool.release(connection)
+
+    def _renew(self, items: Sequence[tuple[str, str, float]]) -> list[bool]:
+        args: list[Any] = []
+        for _, token, ttl in items:
+            args += [token, _ms(ttl)]
+        with self._answering():
+            reply = self._renew_script(keys=[self._hashed(k) for k, _, _ in items], args=args)
+        return [flag == 1 for flag in reply]
+
+    def _release(self, key: str, field: str, value: str) -> bool:
+        lock = self._hashed(key)
+        with self._answering(key):
+            reply = self._release_script(
+                keys=[lock, lock + ":signal"], args=[field, value, SIGNAL_LIFETIME_MS]
+            )
+        return bool(reply == 1)
+
+    def close(self) -> None:
+        self._client.close()
+
+
+def _ms(seconds: float) -> int:
+    return max(1, round(seconds * 1000))

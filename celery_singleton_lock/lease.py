@@ -1,0 +1,299 @@
+"""Held leases and the one thread per process that keeps them alive.
+
+A :class:`HeldLock` is one acquisition: its own random token, its fencing token, and a
+local *validity deadline* on the monotonic clock. The deadline is what lets us never
+report a lock held that we cannot prove held::
+
+    t0  renewal sent            valid_until = t0 + ttl - drift
+    t0+ttl/3  next renewal      (transient error: retried until valid_until)
+    valid_until passes          lock declared lost, before the server expires it at t0+ttl
+
+The :class:`LeaseKeeper` renews every lock the process holds about every ``ttl/3``,
+batching all due locks of one backend into one round trip. It holds the locks weakly: a
+handle dropped without release stops being renewed and the server's TTL frees it. It
+cannot die quietly: every failure is logged, and a lease proved gone is marked lost, logged
+at ERROR and announced with the ``lock_lost`` signal. It never raises into a task's thread;
+the task learns of a loss through :attr:`HeldLock.lost` and :meth:`HeldLock.ensure_held`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import threading
+import time
+import weakref
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from celery_singleton_lock import signals
+from celery_singleton_lock.errors import LockError, LockLost
+
+if TYPE_CHECKING:
+    from celery_singleton_lock.backends.base import LockBackend
+
+__all__ = ["HeldLock", "LeaseKeeper", "Owner"]
+
+logger = logging.getLogger("celery_singleton_lock.lease")
+
+#: Renew when a third of the TTL has passed; locks due within another sixth are
+#: renewed in the same round trip, so many locks settle into one batch per interval.
+RENEW_FRACTION = 1 / 3
+BATCH_FRACTION = 1 / 6
+#: After a transient renewal error, try again this soon (bounded by the deadline).
+RETRY_AFTER = 0.5
+
+
+def clock_drift(ttl: float) -> float:
+    """Margin for clock rate differences between us and the server (1% + 2 ms)."""
+    return ttl * 0.01 + 0.002
+
+
+@dataclass(frozen=True)
+class Owner:
+    """Who holds a lock, stored beside it on the server for people and for revoke."""
+
+    host: str
+    pid: int
+    task_id: str | None = None
+
+
+class HeldLock:
+    """One acquisition of a lock. Returned by :meth:`LockBackend.acquire`.
+
+    :ivar key: the lock's name, as given to ``acquire`` (without the backend's prefix).
+    :ivar token: this acquisition's random token; release and renewal compare it.
+    :ivar fencing_token: strictly increases with every acquisition of this key; pass it
+        to the resource you protect so it can refuse writes from an older holder.
+    :ivar ttl: the lease length in seconds.
+    :ivar owner: who holds it.
+    """
+
+    def __init__(
+        self,
+        backend: LockBackend,
+        key: str,
+        token: str,
+        fencing_token: int,
+        ttl: float,
+        owner: Owner,
+        *,
+        valid_until: float,
+    ) -> None:
+        self.backend = backend
+        self.key = key
+        self.token = token
+        self.fencing_token = fencing_token
+        self.ttl = ttl
+        self.owner = owner
+        #: The sender of this lock's signals: the backend, or the task that took it.
+        self.sender: Any = backend
+        self._state = threading.Lock()
+        self._valid_until = valid_until
+        self._next_renewal = valid_until - ttl + ttl * RENEW_FRACTION
+        self._renew_until: float | None = None
+        self._lost_reason: str | None = None
+        self._released = False
+
+    def __repr__(self) -> str:
+        state = "released" if self._released else ("lost" if self.lost else "held")
+        return f"<HeldLock {self.key!r} fencing_token={self.fencing_token} {state}>"
+
+    @property
+    def lost(self) -> bool:
+        """True once the lease can no longer be proved ours (and we did not release it)."""
+        if self._released:
+            return False
+        return self._lost_reason is not None or self.backend.clock() >= self._valid_until
+
+    @property
+    def released(self) -> bool:
+        return self._released
+
+    @property
+    def lost_reason(self) -> str | None:
+        if self._lost_reason is None and self.lost:
+            return "its validity deadline passed before a renewal confirmed it"
+        return self._lost_reason
+
+    @property
+    def valid_for(self) -> float:
+        """Seconds this lease is still proved ours by the local clock (0 when lost)."""
+        if self.lost or self._released:
+            return 0.0
+        return max(0.0, self._valid_until - self.backend.clock())
+
+    def ensure_held(self) -> None:
+        """Raise :class:`LockLost` unless the lease is still provably ours.
+
+        Call it before an irreversible step (a payment, an e-mail) in a long task.
+        """
+        if self._released:
+            raise LockLost(f"lock {self.key!r} was already released", key=self.key)
+        if self.lost:
+            raise LockLost(f"lock {self.key!r} was lost: {self.lost_reason}", key=self.key)
+
+    def release(self) -> bool:
+        """Release through the backend; see :meth:`LockBackend.release`."""
+        return self.backend.release(self)
+
+    def stop_renewal_at(self, deadline: float) -> None:
+        """Stop renewing at ``deadline`` (monotonic); the server's TTL then ends the lease.
+
+        Used for a task's hard time limit: the process may be killed then, and the lock
+        must not outlive it by more than one TTL.
+        """
+        self._renew_until = deadline
+
+    # The methods below are the lease keeper's and the backend's.
+
+    def _confirm(self, sent_at: float) -> None:
+        with self._state:
+            self._valid_until = sent_at + self.ttl - clock_drift(self.ttl)
+            self._next_renewal = sent_at + self.ttl * RENEW_FRACTION
+
+    def _mark_lost(self, reason: str) -> bool:
+        """Record the loss once; True if this call recorded it."""
+        with self._state:
+            if self._released or self._lost_reason is not None:
+                return False
+            self._lost_reason = reason
+        return True
+
+    def _mark_released(self) -> bool:
+        """True if this call released it (a handle releases once)."""
+        with self._state:
+            if self._released:
+                return False
+            self._released = True
+            return True
+
+
+class LeaseKeeper:
+    """One daemon thread per process renewing every held lock; see the module docstring.
+
+    Created lazily by :meth:`for_process`, and again after a fork (a prefork child
+    gets its own), so it works in solo, threads and prefork pools alike.
+    """
+
+    _instance: LeaseKeeper | None = None
+    _instance_lock = threading.Lock()
+
+    def __init__(self) -> None:
+        self.pid = os.getpid()
+        self._locks: weakref.WeakSet[HeldLock] = weakref.WeakSet()
+        self._wakeup = threading.Condition()
+        self._thread: threading.Thread | None = None
+        # When the thread will wake up by itself (time.monotonic); a new lock due later
+        # needs no wake-up call, which keeps acquire free of thread switches.
+        self._wakes_at = math.inf
+        #: Round trips sent, for tests and benchmarks.
+        self.renewal_calls = 0
+
+    @classmethod
+    def for_process(cls) -> LeaseKeeper:
+        with cls._instance_lock:
+            keeper = cls._instance
+            if keeper is None or keeper.pid != os.getpid():
+                keeper = cls._instance = cls()
+            return keeper
+
+    def track(self, held: HeldLock) -> None:
+        with self._wakeup:
+            self._locks.add(held)
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(
+                    target=self._run, name="celery-singleton-lock-keeper", daemon=True
+                )
+                self._thread.start()
+            due_in = held._next_renewal - held.backend.clock()
+            if time.monotonic() + due_in < self._wakes_at:
+                self._wakeup.notify()
+
+    def untrack(self, held: HeldLock) -> None:
+        with self._wakeup:
+            self._locks.discard(held)
+
+    def tracked(self) -> list[HeldLock]:
+        with self._wakeup:
+            return list(self._locks)
+
+    def _run(self) -> None:
+        while True:
+            with self._wakeup:
+                delay = self._seconds_to_next()
+                self._wakes_at = math.inf if delay is None else time.monotonic() + delay
+                self._wakeup.wait(timeout=delay)
+                self._wakes_at = -math.inf  # busy: it looks at every lock before sleeping
+            try:
+                self.renew_due()
+            except Exception:  # the keeper must outlive any bug: log it and go on
+                logger.exception("lease keeper: renewal round failed; retrying")
+                with self._wakeup:
+                    self._wakeup.wait(timeout=RETRY_AFTER)
+
+    def _seconds_to_next(self) -> float | None:
+        locks = list(self._locks)
+        if not locks:
+            return None
+        return max(
+            0.0,
+            min(min(h._next_renewal, h._valid_until) - h.backend.clock() for h in locks),
+        )
+
+    def renew_due(self) -> None:
+        """One round: renew every due lock, one backend call per backend."""
+        batches: dict[int, tuple[LockBackend, list[HeldLock]]] = {}
+        for held in self.tracked():
+            now = held.backend.clock()  # each backend's clock: tests give memory a fake one
+            if held.released:
+                self.untrack(held)
+                continue
+            if now >= held._valid_until:
+                self.declare_lost(held, "no renewal was confirmed before its validity deadline")
+                continue
+            if held._renew_until is not None and now >= held._renew_until:
+                logger.info("lock %r reached its task's hard time limit; renewal stops", held.key)
+                self.untrack(held)
+                continue
+            if held._next_renewal - held.ttl * BATCH_FRACTION <= now:
+                batches.setdefault(id(held.backend), (held.backend, []))[1].append(held)
+        for backend, due in batches.values():
+            self._renew_batch(backend, due)
+
+    def _renew_batch(self, backend: LockBackend, due: list[HeldLock]) -> None:
+        sent_at = backend.clock()
+        self.renewal_calls += 1
+        try:
+            still_ours = backend.renew(due)
+        except LockError as exc:
+            for held in due:
+                if backend.clock() >= held._valid_until:
+                    self.declare_lost(held, f"renewal kept failing until its deadline: {exc}")
+                else:
+                    logger.warning("renewal of %r failed (%s); retrying", held.key, exc)
+                    held._next_renewal = min(
+                        sent_at + RETRY_AFTER, (sent_at + held._valid_until) / 2
+                    )
+            return
+        for held, ours in zip(due, still_ours, strict=True):
+            if ours:
+                held._confirm(sent_at)
+            else:
+                self.declare_lost(held, "the server says it is no longer ours (expired or taken)")
+
+    def declare_lost(self, held: HeldLock, reason: str) -> None:
+        self.untrack(held)
+        if held._mark_lost(reason):
+            logger.error("lock %r lost: %s", held.key, reason)
+            signals.lock_lost.send(sender=held.sender, key=held.key, held=held, reason=reason)
+
+
+def _forget_keeper_after_fork() -> None:
+    # The parent's thread does not exist in the child; its locks are the parent's.
+    LeaseKeeper._instance = None
+    LeaseKeeper._instance_lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_forget_keeper_after_fork)

@@ -1,0 +1,362 @@
+"""The Celery side: a task base class that holds a lock around exactly the task body.
+
+Flow of one run in a worker::
+
+    __call__ ─► derive_key ─► backend.attempt ─┬─ granted ──────────────► body ─► release
+                                               └─ refused ─► policy ─┬─ HeldLock ─► body ─► release
+                                                                     ├─ Skipped ─► return result
+                                                                     └─ raises (Retry, LockContended)
+
+Release happens in a ``finally`` around the body, so it covers success, exceptions,
+``Ignore``/``Reject`` and ``Retry`` (Celery runs no ``after_return`` for the last three).
+``self.retry()`` releases *before* Celery publishes the retry message, which another
+worker may consume at once. A task killed by the worker (revoke with terminate, hard time
+limit, lost child) has its lock released by the worker's main process, by task id.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import os
+import socket
+from contextvars import ContextVar
+from dataclasses import dataclass
+from typing import Any, ClassVar, NoReturn
+
+from celery import Celery, Task, shared_task
+from celery.exceptions import Ignore, TimeLimitExceeded, WorkerLostError
+from celery.signals import task_failure, task_revoked
+from celery.states import READY_STATES
+
+from celery_singleton_lock import signals
+from celery_singleton_lock.backends.base import LockBackend, Refused
+from celery_singleton_lock.config import Settings, check_on_lock_lost, check_ttl, settings_for
+from celery_singleton_lock.errors import (
+    ConfigurationError,
+    LockBackendUnavailable,
+    LockError,
+    LockLost,
+)
+from celery_singleton_lock.keys import KeySpec, derive_key, validate_key_spec
+from celery_singleton_lock.lease import HeldLock, Owner
+from celery_singleton_lock.policies import Contention, Policy, Skipped, parse_policy
+
+__all__ = ["SingletonTask", "current_lock", "singleton_task"]
+
+logger = logging.getLogger("celery_singleton_lock.task")
+
+_HOST = socket.gethostname()
+_TASK_OPTIONS = ("lock_key", "lock_ttl", "on_contention", "on_lock_lost")
+
+#: The locks held by the singleton tasks running in this context, innermost last.
+_running: ContextVar[tuple[tuple[Task, str | None, HeldLock], ...]] = ContextVar(
+    "celery_singleton_lock_running", default=()
+)
+
+
+def current_lock() -> HeldLock | None:
+    """The :class:`HeldLock` of the singleton task running here, or None outside one."""
+    running = _running.get()
+    return running[-1][2] if running else None
+
+
+@dataclass(frozen=True)
+class TaskLockOptions:
+    """A task's lock options, resolved against its app's settings and validated."""
+
+    settings: Settings
+    signature: inspect.Signature
+    key_spec: KeySpec
+    ttl: float
+    policy: Policy
+    on_lock_lost: str
+
+
+def _call_signature(cls: type[Task]) -> inspect.Signature | None:
+    """The signature callers use, without a bound task ``self``; None when unknown."""
+    run = inspect.getattr_static(cls, "run", None)
+    if run is None or run is Task.run:
+        return None
+    if isinstance(run, staticmethod):
+        return inspect.signature(run.__func__)
+    signature = inspect.signature(run)
+    return signature.replace(parameters=list(signature.parameters.values())[1:])
+
+
+def _check_task_options(options: dict[str, Any], signature: inspect.Signature | None) -> None:
+    """Validate the options a user wrote on a task, naming the first bad one."""
+    if options.get("lock_ttl") is not None:
+        check_ttl(options["lock_ttl"], "lock_ttl")
+    if options.get("on_contention") is not None:
+        parse_policy(options["on_contention"], "on_contention")
+    if options.get("on_lock_lost") is not None:
+        check_on_lock_lost(options["on_lock_lost"], "on_lock_lost")
+    validate_key_spec(options.get("lock_key"), signature)
+
+
+class SingletonTask(Task):  # type: ignore[misc]
+    """A task that runs once at a time per lock key; see the module docstring.
+
+    Options, as ``@app.task(base=SingletonTask, ...)`` keywords or class attributes:
+
+    :ivar lock_key: None (task name + all bound arguments), a tuple of argument names,
+        a format string naming a shared resource (``"invoice:{invoice_id}"``), or a
+        callable taking the task's arguments and returning the resource name.
+    :ivar lock_ttl: lease seconds, renewed about every third of it while the body runs.
+    :ivar on_contention: "skip", "retry", "wait", "raise" or a policy object.
+    :ivar on_lock_lost: "log" (default): log at ERROR and send ``lock_lost``; "raise":
+        also fail the task with :class:`LockLost` when the body returns, since its work
+        was not exclusive. ``current_lock().ensure_held()`` raises in either case.
+    """
+
+    lock_key: ClassVar[KeySpec] = None
+    lock_ttl: ClassVar[float | None] = None
+    on_contention: ClassVar[Any] = None
+    on_lock_lost: ClassVar[str | None] = None
+
+    _lock_options: ClassVar[TaskLockOptions | None] = None
+
+    @classmethod
+    def on_bound(cls, app: Celery) -> None:
+        # Runs at decoration (or app finalize) time: bad options fail here, not mid-task.
+        super().on_bound(app)
+        if _call_signature(cls) is not None:
+            cls._lock_options = None
+            cls.lock_options()
+
+    @classmethod
+    def lock_options(cls) -> TaskLockOptions:
+        """This task's resolved lock options (task option > app setting > default)."""
+        options = cls.__dict__.get("_lock_options")  # never a parent class's
+        if options is None:
+            signature = _call_signature(cls)
+            if signature is None:
+                msg = f"{cls.__name__} has no run() to lock around"
+                raise ConfigurationError(msg, option="base")
+            raw = {name: getattr(cls, name) for name in _TASK_OPTIONS}
+            _check_task_options(raw, signature)
+            settings = settings_for(cls._get_app())
+            options = TaskLockOptions(
+                settings=settings,
+                signature=signature,
+                key_spec=validate_key_spec(raw["lock_key"], signature),
+                ttl=settings.ttl if raw["lock_ttl"] is None else float(raw["lock_ttl"]),
+                policy=(
+                    settings.on_contention
+                    if raw["on_contention"] is None
+                    else parse_policy(raw["on_contention"])
+                ),
+                on_lock_lost=raw["on_lock_lost"] or settings.on_lock_lost,
+            )
+            cls._lock_options = options
+        return options
+
+    def lock_key_for(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
+        """The lock key a call with ``args``/``kwargs`` takes."""
+        options = self.lock_options()
+        return derive_key(self.name, options.signature, options.key_spec, args, kwargs)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        options = self.lock_options()
+        key = self.lock_key_for(args, kwargs)
+        request = self.request
+        owner = Owner(host=_HOST, pid=os.getpid(), task_id=request.id)
+        try:
+            backend = options.settings.backend()
+            outcome = backend.attempt(key, options.ttl, owner=owner, sender=self)
+            decided = (
+                self._on_contended(key, backend, owner, outcome, options)
+                if isinstance(outcome, Refused)
+                else outcome
+            )
+        except LockBackendUnavailable as exc:
+            self._on_backend_unavailable(exc)
+        if isinstance(decided, Skipped):
+            return decided.result
+        return self._run_holding(decided, options, args, kwargs)
+
+    def _run_holding(
+        self, held: HeldLock, options: TaskLockOptions, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> Any:
+        hard_limit = self._hard_time_limit()
+        if hard_limit:
+            held.stop_renewal_at(held.backend.clock() + hard_limit)
+        token = _running.set((*_running.get(), (self, self.request.id, held)))
+        try:
+            result = super().__call__(*args, **kwargs)
+            lost_during_run = held.lost
+        finally:
+            _running.reset(token)
+            self._release_quietly(held)
+        if lost_during_run and options.on_lock_lost == "raise":
+            msg = f"lock {held.key!r} was lost while the task ran: {held.lost_reason}"
+            raise LockLost(msg, key=held.key)
+        return result
+
+    def _on_contended(
+        self,
+        key: str,
+        backend: LockBackend,
+        owner: Owner,
+        refused: Refused,
+        options: TaskLockOptions,
+    ) -> HeldLock | Skipped:
+        request = self.request
+        contention = Contention(
+            key=key,
+            ttl=options.ttl,
+            backend=backend,
+            owner=owner,
+            refused=refused,
+            task=self,
+            default_wait_timeout=options.settings.wait_timeout,
+        )
+        if request.id and refused.holder_task_id == request.id:
+            return self._on_redelivered(contention)
+        signals.lock_contended.send(
+            sender=self, key=key, task_id=request.id, policy=options.policy
+        )
+        outcome = options.policy(contention)
+        if isinstance(outcome, Skipped):
+            logger.info(
+                "skipped %s[%s]: lock %r is held by another task", self.name, request.id, key
+            )
+            signals.task_skipped.send(sender=self, key=key, task_id=request.id)
+            return outcome
+        if not isinstance(outcome, HeldLock):
+            msg = f"contention policy {options.policy!r} returned {outcome!r}, not a lock or Skipped"
+            raise ConfigurationError(msg, option="on_contention")
+        return outcome
+
+    def _on_redelivered(self, contention: Contention) -> HeldLock:
+        # The same task id holds the lock: this message is a redelivery (acks_late, a
+        # broker's visibility timeout) of a run that is still going or that died. Wait for
+        # that run to finish or its lease to expire; then run only if it left no result.
+        # Skipping at once would lose the task when the first run had crashed.
+        request = self.request
+        logger.info(
+            "%s[%s] is a redelivery while its first delivery holds %r; waiting for it",
+            self.name, request.id, contention.key,
+        )
+        held = contention.wait(timeout=None)
+        assert held is not None  # an unbounded wait returns only with the lock
+        if self._already_finished(request.id):
+            self._release_quietly(held)
+            logger.info("%s[%s] already finished; ignoring its redelivery", self.name, request.id)
+            raise Ignore
+        return held
+
+    def _already_finished(self, task_id: str) -> bool:
+        if self.ignore_result:
+            return False
+        try:
+            return self.AsyncResult(task_id).state in READY_STATES
+        except Exception:  # no result backend, or it is down: at-least-once it is
+            return False
+
+    def _on_backend_unavailable(self, exc: LockBackendUnavailable) -> NoReturn:
+        # Fail closed: the body never runs without the lock; a worker retries later.
+        logger.warning("%s[%s]: %s", self.name, self.request.id, exc)
+        request = self.request
+        if request.called_directly or request.is_eager:
+            raise exc
+        countdown = min(2 ** (request.retries or 0), 60)
+        raise self.retry(exc=exc, countdown=countdown)
+
+    def _hard_time_limit(self) -> float | None:
+        limits = getattr(self.request, "timelimit", None) or (None, None)
+        hard = limits[0] or self.time_limit or self.app.conf.task_time_limit
+        return float(hard) if hard else None
+
+    def _release_quietly(self, held: HeldLock) -> None:
+        try:
+            held.backend.release(held)
+        except LockError as exc:  # the body's outcome stands; the lease ends at its TTL
+            logger.error("could not release %r: %s; it expires within %ss", held.key, exc, held.ttl)
+
+    def retry(self, *args: Any, **kwargs: Any) -> Any:
+        """Celery's ``retry``, releasing this run's lock first.
+
+        Celery publishes the retry message (same task id) before raising ``Retry``; if we
+        still held the lock, the retry could reach another worker at once and be skipped
+        by our own lock.
+        """
+        task_id = self.request.id
+        for task, running_id, held in reversed(_running.get()):
+            if task is self and running_id == task_id:
+                self._release_quietly(held)
+                break
+        return super().retry(*args, **kwargs)
+
+    def release_lock_of(self, task_id: str, args: Any, kwargs: Any) -> bool:
+        """Release the lock that run ``task_id`` holds, from any process (True if it did)."""
+        try:
+            key = self.lock_key_for(tuple(args or ()), dict(kwargs or {}))
+            return self.lock_options().settings.backend().release_task_lock(key, task_id)
+        except LockError as exc:
+            logger.warning("could not release the lock of %s[%s]: %s", self.name, task_id, exc)
+            return False
+
+
+@task_revoked.connect  # type: ignore[untyped-decorator]
+def _release_terminated(
+    sender: Any = None, request: Any = None, terminated: bool = False, **_: Any
+) -> None:
+    # Sent in the worker's main process, which knows the killed run's arguments.
+    if (
+        terminated
+        and isinstance(sender, SingletonTask)
+        and request is not None
+        and request.id
+        and sender.release_lock_of(request.id, request.args, request.kwargs)
+    ):
+        logger.info("released the lock of terminated %s[%s]", sender.name, request.id)
+
+
+@task_failure.connect  # type: ignore[untyped-decorator]
+def _release_killed(
+    sender: Any = None,
+    task_id: str | None = None,
+    exception: BaseException | None = None,
+    args: Any = None,
+    kwargs: Any = None,
+    **_: Any,
+) -> None:
+    # Hard time limit and lost child process: the main process reports them, the child
+    # is gone, and the lock would otherwise wait for its TTL.
+    if isinstance(exception, TimeLimitExceeded | WorkerLostError) and isinstance(
+        sender, SingletonTask
+    ) and task_id and sender.release_lock_of(task_id, args, kwargs):
+        logger.info("released the lock of killed %s[%s]", sender.name, task_id)
+
+
+def singleton_task(*args: Any, **options: Any) -> Any:
+    """Decorate a function as a :class:`SingletonTask`, like ``app.task``.
+
+    ``@singleton_task`` (bare, as ``shared_task``), ``@singleton_task(app, **options)`` or
+    ``@singleton_task(**options)``. Options are checked here, at decoration time.
+
+    :raises ConfigurationError: for a bad option, naming it.
+    """
+    if len(args) == 1 and callable(args[0]) and not isinstance(args[0], Celery):
+        return singleton_task()(args[0])
+    if len(args) > 1:
+        raise TypeError("singleton_task takes at most one positional argument, the app")
+    app = args[0] if args else options.pop("app", None)
+    if app is not None and not isinstance(app, Celery):
+        raise ConfigurationError(f"app must be a Celery app, got {app!r}", option="app")
+    base = options.pop("base", SingletonTask)
+    if not (isinstance(base, type) and issubclass(base, SingletonTask)):
+        raise ConfigurationError(f"base must subclass SingletonTask, got {base!r}", option="base")
+
+    def decorate(fun: Any) -> Any:
+        signature = inspect.signature(fun)
+        if options.get("bind"):
+            signature = signature.replace(parameters=list(signature.parameters.values())[1:])
+        _check_task_options(options, signature)
+        if app is None:
+            return shared_task(base=base, **options)(fun)
+        return app.task(base=base, **options)(fun)
+
+    return decorate
