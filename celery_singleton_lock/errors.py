@@ -82,7 +82,7 @@ class LockBackendUnavailable(LockError, ConnectionError):
     :param url: the server's URL, password masked.
     """
 
-    def __init__(self, message: str, *, url: str, key: str | None = None) -> None:
+    def __init__(self, message: str, *, url: str = "", key: str | None = None) -> None:
         super().__init__(message, key=key)
         self.url = mask_url(url)
 
@@ -104,6 +104,6 @@ class ConfigurationError(LockError, ValueError):
     :param option: the option's or setting's name, as the user wrote it.
     """
 
-    def __init__(self, message: str, *, option: str) -> None:
+    def __init__(self, message: str, *, option: str = "") -> None:
         super().__init__(message)
         self.option = option

@@ -1,0 +1,164 @@
+"""The behaviour every lock backend promises, run against each backend.
+
+A subclass provides the ``backend`` fixture, a ``second_backend`` fixture (another client
+of the same server, as another process would have) and ``expire(backend, key)``, which
+makes a lease vanish as if it had expired.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from celery_singleton_lock import HeldLock, LockContended, LockLost
+from celery_singleton_lock.backends.base import LockBackend
+from celery_singleton_lock.lease import LeaseKeeper, Owner
+from celery_singleton_lock.signals import lock_lost
+from tests.conftest import wait_until
+
+
+class BackendContract:
+    def expire(self, backend: LockBackend, key: str) -> None:
+        raise NotImplementedError
+
+    def test_acquire_release_and_fencing_tokens_increase(self, backend, unique_key):
+        tokens = []
+        for _ in range(3):
+            held = backend.acquire(unique_key, ttl=10)
+            assert isinstance(held, HeldLock)
+            assert held.key == unique_key
+            assert not held.lost
+            tokens.append(held.fencing_token)
+            assert backend.release(held) is True
+        assert tokens == sorted(tokens)
+        assert len(set(tokens)) == 3
+
+    def test_second_acquire_is_refused_while_held(self, backend, second_backend, unique_key):
+        held = backend.acquire(unique_key, ttl=10)
+        assert held is not None
+        assert second_backend.acquire(unique_key, ttl=10) is None
+        assert backend.acquire(unique_key, ttl=10) is None  # no reentrancy, even in-process
+        assert backend.release(held) is True
+        assert backend.release(held) is False  # one release per acquisition
+        other = second_backend.acquire(unique_key, ttl=10)
+        assert other is not None
+        second_backend.release(other)
+
+    def test_tokens_are_random_and_distinct(self, backend, unique_key):
+        first = backend.acquire(unique_key, ttl=10)
+        backend.release(first)
+        second = backend.acquire(unique_key, ttl=10)
+        backend.release(second)
+        assert first.token != second.token
+        assert len(first.token) >= 32
+
+    def test_release_never_deletes_another_holders_lock(self, backend, second_backend, unique_key):
+        stale = backend.acquire(unique_key, ttl=10)
+        self.expire(backend, unique_key)
+        current = second_backend.acquire(unique_key, ttl=10)
+        assert current is not None
+        assert stale.release() is False
+        assert backend.acquire(unique_key, ttl=10) is None  # still the second holder's
+        assert second_backend.release(current) is True
+
+    def test_lock_context_manager_never_runs_body_when_taken(self, backend, second_backend, unique_key):
+        held = backend.acquire(unique_key, ttl=10)
+        ran = []
+        with pytest.raises(LockContended) as info, second_backend.lock(unique_key, ttl=10, timeout=0.2):
+            ran.append(True)
+        assert ran == []
+        assert info.value.key == unique_key
+        backend.release(held)
+        with second_backend.lock(unique_key, ttl=10, timeout=1) as inside:
+            assert not inside.lost
+        assert inside.released
+
+    def test_blocking_acquire_is_woken_by_release(self, backend, second_backend, unique_key):
+        held = backend.acquire(unique_key, ttl=30)
+        release_at: list[float] = []
+
+        def release_soon():
+            time.sleep(0.3)
+            release_at.append(time.monotonic())
+            backend.release(held)
+
+        threading.Thread(target=release_soon).start()
+        got = second_backend.acquire(unique_key, ttl=30, blocking=True, timeout=10)
+        woke_at = time.monotonic()
+        assert got is not None
+        # Woken by the release itself, far sooner than the 30 s lease would end.
+        assert woke_at - release_at[0] < 0.2
+        second_backend.release(got)
+
+    def test_blocking_acquire_times_out(self, backend, second_backend, unique_key):
+        held = backend.acquire(unique_key, ttl=30)
+        start = time.monotonic()
+        assert second_backend.acquire(unique_key, ttl=30, blocking=True, timeout=0.5) is None
+        waited = time.monotonic() - start
+        assert 0.5 <= waited < 1.5
+        backend.release(held)
+
+    def test_waiter_gets_the_lock_when_a_dead_holders_lease_expires(
+        self, backend, second_backend, unique_key
+    ):
+        held = backend.acquire(unique_key, ttl=1.0)
+        LeaseKeeper.for_process().untrack(held)  # as if its process had died: no renewal
+        start = time.monotonic()
+        got = second_backend.acquire(unique_key, ttl=10, blocking=True, timeout=5)
+        waited = time.monotonic() - start
+        assert got is not None
+        assert 0.8 <= waited < 1.5  # at the expiry, neither before nor a poll later
+        second_backend.release(got)
+
+    def test_renewal_keeps_a_lease_past_its_ttl(self, backend, second_backend, unique_key):
+        held = backend.acquire(unique_key, ttl=0.6)
+        time.sleep(1.5)  # two and a half TTLs: only renewal can keep it
+        assert not held.lost
+        assert second_backend.acquire(unique_key, ttl=1) is None
+        assert backend.release(held) is True
+
+    def test_loss_is_detected_and_announced(self, backend, unique_key):
+        lost_events: list[str] = []
+
+        def on_lost(sender, key, held, reason, **kwargs):
+            lost_events.append(key)
+
+        lock_lost.connect(on_lost, weak=False)
+        try:
+            held = backend.acquire(unique_key, ttl=0.9)
+            self.expire(backend, unique_key)
+            wait_until(lambda: held.lost, 3, "renewal to notice the lease is gone")
+            with pytest.raises(LockLost):
+                held.ensure_held()
+            wait_until(lambda: lost_events, 1, "lock_lost signal")
+            assert lost_events == [unique_key]
+            assert held.release() is False
+        finally:
+            lock_lost.disconnect(on_lost)
+
+    def test_release_task_lock_matches_the_task_id_only(self, backend, unique_key):
+        held = backend.acquire(unique_key, ttl=10, owner=Owner("h", 1, task_id="task-A"))
+        assert backend.release_task_lock(unique_key, "task-B") is False
+        assert backend.release_task_lock(unique_key, "") is False
+        assert backend.release_task_lock(unique_key, "task-A") is True
+        assert backend.acquire(unique_key, ttl=10) is not None
+        assert held.release() is False
+
+    def test_threads_counting_under_the_lock_lose_no_update(self, backend, unique_key):
+        counter = {"value": 0}
+
+        def worker():
+            for _ in range(25):
+                with backend.lock(unique_key, ttl=10, timeout=30):
+                    value = counter["value"]
+                    time.sleep(0)  # invite a thread switch inside the critical section
+                    counter["value"] = value + 1
+
+        threads = [threading.Thread(target=worker) for _ in range(8)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(60)
+        assert counter["value"] == 200

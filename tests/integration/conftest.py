@@ -1,0 +1,31 @@
+"""Real servers for the integration ring, started once per session, stopped by PID.
+
+``CSL_REDIS_URL`` points the suite at an existing Redis instead (its db 0-3 are used).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+
+import pytest
+import redis
+
+from celery_singleton_lock.testing import RedisServer
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> Iterator[str]:
+    existing = os.environ.get("CSL_REDIS_URL")
+    if existing:
+        yield existing.rstrip("/")
+        return
+    with RedisServer() as server:
+        yield server.url
+
+
+@pytest.fixture
+def redis_client(redis_url: str) -> Iterator[redis.Redis]:
+    client = redis.Redis.from_url(redis_url + "/0")
+    yield client
+    client.close()
