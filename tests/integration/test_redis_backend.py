@@ -17,7 +17,6 @@ from celery_singleton_lock import LockBackendUnavailable, connect
 from celery_singleton_lock.lease import LeaseKeeper
 from celery_singleton_lock.testing import RedisServer
 from tests.contract import BackendContract
-from tests.conftest import wait_until
 
 
 class TestRedisContract(BackendContract):
@@ -67,7 +66,7 @@ def _count_under_lock(url: str, key: str, rounds: int, start: threading.Event) -
     start.wait(10)
     for _ in range(rounds):
         with backend.lock(key, ttl=10, timeout=60):
-            value = int(client.get("counter:" + key) or 0)  # read ... 
+            value = int(client.get("counter:" + key) or 0)  # read ...
             client.set("counter:" + key, value + 1)  # ... then write: not atomic by itself
     backend.close()
 
