@@ -250,12 +250,12 @@ class LeaseKeeper:
             if held.released:
                 self.untrack(held)
                 continue
+            if held._renew_until is not None and now >= held._renew_until:
+                logger.debug("renewal of %r stops (its task ended or hit its time limit)", held.key)
+                self.untrack(held)
+                continue
             if now >= held._valid_until:
                 self.declare_lost(held, "no renewal was confirmed before its validity deadline")
-                continue
-            if held._renew_until is not None and now >= held._renew_until:
-                logger.info("lock %r reached its task's hard time limit; renewal stops", held.key)
-                self.untrack(held)
                 continue
             if held._next_renewal - held.ttl * BATCH_FRACTION <= now:
                 batches.setdefault(id(held.backend), (held.backend, []))[1].append(held)

@@ -7,8 +7,9 @@ Flow of one run in a worker::
                                                                      ├─ Skipped ─► return result
                                                                      └─ raises (Retry, LockContended)
 
-Release happens in a ``finally`` around the body, so it covers success, exceptions,
-``Ignore``/``Reject`` and ``Retry`` (Celery runs no ``after_return`` for the last three).
+Release is arranged in a ``finally`` around the body, so it covers success, exceptions,
+``Ignore``/``Reject`` and ``Retry`` (Celery runs no ``after_return`` for the last three);
+in a worker it happens in ``task_postrun``, just after Celery stored the result.
 ``self.retry()`` releases *before* Celery publishes the retry message, which another
 worker may consume at once. A task killed by the worker (revoke with terminate, hard time
 limit, lost child) has its lock released by the worker's main process, by task id.
@@ -20,13 +21,14 @@ import inspect
 import logging
 import os
 import socket
+import threading
 from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any, ClassVar, NoReturn
 
 from celery import Celery, Task, shared_task
 from celery.exceptions import Ignore, TimeLimitExceeded, WorkerLostError
-from celery.signals import task_failure, task_revoked
+from celery.signals import task_failure, task_postrun, task_revoked
 from celery.states import READY_STATES
 
 from celery_singleton_lock import signals
@@ -53,6 +55,11 @@ _TASK_OPTIONS = ("lock_key", "lock_ttl", "on_contention", "on_lock_lost")
 _running: ContextVar[tuple[tuple[Task, str | None, HeldLock], ...]] = ContextVar(
     "celery_singleton_lock_running", default=()
 )
+
+
+#: Locks whose task body has ended, released when Celery has stored the result.
+_awaiting_postrun: dict[str, HeldLock] = {}
+_awaiting_postrun_guard = threading.Lock()
 
 
 def current_lock() -> HeldLock | None:
@@ -182,13 +189,14 @@ class SingletonTask(Task):  # type: ignore[misc]
         hard_limit = self._hard_time_limit()
         if hard_limit:
             held.stop_renewal_at(held.backend.clock() + hard_limit)
-        token = _running.set((*_running.get(), (self, self.request.id, held)))
+        request = self.request
+        token = _running.set((*_running.get(), (self, request.id, held)))
         try:
             result = super().__call__(*args, **kwargs)
             lost_during_run = held.lost
         finally:
             _running.reset(token)
-            self._release_quietly(held)
+            self._release_after_run(held, request.id if not request.called_directly else None)
         if lost_during_run and options.on_lock_lost == "raise":
             msg = f"lock {held.key!r} was lost while the task ran: {held.lost_reason}"
             raise LockLost(msg, key=held.key)
@@ -269,6 +277,19 @@ class SingletonTask(Task):  # type: ignore[misc]
         hard = limits[0] or self.time_limit or self.app.conf.task_time_limit
         return float(hard) if hard else None
 
+    def _release_after_run(self, held: HeldLock, task_id: str | None) -> None:
+        # In a worker, release once Celery has stored the result (task_postrun): a
+        # redelivered copy that then gets the lock must see that this run finished.
+        # Renewal stops now, so even a lost postrun cannot keep the lock past one TTL.
+        if held.released:
+            return
+        if task_id is None:
+            self._release_quietly(held)
+            return
+        held.stop_renewal_at(held.backend.clock())
+        with _awaiting_postrun_guard:
+            _awaiting_postrun[task_id] = held
+
     def _release_quietly(self, held: HeldLock) -> None:
         try:
             held.backend.release(held)
@@ -297,6 +318,14 @@ class SingletonTask(Task):  # type: ignore[misc]
         except LockError as exc:
             logger.warning("could not release the lock of %s[%s]: %s", self.name, task_id, exc)
             return False
+
+
+@task_postrun.connect  # type: ignore[untyped-decorator]
+def _release_after_result(sender: Any = None, task_id: str | None = None, **_: Any) -> None:
+    with _awaiting_postrun_guard:
+        held = _awaiting_postrun.pop(task_id, None) if task_id else None
+    if held is not None and isinstance(sender, SingletonTask):
+        sender._release_quietly(held)
 
 
 @task_revoked.connect  # type: ignore[untyped-decorator]

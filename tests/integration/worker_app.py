@@ -1,0 +1,123 @@
+"""The Celery app that the integration tests' real workers run.
+
+Every task takes a ``run`` id (unique per test) and records what happened in Redis db 0
+under ``events:<run>``: ``["start" | "end", time, pid, extra]``. Signal handlers record
+skips and losses the same way, so the tests can count runs and measure overlap.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Any
+
+import redis
+from celery import Celery
+
+from celery_singleton_lock import Retry, SingletonTask, Wait, current_lock, singleton_task
+from celery_singleton_lock.errors import LockLost
+from celery_singleton_lock.signals import lock_lost, task_skipped
+
+URL = os.environ["CSL_WORKER_REDIS_URL"]
+
+app = Celery("csl_it", broker=URL + "/1", backend=URL + "/2")
+app.conf.update(
+    singleton_lock_backend=URL + "/3",
+    worker_prefetch_multiplier=1,
+    broker_connection_retry_on_startup=True,
+    result_expires=600,
+    task_track_started=True,
+)
+events = redis.Redis.from_url(URL + "/0")
+
+
+def record(run: str, event: str, extra: Any = None) -> None:
+    events.rpush(f"events:{run}", json.dumps([event, time.time(), os.getpid(), extra]))
+
+
+def _body(run: str, seconds: float) -> str:
+    record(run, "start")
+    time.sleep(seconds)
+    record(run, "end")
+    return "ran"
+
+
+@task_skipped.connect
+def _on_skipped(sender: Any, key: str, task_id: str, **_: Any) -> None:
+    run = sender.request.args[0] if sender.request.args else sender.request.kwargs.get("run")
+    record(run, "skipped", task_id)
+
+
+@lock_lost.connect
+def _on_lost(sender: Any, key: str, held: Any, reason: str, **_: Any) -> None:
+    events.rpush("lost", key)
+
+
+@app.task(base=SingletonTask)
+def sleepy_skip(run: str, seconds: float) -> str:
+    return _body(run, seconds)
+
+
+@app.task(base=SingletonTask, on_contention=Wait(timeout=30))
+def sleepy_wait(run: str, seconds: float) -> str:
+    return _body(run, seconds)
+
+
+@app.task(base=SingletonTask, on_contention=Retry(countdown=0.2, max_retries=200, jitter=0.5))
+def sleepy_retry(run: str, seconds: float) -> str:
+    return _body(run, seconds)
+
+
+@app.task(base=SingletonTask, on_contention="raise")
+def sleepy_raise(run: str, seconds: float) -> str:
+    return _body(run, seconds)
+
+
+@singleton_task(app)
+def keyed(run: str, a: int, b: int = 2, seconds: float = 1.5) -> str:
+    return _body(run, seconds)
+
+
+@app.task(base=SingletonTask, lock_ttl=2)
+def long_renewing(run: str, seconds: float) -> bool:
+    _body(run, seconds)
+    held = current_lock()
+    return held is not None and not held.lost
+
+
+@app.task(base=SingletonTask, lock_ttl=1.5)
+def watch_loss(run: str) -> str:
+    record(run, "start")
+    held = current_lock()
+    assert held is not None
+    deadline = time.monotonic() + 20
+    while not held.lost and time.monotonic() < deadline:
+        time.sleep(0.05)
+    try:
+        held.ensure_held()
+    except LockLost:
+        return "LockLost"
+    return "still held"
+
+
+@app.task(base=SingletonTask, bind=True)
+def retry_self(self: Any, run: str) -> str:
+    record(run, "start", self.request.retries)
+    if self.request.retries == 0:
+        raise self.retry(countdown=0)
+    return f"ran after {self.request.retries} retry"
+
+
+@app.task(base=SingletonTask, lock_ttl=30)
+def killable(run: str) -> str:
+    record(run, "start")
+    time.sleep(60)
+    return "not killed"
+
+
+@app.task(base=SingletonTask, lock_ttl=3)
+def crashable(run: str) -> str:
+    record(run, "start")
+    time.sleep(60)
+    return "not killed"
