@@ -3,14 +3,19 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
+BENCH_STAMP := $(VENV)/.installed-bench
 
 .PHONY: test lint typecheck unit demo bench servers clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[dev,bench]'
+	$(PY) -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)
+
+$(BENCH_STAMP): $(STAMP)
+	$(PY) -m pip install --quiet -e '.[dev,bench]'
+	touch $(BENCH_STAMP)
 
 # redis-server comes from Debian when it is missing and we may install it; the suite
 # starts its own servers on free loopback ports, so a running system Redis is never used.
@@ -33,7 +38,7 @@ test: $(STAMP) servers lint typecheck
 demo: $(STAMP) servers
 	$(PY) examples/duplicate_jobs.py
 
-bench: $(STAMP) servers
+bench: $(BENCH_STAMP) servers
 	$(PY) -m benchmarks
 
 clean:
