@@ -41,6 +41,9 @@ class RedisServer:
 
     :param port: the port to listen on; a free one when omitted.
     :param password: ``requirepass`` for the server, to test authenticated URLs.
+    :param tls: paths ``(cert_file, key_file, ca_file)``: also listen for TLS on
+        :attr:`tls_port` (``rediss://``).
+    :param unix_socket: also listen on a unix socket (:attr:`unix_url`).
     :param startup_timeout: seconds to wait for the server to answer ``PING``.
     """
 
@@ -49,10 +52,15 @@ class RedisServer:
         port: int | None = None,
         *,
         password: str | None = None,
+        tls: tuple[str, str, str] | None = None,
+        unix_socket: bool = False,
         startup_timeout: float = 10.0,
     ) -> None:
         self.port = port or free_port()
         self.password = password
+        self.tls = tls
+        self.tls_port = free_port() if tls else None
+        self.unix_socket = unix_socket
         self.startup_timeout = startup_timeout
         self.process: subprocess.Popen[bytes] | None = None
         self._dir: tempfile.TemporaryDirectory[str] | None = None
@@ -61,6 +69,11 @@ class RedisServer:
     def url(self) -> str:
         auth = f":{self.password}@" if self.password else ""
         return f"redis://{auth}127.0.0.1:{self.port}"
+
+    @property
+    def unix_url(self) -> str:
+        assert self._dir is not None and self.unix_socket
+        return f"unix://{self._dir.name}/redis.sock"
 
     def start(self) -> RedisServer:
         binary = shutil.which("redis-server")
@@ -79,6 +92,14 @@ class RedisServer:
         ]
         if self.password:
             args += ["--requirepass", self.password]
+        if self.tls:
+            cert, key, ca = self.tls
+            args += [
+                "--tls-port", str(self.tls_port), "--tls-cert-file", cert,
+                "--tls-key-file", key, "--tls-ca-cert-file", ca, "--tls-auth-clients", "no",
+            ]
+        if self.unix_socket:
+            args += ["--unixsocket", f"{self._dir.name}/redis.sock", "--unixsocketperm", "700"]
         self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         self._wait_until_ready()
         return self
