@@ -72,7 +72,8 @@ class RedisServer:
 
     @property
     def unix_url(self) -> str:
-        assert self._dir is not None and self.unix_socket
+        if self._dir is None or not self.unix_socket:
+            raise RuntimeError("start the server with unix_socket=True first")
         return f"unix://{self._dir.name}/redis.sock"
 
     def start(self) -> RedisServer:
