@@ -6,6 +6,7 @@ import importlib
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -24,9 +25,11 @@ ROOT = Path(__file__).resolve().parents[2]
 class Worker:
     """A real `celery worker` subprocess in its own process group, stopped by PID."""
 
-    def __init__(self, redis_url: str, log_dir: Path, *, queues: str = "celery", concurrency: int = 4):
+    def __init__(
+        self, redis_url: str, log_dir: Path, *, queues: str = "celery", concurrency: int = 4, **env_extra: str
+    ):
         self.log = log_dir / f"worker-{queues}-{uuid.uuid4().hex[:6]}.log"
-        env = {**os.environ, "CSL_WORKER_REDIS_URL": redis_url, "PYTHONPATH": str(ROOT)}
+        env = {**os.environ, "CSL_WORKER_REDIS_URL": redis_url, "PYTHONPATH": str(ROOT), **env_extra}
         self.process = subprocess.Popen(
             [
                 sys.executable, "-m", "celery", "-A", "tests.integration.worker_app", "worker",
@@ -226,3 +229,25 @@ def test_sigkilled_worker_frees_its_lock_at_ttl_expiry_not_before(worker_app, re
     assert acquired_at >= expires_at - 0.05
     assert acquired_at - expires_at < 0.5
     backend.release(held)
+
+
+def test_unreachable_lock_server_fails_closed(worker_app, redis_url, run, tmp_path):
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+    unreachable = f"redis://:secret-pw@127.0.0.1:{port}/0"
+    guarded = Worker(redis_url, tmp_path, queues="guarded", concurrency=1, CSL_WORKER_LOCK_URL=unreachable)
+    try:
+        guarded.wait_ready(worker_app.app)
+        result = worker_app.guarded.apply_async((run,), queue="guarded")
+        with pytest.raises(Exception) as info:
+            result.get(timeout=30)
+        assert type(info.value).__name__ == "LockBackendUnavailable"
+        assert result.state == "FAILURE"
+        assert count(events_of(worker_app, run), "start") == 0  # the body never ran unlocked
+        log = guarded.log.read_text()
+        assert "Retry in" in log  # retried once before giving up
+        assert "secret-pw" not in log
+        assert "secret-pw" not in str(info.value)
+    finally:
+        guarded.stop()

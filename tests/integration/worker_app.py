@@ -23,7 +23,8 @@ URL = os.environ["CSL_WORKER_REDIS_URL"]
 
 app = Celery("csl_it", broker=URL + "/1", backend=URL + "/2")
 app.conf.update(
-    singleton_lock_backend=URL + "/3",
+    singleton_lock_backend=os.environ.get("CSL_WORKER_LOCK_URL", URL + "/3"),
+    singleton_lock_connect_timeout=1,
     worker_prefetch_multiplier=1,
     broker_connection_retry_on_startup=True,
     result_expires=600,
@@ -121,3 +122,9 @@ def crashable(run: str) -> str:
     record(run, "start")
     time.sleep(60)
     return "not killed"
+
+
+@app.task(base=SingletonTask, max_retries=1)
+def guarded(run: str) -> str:
+    record(run, "start")
+    return "ran"
