@@ -126,16 +126,10 @@ def test_positional_keyword_and_default_arguments_share_one_lock(worker, worker_
     assert count(events, "skipped") == 2
 
 
-def test_wait_runs_every_duplicate_one_after_another(worker, worker_app, run):
-    results = [worker_app.sleepy_wait.delay(run, 0.5) for _ in range(4)]
-    assert [r.get(timeout=60) for r in results] == ["ran"] * 4
-    events = events_of(worker_app, run)
-    assert count(events, "start") == 4
-    assert max_overlap(events) == 1
-
-
-def test_retry_runs_every_duplicate_eventually_without_overlap(worker, worker_app, run):
-    results = [worker_app.sleepy_retry.delay(run, 0.5) for _ in range(4)]
+@pytest.mark.parametrize("task_name", ["sleepy_wait", "sleepy_retry"])
+def test_wait_and_retry_run_every_duplicate_one_after_another(worker, worker_app, run, task_name):
+    task = getattr(worker_app, task_name)
+    results = [task.delay(run, 0.5) for _ in range(4)]
     assert [r.get(timeout=60) for r in results] == ["ran"] * 4
     events = events_of(worker_app, run)
     assert count(events, "start") == 4
