@@ -35,6 +35,8 @@ def mask_url(url: str) -> str:
     if parts.password is None:
         return url
     host = parts.hostname or ""
+    if ":" in host:  # an IPv6 address keeps its brackets
+        host = f"[{host}]"
     if parts.port is not None:
         host = f"{host}:{parts.port}"
     user = parts.username or ""

@@ -145,7 +145,7 @@ class Retry:
     def countdown_for(self, retries: int) -> float:
         base = min(self.countdown * self.backoff**retries, self.backoff_max)
         spread = base * self.jitter
-        return max(0.0, base + self._random.uniform(-spread, spread))
+        return min(max(0.0, base + self._random.uniform(-spread, spread)), self.backoff_max)
 
     def __call__(self, contention: Contention) -> NoReturn:
         retries = contention.task.request.retries if contention.task is not None else 0

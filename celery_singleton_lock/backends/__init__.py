@@ -33,7 +33,9 @@ def backend_class(url: str, *, option: str = "url") -> type[LockBackend]:
     :raises ConfigurationError: for an unknown scheme or a missing extra.
     """
     if not isinstance(url, str) or "://" not in url:
-        msg = f"{option} must be a URL like redis://host:6379/0, got {url!r}"
+        # Not echoed: a mistyped URL may still carry a password.
+        shown = "a str without '://'" if isinstance(url, str) else type(url).__name__
+        msg = f"{option} must be a URL like redis://host:6379/0, got {shown}"
         raise ConfigurationError(msg, option=option)
     scheme = urlsplit(url).scheme.lower()
     target = BACKEND_ALIASES.get(scheme)
