@@ -37,6 +37,7 @@ from celery_singleton_lock.config import Settings, check_on_lock_lost, check_ttl
 from celery_singleton_lock.errors import (
     ConfigurationError,
     LockBackendUnavailable,
+    LockContended,
     LockError,
     LockLost,
 )
@@ -116,6 +117,9 @@ class SingletonTask(Task):  # type: ignore[misc]
         also fail the task with :class:`LockLost` when the body returns, since its work
         was not exclusive. ``current_lock().ensure_held()`` raises in either case.
     """
+
+    #: A refused lock is an expected outcome: Celery logs it without a traceback.
+    throws: ClassVar[tuple[type[BaseException], ...]] = (LockContended,)
 
     lock_key: ClassVar[KeySpec] = None
     lock_ttl: ClassVar[float | None] = None

@@ -101,7 +101,11 @@ class RedisServer:
             ]
         if self.unix_socket:
             args += ["--unixsocket", f"{self._dir.name}/redis.sock", "--unixsocketperm", "700"]
-        self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        # A session of its own: Ctrl-C in a terminal reaches the program, which stops the
+        # server in order, instead of killing the server under it.
+        self.process = subprocess.Popen(
+            args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True
+        )
         self._wait_until_ready()
         return self
 
