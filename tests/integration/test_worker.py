@@ -26,14 +26,21 @@ class Worker:
     """A real `celery worker` subprocess in its own process group, stopped by PID."""
 
     def __init__(
-        self, redis_url: str, log_dir: Path, *, queues: str = "celery", concurrency: int = 4, **env_extra: str
+        self,
+        redis_url: str,
+        log_dir: Path,
+        *,
+        queues: str = "celery",
+        concurrency: int = 4,
+        pool: str = "prefork",
+        **env_extra: str,
     ):
         self.log = log_dir / f"worker-{queues}-{uuid.uuid4().hex[:6]}.log"
         env = {**os.environ, "CSL_WORKER_REDIS_URL": redis_url, "PYTHONPATH": str(ROOT), **env_extra}
         self.process = subprocess.Popen(
             [
                 sys.executable, "-m", "celery", "-A", "tests.integration.worker_app", "worker",
-                "-P", "prefork", "-c", str(concurrency), "-Q", queues, "-l", "info",
+                "-P", pool, "-c", str(concurrency), "-Q", queues, "-l", "info",
                 "--without-gossip", "--without-mingle", "--without-heartbeat",
                 "-n", f"{queues}-{uuid.uuid4().hex[:6]}@%h", "--logfile", str(self.log),
             ],
@@ -245,3 +252,21 @@ def test_unreachable_lock_server_fails_closed(worker_app, redis_url, run, tmp_pa
         assert "secret-pw" not in str(info.value)
     finally:
         guarded.stop()
+
+
+def test_threads_pool_skips_and_waits_like_prefork(worker_app, redis_url, run, tmp_path):
+    threaded = Worker(redis_url, tmp_path, queues="threads", concurrency=4, pool="threads")
+    try:
+        threaded.wait_ready(worker_app.app)
+        skipped = [worker_app.sleepy_skip.apply_async((run, 1.5), queue="threads") for _ in range(4)]
+        values = [r.get(timeout=30) for r in skipped]
+        assert sorted(values, key=str) == sorted(["ran", None, None, None], key=str)
+        waiting = [worker_app.sleepy_wait.apply_async((run, 0.3), queue="threads") for _ in range(4)]
+        assert [r.get(timeout=30) for r in waiting] == ["ran"] * 4
+        events = events_of(worker_app, run)
+        assert count(events, "skipped") == 3
+        assert count(events, "start") == 1 + 4
+        assert max_overlap(events) == 1
+        assert len({e[2] for e in events}) == 1  # one process: the threads shared its keeper
+    finally:
+        threaded.stop()
