@@ -43,6 +43,8 @@ RENEW_FRACTION = 1 / 3
 BATCH_FRACTION = 1 / 6
 #: After a transient renewal error, try again this soon (bounded by the deadline).
 RETRY_AFTER = 0.5
+#: The longest the thread sleeps at once (huge TTLs must not overflow a timed wait).
+MAX_SLEEP = 60.0
 
 
 def clock_drift(ttl: float) -> float:
@@ -188,6 +190,7 @@ class LeaseKeeper:
         # When the thread will wake up by itself (time.monotonic); a new lock due later
         # needs no wake-up call, which keeps acquire free of thread switches.
         self._wakes_at = math.inf
+        self._idle_interval: float | None = None
         #: Round trips sent, for tests and benchmarks.
         self.renewal_calls = 0
 
@@ -221,12 +224,12 @@ class LeaseKeeper:
 
     def _run(self) -> None:
         while True:
-            with self._wakeup:
-                delay = self._seconds_to_next()
-                self._wakes_at = math.inf if delay is None else time.monotonic() + delay
-                self._wakeup.wait(timeout=delay)
-                self._wakes_at = -math.inf  # busy: it looks at every lock before sleeping
             try:
+                with self._wakeup:
+                    delay = self._seconds_to_next()
+                    self._wakes_at = math.inf if delay is None else time.monotonic() + delay
+                    self._wakeup.wait(timeout=delay)
+                    self._wakes_at = -math.inf  # busy: it looks at every lock before sleeping
                 self.renew_due()
             except Exception:  # the keeper must outlive any bug: log it and go on
                 logger.exception("lease keeper: renewal round failed; retrying")
@@ -236,11 +239,14 @@ class LeaseKeeper:
     def _seconds_to_next(self) -> float | None:
         locks = list(self._locks)
         if not locks:
-            return None
-        return max(
-            0.0,
-            min(min(h._next_renewal, h._valid_until) - h.backend.clock() for h in locks),
-        )
+            # Idle: sleep one more renewal interval before sleeping until called. A process
+            # taking and releasing locks in a loop then never needs a wake-up call (which
+            # would cost a thread switch per acquire).
+            delay, self._idle_interval = self._idle_interval, None
+            return delay
+        self._idle_interval = min(h.ttl for h in locks) * RENEW_FRACTION
+        soonest = min(min(h._next_renewal, h._valid_until) - h.backend.clock() for h in locks)
+        return min(max(0.0, soonest), MAX_SLEEP)
 
     def renew_due(self) -> None:
         """One round: renew every due lock, one backend call per backend."""

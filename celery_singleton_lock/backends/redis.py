@@ -17,7 +17,6 @@ import json
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict
 from typing import Any
 
 from celery_singleton_lock.backends.base import Granted, LockBackend, Refused
@@ -148,7 +147,9 @@ class RedisBackend(LockBackend):
 
     def _try_acquire(self, key: str, token: str, ttl: float, owner: Owner) -> Granted | Refused:
         lock = self._hashed(key)
-        owner_json = json.dumps(asdict(owner), separators=(",", ":"))
+        owner_json = json.dumps(
+            {"host": owner.host, "pid": owner.pid, "task_id": owner.task_id}, separators=(",", ":")
+        )
         with self._answering(key):
             reply = self._acquire_script(
                 keys=[lock, lock + ":fence"],
