@@ -361,3 +361,19 @@ def test_a_released_lock_is_no_longer_renewed(
     clock.advance(TTL / 3)
     keeper.renew_due()
     assert renew_calls == []
+
+
+def test_a_huge_ttl_never_makes_the_keeper_sleep_past_its_cap(backend: MemoryBackend, keeper) -> None:
+    # A timed wait of ~1e10 s overflows time_t and would kill the keeper thread.
+    held = backend.acquire("forever", ttl=1e10)
+    assert held is not None
+    assert keeper._seconds_to_next() <= 60.0
+    backend.release(held)
+
+
+def test_an_idle_keeper_sleeps_one_more_interval_then_until_called(backend: MemoryBackend, keeper) -> None:
+    held = backend.acquire("brief", ttl=3)
+    assert keeper._seconds_to_next() == pytest.approx(1.0, abs=0.01)
+    backend.release(held)
+    assert keeper._seconds_to_next() == pytest.approx(1.0)  # no wake-up call needed
+    assert keeper._seconds_to_next() is None
