@@ -373,7 +373,7 @@ def test_a_huge_ttl_never_makes_the_keeper_sleep_past_its_cap(backend: MemoryBac
 
 def test_an_idle_keeper_sleeps_one_more_interval_then_until_called(backend: MemoryBackend, keeper) -> None:
     held = backend.acquire("brief", ttl=3)
-    assert keeper._seconds_to_next() == pytest.approx(1.0, abs=0.01)
+    assert keeper._seconds_to_next() == pytest.approx(1.0, abs=0.05)  # a third of the TTL
     backend.release(held)
     assert keeper._seconds_to_next() == pytest.approx(1.0)  # no wake-up call needed
     assert keeper._seconds_to_next() is None
