@@ -2,7 +2,7 @@
 
 Keys (the hash tag keeps a lock, its counter and its signal list in one cluster slot)::
 
-    {prefix:key}          hash: token, fence, task_id, owner; its TTL is the lease
+    {prefix:key}          "<token>\n<owner JSON: host, pid, task_id>"; its TTL is the lease
     {prefix:key}:fence    fencing counter, seeded from the server clock in microseconds
     {prefix:key}:signal   release announcements; waiters block on it with BLPOP
 
@@ -33,9 +33,14 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
 
 __all__ = ["RedisBackend"]
 
+# redis-py >= 6 tells an exhausted pool apart from a server that does not answer.
+_POOL_EXHAUSTED: tuple[type[Exception], ...] = tuple(
+    e for e in [getattr(redis.exceptions, "MaxConnectionsError", None)] if e is not None
+)
+
 #: Seconds a release announcement waits in the signal list for a waiter that is
 #: between its refused attempt and its BLPOP. Without a waiter it simply expires.
-SIGNAL_LIFETIME_MS = 5_000
+SIGNAL_LIFETIME_MS = 1_000
 #: The fencing counter outlives idle periods by this much; when it is gone, the next
 #: acquisition reseeds it from the server clock, so tokens still only go up.
 FENCE_LIFETIME_MS = 7 * 24 * 3600 * 1000
@@ -50,33 +55,33 @@ class RedisBackend(LockBackend):
 
     schemes = ("redis", "rediss", "unix")
 
-    # KEYS[1] lock hash, KEYS[2] fencing counter
-    # ARGV[1] token, ARGV[2] ttl ms, ARGV[3] task id or '', ARGV[4] owner JSON,
-    # ARGV[5] counter lifetime ms
-    # returns {1, fencing token} when granted; {0, holder's PTTL ms, holder's task id}
+    # KEYS[1] lock, KEYS[2] fencing counter
+    # ARGV[1] value: token, a newline, owner JSON; ARGV[2] ttl ms; ARGV[3] counter lifetime ms
+    # returns {1, fencing token} when granted; {0, holder's PTTL ms, holder's value}
     LUA_ACQUIRE = """
-    if redis.call('exists', KEYS[1]) == 1 then
-      return {0, redis.call('pttl', KEYS[1]), redis.call('hget', KEYS[1], 'task_id') or ''}
-    end
-    if redis.call('exists', KEYS[2]) == 0 then
-      local now = redis.call('time')
-      redis.call('set', KEYS[2], now[1] .. string.format('%06d', tonumber(now[2])))
+    if not redis.call('set', KEYS[1], ARGV[1], 'nx', 'px', ARGV[2]) then
+      return {0, redis.call('pttl', KEYS[1]), redis.call('get', KEYS[1])}
     end
     local fence = redis.call('incr', KEYS[2])
-    redis.call('pexpire', KEYS[2], ARGV[5])
-    redis.call('hset', KEYS[1], 'token', ARGV[1], 'fence', fence, 'task_id', ARGV[3],
-               'owner', ARGV[4])
-    redis.call('pexpire', KEYS[1], ARGV[2])
+    if fence == 1 then
+      -- the counter did not exist (first use, expired, evicted, restart): restart it from
+      -- the server clock in microseconds, above every token it can have given before
+      local now = redis.call('time')
+      redis.call('set', KEYS[2], now[1] .. string.format('%06d', tonumber(now[2])), 'px', ARGV[3])
+      fence = redis.call('incr', KEYS[2])
+    end
     return {1, fence}
     """
 
-    # KEYS[i] lock hashes
+    # KEYS[i] locks
     # ARGV[2i-1] token of KEYS[i], ARGV[2i] its ttl ms
     # returns one 1 (TTL replaced, never added to) or 0 (not ours any more) per key
     LUA_RENEW = """
     local ours = {}
     for i, key in ipairs(KEYS) do
-      if redis.call('hget', key, 'token') == ARGV[2 * i - 1] then
+      local token = ARGV[2 * i - 1]
+      local value = redis.call('get', key)
+      if value and string.sub(value, 1, #token) == token then
         redis.call('pexpire', key, ARGV[2 * i])
         ours[i] = 1
       else
@@ -86,17 +91,29 @@ class RedisBackend(LockBackend):
     return ours
     """
 
-    # KEYS[1] lock hash, KEYS[2] signal list
-    # ARGV[1] field to compare ('token' or 'task_id'), ARGV[2] expected value,
+    # KEYS[1] lock, KEYS[2] signal list
+    # ARGV[1] what to compare: 'token' or 'task_id'; ARGV[2] its expected value;
     # ARGV[3] signal lifetime ms
     # returns 1 when deleted (and one waiter is woken), 0 when not ours
     LUA_RELEASE = """
-    if redis.call('hget', KEYS[1], ARGV[1]) ~= ARGV[2] then
+    local value = redis.call('get', KEYS[1])
+    if not value then
       return 0
     end
+    if ARGV[1] == 'token' then
+      if string.sub(value, 1, #ARGV[2]) ~= ARGV[2] then
+        return 0
+      end
+    else
+      local owner = cjson.decode(string.sub(value, string.find(value, '\\n', 1, true) + 1))
+      if owner['task_id'] ~= ARGV[2] then
+        return 0
+      end
+    end
     redis.call('del', KEYS[1])
-    redis.call('lpush', KEYS[2], 1)
-    redis.call('ltrim', KEYS[2], 0, 0)
+    if redis.call('lpush', KEYS[2], 1) > 1 then
+      redis.call('ltrim', KEYS[2], 0, 0)
+    end
     redis.call('pexpire', KEYS[2], ARGV[3])
     return 1
     """
@@ -121,6 +138,9 @@ class RedisBackend(LockBackend):
         }
         try:
             self._client = redis.Redis.from_url(url, **options)
+            # Waiters block a connection each; they get a pool of their own, unbounded,
+            # so a crowd of waiters can never starve the releases that would wake them.
+            self._waits = redis.Redis.from_url(url, **{**options, "max_connections": 2**31})
         except ValueError as exc:
             msg = f"bad Redis URL {self.url}: {exc}"
             raise ConfigurationError(msg, option="singleton_lock_backend") from None
@@ -133,6 +153,9 @@ class RedisBackend(LockBackend):
         """Turn "the server did not answer" into LockBackendUnavailable, URL masked."""
         try:
             yield
+        except _POOL_EXHAUSTED as exc:
+            msg = f"the connection pool for {self.url} is exhausted ({exc}); raise max_connections"
+            raise LockBackendUnavailable(msg, url=self.url, key=key) from None
         except (redis.ConnectionError, redis.TimeoutError) as exc:
             msg = f"Redis at {self.url} did not answer within {self.connect_timeout}s: {exc}"
             raise LockBackendUnavailable(msg, url=self.url, key=key) from None
@@ -153,12 +176,11 @@ class RedisBackend(LockBackend):
         with self._answering(key):
             reply = self._acquire_script(
                 keys=[lock, lock + ":fence"],
-                args=[token, _ms(ttl), owner.task_id or "", owner_json, FENCE_LIFETIME_MS],
+                args=[f"{token}\n{owner_json}", _ms(ttl), FENCE_LIFETIME_MS],
             )
         if reply[0] == 1:
             return Granted(int(reply[1]))
-        holder_task_id = reply[2].decode() if reply[2] else None
-        return Refused(max(int(reply[1]), 1) / 1000, holder_task_id)
+        return Refused(max(int(reply[1]), 1) / 1000, _holder_task_id(reply[2]))
 
     def _wait_for_release(self, key: str, timeout: float) -> None:
         # BLPOP on a connection of the shared pool. Redis checks blocking timeouts only
@@ -166,7 +188,7 @@ class RedisBackend(LockBackend):
         # then, the connection (with its pending BLPOP) is dropped. The caller tries to
         # acquire after every wait, so a release announced in that instant is not lost.
         signal = self._hashed(key) + ":signal"
-        pool = self._client.connection_pool
+        pool = self._waits.connection_pool
         with self._answering(key):
             connection = pool.get_connection()
             try:
@@ -198,7 +220,19 @@ class RedisBackend(LockBackend):
 
     def close(self) -> None:
         self._client.close()
+        self._waits.close()
 
 
 def _ms(seconds: float) -> int:
     return max(1, round(seconds * 1000))
+
+
+def _holder_task_id(value: bytes | None) -> str | None:
+    # The stored value is "<token>\n<owner JSON>"; None when the key vanished meanwhile.
+    if not value:
+        return None
+    try:
+        task_id = json.loads(value.split(b"\n", 1)[1]).get("task_id")
+    except (IndexError, ValueError, AttributeError):
+        return None
+    return task_id if isinstance(task_id, str) else None

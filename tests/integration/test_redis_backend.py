@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import multiprocessing
 import os
@@ -16,6 +17,7 @@ import redis
 from celery_singleton_lock import LockBackendUnavailable, connect
 from celery_singleton_lock.lease import LeaseKeeper
 from celery_singleton_lock.testing import RedisServer
+from tests.conftest import wait_until
 from tests.contract import BackendContract
 
 
@@ -36,13 +38,12 @@ class TestRedisContract(BackendContract):
         backend._client.delete("{" + backend._full_key(key) + "}")
 
 
-def test_lock_stores_owner_token_and_fencing_with_a_hash_tag(redis_url, redis_client, unique_key):
+def test_lock_stores_token_and_owner_with_a_hash_tag(redis_url, redis_client, unique_key):
     backend = connect(redis_url + "/0", prefix="shop")
     held = backend.acquire(unique_key, ttl=5)
-    stored = redis_client.hgetall("{shop:" + unique_key + "}")
-    assert stored[b"token"].decode() == held.token
-    assert int(stored[b"fence"]) == held.fencing_token
-    assert b'"pid":%d' % os.getpid() in stored[b"owner"]
+    token, owner = redis_client.get("{shop:" + unique_key + "}").split(b"\n", 1)
+    assert token.decode() == held.token
+    assert json.loads(owner)["pid"] == os.getpid()
     assert 0 < redis_client.pttl("{shop:" + unique_key + "}") <= 5000
     assert int(redis_client.get("{shop:" + unique_key + "}:fence")) == held.fencing_token
     backend.release(held)
@@ -203,3 +204,29 @@ def _closed_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def test_a_crowd_of_waiting_threads_never_starves_the_release(redis_url, redis_client, unique_key):
+    # Each blocked waiter holds a connection; 120 of them exceed redis-py's default pool
+    # of 100, which must not keep the holder from releasing (nor make waiters fail).
+    backend = connect(redis_url + "/0")
+    holder = backend.acquire(unique_key, ttl=30)
+    outcomes: list[bool] = []
+
+    def wait_then_release():
+        got = backend.acquire(unique_key, ttl=30, blocking=True, timeout=60)
+        outcomes.append(got is not None)
+        if got is not None:
+            got.release()
+
+    threads = [threading.Thread(target=wait_then_release) for _ in range(120)]
+    for thread in threads:
+        thread.start()
+    wait_until(
+        lambda: redis_client.info("clients")["blocked_clients"] >= 120, 30, "120 waiters blocked in BLPOP"
+    )
+    assert backend.release(holder) is True
+    for thread in threads:
+        thread.join(90)
+    assert outcomes == [True] * 120
+    backend.close()
