@@ -21,6 +21,7 @@ setting                            meaning                                      
 
 from __future__ import annotations
 
+import os
 import threading
 import weakref
 from dataclasses import dataclass, field
@@ -68,14 +69,20 @@ class Settings:
     connect_timeout: float = 5.0
     backend_options: dict[str, Any] = field(default_factory=dict)
 
+    #: This process's backend, by PID (a forked child makes its own).
+    _backends: dict[int, LockBackend] = field(default_factory=dict, compare=False, repr=False)
+
     def backend(self) -> LockBackend:
         """This process's backend (one connection pool per process, made on first use)."""
-        return shared_backend(
-            self.backend_url,
-            prefix=self.prefix,
-            connect_timeout=self.connect_timeout,
-            **self.backend_options,
-        )
+        backend = self._backends.get(os.getpid())
+        if backend is None:
+            backend = self._backends[os.getpid()] = shared_backend(
+                self.backend_url,
+                prefix=self.prefix,
+                connect_timeout=self.connect_timeout,
+                **self.backend_options,
+            )
+        return backend
 
 
 def _setting(conf: Any, name: str) -> Any:

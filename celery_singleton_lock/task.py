@@ -79,6 +79,8 @@ class TaskLockOptions:
     ttl: float
     policy: Policy
     on_lock_lost: str
+    #: The task's own or the app's hard time limit; a request's own limit comes first.
+    default_time_limit: float | None
 
 
 def _call_signature(cls: type[Task]) -> inspect.Signature | None:
@@ -159,6 +161,7 @@ class SingletonTask(Task):  # type: ignore[misc]
                     else parse_policy(raw["on_contention"])
                 ),
                 on_lock_lost=raw["on_lock_lost"] or settings.on_lock_lost,
+                default_time_limit=cls.time_limit or cls._get_app().conf.task_time_limit,
             )
             cls._lock_options = options
         return options
@@ -170,7 +173,7 @@ class SingletonTask(Task):  # type: ignore[misc]
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         options = self.lock_options()
-        key = self.lock_key_for(args, kwargs)
+        key = derive_key(self.name, options.signature, options.key_spec, args, kwargs)
         request = self.request
         owner = Owner(host=_HOST, pid=os.getpid(), task_id=request.id)
         try:
@@ -185,15 +188,19 @@ class SingletonTask(Task):  # type: ignore[misc]
             self._on_backend_unavailable(exc)
         if isinstance(decided, Skipped):
             return decided.result
-        return self._run_holding(decided, options, args, kwargs)
+        return self._run_holding(decided, options, request, args, kwargs)
 
     def _run_holding(
-        self, held: HeldLock, options: TaskLockOptions, args: tuple[Any, ...], kwargs: dict[str, Any]
+        self,
+        held: HeldLock,
+        options: TaskLockOptions,
+        request: Any,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
     ) -> Any:
-        hard_limit = self._hard_time_limit()
+        hard_limit = (getattr(request, "timelimit", None) or (None,))[0] or options.default_time_limit
         if hard_limit:
-            held.stop_renewal_at(held.backend.clock() + hard_limit)
-        request = self.request
+            held.stop_renewal_at(held.backend.clock() + float(hard_limit))
         token = _running.set((*_running.get(), (self, request.id, held)))
         try:
             result = super().__call__(*args, **kwargs)
@@ -275,11 +282,6 @@ class SingletonTask(Task):  # type: ignore[misc]
             raise exc
         countdown = min(2 ** (request.retries or 0), 60)
         raise self.retry(exc=exc, countdown=countdown)
-
-    def _hard_time_limit(self) -> float | None:
-        limits = getattr(self.request, "timelimit", None) or (None, None)
-        hard = limits[0] or self.time_limit or self.app.conf.task_time_limit
-        return float(hard) if hard else None
 
     def _release_after_run(self, held: HeldLock, task_id: str | None) -> None:
         # In a worker, release once Celery has stored the result (task_postrun): a
