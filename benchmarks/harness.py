@@ -17,6 +17,7 @@ import time
 import traceback
 import uuid
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -68,6 +69,15 @@ def rotate(items: list[Any], rep: int) -> list[Any]:
         return []
     k = rep % len(items)
     return items[k:] + items[:k]
+
+
+def interleaved(items: list[Any], reps: int, *, skip: Any = ()) -> Iterator[tuple[int, Any]]:
+    """``(rep, item)`` for every repetition, items round-robin (see :func:`rotate`),
+    leaving out those in ``skip`` (the ones that failed to prepare)."""
+    for rep in range(reps):
+        for item in rotate(items, rep):
+            if item not in skip:
+                yield rep, item
 
 
 def sleep_until_ns(deadline_ns: int) -> None:

@@ -34,8 +34,8 @@ from benchmarks.harness import (
     ServerStats,
     Table,
     fmt,
+    interleaved,
     median,
-    rotate,
     spread,
 )
 
@@ -138,14 +138,11 @@ def run(env: Env, reps: int = 3, n: int = 1000, warmup: int = 200) -> ScenarioRe
                 raise RuntimeError(f"the celery worker did not start:\n{worker.tail()}")
             for v in variants:
                 one_run(app, client, worker, v, warmup)
-            for rep in range(reps):
-                for v in rotate(variants, rep):
-                    if v in errors:
-                        continue
-                    try:
-                        runs[v].append(one_run(app, client, worker, v, n))
-                    except Exception as exc:
-                        errors[v] = f"rep {rep}: {exc!r}"[:300] + "\n" + worker.tail()[-800:]
+            for rep, v in interleaved(variants, reps, skip=errors):
+                try:
+                    runs[v].append(one_run(app, client, worker, v, n))
+                except Exception as exc:
+                    errors[v] = f"rep {rep}: {exc!r}"[:300] + "\n" + worker.tail()[-800:]
         finally:
             worker.stop()
             client.close()

@@ -25,8 +25,8 @@ from benchmarks.harness import (
     WorkerContext,
     WorkerError,
     fmt,
+    interleaved,
     median,
-    rotate,
 )
 from benchmarks.libs import LABELS, make_adapter
 
@@ -133,14 +133,11 @@ def run(env: Env, reps: int = 3) -> ScenarioResult:
     reps = env.reps(reps)
     errors = env.pool.prepare([0], LIBS)
     trials: dict[str, list[dict[str, Any]]] = {lib: [] for lib in LIBS}
-    for rep in range(reps):
-        for lib in rotate(LIBS, rep):
-            if lib in errors:
-                continue
-            try:
-                trials[lib].append(trial(env, lib, waiter=0))
-            except (WorkerError, RuntimeError, ImportError) as exc:
-                errors[lib] = f"rep {rep}: {str(exc)[:300]}"
+    for rep, lib in interleaved(LIBS, reps, skip=errors):
+        try:
+            trials[lib].append(trial(env, lib, waiter=0))
+        except (WorkerError, RuntimeError, ImportError) as exc:
+            errors[lib] = f"rep {rep}: {str(exc)[:300]}"
 
     table = Table(
         res.title,

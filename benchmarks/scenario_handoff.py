@@ -21,9 +21,9 @@ from benchmarks.harness import (
     WorkerContext,
     WorkerError,
     fmt,
+    interleaved,
     median,
     percentile,
-    rotate,
     sleep_until_ns,
 )
 from benchmarks.libs import LABELS, WAIT_STYLE
@@ -103,22 +103,19 @@ def run(env: Env, reps: int = 3, seconds: float = 3.0) -> ScenarioResult:
     workers = list(range(min(8, len(pool))))
     errors = pool.prepare(workers, LIBS)
     runs: dict[str, list[dict[str, Any]]] = {lib: [] for lib in LIBS}
-    for rep in range(reps):
-        for lib in rotate(LIBS, rep):
-            if lib in errors:
-                continue
-            env.reset_server()
-            start = time.monotonic_ns() + 300_000_000
-            end = start + int(seconds * 1e9)
-            try:
-                results = pool.run_all(
-                    workers, f"{FN}:contend", timeout=seconds + 60,
-                    lib=lib, key=f"bench:b:{lib}", start_ns=start, end_ns=end,
-                )
-            except WorkerError as exc:
-                errors[lib] = f"rep {rep}: {str(exc)[:300]}"
-                continue
-            runs[lib].append(analyse(results, start, end))
+    for rep, lib in interleaved(LIBS, reps, skip=errors):
+        env.reset_server()
+        start = time.monotonic_ns() + 300_000_000
+        end = start + int(seconds * 1e9)
+        try:
+            results = pool.run_all(
+                workers, f"{FN}:contend", timeout=seconds + 60,
+                lib=lib, key=f"bench:b:{lib}", start_ns=start, end_ns=end,
+            )
+        except WorkerError as exc:
+            errors[lib] = f"rep {rep}: {str(exc)[:300]}"
+            continue
+        runs[lib].append(analyse(results, start, end))
 
     table = Table(
         res.title,

@@ -22,8 +22,8 @@ from benchmarks.harness import (
     WorkerError,
     fmt,
     fmt_cmds,
+    interleaved,
     median,
-    rotate,
 )
 from benchmarks.libs import LABELS, WAIT_STYLE, available
 
@@ -56,41 +56,38 @@ def run(env: Env, reps: int = 3, window: float = 3.0) -> ScenarioResult:
     waiters = list(range(WAITERS))
     errors = pool.prepare(waiters, libs)
     runs: dict[str, list[dict[str, Any]]] = {lib: [] for lib in libs}
-    for rep in range(reps):
-        for lib in rotate(libs, rep):
-            if lib in errors:
-                continue
-            env.reset_server()
-            key = f"bench:c:{lib}"
-            holder = holders[lib]
-            try:
-                held = holder.try_acquire(key, HOLDER_TTL)
-                if held is None:
-                    raise RuntimeError("the holder could not take the free key")
-                for i in waiters:
-                    pool.submit(i, f"{FN}:wait_once", lib=lib, key=key, ttl=HOLDER_TTL,
-                                timeout=WAIT_TIMEOUT)
-                time.sleep(SETTLE_S)
-                s0 = env.stats.snapshot()
-                t0 = time.monotonic()
-                time.sleep(window)
-                s1 = env.stats.snapshot()
-                elapsed = time.monotonic() - t0
-                t_rel = time.monotonic_ns()
-                holder.release(held)
-                replies = [pool.result(i, WAIT_TIMEOUT + 10) for i in waiters]
-            except (WorkerError, RuntimeError) as exc:
-                errors[lib] = f"rep {rep}: {str(exc)[:300]}"
-                continue
-            total, per = env.stats.delta(s0, s1)
-            stamps = sorted(r["t_acq"] for r in replies if r["t_acq"] is not None)
-            runs[lib].append({
-                "cmds_per_s": total / elapsed,
-                "per_command": {k: v / elapsed for k, v in per.items()},
-                "wake_ms": (stamps[0] - t_rel) / 1e6 if stamps else None,
-                "all_ms": (stamps[-1] - t_rel) / 1e6 if len(stamps) == WAITERS else None,
-                "acquired": len(stamps),
-            })
+    for rep, lib in interleaved(libs, reps, skip=errors):
+        env.reset_server()
+        key = f"bench:c:{lib}"
+        holder = holders[lib]
+        try:
+            held = holder.try_acquire(key, HOLDER_TTL)
+            if held is None:
+                raise RuntimeError("the holder could not take the free key")
+            for i in waiters:
+                pool.submit(i, f"{FN}:wait_once", lib=lib, key=key, ttl=HOLDER_TTL,
+                            timeout=WAIT_TIMEOUT)
+            time.sleep(SETTLE_S)
+            s0 = env.stats.snapshot()
+            t0 = time.monotonic()
+            time.sleep(window)
+            s1 = env.stats.snapshot()
+            elapsed = time.monotonic() - t0
+            t_rel = time.monotonic_ns()
+            holder.release(held)
+            replies = [pool.result(i, WAIT_TIMEOUT + 10) for i in waiters]
+        except (WorkerError, RuntimeError) as exc:
+            errors[lib] = f"rep {rep}: {str(exc)[:300]}"
+            continue
+        total, per = env.stats.delta(s0, s1)
+        stamps = sorted(r["t_acq"] for r in replies if r["t_acq"] is not None)
+        runs[lib].append({
+            "cmds_per_s": total / elapsed,
+            "per_command": {k: v / elapsed for k, v in per.items()},
+            "wake_ms": (stamps[0] - t_rel) / 1e6 if stamps else None,
+            "all_ms": (stamps[-1] - t_rel) / 1e6 if len(stamps) == WAITERS else None,
+            "acquired": len(stamps),
+        })
     for ad in holders.values():
         ad.close()
 

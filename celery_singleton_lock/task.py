@@ -173,7 +173,7 @@ class SingletonTask(Task):  # type: ignore[misc]
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         options = self.lock_options()
-        key = derive_key(self.name, options.signature, options.key_spec, args, kwargs)
+        key = self.lock_key_for(args, kwargs)
         request = self.request
         owner = Owner(host=_HOST, pid=os.getpid(), task_id=request.id)
         try:
