@@ -18,6 +18,7 @@ the task learns of a loss through :attr:`HeldLock.lost` and :meth:`HeldLock.ensu
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -59,6 +60,24 @@ class Owner:
     host: str
     pid: int
     task_id: str | None = None
+
+    def stored_with(self, token: str) -> str:
+        """The value a backend stores for a lock: ``"<token>\n<owner JSON>"``."""
+        owner = json.dumps(
+            {"host": self.host, "pid": self.pid, "task_id": self.task_id}, separators=(",", ":")
+        )
+        return f"{token}\n{owner}"
+
+
+def stored_task_id(value: bytes | None) -> str | None:
+    """The owner's task id in a value made by :meth:`Owner.stored_with` (None if absent)."""
+    if not value:
+        return None
+    try:
+        task_id = json.loads(value.split(b"\n", 1)[1]).get("task_id")
+    except (IndexError, ValueError, AttributeError):
+        return None
+    return task_id if isinstance(task_id, str) else None
 
 
 class HeldLock:

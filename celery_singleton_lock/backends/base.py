@@ -37,9 +37,17 @@ _HOST = socket.gethostname()
 
 @dataclass(frozen=True)
 class Granted:
-    """An attempt that got the lock."""
+    """An attempt that got the lock.
+
+    :ivar token: the acquisition's token, when the backend names it itself (etcd puts
+        the lease id in it); None keeps the random token :meth:`LockBackend.attempt` drew.
+    :ivar valid_until: the lease's validity deadline (monotonic), when it started before
+        this attempt (a lease granted earlier and reused); None: sent time + TTL - drift.
+    """
 
     fencing_token: int
+    token: str | None = None
+    valid_until: float | None = None
 
 
 @dataclass(frozen=True)
@@ -135,7 +143,7 @@ class LockBackend(ABC):
         LeaseKeeper.for_process().untrack(held)
         if not held._mark_released():
             return False
-        ours = self._release(self._full_key(held.key), "token", held.token)
+        ours = self._release_held(held)
         if ours:
             release_logger.debug("released %r", held.key)
         else:
@@ -181,13 +189,30 @@ class LockBackend(ABC):
         result = self._try_acquire(self._full_key(key), token, ttl, owner)
         if isinstance(result, Refused):
             return result
+        return self._hold(key, ttl, owner, token, result, sent_at, sender)
+
+    def _hold(
+        self,
+        key: str,
+        ttl: float,
+        owner: Owner,
+        token: str,
+        granted: Granted,
+        sent_at: float,
+        sender: Any,
+    ) -> HeldLock:
+        """Make the :class:`HeldLock` of a granted attempt, hand it to the lease keeper,
+        and announce it."""
+        valid_until = granted.valid_until
+        if valid_until is None:
+            valid_until = sent_at + ttl - clock_drift(ttl)
         held = HeldLock(
-            self, key, token, result.fencing_token, ttl, owner,
-            valid_until=sent_at + ttl - clock_drift(ttl),
+            self, key, granted.token or token, granted.fencing_token, ttl, owner,
+            valid_until=valid_until,
         )
         held.sender = self if sender is None else sender
         LeaseKeeper.for_process().track(held)
-        logger.debug("acquired %r (fencing token %s)", key, result.fencing_token)
+        logger.debug("acquired %r (fencing token %s)", key, granted.fencing_token)
         signals.lock_acquired.send(sender=held.sender, key=key, held=held)
         return held
 
@@ -224,6 +249,10 @@ class LockBackend(ABC):
 
     def _full_key(self, key: str) -> str:
         return f"{self.prefix}:{key}"
+
+    def _release_held(self, held: HeldLock) -> bool:
+        """Release one acquisition of ours (a backend with per-lock resources extends it)."""
+        return self._release(self._full_key(held.key), "token", held.token)
 
     # -- what a backend implements -------------------------------------------------------
 

@@ -1,6 +1,7 @@
 """Real servers for the integration ring, started once per session, stopped by PID.
 
-``CSL_REDIS_URL`` points the suite at an existing Redis instead (its db 0-3 are used).
+``CSL_REDIS_URL`` points the suite at an existing Redis instead (its db 0-3 are used);
+etcd always runs as our own single member (``etcd_server`` from our pytest plugin).
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from collections.abc import Iterator
 import pytest
 import redis
 
-from celery_singleton_lock.testing import RedisServer
+from celery_singleton_lock.testing import EtcdCluster, RedisServer
 
 
 @pytest.fixture(scope="session")
@@ -29,3 +30,8 @@ def redis_client(redis_url: str) -> Iterator[redis.Redis]:
     client = redis.Redis.from_url(redis_url + "/0")
     yield client
     client.close()
+
+
+@pytest.fixture(scope="session")
+def etcd_url(etcd_server: EtcdCluster) -> str:
+    return etcd_server.url

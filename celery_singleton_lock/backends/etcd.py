@@ -1,0 +1,666 @@
+"""etcd v3: ``etcd://h1:2379,h2:2379,h3:2379`` and ``etcds://`` (TLS).
+
+etcd is a consensus store: a granted lock survives the loss of a minority of members.
+Each lock is a directory; every acquisition, holder or waiter, is one entry in it::
+
+    <prefix>/<key, with '%' and '/' escaped>/<lease id, 16 hex><random, 16 hex>
+        value "<token>\\n<owner JSON>", attached to a lease of its own
+
+The holder is the entry with the lowest create revision; the others wait in FIFO order,
+each watching only the entry just before its own, so a release wakes exactly one waiter.
+The holder's create revision is its fencing token: it rises with every write in the
+whole cluster. An entry is named by its own token, so only its creator can name it.
+
+Round trips: an uncontended attempt is one transaction (put if the directory is empty,
+else read the holder); a release is one guarded delete. Leases make the third: etcd
+grants a lease in a call of its own, so a released lease is kept as a *spare* and the
+next acquisition with the same TTL reuses it. A lease never carries two entries at a
+time, so exclusion does not depend on it; see ``docs/etcd.md``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import random
+import secrets
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import parse_qsl, unquote, urlsplit
+
+from celery_singleton_lock.backends.base import (
+    _HOST,
+    Granted,
+    LockBackend,
+    Refused,
+    _check_key_and_ttl,
+)
+from celery_singleton_lock.errors import ConfigurationError, LockBackendUnavailable
+from celery_singleton_lock.lease import HeldLock, Owner, clock_drift, stored_task_id
+
+try:
+    import grpc
+    from pyetcd import etcdrpc
+except ImportError as exc:  # pragma: no cover - exercised only without the extra
+    msg = "the etcd backend needs etcd-sdk-python: pip install 'celery-singleton-lock[etcd]'"
+    raise ConfigurationError(msg, option="singleton_lock_backend") from exc
+
+__all__ = ["EtcdBackend"]
+
+DEFAULT_PORT = 2379
+#: etcd refuses transactions with more operations than this (its --max-txn-ops default).
+MAX_TXN_OPS = 128
+#: Spare leases kept per TTL; more concurrent acquisitions simply grant more leases.
+SPARE_LEASES = 8
+
+_RETRY_ON = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+_CHANNEL_OPTIONS = [
+    # A member that comes back is reconnected to within a second, not gRPC's default
+    # two minutes of back-off.
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.min_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 1000),
+    # A member that hangs without closing its socket is noticed on long streams.
+    ("grpc.keepalive_time_ms", 10_000),
+    ("grpc.keepalive_timeout_ms", 5_000),
+]
+_CLIENT_OPTIONS = ("ca_cert", "cert_key", "cert_cert", "user", "password", "spare_leases")
+
+
+@dataclass
+class _Lease:
+    """A lease of ours and how long we can prove it alive (monotonic deadline)."""
+
+    id: int
+    ttl: float
+    valid_until: float
+
+
+class _Unreachable(Exception):
+    """No member answered within the budget (turned into LockBackendUnavailable)."""
+
+
+class _Cluster:
+    """gRPC channels to every member of the URL, with fail-over and authentication.
+
+    Calls go to the current member; when it does not answer (refused, dead, no leader,
+    per-try deadline), the next member is tried, until the call's budget is spent.
+    """
+
+    def __init__(
+        self,
+        endpoints: list[str],
+        *,
+        credentials: grpc.ChannelCredentials | None,
+        user: str | None,
+        password: str | None,
+        budget: float,
+        clock: Callable[[], float],
+    ) -> None:
+        self.endpoints = endpoints
+        self.budget = budget
+        self.clock = clock
+        self._credentials = credentials
+        self._user = user
+        self._password = password
+        self._guard = threading.Lock()
+        # Spread clients over members (load only: nothing secret depends on it).
+        self._current = random.randrange(len(endpoints))  # noqa: S311
+        self._channels: dict[int, grpc.Channel] = {}
+        self._stubs: dict[tuple[int, str], Any] = {}
+        self._metadata: tuple[tuple[str, str], ...] | None = None
+
+    def stub(self, service: str, index: int | None = None) -> Any:
+        index = self._current if index is None else index
+        with self._guard:
+            stub = self._stubs.get((index, service))
+            if stub is None:
+                channel = self._channels.get(index)
+                if channel is None:
+                    target = self.endpoints[index]
+                    if self._credentials is None:
+                        channel = grpc.insecure_channel(target, options=_CHANNEL_OPTIONS)
+                    else:
+                        channel = grpc.secure_channel(target, self._credentials, options=_CHANNEL_OPTIONS)
+                    self._channels[index] = channel
+                stub = self._stubs[(index, service)] = getattr(etcdrpc, f"{service}Stub")(channel)
+            return stub
+
+    def failed(self, index: int) -> None:
+        """The member at ``index`` did not answer: move on to the next one."""
+        with self._guard:
+            if self._current == index:
+                self._current = (index + 1) % len(self.endpoints)
+
+    @property
+    def metadata(self) -> tuple[tuple[str, str], ...] | None:
+        return self._metadata
+
+    def call(self, service: str, method: str, request: Any, *, budget: float | None = None) -> Any:
+        """One unary call, failing over between members within ``budget`` seconds."""
+        return self.retrying(
+            lambda stub, timeout: getattr(stub, method)(
+                request, timeout=timeout, metadata=self._metadata
+            ),
+            service,
+            budget=budget,
+        )
+
+    def retrying(
+        self, send: Callable[[Any, float], Any], service: str, *, budget: float | None = None
+    ) -> Any:
+        """Run ``send(stub, per_try_timeout)`` on the current member, failing over."""
+        budget = self.budget if budget is None else budget
+        deadline = self.clock() + budget
+        # One silent member must not eat the whole budget: each try gets its share.
+        per_try = max(budget / len(self.endpoints), 0.25)
+        reauthenticated = False
+        last_error = "no member was tried"
+        while True:
+            remaining = deadline - self.clock()
+            if remaining <= 0:
+                raise _Unreachable(last_error)
+            index = self._current
+            try:
+                if self._user is not None and self._metadata is None:
+                    self._authenticate(index, min(per_try, remaining))
+                return send(self.stub(service, index), min(per_try, remaining))
+            except grpc.RpcError as exc:
+                code, details = exc.code(), exc.details() or ""
+                if code == grpc.StatusCode.UNAUTHENTICATED or "invalid auth token" in details:
+                    if reauthenticated:
+                        raise _Unreachable(f"authentication keeps failing: {details}") from None
+                    reauthenticated, self._metadata = True, None
+                    continue
+                if code == grpc.StatusCode.PERMISSION_DENIED or any(
+                    sign in details for sign in ("authentication failed", "user name is empty")
+                ):
+                    raise _Unreachable(f"refused our credentials: {details}") from None
+                if code not in _RETRY_ON and "leader" not in details:
+                    raise
+                last_error = f"{self.endpoints[index]}: {code.name} {details}".strip()
+                self.failed(index)
+                if (index + 1) % len(self.endpoints) == 0 or len(self.endpoints) == 1:
+                    # A full round failed (all down, or an election in progress): pause
+                    # briefly instead of spinning on refused connections.
+                    time.sleep(min(0.05, max(0.0, deadline - self.clock())))
+
+    def _authenticate(self, index: int, timeout: float) -> None:
+        request = etcdrpc.AuthenticateRequest(name=self._user, password=self._password)
+        reply = self.stub("Auth", index).Authenticate(request, timeout=timeout)
+        self._metadata = (("token", reply.token),)
+
+    def close(self) -> None:
+        with self._guard:
+            channels = list(self._channels.values())
+            self._channels.clear()
+            self._stubs.clear()
+        for channel in channels:
+            channel.close()
+
+
+class EtcdBackend(LockBackend):
+    """Locks on an etcd v3 cluster; see the module docstring for the layout.
+
+    :param ca_cert: CA file for ``etcds://``; ``cert_key`` and ``cert_cert`` a client
+        certificate. Also accepted as URL query parameters.
+    :param user: etcd user (or in the URL: ``etcd://user:password@host``); ``password``.
+    :param spare_leases: leases kept for reuse per TTL after release (0: revoke each).
+    """
+
+    schemes = ("etcd", "etcds")
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        prefix: str = "singleton-lock",
+        connect_timeout: float = 5.0,
+        clock: Callable[[], float] = time.monotonic,
+        **client_options: Any,
+    ) -> None:
+        super().__init__(url, prefix=prefix, connect_timeout=connect_timeout, clock=clock)
+        endpoints, options = _parse_url(url, self.url)
+        options.update(client_options)
+        unknown = sorted(set(options) - set(_CLIENT_OPTIONS))
+        if unknown:
+            msg = f"unknown etcd option(s) {', '.join(unknown)}; known: {', '.join(_CLIENT_OPTIONS)}"
+            raise ConfigurationError(msg, option="singleton_lock_backend_options")
+        credentials = None
+        if url.lower().startswith("etcds://"):
+            credentials = _tls_credentials(options)
+        self._spare_limit = int(options.get("spare_leases", SPARE_LEASES))
+        self._cluster = _Cluster(
+            endpoints,
+            credentials=credentials,
+            user=options.get("user"),
+            password=options.get("password"),
+            budget=connect_timeout,
+            clock=clock,
+        )
+        self._spares: dict[int, list[_Lease]] = {}
+        self._spares_guard = threading.Lock()
+        self._pid = os.getpid()
+        #: Watch events that woke a waiter in this process (tests and benchmarks count them).
+        self.wakeups = 0
+
+    # -- keys ------------------------------------------------------------------------------
+
+    def _full_key(self, key: str) -> str:
+        # The directory of the lock. Escaping '/' keeps "a" from containing "a/b"'s entries.
+        return f"{self.prefix}/{key.replace('%', '%25').replace('/', '%2F')}/"
+
+    # -- one attempt -----------------------------------------------------------------------
+
+    def _try_acquire(self, key: str, token: str, ttl: float, owner: Owner) -> Granted | Refused:
+        directory = key.encode()
+
+        def request(lease: _Lease, entry: bytes, etcd_token: str) -> Any:
+            return etcdrpc.TxnRequest(
+                # No entry at all in the directory: no holder and nobody queued before us.
+                compare=[etcdrpc.Compare(
+                    key=directory, range_end=_prefix_end(directory),
+                    target=etcdrpc.Compare.CREATE, result=etcdrpc.Compare.EQUAL, create_revision=0,
+                )],
+                success=[_put(entry, owner.stored_with(etcd_token), lease.id)],
+                failure=[_range(directory, limit=1)],
+            )
+
+        # (An exception drops the lease: the put may have happened, so it is never reused.)
+        lease, etcd_token, entry, reply = self._put_with_lease(request, directory, token, ttl, key)
+        if reply.succeeded:
+            return Granted(reply.header.revision, token=etcd_token, valid_until=lease.valid_until)
+        holder = reply.responses[0].response_range.kvs[0]
+        if holder.key == entry:  # our put was applied by an earlier try of this call
+            return Granted(holder.create_revision, token=etcd_token, valid_until=lease.valid_until)
+        self._give_back(lease)
+        return Refused(holder_ttl=None, holder_task_id=stored_task_id(holder.value))
+
+    def _wait_for_release(self, key: str, timeout: float) -> None:
+        # Not used: waiting queues an entry of its own (see wait), which is what makes it
+        # FIFO; the base class's "wait, then try again" loop would not keep a place.
+        raise NotImplementedError
+
+    # -- waiting in line -------------------------------------------------------------------
+
+    def wait(
+        self,
+        key: str,
+        ttl: float,
+        *,
+        timeout: float | None,
+        owner: Owner | None = None,
+        refused: Refused | None = None,
+        sender: Any = None,
+    ) -> HeldLock | None:
+        """Queue for ``key`` and block until every earlier entry is gone (FIFO).
+
+        Only the entry just before ours is watched, so a release wakes one waiter. Our
+        lease is kept alive while we wait; on timeout or error our entry is removed.
+        """
+        _check_key_and_ttl(key, ttl)
+        owner = owner or Owner(host=_HOST, pid=os.getpid())
+        deadline = None if timeout is None else self.clock() + timeout
+        directory = self._full_key(key).encode()
+        while True:
+            token = secrets.token_hex(16)
+            sent_at = self.clock()
+
+            def request(lease: _Lease, entry: bytes, etcd_token: str) -> Any:
+                return etcdrpc.TxnRequest(success=[
+                    _put(entry, owner.stored_with(etcd_token), lease.id),
+                    _range(directory, keys_only=True),
+                ])
+
+            lease, etcd_token, entry, reply = self._put_with_lease(request, directory, token, ttl, key)
+            try:
+                queue = reply.responses[1].response_range.kvs
+                place = self._wait_in_line(
+                    key, directory, entry, lease, queue, reply.header.revision + 1, deadline
+                )
+            except BaseException:
+                self._abandon(lease)
+                raise
+            if place is None:  # timed out
+                self._abandon(lease)
+                return None
+            if place > 0:
+                granted = Granted(place, token=etcd_token, valid_until=lease.valid_until)
+                return self._hold(key, ttl, owner, token, granted, sent_at, sender)
+            # Our entry vanished (its lease expired while we waited): queue again, at the
+            # back, with a new lease. Reporting the lock held here is etcd bug #11456.
+
+    def _put_with_lease(
+        self,
+        request: Callable[[_Lease, bytes, str], Any],
+        directory: bytes,
+        token: str,
+        ttl: float,
+        key: str,
+    ) -> tuple[_Lease, str, bytes, Any]:
+        """Send the transaction ``request(lease, entry, etcd_token)`` with a spare or new
+        lease; a spare that died meanwhile is replaced by a new lease once."""
+        for spare_allowed in (True, False):
+            lease = self._take_lease(ttl, key) if spare_allowed else self._grant(ttl, key)
+            etcd_token = f"{lease.id:016x}{token[:16]}"
+            entry = directory + etcd_token.encode()
+            try:
+                reply = self._call("KV", "Txn", request(lease, entry, etcd_token), key)
+                return lease, etcd_token, entry, reply
+            except grpc.RpcError as exc:
+                if not spare_allowed or "requested lease not found" not in (exc.details() or ""):
+                    raise
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _wait_in_line(
+        self,
+        key: str,
+        directory: bytes,
+        entry: bytes,
+        lease: _Lease,
+        queue: Sequence[Any],
+        start_revision: int,
+        deadline: float | None,
+    ) -> int | None:
+        """Our create revision once we are first; 0 if our entry vanished; None on timeout."""
+        while True:
+            ours: list[int] = [kv.create_revision for kv in queue if kv.key == entry]
+            if not ours:
+                return 0
+            earlier = [kv for kv in queue if kv.create_revision < ours[0]]
+            if not earlier:
+                return ours[0]
+            predecessor = max(earlier, key=lambda kv: kv.create_revision).key
+            outcome = self._watch_predecessor(key, predecessor, start_revision, lease, deadline)
+            if outcome is None:
+                return None
+            if not outcome:
+                return 0
+            # Re-read the line: the entry before us may have been a waiter that gave up,
+            # and our own entry must still exist (never trust the wake-up alone).
+            reply = self._call("KV", "Range", _range(directory, keys_only=True).request_range, key)
+            queue, start_revision = reply.kvs, reply.header.revision + 1
+
+    def _watch_predecessor(
+        self, key: str, predecessor: bytes, start_revision: int, lease: _Lease, deadline: float | None
+    ) -> bool | None:
+        """Block until ``predecessor`` is deleted (True), our lease is gone (False) or
+        ``deadline`` passes (None), keeping our lease alive every third of its TTL."""
+        while True:
+            now = self.clock()
+            if deadline is not None and now >= deadline:
+                return None
+            keepalive_at = lease.valid_until - lease.ttl * (2 / 3)
+            if now >= keepalive_at:
+                sent_at = self.clock()
+                if self._keep_alive([lease.id], key).get(lease.id, 0) <= 0:
+                    return False
+                lease.valid_until = sent_at + lease.ttl - clock_drift(lease.ttl)
+                continue
+            bound = keepalive_at if deadline is None else min(deadline, keepalive_at)
+            if self._deleted(predecessor, start_revision, bound - now):
+                return True
+
+    def _deleted(self, entry: bytes, start_revision: int, timeout: float) -> bool:
+        """Watch ``entry`` from ``start_revision``: True on its deletion (or when the watch
+        broke and the line must be re-read), False when ``timeout`` passed quietly."""
+        index = self._cluster._current
+        done = threading.Event()
+
+        def requests() -> Iterator[Any]:
+            yield etcdrpc.WatchRequest(create_request=etcdrpc.WatchCreateRequest(
+                key=entry, start_revision=start_revision,
+                filters=[etcdrpc.WatchCreateRequest.NOPUT],
+            ))
+            done.wait()  # closing the request side would end the watch
+
+        call = self._cluster.stub("Watch", index).Watch(
+            requests(), timeout=max(timeout, 0.001), metadata=self._cluster.metadata
+        )
+        try:
+            for reply in call:
+                if reply.events or reply.canceled:  # canceled: compacted; re-read the line
+                    self.wakeups += 1
+                    return True
+            return True
+        except grpc.RpcError as exc:
+            if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+                return False
+            self._cluster.failed(index)  # the re-read fails over, or reports the cluster down
+            return True
+        finally:
+            done.set()
+            call.cancel()
+
+    def _abandon(self, lease: _Lease) -> None:
+        # Revoking the lease deletes our entry at once (waking whoever watched it); if
+        # the cluster cannot be reached, the entry goes when the lease expires.
+        with contextlib.suppress(LockBackendUnavailable):
+            self._revoke(lease.id)
+
+    # -- renewal and release ---------------------------------------------------------------
+
+    def _renew(self, items: Sequence[tuple[str, str, float]]) -> list[bool]:
+        """Keep-alives for every lease in one stream, and, sent at the same time, a check
+        that every entry still exists (an operator may have deleted one)."""
+        entries = [directory.encode() + token.encode() for directory, token, _ in items]
+        checks = [
+            self._cluster.stub("KV").Txn.future(
+                etcdrpc.TxnRequest(success=[
+                    _range(entry, count_only=True) for entry in entries[i:i + MAX_TXN_OPS]
+                ]),
+                timeout=self.connect_timeout, metadata=self._cluster.metadata,
+            )
+            for i in range(0, len(entries), MAX_TXN_OPS)
+        ]
+        ttls = self._keep_alive({int(token[:16], 16) for _, token, _ in items}, None)
+        exists: list[bool] = []
+        try:
+            for check in checks:
+                exists += [op.response_range.count > 0 for op in check.result().responses]
+        except grpc.RpcError:  # the keep-alives answered; the check can wait for next time
+            exists = [True] * len(entries)
+        return [
+            ttls.get(int(token[:16], 16), 0) > 0 and found
+            for (_, token, _), found in zip(items, exists, strict=True)
+        ]
+
+    def _keep_alive(self, lease_ids: Sequence[int] | set[int], key: str | None) -> dict[int, int]:
+        """Refresh leases in one LeaseKeepAlive stream; their new TTLs (0: gone)."""
+        wanted = list(lease_ids)
+
+        def send(stub: Any, timeout: float) -> dict[int, int]:
+            requests = [etcdrpc.LeaseKeepAliveRequest(ID=i) for i in wanted]
+            call = stub.LeaseKeepAlive(iter(requests), timeout=timeout, metadata=self._cluster.metadata)
+            ttls: dict[int, int] = {}
+            try:
+                for reply in call:
+                    ttls[reply.ID] = reply.TTL
+                    if len(ttls) == len(wanted):
+                        break
+            finally:
+                call.cancel()
+            return ttls
+
+        return self._answering(lambda: self._cluster.retrying(send, "Lease"), key)  # type: ignore[no-any-return]
+
+    def _release_held(self, held: HeldLock) -> bool:
+        lease = _Lease(int(held.token[:16], 16), held.ttl, held._valid_until)
+        ours = self._release(self._full_key(held.key), "token", held.token)
+        if ours and not held.lost:
+            self._give_back(lease)
+        else:
+            self._abandon(lease)
+        return ours
+
+    def _release(self, key: str, field: str, value: str) -> bool:
+        directory = key.encode()
+        if field == "token":
+            return self._delete_entry(directory + value.encode(), None, key)
+        # By task id (the worker's main process, after killing a task): remove that task's
+        # entries, holder or queued; True if it was the holder.
+        reply = self._call("KV", "Range", _range(directory).request_range, key)
+        released = False
+        for place, kv in enumerate(reply.kvs):
+            if stored_task_id(kv.value) == value:
+                deleted = self._delete_entry(kv.key, kv.create_revision, key)
+                released = released or (deleted and place == 0)
+        return released
+
+    def _delete_entry(self, entry: bytes, create_revision: int | None, key: str) -> bool:
+        compare = etcdrpc.Compare(
+            key=entry, target=etcdrpc.Compare.CREATE,
+            result=etcdrpc.Compare.GREATER if create_revision is None else etcdrpc.Compare.EQUAL,
+            create_revision=create_revision or 0,
+        )
+        request = etcdrpc.TxnRequest(
+            compare=[compare],
+            success=[etcdrpc.RequestOp(request_delete_range=etcdrpc.DeleteRangeRequest(key=entry))],
+        )
+        return bool(self._call("KV", "Txn", request, key).succeeded)
+
+    # -- leases ----------------------------------------------------------------------------
+
+    def _take_lease(self, ttl: float, key: str) -> _Lease:
+        """A spare lease of this TTL renewed less than a third of a TTL ago, or a new one.
+
+        An older spare is dropped without a call: it expires on the server within the
+        TTL. (Reusing it would make the lease keeper renew it at once.)
+        """
+        self._forget_spares_after_fork()
+        with self._spares_guard:
+            spares = self._spares.get(_lease_seconds(ttl), [])
+            while spares:
+                lease = spares.pop()
+                if lease.valid_until - self.clock() > ttl * (2 / 3):
+                    lease.ttl = ttl
+                    return lease
+        return self._grant(ttl, key)
+
+    def _grant(self, ttl: float, key: str) -> _Lease:
+        # We choose the id (from secrets): ids are then unguessable, and a grant retried
+        # after a lost reply finds "already exists", which can only be our own.
+        lease_id = secrets.randbits(63) or 1
+        sent_at = self.clock()
+        try:
+            request = etcdrpc.LeaseGrantRequest(TTL=_lease_seconds(ttl), ID=lease_id)
+            self._call("Lease", "LeaseGrant", request, key)
+        except grpc.RpcError as exc:
+            if "lease already exists" not in (exc.details() or ""):
+                raise
+        return _Lease(lease_id, ttl, sent_at + ttl - clock_drift(ttl))
+
+    def _give_back(self, lease: _Lease) -> None:
+        with self._spares_guard:
+            spares = self._spares.setdefault(_lease_seconds(lease.ttl), [])
+            if len(spares) < self._spare_limit and os.getpid() == self._pid:
+                spares.append(lease)
+                return
+        self._abandon(lease)
+
+    def _forget_spares_after_fork(self) -> None:
+        # A forked child must never use its parent's spares: two processes would attach
+        # entries to one lease, and one's revoke would delete the other's entry.
+        if os.getpid() != self._pid:
+            with self._spares_guard:
+                self._spares.clear()
+                self._pid = os.getpid()
+
+    def _revoke(self, lease_id: int) -> None:
+        try:
+            self._call("Lease", "LeaseRevoke", etcdrpc.LeaseRevokeRequest(ID=lease_id), None)
+        except grpc.RpcError as exc:
+            if "requested lease not found" not in (exc.details() or ""):
+                raise
+
+    # -- plumbing --------------------------------------------------------------------------
+
+    def _call(self, service: str, method: str, request: Any, key: str | None) -> Any:
+        return self._answering(lambda: self._cluster.call(service, method, request), key)
+
+    def _answering(self, send: Callable[[], Any], key: str | None) -> Any:
+        """Run ``send``; "no member answered" becomes LockBackendUnavailable, URL masked."""
+        try:
+            return send()
+        except _Unreachable as exc:
+            msg = f"etcd at {self.url} did not answer within {self.connect_timeout}s: {exc}"
+            raise LockBackendUnavailable(msg, url=self.url, key=key) from None
+
+    def close(self) -> None:
+        with self._spares_guard:
+            spares = [lease for leases in self._spares.values() for lease in leases]
+            self._spares.clear()
+        for lease in spares:
+            with contextlib.suppress(LockBackendUnavailable, grpc.RpcError):  # else it expires
+                self._revoke(lease.id)
+        self._cluster.close()
+
+
+def _parse_url(url: str, masked: str) -> tuple[list[str], dict[str, Any]]:
+    """Endpoints (host:port) and options (user, password, TLS files) from an etcd URL."""
+    parts = urlsplit(url)
+    netloc = parts.netloc
+    options: dict[str, Any] = dict(parse_qsl(parts.query))
+    if "@" in netloc:
+        credentials, netloc = netloc.rsplit("@", 1)
+        user, _, password = credentials.partition(":")
+        options["user"], options["password"] = unquote(user), unquote(password)
+    endpoints = []
+    for host in filter(None, netloc.split(",")):
+        if host.startswith("["):  # [::1]:2379
+            address, _, port = host[1:].partition("]")
+            endpoints.append(f"[{address}]:{port.lstrip(':') or DEFAULT_PORT}")
+        else:
+            address, _, port = host.partition(":")
+            endpoints.append(f"{address}:{port or DEFAULT_PORT}")
+    if not endpoints:
+        msg = f"etcd URL {masked!r} names no host (etcd://host1:2379,host2:2379)"
+        raise ConfigurationError(msg, option="singleton_lock_backend")
+    return endpoints, options
+
+
+def _tls_credentials(options: dict[str, Any]) -> grpc.ChannelCredentials:
+    def read(name: str) -> bytes | None:
+        path = options.get(name)
+        if path is None:
+            return None
+        try:
+            with open(path, "rb") as file:
+                return file.read()
+        except OSError as exc:
+            msg = f"cannot read the etcd TLS file {name}={path!r}: {exc.strerror}"
+            raise ConfigurationError(msg, option=name) from None
+
+    return grpc.ssl_channel_credentials(read("ca_cert"), read("cert_key"), read("cert_cert"))
+
+
+def _lease_seconds(ttl: float) -> int:
+    # etcd leases count whole seconds (and the server may raise a short one to its
+    # minimum, 1.5 election timeouts): never shorter than the TTL asked for.
+    return max(1, math.ceil(ttl))
+
+
+def _prefix_end(prefix: bytes) -> bytes:
+    # The first key after every key starting with ``prefix`` (prefixes here end in '/').
+    return prefix[:-1] + bytes([prefix[-1] + 1])
+
+
+def _put(entry: bytes, value: str, lease_id: int) -> Any:
+    return etcdrpc.RequestOp(
+        request_put=etcdrpc.PutRequest(key=entry, value=value.encode(), lease=lease_id)
+    )
+
+
+def _range(key: bytes, *, limit: int = 0, keys_only: bool = False, count_only: bool = False) -> Any:
+    """A read of one entry, or (for a directory, ending in '/') of the whole line in
+    create-revision order."""
+    request = etcdrpc.RangeRequest(key=key, keys_only=keys_only, count_only=count_only, limit=limit)
+    if key.endswith(b"/"):
+        request.range_end = _prefix_end(key)
+        request.sort_target = etcdrpc.RangeRequest.CREATE
+        request.sort_order = etcdrpc.RangeRequest.ASCEND
+    return etcdrpc.RequestOp(request_range=request)

@@ -1,0 +1,372 @@
+"""The etcd backend against a real single-member etcd (the cluster cases are in
+test_etcd_cluster.py)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import multiprocessing
+import os
+import signal
+import socket
+import subprocess
+import threading
+import time
+
+import pytest
+from pyetcd import etcdrpc
+
+from celery_singleton_lock import ConfigurationError, LockBackendUnavailable, connect
+from celery_singleton_lock.testing import EtcdCluster, etcd_binary
+from tests.conftest import wait_until
+from tests.contract import BackendContract
+
+
+def _entries(backend, key: str) -> list:
+    """The lock's line (holder first), read straight from etcd."""
+    directory = backend._full_key(key).encode()
+    reply = backend._cluster.call("KV", "Range", etcdrpc.RangeRequest(
+        key=directory, range_end=directory[:-1] + b"0",
+        sort_target=etcdrpc.RangeRequest.CREATE, sort_order=etcdrpc.RangeRequest.ASCEND,
+    ))
+    return list(reply.kvs)
+
+
+def _revoke(backend, lease_id: int) -> None:
+    backend._cluster.call("Lease", "LeaseRevoke", etcdrpc.LeaseRevokeRequest(ID=lease_id))
+
+
+class TestEtcdContract(BackendContract):
+    # etcd's leader looks for expired leases every 500 ms, then commits their revocation.
+    expiry_lateness = 1.0
+
+    @pytest.fixture
+    def backend(self, etcd_url):
+        backend = connect(etcd_url)
+        yield backend
+        backend.close()
+
+    @pytest.fixture
+    def second_backend(self, etcd_url):
+        backend = connect(etcd_url)
+        yield backend
+        backend.close()
+
+    def expire(self, backend, key):
+        for entry in _entries(backend, key):
+            _revoke(backend, entry.lease)
+
+
+@pytest.fixture
+def backend(etcd_url):
+    backend = connect(etcd_url)
+    yield backend
+    backend.close()
+
+
+def test_an_entry_is_named_by_its_token_and_bound_to_its_own_lease(backend, etcd_server, unique_key):
+    held = backend.acquire(unique_key + "/with/slashes", ttl=5)
+    (entry,) = _entries(backend, unique_key + "/with/slashes")
+    assert entry.key.decode().startswith("singleton-lock/" + unique_key + "%2Fwith%2Fslashes/")
+    assert entry.key.decode().endswith(held.token)
+    assert entry.create_revision == held.fencing_token
+    assert entry.lease == int(held.token[:16], 16)
+    token, owner = entry.value.split(b"\n", 1)
+    assert token.decode() == held.token
+    assert json.loads(owner)["pid"] == os.getpid()
+    # A key that is a path prefix of another is a different lock.
+    assert backend.acquire(unique_key + "/with", ttl=5) is not None
+    other = connect(etcd_server.url, spare_leases=0)
+    assert other.acquire(unique_key + "/with/slashes", ttl=5) is None
+    assert backend.release(held) is True
+    other.close()
+
+
+def _queue_waiters(etcd_url, key: str, count: int):
+    """``count`` threads that queue for ``key`` one after another (each queued before the
+    next starts); each records its turn and then waits for permission to release."""
+    order: list[int] = []
+    proceed = [threading.Event() for _ in range(count)]
+    backends = [connect(etcd_url) for _ in range(count)]
+    observer = connect(etcd_url)
+
+    def wait(i: int) -> None:
+        held = backends[i].acquire(key, ttl=10, blocking=True, timeout=30)
+        order.append(i)
+        proceed[i].wait(30)
+        backends[i].release(held)
+
+    threads = []
+    for i in range(count):
+        threads.append(threading.Thread(target=wait, args=(i,)))
+        threads[-1].start()
+        wait_until(lambda i=i: len(_entries(observer, key)) == i + 2, 10, f"waiter {i} to queue")
+    observer.close()
+    return order, proceed, backends, threads
+
+
+def test_waiters_get_the_lock_in_the_order_they_queued(backend, etcd_url, unique_key):
+    holder = backend.acquire(unique_key, ttl=10)
+    order, proceed, backends, threads = _queue_waiters(etcd_url, unique_key, 5)
+    backend.release(holder)
+    for i in range(5):
+        wait_until(lambda i=i: len(order) == i + 1, 10, f"turn {i}")
+        proceed[i].set()
+    for thread in threads:
+        thread.join(10)
+    assert order == [0, 1, 2, 3, 4]
+    for waiter in backends:
+        waiter.close()
+
+
+def test_each_release_wakes_exactly_one_waiter(backend, etcd_url, etcd_server, unique_key):
+    member = etcd_server.members[0]
+    holder = backend.acquire(unique_key, ttl=10)
+    order, proceed, backends, threads = _queue_waiters(etcd_url, unique_key, 5)
+    watch_events_before = member.grpc_messages("Watch", "sent")
+    backend.release(holder)
+    for i in range(5):
+        wait_until(lambda i=i: len(order) == i + 1, 10, f"turn {i}")
+        # Only the waiter right behind the released entry was told; nobody else woke.
+        assert sum(b.wakeups for b in backends) == i + 1
+        assert member.grpc_messages("Watch", "sent") - watch_events_before == i + 1
+        proceed[i].set()
+    for thread in threads:
+        thread.join(10)
+    for waiter in backends:
+        waiter.close()
+
+
+def test_a_waiter_that_gives_up_leaves_the_line_and_wakes_the_next(backend, etcd_url, unique_key):
+    holder = backend.acquire(unique_key, ttl=10)
+    quitter = connect(etcd_url)
+    assert quitter.acquire(unique_key, ttl=10, blocking=True, timeout=0.3) is None
+    assert len(_entries(backend, unique_key)) == 1  # its entry went with it
+    # A waiter queued behind one that gives up moves up and still gets the lock.
+    patient = connect(etcd_url)
+    got: list = []
+    late = threading.Thread(
+        target=lambda: got.append(quitter.acquire(unique_key, ttl=10, blocking=True, timeout=0.5))
+    )
+    late.start()
+    wait_until(lambda: len(_entries(backend, unique_key)) == 2, 5, "the quitter to queue")
+    behind = threading.Thread(
+        target=lambda: got.append(patient.acquire(unique_key, ttl=10, blocking=True, timeout=10))
+    )
+    behind.start()
+    late.join(5)
+    assert got == [None]
+    backend.release(holder)
+    behind.join(5)
+    assert got[1] is not None
+    assert got[1].fencing_token > holder.fencing_token
+    patient.release(got[1])
+    quitter.close()
+    patient.close()
+
+
+def _lease_ids(cluster: EtcdCluster) -> set[int]:
+    etcdctl = os.path.join(os.path.dirname(etcd_binary()), "etcdctl")
+    endpoints = ",".join(m.endpoint for m in cluster.members)
+    out = subprocess.run(
+        [etcdctl, "--endpoints", endpoints, "lease", "list", "-w", "json"],
+        check=True, capture_output=True, text=True,
+    ).stdout
+    return {lease["id"] for lease in json.loads(out).get("leases") or []}
+
+
+def test_failed_attempts_and_timed_out_waits_leak_no_lease(etcd_server, unique_key):
+    backend = connect(etcd_server.url, spare_leases=2)
+    before = _lease_ids(etcd_server)
+    holder = backend.acquire(unique_key, ttl=30)
+    for _ in range(100):
+        assert backend.acquire(unique_key, ttl=30) is None
+    for _ in range(10):
+        assert backend.acquire(unique_key, ttl=30, blocking=True, timeout=0.05) is None
+    for i in range(20):  # cycles on other keys reuse spares
+        backend.release(backend.acquire(f"{unique_key}:{i}", ttl=30))
+    backend.release(holder)
+    # What is left: at most the spares kept for reuse, and nothing once closed.
+    assert len(_lease_ids(etcd_server) - before) <= 2
+    backend.close()
+    assert _lease_ids(etcd_server) - before == set()
+
+
+def _hold(url: str, key: str, ttl: float, report) -> None:
+    backend = connect(url)
+    held = backend.acquire(key, ttl=ttl)
+    report.send((held.fencing_token, time.time()))
+    while True:  # renewing in the background until killed, or reporting the loss
+        if report.poll(0.05):
+            report.recv()
+            wait_until(lambda: held.lost, 10, "the paused holder to see its lease gone")
+            report.send(held.lost)
+            return
+
+
+def test_sigkilled_holder_frees_the_lock_at_lease_expiry_not_before(etcd_url, unique_key):
+    context = multiprocessing.get_context("spawn")
+    ours, theirs = context.Pipe()
+    holder = context.Process(target=_hold, args=(etcd_url, unique_key, 2.0, theirs))
+    holder.start()
+    assert ours.poll(30)
+    _, granted_at = ours.recv()
+    os.kill(holder.pid, signal.SIGKILL)  # before its first renewal: the lease ends at grant + 2 s
+    holder.join(5)
+    backend = connect(etcd_url)
+    got = backend.acquire(unique_key, ttl=5, blocking=True, timeout=10)
+    waited = time.time() - granted_at
+    assert got is not None
+    assert waited >= 2.0 - 0.05  # never before the lease ended
+    assert waited < 2.0 + 1.0  # etcd's expiry check runs every 500 ms
+    backend.release(got)
+    backend.close()
+
+
+def test_a_paused_holder_learns_it_lost_the_lock_and_holds_an_older_fencing_token(etcd_url, unique_key):
+    context = multiprocessing.get_context("spawn")
+    ours, theirs = context.Pipe()
+    holder = context.Process(target=_hold, args=(etcd_url, unique_key, 1.5, theirs))
+    holder.start()
+    try:
+        assert ours.poll(30)
+        paused_token, _ = ours.recv()
+        os.kill(holder.pid, signal.SIGSTOP)  # a GC pause longer than the TTL
+        backend = connect(etcd_url)
+        successor = backend.acquire(unique_key, ttl=10, blocking=True, timeout=10)
+        assert successor is not None
+        assert successor.fencing_token > paused_token
+        os.kill(holder.pid, signal.SIGCONT)
+        ours.send("check")
+        assert ours.poll(15)
+        assert ours.recv() is True  # its `lost` turned true; it never believed it held on
+        backend.release(successor)
+        backend.close()
+    finally:
+        os.kill(holder.pid, signal.SIGCONT)
+        holder.join(10)
+        if holder.is_alive():
+            holder.kill()
+
+
+def _count_under_lock(url: str, key: str, rounds: int, start) -> None:
+    backend = connect(url)
+    counter = f"counter:{key}".encode()
+    start.wait(10)
+    for _ in range(rounds):
+        with backend.lock(key, ttl=10, timeout=60):
+            reply = backend._cluster.call("KV", "Range", etcdrpc.RangeRequest(key=counter))
+            value = int(reply.kvs[0].value) if reply.kvs else 0  # read ...
+            backend._cluster.call(  # ... then write: not atomic by itself
+                "KV", "Put", etcdrpc.PutRequest(key=counter, value=str(value + 1).encode())
+            )
+    backend.close()
+
+
+def test_eight_processes_times_25_increments_end_at_exactly_200(etcd_url, backend, unique_key):
+    context = multiprocessing.get_context("spawn")
+    start = context.Event()
+    processes = [
+        context.Process(target=_count_under_lock, args=(etcd_url, unique_key, 25, start))
+        for _ in range(8)
+    ]
+    for process in processes:
+        process.start()
+    start.set()
+    for process in processes:
+        process.join(90)
+        assert process.exitcode == 0
+    reply = backend._cluster.call("KV", "Range", etcdrpc.RangeRequest(key=f"counter:{unique_key}".encode()))
+    assert int(reply.kvs[0].value) == 200
+
+
+def test_idle_waiters_cost_no_rpc(backend, etcd_url, etcd_server, unique_key):
+    member = etcd_server.members[0]
+    holder = backend.acquire(unique_key, ttl=30)
+    waiters = [connect(etcd_url) for _ in range(4)]
+    outcomes: list[bool] = []
+
+    def wait_then_release(waiter):
+        got = waiter.acquire(unique_key, ttl=30, blocking=True, timeout=20)
+        outcomes.append(got is not None)
+        if got is not None:
+            got.release()
+
+    threads = [threading.Thread(target=wait_then_release, args=(w,)) for w in waiters]
+    for thread in threads:
+        thread.start()
+    wait_until(lambda: len(_entries(backend, unique_key)) == 5, 10, "4 waiters to queue")
+    before = member.grpc_messages("*")
+    time.sleep(2.0)  # the quiet period being measured (keep-alives come every 10 s)
+    assert member.grpc_messages("*") - before == 0
+    backend.release(holder)
+    for thread in threads:
+        thread.join(30)
+    assert outcomes == [True] * 4
+    for waiter in waiters:
+        waiter.close()
+
+
+def _closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_unreachable_cluster_fails_within_the_connect_timeout_with_the_password_masked(caplog):
+    url = f"etcd://app:s3cret@127.0.0.1:{_closed_port()},127.0.0.1:{_closed_port()}"
+    backend = connect(url, connect_timeout=1)
+    caplog.set_level(logging.DEBUG)
+    start = time.monotonic()
+    with pytest.raises(LockBackendUnavailable) as info:
+        backend.acquire("k", ttl=5)
+    assert 0.9 <= time.monotonic() - start < 2.0
+    assert "s3cret" not in str(info.value)
+    assert "s3cret" not in caplog.text
+    assert "***" in info.value.url
+    backend.close()
+
+
+def test_silent_member_fails_within_the_connect_timeout():
+    with socket.socket() as listener:  # accepts connections and never answers
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(16)
+        backend = connect(f"etcd://127.0.0.1:{listener.getsockname()[1]}", connect_timeout=0.5)
+        start = time.monotonic()
+        with pytest.raises(LockBackendUnavailable):
+            backend.acquire("k", ttl=5)
+        assert 0.4 <= time.monotonic() - start < 1.5
+        backend.close()
+
+
+def test_unknown_option_and_bad_url_name_the_setting():
+    with pytest.raises(ConfigurationError) as info:
+        connect("etcd://127.0.0.1:2379", ssl_ca_certs="/x")
+    assert info.value.option == "singleton_lock_backend_options"
+    assert "ssl_ca_certs" in str(info.value)
+    with pytest.raises(ConfigurationError) as info:
+        connect("etcd://")
+    assert info.value.option == "singleton_lock_backend"
+
+
+def test_authenticated_cluster_takes_the_user_from_the_url():
+    with EtcdCluster(size=1) as cluster:
+        endpoint = cluster.members[0].endpoint
+        etcdctl = os.path.join(os.path.dirname(etcd_binary()), "etcdctl")
+        for args in (["user", "add", "root:r00t-pw"], ["role", "add", "root"],
+                     ["user", "grant-role", "root", "root"], ["auth", "enable"]):
+            subprocess.run([etcdctl, "--endpoints", endpoint, *args], check=True, capture_output=True)
+        good = connect(f"etcd://root:r00t-pw@{endpoint}")
+        held = good.acquire("k", ttl=5)
+        assert held is not None
+        assert good.release(held) is True
+        bad = connect(f"etcd://root:wrong-pw@{endpoint}", connect_timeout=1)
+        with pytest.raises(LockBackendUnavailable) as info:
+            bad.acquire("k", ttl=5)
+        assert "credentials" in str(info.value)
+        assert "wrong-pw" not in str(info.value)
+        anonymous = connect(f"etcd://{endpoint}", connect_timeout=1)
+        with pytest.raises(LockBackendUnavailable):
+            anonymous.acquire("k", ttl=5)
+        for backend in (good, bad, anonymous):
+            backend.close()
