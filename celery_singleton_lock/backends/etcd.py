@@ -57,7 +57,9 @@ MAX_TXN_OPS = 128
 #: Spare leases kept per TTL; more concurrent acquisitions simply grant more leases.
 SPARE_LEASES = 8
 
-_RETRY_ON = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+#: Codes that mean "this member cannot answer now" (down, no leader, its own request to
+#: the leader timed out: etcd reports that as UNKNOWN "context deadline exceeded").
+_RETRY_ON = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.UNKNOWN)
 _CHANNEL_OPTIONS = [
     # A member that comes back is reconnected to within a second, not gRPC's default
     # two minutes of back-off.
