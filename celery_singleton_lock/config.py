@@ -7,8 +7,8 @@ their lower-case names, so Django-style ``CELERY_SINGLETON_LOCK_TTL`` works with
 =================================  ============================================  =========
 setting                            meaning                                       default
 =================================  ============================================  =========
-``singleton_lock_backend``         lock server URL                               broker URL
-                                                                                 if Redis
+``singleton_lock_backend``         lock server URL, or a list of >= 3 Redis      broker URL
+                                   URLs (Redlock: a quorum of masters)           if Redis
 ``singleton_lock_ttl``             lease seconds                                 60
 ``singleton_lock_on_contention``   "skip", "retry", "wait", "raise" or a policy  "skip"
 ``singleton_lock_on_lock_lost``    "log" or "raise"                              "log"
@@ -16,6 +16,11 @@ setting                            meaning                                      
 ``singleton_lock_wait_timeout``    seconds ``Wait()`` waits by default           60
 ``singleton_lock_connect_timeout`` bound on reaching the server                  5
 ``singleton_lock_backend_options`` dict passed to the backend's client (TLS...)  {}
+``singleton_lock_enqueue_once_ttl`` life of an ``enqueue_once`` queued marker    3600
+``singleton_lock_beat_ttl``        beat leader lease seconds (takeover bound)    30
+``singleton_lock_beat_name``       beats sharing this name elect one leader      app.main
+``singleton_lock_beat_slot_grace`` a slot claim outlives its entry's next slot   60
+                                   by this many seconds (clock skew, pauses)
 =================================  ============================================  =========
 """
 
@@ -60,7 +65,8 @@ def check_on_lock_lost(value: Any, option: str) -> str:
 class Settings:
     """One app's validated lock settings."""
 
-    backend_url: str
+    #: A URL, or a tuple of Redis URLs (Redlock).
+    backend_url: str | tuple[str, ...]
     ttl: float = 60.0
     on_contention: Policy = field(default_factory=Skip)
     on_lock_lost: str = "log"
@@ -68,6 +74,11 @@ class Settings:
     wait_timeout: float = 60.0
     connect_timeout: float = 5.0
     backend_options: dict[str, Any] = field(default_factory=dict)
+    enqueue_once_ttl: float = 3600.0
+    beat_ttl: float = 30.0
+    #: None: the app's main name (``Celery("proj")``), else "celery".
+    beat_name: str | None = None
+    beat_slot_grace: float = 60.0
 
     #: This process's backend, by PID (a forked child makes its own).
     _backends: dict[int, LockBackend] = field(default_factory=dict, compare=False, repr=False)
@@ -110,7 +121,12 @@ def read_settings(conf: Any) -> Settings:
     :raises ConfigurationError: naming the first bad setting.
     """
     url = _setting(conf, "singleton_lock_backend") or _default_backend_url(conf)
-    backend_class(url, option="singleton_lock_backend")
+    if isinstance(url, list | tuple):
+        url = tuple(url)
+    if backend_class(url, option="singleton_lock_backend").schemes == ("redlock",):
+        from celery_singleton_lock.backends.redlock import node_urls
+
+        node_urls(url, option="singleton_lock_backend")
     prefix = _setting(conf, "singleton_lock_prefix") or "singleton-lock"
     if not isinstance(prefix, str) or "{" in prefix or "}" in prefix:
         msg = f"singleton_lock_prefix must be a str without braces, got {prefix!r}"
@@ -124,6 +140,10 @@ def read_settings(conf: Any) -> Settings:
         value = _setting(conf, name)
         return default if value is None else check_ttl(value, name)
 
+    beat_name = _setting(conf, "singleton_lock_beat_name")
+    if beat_name is not None and (not isinstance(beat_name, str) or not beat_name):
+        msg = f"singleton_lock_beat_name must be a non-empty str, got {beat_name!r}"
+        raise ConfigurationError(msg, option="singleton_lock_beat_name")
     on_contention = _setting(conf, "singleton_lock_on_contention")
     on_lock_lost = _setting(conf, "singleton_lock_on_lock_lost")
     return Settings(
@@ -139,6 +159,10 @@ def read_settings(conf: Any) -> Settings:
         wait_timeout=number("singleton_lock_wait_timeout", 60.0),
         connect_timeout=number("singleton_lock_connect_timeout", 5.0),
         backend_options=dict(options),
+        enqueue_once_ttl=number("singleton_lock_enqueue_once_ttl", 3600.0),
+        beat_ttl=number("singleton_lock_beat_ttl", 30.0),
+        beat_name=beat_name,
+        beat_slot_grace=number("singleton_lock_beat_slot_grace", 60.0),
     )
 
 

@@ -30,17 +30,17 @@ __all__ = [
 
 
 def mask_url(url: str) -> str:
-    """Return ``url`` with its password replaced by ``***`` (user names are kept)."""
+    """Return ``url`` with its password replaced by ``***`` (user names are kept).
+
+    The host part is kept as written, so URLs naming several hosts
+    (``redlock://:pw@h1:6379,h2:6379,h3:6379/0``) are masked too.
+    """
     parts = urlsplit(url)
-    if parts.password is None:
+    userinfo, at, hosts = parts.netloc.rpartition("@")
+    if not at or ":" not in userinfo:
         return url
-    host = parts.hostname or ""
-    if ":" in host:  # an IPv6 address keeps its brackets
-        host = f"[{host}]"
-    if parts.port is not None:
-        host = f"{host}:{parts.port}"
-    user = parts.username or ""
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
+    user = userinfo.split(":", 1)[0]
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{hosts}"))
 
 
 class LockError(Exception):

@@ -13,10 +13,20 @@ in a worker it happens in ``task_postrun``, just after Celery stored the result.
 ``self.retry()`` releases *before* Celery publishes the retry message, which another
 worker may consume at once. A task killed by the worker (revoke with terminate, hard time
 limit, lost child) has its lock released by the worker's main process, by task id.
+
+``enqueue_once=True`` adds a second, earlier gate, on the caller's side::
+
+    apply_async ─► queued marker: attempt ─┬─ granted ─► publish (the marker expires by itself)
+                                           └─ refused ─► AsyncResult(queued task's id), no publish
+    __call__ (worker) ─► clear the marker by task id ─► the lock, as above
+
+The marker is a lock in the ``<prefix>.queued`` namespace whose owner is the queued task's
+id; it is not renewed, so a lost message blocks its signature for one marker TTL at most.
 """
 
 from __future__ import annotations
 
+import datetime as dt
 import inspect
 import logging
 import os
@@ -30,8 +40,10 @@ from celery import Celery, Task, shared_task
 from celery.exceptions import Ignore, TimeLimitExceeded, WorkerLostError
 from celery.signals import task_failure, task_postrun, task_revoked
 from celery.states import READY_STATES
+from celery.utils import uuid
 
 from celery_singleton_lock import signals
+from celery_singleton_lock.backends import shared_backend
 from celery_singleton_lock.backends.base import LockBackend, Refused
 from celery_singleton_lock.config import Settings, check_on_lock_lost, check_ttl, settings_for
 from celery_singleton_lock.errors import (
@@ -42,7 +54,7 @@ from celery_singleton_lock.errors import (
     LockLost,
 )
 from celery_singleton_lock.keys import KeySpec, derive_key, validate_key_spec
-from celery_singleton_lock.lease import HeldLock, Owner
+from celery_singleton_lock.lease import HeldLock, LeaseKeeper, Owner
 from celery_singleton_lock.policies import Contention, Policy, Skipped, parse_policy
 
 __all__ = ["SingletonTask", "current_lock", "singleton_task"]
@@ -50,7 +62,12 @@ __all__ = ["SingletonTask", "current_lock", "singleton_task"]
 logger = logging.getLogger("celery_singleton_lock.task")
 
 _HOST = socket.gethostname()
-_TASK_OPTIONS = ("lock_key", "lock_ttl", "on_contention", "on_lock_lost")
+_TASK_OPTIONS = (
+    "lock_key", "lock_ttl", "on_contention", "on_lock_lost", "enqueue_once", "enqueue_once_ttl"
+)
+#: Options of a call that make it more than "this signature, once more": a deduplicated
+#: call would silently drop its callbacks, its chain or its place in a group.
+_CALLBACK_OPTIONS = ("link", "link_error", "chain", "group_id", "chord")
 
 #: The locks held by the singleton tasks running in this context, innermost last.
 _running: ContextVar[tuple[tuple[Task, str | None, HeldLock], ...]] = ContextVar(
@@ -61,6 +78,20 @@ _running: ContextVar[tuple[tuple[Task, str | None, HeldLock], ...]] = ContextVar
 #: Locks whose task body has ended, released when Celery has stored the result.
 _awaiting_postrun: dict[str, HeldLock] = {}
 _awaiting_postrun_guard = threading.Lock()
+
+
+def namespaced_backend(settings: Settings, namespace: str) -> LockBackend:
+    """This process's backend for keys of our own, apart from every task's lock keys.
+
+    The namespace goes into the prefix (``singleton-lock.queued:...``), so no ``lock_key``
+    a user can write (they all land under ``singleton-lock:``) can collide with it.
+    """
+    return shared_backend(
+        settings.backend_url,
+        prefix=f"{settings.prefix}.{namespace}",
+        connect_timeout=settings.connect_timeout,
+        **settings.backend_options,
+    )
 
 
 def current_lock() -> HeldLock | None:
@@ -81,6 +112,8 @@ class TaskLockOptions:
     on_lock_lost: str
     #: The task's own or the app's hard time limit; a request's own limit comes first.
     default_time_limit: float | None
+    enqueue_once: bool = False
+    enqueue_once_ttl: float = 3600.0
 
 
 def _call_signature(cls: type[Task]) -> inspect.Signature | None:
@@ -102,6 +135,11 @@ def _check_task_options(options: dict[str, Any], signature: inspect.Signature | 
         parse_policy(options["on_contention"], "on_contention")
     if options.get("on_lock_lost") is not None:
         check_on_lock_lost(options["on_lock_lost"], "on_lock_lost")
+    if options.get("enqueue_once") is not None and not isinstance(options["enqueue_once"], bool):
+        msg = f"enqueue_once must be True or False, got {options['enqueue_once']!r}"
+        raise ConfigurationError(msg, option="enqueue_once")
+    if options.get("enqueue_once_ttl") is not None:
+        check_ttl(options["enqueue_once_ttl"], "enqueue_once_ttl")
     validate_key_spec(options.get("lock_key"), signature)
 
 
@@ -118,6 +156,12 @@ class SingletonTask(Task):  # type: ignore[misc]
     :ivar on_lock_lost: "log" (default): log at ERROR and send ``lock_lost``; "raise":
         also fail the task with :class:`LockLost` when the body returns, since its work
         was not exclusive. ``current_lock().ensure_held()`` raises in either case.
+    :ivar enqueue_once: True: ``delay``/``apply_async`` of a call whose signature (task
+        name + all bound arguments) is queued and not started yet publishes nothing and
+        returns the queued task's ``AsyncResult``. Calls with callbacks (``link``, a
+        chain, a group or chord) are always published. See the module docstring.
+    :ivar enqueue_once_ttl: seconds a queued marker lives unless its task starts (plus
+        the call's countdown or eta); default ``singleton_lock_enqueue_once_ttl`` (3600).
     """
 
     #: A refused lock is an expected outcome: Celery logs it without a traceback.
@@ -127,6 +171,8 @@ class SingletonTask(Task):  # type: ignore[misc]
     lock_ttl: ClassVar[float | None] = None
     on_contention: ClassVar[Any] = None
     on_lock_lost: ClassVar[str | None] = None
+    enqueue_once: ClassVar[bool] = False
+    enqueue_once_ttl: ClassVar[float | None] = None
 
     _lock_options: ClassVar[TaskLockOptions | None] = None
 
@@ -162,6 +208,12 @@ class SingletonTask(Task):  # type: ignore[misc]
                 ),
                 on_lock_lost=raw["on_lock_lost"] or settings.on_lock_lost,
                 default_time_limit=cls.time_limit or cls._get_app().conf.task_time_limit,
+                enqueue_once=bool(raw["enqueue_once"]),
+                enqueue_once_ttl=(
+                    settings.enqueue_once_ttl
+                    if raw["enqueue_once_ttl"] is None
+                    else float(raw["enqueue_once_ttl"])
+                ),
             )
             cls._lock_options = options
         return options
@@ -171,10 +223,77 @@ class SingletonTask(Task):  # type: ignore[misc]
         options = self.lock_options()
         return derive_key(self.name, options.signature, options.key_spec, args, kwargs)
 
+    def queued_marker_key_for(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
+        """The ``enqueue_once`` marker key of a call: task name + all bound arguments.
+
+        Derived like a lock key with ``lock_key=None`` whatever this task's ``lock_key``:
+        two calls are one queued job only when every argument matches, while ``lock_key``
+        may also make different jobs exclude each other (``sync(1)`` and
+        ``sync(1, full=True)``), and must not make one of them vanish.
+        """
+        return derive_key(self.name, self.lock_options().signature, None, args, kwargs)
+
+    def apply_async(
+        self,
+        args: Any = None,
+        kwargs: Any = None,
+        task_id: str | None = None,
+        producer: Any = None,
+        link: Any = None,
+        link_error: Any = None,
+        shadow: str | None = None,
+        **options: Any,
+    ) -> Any:
+        """Celery's ``apply_async``; with ``enqueue_once``, a queued duplicate is not published.
+
+        :returns: the new task's ``AsyncResult``, or the already queued one's (same id).
+        """
+        def publish(task_id: str | None) -> Any:
+            return super(SingletonTask, self).apply_async(
+                args, kwargs, task_id, producer, link, link_error, shadow, **options
+            )
+
+        if not self.enqueue_once or self.app.conf.task_always_eager:
+            return publish(task_id)
+        lock_options = self.lock_options()
+        # Celery's retry republishes the running task under its own id: it must go out.
+        republish = task_id is not None and task_id == self.request.id
+        must_publish = republish or link is not None or link_error is not None or any(
+            options.get(name) for name in _CALLBACK_OPTIONS
+        )
+        task_id = task_id or uuid()
+        key = self.queued_marker_key_for(tuple(args or ()), dict(kwargs or {}))
+        ttl = lock_options.enqueue_once_ttl + _seconds_until_start(options)
+        backend = namespaced_backend(lock_options.settings, "queued")
+        try:
+            outcome = backend.attempt(
+                key, ttl, owner=Owner(host=_HOST, pid=os.getpid(), task_id=task_id), sender=self
+            )
+        except LockBackendUnavailable as exc:
+            # The marker only saves a message; the run-time lock still guards the body.
+            logger.warning("%s[%s]: publishing without a queued marker: %s", self.name, task_id, exc)
+            return publish(task_id)
+        if isinstance(outcome, HeldLock):
+            LeaseKeeper.for_process().untrack(outcome)  # not renewed: it ends at its TTL
+            try:
+                return publish(task_id)
+            except BaseException:
+                self._release_quietly(outcome)
+                raise
+        if must_publish or outcome.holder_task_id is None:
+            return publish(task_id)
+        logger.info(
+            "%s: the same call is already queued as %s; not publishing it again",
+            self.name, outcome.holder_task_id,
+        )
+        return self.AsyncResult(outcome.holder_task_id)
+
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         options = self.lock_options()
         key = self.lock_key_for(args, kwargs)
         request = self.request
+        if options.enqueue_once and request.id and not request.called_directly:
+            self._clear_queued_marker(args, kwargs, request.id)
         owner = Owner(host=_HOST, pid=os.getpid(), task_id=request.id)
         try:
             backend = options.settings.backend()
@@ -189,6 +308,18 @@ class SingletonTask(Task):  # type: ignore[misc]
         if isinstance(decided, Skipped):
             return decided.result
         return self._run_holding(decided, options, request, args, kwargs)
+
+    def _clear_queued_marker(self, args: tuple[Any, ...], kwargs: dict[str, Any], task_id: str) -> None:
+        # At start, not at the end: from now on one more call may queue while this one runs.
+        options = self.lock_options()
+        key = self.queued_marker_key_for(args, kwargs)
+        try:
+            namespaced_backend(options.settings, "queued").release_task_lock(key, task_id)
+        except LockError as exc:
+            logger.warning(
+                "%s[%s]: could not clear its queued marker (%s); it expires within %ss",
+                self.name, task_id, exc, options.enqueue_once_ttl,
+            )
 
     def _run_holding(
         self,
@@ -324,6 +455,21 @@ class SingletonTask(Task):  # type: ignore[misc]
         except LockError as exc:
             logger.warning("could not release the lock of %s[%s]: %s", self.name, task_id, exc)
             return False
+
+
+def _seconds_until_start(options: dict[str, Any]) -> float:
+    """How long a call's countdown or eta keeps its message queued before it may start."""
+    countdown = options.get("countdown")
+    if isinstance(countdown, int | float) and not isinstance(countdown, bool):
+        return max(0.0, float(countdown))
+    eta = options.get("eta")
+    if isinstance(eta, str):
+        eta = dt.datetime.fromisoformat(eta)
+    if isinstance(eta, dt.datetime):
+        if eta.tzinfo is None:  # Celery reads a naive eta as UTC
+            eta = eta.replace(tzinfo=dt.timezone.utc)
+        return max(0.0, (eta - dt.datetime.now(dt.timezone.utc)).total_seconds())
+    return 0.0
 
 
 @task_postrun.connect  # type: ignore[untyped-decorator]

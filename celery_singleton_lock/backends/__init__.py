@@ -10,6 +10,7 @@ import difflib
 import importlib
 import os
 import threading
+from collections.abc import Sequence
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -24,14 +25,19 @@ BACKEND_ALIASES: dict[str, str] = {
     "rediss": "celery_singleton_lock.backends.redis:RedisBackend",
     "unix": "celery_singleton_lock.backends.redis:RedisBackend",
     "memory": "celery_singleton_lock.backends.memory:MemoryBackend",
+    "redlock": "celery_singleton_lock.backends.redlock:RedlockBackend",
+    "etcd": "celery_singleton_lock.backends.etcd:EtcdBackend",
+    "etcds": "celery_singleton_lock.backends.etcd:EtcdBackend",
 }
 
 
-def backend_class(url: str, *, option: str = "url") -> type[LockBackend]:
-    """The backend class serving ``url``'s scheme.
+def backend_class(url: str | Sequence[str], *, option: str = "url") -> type[LockBackend]:
+    """The backend class serving ``url``'s scheme; a list of URLs is a Redlock quorum.
 
     :raises ConfigurationError: for an unknown scheme or a missing extra.
     """
+    if isinstance(url, list | tuple):
+        url = "redlock://"
     if not isinstance(url, str) or "://" not in url:
         # Not echoed: a mistyped URL may still carry a password.
         shown = "a str without '://'" if isinstance(url, str) else type(url).__name__
@@ -54,33 +60,35 @@ def backend_class(url: str, *, option: str = "url") -> type[LockBackend]:
     return cls
 
 
-def connect(url: str, **options: Any) -> LockBackend:
+def connect(url: str | Sequence[str], **options: Any) -> LockBackend:
     """Connect to the lock server at ``url``; no round trip happens until the first lock.
 
     >>> backend = connect("redis://127.0.0.1:6379/0")  # doctest: +SKIP
     >>> with backend.lock("report:42", ttl=30, timeout=10) as held:  # doctest: +SKIP
     ...     held.fencing_token
 
+    :param url: a URL, or a list of Redis URLs (one per master) for Redlock.
     :param options: ``prefix``, ``connect_timeout``, and options of the backend's client
         (for Redis: ``ssl_ca_certs``, ``ssl_certfile``, ``username``...).
     """
     cls = backend_class(url)
     if cls.schemes == ("memory",):
         options.setdefault("shared", True)
-    return cls(url, **options)
+    # A list of URLs resolves only to RedlockBackend, whose url may be one.
+    return cls(url, **options)  # type: ignore[arg-type]
 
 
 _shared: dict[tuple[Any, ...], LockBackend] = {}
 _shared_guard = threading.Lock()
 
 
-def shared_backend(url: str, **options: Any) -> LockBackend:
+def shared_backend(url: str | Sequence[str], **options: Any) -> LockBackend:
     """The backend for ``url`` and ``options`` in this process, created on first use.
 
     Tasks share it, so a worker process keeps one connection pool per server; a forked
     child gets its own.
     """
-    cache_key = (os.getpid(), url, repr(sorted(options.items())))
+    cache_key = (os.getpid(), url if isinstance(url, str) else tuple(url), repr(sorted(options.items())))
     with _shared_guard:
         backend = _shared.get(cache_key)
         if backend is None:

@@ -60,6 +60,11 @@ SPARE_LEASES = 8
 #: Codes that mean "this member cannot answer now" (down, no leader, its own request to
 #: the leader timed out: etcd reports that as UNKNOWN "context deadline exceeded").
 _RETRY_ON = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.UNKNOWN)
+#: Answers about the request itself (a lease not found...), for the caller to handle.
+_CALLER_HANDLES = (
+    grpc.StatusCode.NOT_FOUND, grpc.StatusCode.FAILED_PRECONDITION,
+    grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.OUT_OF_RANGE,
+)
 _CHANNEL_OPTIONS = [
     # A member that comes back is reconnected to within a second, not gRPC's default
     # two minutes of back-off.
@@ -182,8 +187,10 @@ class _Cluster:
                     sign in details for sign in ("authentication failed", "user name is empty")
                 ):
                     raise _Unreachable(f"refused our credentials: {details}") from None
-                if code not in _RETRY_ON and "leader" not in details:
+                if code in _CALLER_HANDLES:
                     raise
+                if code not in _RETRY_ON and "leader" not in details:
+                    raise _Unreachable(f"{self.endpoints[index]}: {code.name} {details}") from None
                 last_error = f"{self.endpoints[index]}: {code.name} {details}".strip()
                 self.failed(index)
                 if (index + 1) % len(self.endpoints) == 0 or len(self.endpoints) == 1:
@@ -322,7 +329,7 @@ class EtcdBackend(LockBackend):
             try:
                 queue = reply.responses[1].response_range.kvs
                 place = self._wait_in_line(
-                    key, directory, entry, lease, queue, reply.header.revision + 1, deadline
+                    key, directory, entry, lease, queue, reply.header.revision, deadline
                 )
             except BaseException:
                 self._abandon(lease)
@@ -365,7 +372,7 @@ class EtcdBackend(LockBackend):
         entry: bytes,
         lease: _Lease,
         queue: Sequence[Any],
-        start_revision: int,
+        seen_at: int,
         deadline: float | None,
     ) -> int | None:
         """Our create revision once we are first; 0 if our entry vanished; None on timeout."""
@@ -377,7 +384,7 @@ class EtcdBackend(LockBackend):
             if not earlier:
                 return ours[0]
             predecessor = max(earlier, key=lambda kv: kv.create_revision).key
-            outcome = self._watch_predecessor(key, predecessor, start_revision, lease, deadline)
+            outcome = self._watch_predecessor(key, predecessor, seen_at, lease, deadline)
             if outcome is None:
                 return None
             if not outcome:
@@ -385,10 +392,10 @@ class EtcdBackend(LockBackend):
             # Re-read the line: the entry before us may have been a waiter that gave up,
             # and our own entry must still exist (never trust the wake-up alone).
             reply = self._call("KV", "Range", _range(directory, keys_only=True).request_range, key)
-            queue, start_revision = reply.kvs, reply.header.revision + 1
+            queue, seen_at = reply.kvs, reply.header.revision
 
     def _watch_predecessor(
-        self, key: str, predecessor: bytes, start_revision: int, lease: _Lease, deadline: float | None
+        self, key: str, predecessor: bytes, seen_at: int, lease: _Lease, deadline: float | None
     ) -> bool | None:
         """Block until ``predecessor`` is deleted (True), our lease is gone (False) or
         ``deadline`` passes (None), keeping our lease alive every third of its TTL."""
@@ -404,19 +411,24 @@ class EtcdBackend(LockBackend):
                 lease.valid_until = sent_at + lease.ttl - clock_drift(lease.ttl)
                 continue
             bound = keepalive_at if deadline is None else min(deadline, keepalive_at)
-            if self._deleted(predecessor, start_revision, bound - now):
+            if self._deleted(predecessor, seen_at, bound - now, key):
                 return True
 
-    def _deleted(self, entry: bytes, start_revision: int, timeout: float) -> bool:
-        """Watch ``entry`` from ``start_revision``: True on its deletion (or when the watch
-        broke and the line must be re-read), False when ``timeout`` passed quietly."""
+    def _deleted(self, entry: bytes, seen_at: int, timeout: float, key: str) -> bool:
+        """Watch ``entry``, which existed at revision ``seen_at``: True on its deletion (or
+        when the watch broke and the line must be re-read), False when ``timeout`` passed.
+
+        The watch starts at the current revision, not at ``seen_at``: etcd serves a watch
+        that starts in the past from a loop that runs every 100 ms, which made handoffs up
+        to 100 ms late. What the watch cannot see, a deletion between ``seen_at`` and its
+        start, one read after it started catches.
+        """
         index = self._cluster._current
         done = threading.Event()
 
         def requests() -> Iterator[Any]:
             yield etcdrpc.WatchRequest(create_request=etcdrpc.WatchCreateRequest(
-                key=entry, start_revision=start_revision,
-                filters=[etcdrpc.WatchCreateRequest.NOPUT],
+                key=entry, filters=[etcdrpc.WatchCreateRequest.NOPUT],
             ))
             done.wait()  # closing the request side would end the watch
 
@@ -425,6 +437,10 @@ class EtcdBackend(LockBackend):
         )
         try:
             for reply in call:
+                if reply.created:
+                    if reply.header.revision > seen_at and not self._exists(entry, key):
+                        return True
+                    continue
                 if reply.events or reply.canceled:  # canceled: compacted; re-read the line
                     self.wakeups += 1
                     return True
@@ -437,6 +453,10 @@ class EtcdBackend(LockBackend):
         finally:
             done.set()
             call.cancel()
+
+    def _exists(self, entry: bytes, key: str) -> bool:
+        reply = self._call("KV", "Range", _range(entry, count_only=True).request_range, key)
+        return bool(reply.count)
 
     def _abandon(self, lease: _Lease) -> None:
         # Revoking the lease deletes our entry at once (waking whoever watched it); if

@@ -17,6 +17,7 @@ import json
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 from celery_singleton_lock.backends.base import Granted, LockBackend, Refused
@@ -26,12 +27,13 @@ from celery_singleton_lock.lease import Owner
 try:
     import redis
     from redis.backoff import NoBackoff
+    from redis.commands.core import Script
     from redis.retry import Retry
 except ImportError as exc:  # pragma: no cover - exercised only without the extra
     msg = "the Redis backend needs redis-py: pip install 'celery-singleton-lock[redis]'"
     raise ConfigurationError(msg, option="singleton_lock_backend") from exc
 
-__all__ = ["RedisBackend"]
+__all__ = ["RedisBackend", "ScriptCall"]
 
 # redis-py >= 6 tells an exhausted pool apart from a server that does not answer.
 _POOL_EXHAUSTED: tuple[type[Exception], ...] = tuple(
@@ -44,6 +46,19 @@ SIGNAL_LIFETIME_MS = 1_000
 #: The fencing counter outlives idle periods by this much; when it is gone, the next
 #: acquisition reseeds it from the server clock, so tokens still only go up.
 FENCE_LIFETIME_MS = 7 * 24 * 3600 * 1000
+
+
+@dataclass(frozen=True)
+class ScriptCall:
+    """One call of one of :class:`RedisBackend`'s scripts, not sent yet.
+
+    :ivar key: the lock concerned, for error messages (None for a batch).
+    """
+
+    script: Script
+    keys: list[str]
+    args: list[Any]
+    key: str | None
 
 
 class RedisBackend(LockBackend):
@@ -168,26 +183,70 @@ class RedisBackend(LockBackend):
     def _hashed(self, key: str) -> str:
         return "{" + key + "}"
 
-    def _try_acquire(self, key: str, token: str, ttl: float, owner: Owner) -> Granted | Refused:
+    # Each operation is a script call built by ``*_call`` and a reply read by ``*_reply``:
+    # the hooks below run one call on this server, and the Redlock backend sends the same
+    # calls to many servers at once (backends/redlock.py), so the scripts exist only here.
+
+    def acquire_call(self, key: str, token: str, ttl: float, owner: Owner) -> ScriptCall:
+        """The script call that tries to take ``key`` (fully prefixed) for ``ttl`` seconds."""
         lock = self._hashed(key)
         owner_json = json.dumps(
             {"host": owner.host, "pid": owner.pid, "task_id": owner.task_id}, separators=(",", ":")
         )
-        with self._answering(key):
-            reply = self._acquire_script(
-                keys=[lock, lock + ":fence"],
-                args=[f"{token}\n{owner_json}", _ms(ttl), FENCE_LIFETIME_MS],
-            )
+        return ScriptCall(
+            self._acquire_script, [lock, self.fence_key(key)],
+            [f"{token}\n{owner_json}", _ms(ttl), FENCE_LIFETIME_MS], key,
+        )
+
+    @staticmethod
+    def acquire_reply(reply: Any) -> Granted | Refused:
         if reply[0] == 1:
             return Granted(int(reply[1]))
         return Refused(max(int(reply[1]), 1) / 1000, _holder_task_id(reply[2]))
+
+    def renew_call(self, items: Sequence[tuple[str, str, float]]) -> ScriptCall:
+        """The script call that replaces the TTL of every (key, token, ttl) still ours."""
+        args: list[Any] = []
+        for _, token, ttl in items:
+            args += [token, _ms(ttl)]
+        return ScriptCall(self._renew_script, [self._hashed(k) for k, _, _ in items], args, None)
+
+    @staticmethod
+    def renew_reply(reply: Any) -> list[bool]:
+        return [flag == 1 for flag in reply]
+
+    def release_call(self, key: str, field: str, value: str) -> ScriptCall:
+        """The script call that deletes ``key`` if its ``field`` matches, waking one waiter."""
+        lock = self._hashed(key)
+        return ScriptCall(
+            self._release_script, [lock, lock + ":signal"], [field, value, SIGNAL_LIFETIME_MS], key
+        )
+
+    @staticmethod
+    def release_reply(reply: Any) -> bool:
+        return bool(reply == 1)
+
+    def fence_key(self, key: str) -> str:
+        """The fencing counter of ``key`` (fully prefixed)."""
+        return self._hashed(key) + ":fence"
+
+    def signal_key(self, key: str) -> str:
+        """The list a release of ``key`` (fully prefixed) pushes one announcement onto."""
+        return self._hashed(key) + ":signal"
+
+    def _run(self, call: ScriptCall) -> Any:
+        with self._answering(call.key):
+            return call.script(keys=call.keys, args=call.args)
+
+    def _try_acquire(self, key: str, token: str, ttl: float, owner: Owner) -> Granted | Refused:
+        return self.acquire_reply(self._run(self.acquire_call(key, token, ttl, owner)))
 
     def _wait_for_release(self, key: str, timeout: float) -> None:
         # BLPOP on a connection of the shared pool. Redis checks blocking timeouts only
         # about every 100 ms, so the wait is timed here: when the socket has nothing by
         # then, the connection (with its pending BLPOP) is dropped. The caller tries to
         # acquire after every wait, so a release announced in that instant is not lost.
-        signal = self._hashed(key) + ":signal"
+        signal = self.signal_key(key)
         pool = self._waits.connection_pool
         with self._answering(key):
             connection = pool.get_connection()
@@ -203,20 +262,10 @@ class RedisBackend(LockBackend):
                 pool.release(connection)
 
     def _renew(self, items: Sequence[tuple[str, str, float]]) -> list[bool]:
-        args: list[Any] = []
-        for _, token, ttl in items:
-            args += [token, _ms(ttl)]
-        with self._answering():
-            reply = self._renew_script(keys=[self._hashed(k) for k, _, _ in items], args=args)
-        return [flag == 1 for flag in reply]
+        return self.renew_reply(self._run(self.renew_call(items)))
 
     def _release(self, key: str, field: str, value: str) -> bool:
-        lock = self._hashed(key)
-        with self._answering(key):
-            reply = self._release_script(
-                keys=[lock, lock + ":signal"], args=[field, value, SIGNAL_LIFETIME_MS]
-            )
-        return bool(reply == 1)
+        return self.release_reply(self._run(self.release_call(key, field, value)))
 
     def close(self) -> None:
         self._client.close()

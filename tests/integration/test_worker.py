@@ -5,70 +5,16 @@ from __future__ import annotations
 import importlib
 import json
 import os
-import signal
 import socket
-import subprocess
-import sys
 import time
 import uuid
-from pathlib import Path
 
 import pytest
 import redis
 
 from celery_singleton_lock import connect
 from tests.conftest import wait_until
-
-ROOT = Path(__file__).resolve().parents[2]
-
-
-class Worker:
-    """A real `celery worker` subprocess in its own process group, stopped by PID."""
-
-    def __init__(
-        self,
-        redis_url: str,
-        log_dir: Path,
-        *,
-        queues: str = "celery",
-        concurrency: int = 4,
-        pool: str = "prefork",
-        **env_extra: str,
-    ):
-        self.log = log_dir / f"worker-{queues}-{uuid.uuid4().hex[:6]}.log"
-        env = {**os.environ, "CSL_WORKER_REDIS_URL": redis_url, "PYTHONPATH": str(ROOT), **env_extra}
-        self.process = subprocess.Popen(
-            [
-                sys.executable, "-m", "celery", "-A", "tests.integration.worker_app", "worker",
-                "-P", pool, "-c", str(concurrency), "-Q", queues, "-l", "info",
-                "--without-gossip", "--without-mingle", "--without-heartbeat",
-                "-n", f"{queues}-{uuid.uuid4().hex[:6]}@%h", "--logfile", str(self.log),
-            ],
-            cwd=ROOT, env=env, start_new_session=True,
-            stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
-        )
-
-    def wait_ready(self, app, timeout: float = 60) -> None:
-        def ready():
-            if self.process.poll() is not None:
-                raise AssertionError(f"worker exited: {self.log.read_text()[-2000:]}")
-            return self.log.exists() and "ready." in self.log.read_text()
-
-        wait_until(ready, timeout, "the worker to log 'ready.'")
-
-    def kill(self) -> None:
-        """SIGKILL the whole worker: main process and pool children."""
-        if self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait(10)
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGTERM)
-            try:
-                self.process.wait(15)
-            except subprocess.TimeoutExpired:
-                self.kill()
+from tests.integration.processes import Worker
 
 
 @pytest.fixture(scope="module")

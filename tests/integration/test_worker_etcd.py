@@ -10,7 +10,8 @@ import pytest
 
 from celery_singleton_lock import connect
 from tests.conftest import wait_until
-from tests.integration.test_worker import Worker, count, events_of, max_overlap
+from tests.integration.processes import Worker
+from tests.integration.test_worker import count, events_of, max_overlap
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,380 @@
+"""Redlock: one lock over N independent Redis masters, held when a majority granted it.
+
+``redlock://[user:password@]h1:6379,h2:6379,h3:6379[/db]`` or a list of three or more
+``redis://``/``rediss://``/``unix://`` URLs (one per master) as ``singleton_lock_backend``.
+
+Each master is a :class:`RedisBackend` of its own: the same keys, the same scripts (built
+by its ``*_call`` methods, read by its ``*_reply`` methods), so a lock looks the same on
+every master as on a single Redis. What this module adds is the quorum::
+
+    t0   the acquire script goes out to every master at once (no reply awaited yet)
+    t1   replies read, each bounded by node_timeout after its own send
+         held  <=> a quorum (N//2 + 1) granted AND ttl - (t1 - t0) - drift > 0
+         else      released at once on every master that did not refuse, and
+                   LockBackendUnavailable when fewer than a quorum answered
+
+The requests are sent one after another on idle pooled connections and only then are the
+replies read, so a round costs about one round trip to the slowest master, without a
+thread per call. Renewal and release go out the same way; waiters block with BLPOP on the
+release announcement of every master at once and wake on the first one.
+
+Fencing tokens: each master keeps its own counter (seeded from its clock, see
+backends/redis.py). The token is the highest counter among the masters that granted; when
+they disagree, the others are raised to it before the lock is reported held, so every
+later quorum (which shares a master with this one) counts on from there. See
+docs/redlock.md for what that promises and when it does not hold.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import selectors
+import time
+from collections.abc import Callable, Collection, Sequence
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+from celery_singleton_lock.backends.base import Granted, LockBackend, Refused
+from celery_singleton_lock.backends.redis import FENCE_LIFETIME_MS, RedisBackend, ScriptCall
+from celery_singleton_lock.errors import ConfigurationError, LockBackendUnavailable, mask_url
+from celery_singleton_lock.lease import Owner, clock_drift
+
+try:
+    import redis
+    from redis.exceptions import NoScriptError
+except ImportError as exc:  # pragma: no cover - exercised only without the extra
+    msg = "the Redlock backend needs redis-py: pip install 'celery-singleton-lock[redis]'"
+    raise ConfigurationError(msg, option="singleton_lock_backend") from exc
+
+__all__ = ["RedlockBackend", "node_urls"]
+
+_NODE_SCHEMES = ("redis", "rediss", "unix")
+#: Fewer masters than this tolerate no failure at all: use one Redis then.
+MIN_NODES = 3
+
+
+def node_urls(url: str | Sequence[str], *, option: str = "url") -> list[str]:
+    """The Redis URL of every master named by a ``redlock://`` URL or a list of URLs.
+
+    ``redlock://user:pw@h1:6379,h2,h3/0?socket_keepalive=true`` gives
+    ``redis://user:pw@h1:6379/0``, ``redis://user:pw@h2/0``, ``redis://user:pw@h3/0``
+    (credentials, database and query apply to every master).
+
+    :raises ConfigurationError: naming ``option``, for fewer than three masters, the
+        same master twice, or a URL that is not a Redis URL.
+    """
+    if isinstance(url, str):
+        parts = urlsplit(url)
+        if parts.scheme.lower() != "redlock":
+            msg = f"{option}: a Redlock URL starts with redlock://, got {mask_url(url)!r}"
+            raise ConfigurationError(msg, option=option)
+        userinfo, at, hosts = parts.netloc.rpartition("@")
+        urls = [
+            urlunsplit(("redis", f"{userinfo}{at}{host.strip()}", parts.path, parts.query, ""))
+            for host in hosts.split(",")
+        ]
+        if any(not host.strip() for host in hosts.split(",")):
+            msg = f"{option}: empty host in {mask_url(url)!r}"
+            raise ConfigurationError(msg, option=option)
+    elif isinstance(url, list | tuple) and all(isinstance(u, str) for u in url):
+        urls = list(url)
+        for each in urls:
+            if urlsplit(each).scheme.lower() not in _NODE_SCHEMES:
+                msg = (
+                    f"{option}: every URL of a Redlock list must be redis://, rediss:// or "
+                    f"unix://, got {mask_url(each)!r}"
+                )
+                raise ConfigurationError(msg, option=option)
+    else:
+        msg = f"{option} must be a redlock:// URL or a list of Redis URLs, got {type(url).__name__}"
+        raise ConfigurationError(msg, option=option)
+    if len(urls) < MIN_NODES:
+        msg = (
+            f"{option}: Redlock needs at least {MIN_NODES} independent Redis masters, got "
+            f"{len(urls)}; with fewer, use one redis:// URL"
+        )
+        raise ConfigurationError(msg, option=option)
+    seen: set[tuple[str, ...]] = set()
+    for each in urls:
+        parts = urlsplit(each)
+        where = (parts.path,) if parts.scheme == "unix" else (parts.hostname or "", str(parts.port or 6379))
+        if where in seen:
+            msg = f"{option}: {mask_url(each)!r} names a master twice; Redlock needs independent ones"
+            raise ConfigurationError(msg, option=option)
+        seen.add(where)
+    return urls
+
+
+class _Failed:
+    """A master that gave no usable answer to one call (why, for the error message)."""
+
+    __slots__ = ("reason",)
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+
+
+class RedlockBackend(LockBackend):
+    """Locks over independent Redis masters; see the module docstring and docs/redlock.md.
+
+    :param url: a ``redlock://`` URL or a list of at least three Redis URLs.
+    :param connect_timeout: the caller's bound on an unreachable backend; each master gets
+        ``node_timeout`` within it.
+    :param node_timeout: seconds each master has to answer one call (default: 0.25, at
+        most ``connect_timeout``). A master slower than that counts as down for the call.
+    :param retry_delay: when an attempt split the votes (nobody got a quorum), the waiter
+        tries again within a random 50-100% of this, unless a release wakes it sooner.
+    :param client_options: passed to every master's client (TLS files, ``username``...).
+    """
+
+    schemes = ("redlock",)
+
+    # KEYS[1] fencing counter; ARGV[1] the token just granted; ARGV[2] counter lifetime ms
+    # returns 1: the counter is now at least ARGV[1]. Sent only to granting masters whose
+    # counter was behind; while they hold our lock nobody else increments it.
+    LUA_RAISE_FENCE = """
+    local current = tonumber(redis.call('get', KEYS[1]) or '0')
+    if current < tonumber(ARGV[1]) then
+      redis.call('set', KEYS[1], ARGV[1], 'px', ARGV[2])
+    end
+    return 1
+    """
+
+    def __init__(
+        self,
+        url: str | Sequence[str],
+        *,
+        prefix: str = "singleton-lock",
+        connect_timeout: float = 5.0,
+        clock: Callable[[], float] = time.monotonic,
+        node_timeout: float | None = None,
+        retry_delay: float = 0.1,
+        **client_options: Any,
+    ) -> None:
+        urls = node_urls(url, option="singleton_lock_backend")
+        shown = url if isinstance(url, str) else ",".join(mask_url(u) for u in urls)
+        super().__init__(shown, prefix=prefix, connect_timeout=connect_timeout, clock=clock)
+        self.node_timeout = min(connect_timeout, 0.25) if node_timeout is None else node_timeout
+        if not self.node_timeout > 0:
+            msg = f"node_timeout must be a positive number of seconds, got {node_timeout!r}"
+            raise ConfigurationError(msg, option="node_timeout")
+        self.retry_delay = retry_delay
+        self.nodes = [
+            RedisBackend(u, prefix=prefix, connect_timeout=self.node_timeout, **client_options)
+            for u in urls
+        ]
+        self.quorum = len(self.nodes) // 2 + 1
+        self._raise_fence = self.nodes[0]._client.register_script(self.LUA_RAISE_FENCE)
+        self._lanes: list[list[Any]] = []
+        self._lanes_pid = os.getpid()
+
+    # -- sending one call to many masters at once --------------------------------------
+
+    def _lane(self) -> list[Any]:
+        """A connection to every master, for one call at a time.
+
+        Lanes are kept in a free list rather than taken from each master's pool: that is
+        a third of the cost of a round (the pools' locking and bookkeeping, per master).
+        A forked child starts its own list: sockets are never shared with the parent.
+        """
+        if self._lanes_pid != os.getpid():
+            self._lanes, self._lanes_pid = [], os.getpid()
+        try:
+            return self._lanes.pop()
+        except IndexError:
+            pools = [node._client.connection_pool for node in self.nodes]
+            return [pool.connection_class(**pool.connection_kwargs) for pool in pools]
+
+    def _broadcast(self, call: ScriptCall, to: Collection[int] | None = None) -> list[Any]:
+        """Send ``call`` to every master (or those in ``to``), every request before
+        reading any reply; a reply or :class:`_Failed` per master (None where not sent).
+
+        The scripts are the same on every master, so the request is packed once.
+        """
+        lane = self._lane()
+        results: list[Any] = [None] * len(self.nodes)
+        sent: list[tuple[int, float]] = []
+        request = lane[0].pack_command(
+            "EVALSHA", call.script.sha, len(call.keys), *call.keys, *call.args
+        )
+        try:
+            for i, node in enumerate(self.nodes):
+                if to is not None and i not in to:
+                    continue
+                try:
+                    with node._answering(call.key):
+                        lane[i].send_packed_command(request, check_health=False)
+                except (LockBackendUnavailable, redis.RedisError) as exc:
+                    lane[i].disconnect()
+                    results[i] = _Failed(str(exc))
+                    continue
+                sent.append((i, time.monotonic() + self.node_timeout))
+            for i, deadline in sent:
+                results[i] = self._receive(self.nodes[i], call, lane[i], deadline)
+        except BaseException:
+            for connection in lane:  # interrupted: replies may be pending on any of them
+                connection.disconnect()
+            raise
+        finally:
+            self._lanes.append(lane)
+        return results
+
+    def _receive(self, node: RedisBackend, call: ScriptCall, connection: Any, deadline: float) -> Any:
+        """The reply to ``call``, read by ``deadline``; :class:`_Failed` if there is none."""
+        try:
+            with node._answering(call.key):
+                try:
+                    return connection.read_response(timeout=max(deadline - time.monotonic(), 0.001))
+                except NoScriptError:
+                    # A master restarted empty forgot the script: load it, run it again.
+                    connection.send_command("SCRIPT", "LOAD", call.script.script)
+                    connection.read_response()
+                    connection.send_command(
+                        "EVALSHA", call.script.sha, len(call.keys), *call.keys, *call.args
+                    )
+                    return connection.read_response()
+        except (LockBackendUnavailable, redis.RedisError) as exc:
+            connection.disconnect()
+            return _Failed(str(exc))
+
+    def _unavailable(self, results: Sequence[Any], key: str | None) -> LockBackendUnavailable:
+        down = [
+            f"{node.url} ({result.reason})"
+            for node, result in zip(self.nodes, results, strict=True)
+            if isinstance(result, _Failed)
+        ]
+        answered = len(self.nodes) - len(down)
+        msg = (
+            f"Redlock {self.url}: only {answered} of {len(self.nodes)} Redis masters answered "
+            f"and a quorum is {self.quorum}; unreachable: {'; '.join(down)}"
+        )
+        return LockBackendUnavailable(msg, url=self.url, key=key)
+
+    def _answered(self, results: Sequence[Any], key: str | None) -> list[Any]:
+        """The replies that came back; LockBackendUnavailable when fewer than a quorum."""
+        replies = [r for r in results if r is not None and not isinstance(r, _Failed)]
+        if len(replies) < self.quorum:
+            raise self._unavailable(results, key)
+        return replies
+
+    # -- the hooks ---------------------------------------------------------------------
+
+    def _try_acquire(self, key: str, token: str, ttl: float, owner: Owner) -> Granted | Refused:
+        started = self.clock()
+        # Every master has the same scripts and keys: the first one builds the call.
+        results = self._broadcast(self.nodes[0].acquire_call(key, token, ttl, owner))
+        granted: dict[int, int] = {}
+        refused: dict[bytes, list[Refused]] = {}  # by the holder's token
+        for i, result in enumerate(results):
+            if isinstance(result, _Failed):
+                continue
+            outcome = RedisBackend.acquire_reply(result)
+            if isinstance(outcome, Granted):
+                granted[i] = outcome.fencing_token
+            else:
+                holder = result[2].split(b"\n", 1)[0] if result[2] else b""
+                refused.setdefault(holder, []).append(outcome)
+        fencing_token = self._settle_fences(key, granted) if len(granted) >= self.quorum else None
+        if fencing_token is not None and ttl - (self.clock() - started) - clock_drift(ttl) > 0:
+            return Granted(fencing_token)
+        # Not held: undo it wherever it may have been granted (a master that timed out
+        # may have granted it too), all at once, so others need not wait for our TTL.
+        undo = {i for i, r in enumerate(results) if not (isinstance(r, list) and r[0] == 0)}
+        self._broadcast(self.nodes[0].release_call(key, "token", token), to=undo)
+        if len(self.nodes) - sum(isinstance(r, _Failed) for r in results) < self.quorum:
+            raise self._unavailable(results, key)
+        return self._refusal(refused)
+
+    def _settle_fences(self, key: str, granted: dict[int, int]) -> int | None:
+        """The fencing token of a granted quorum, or None when it cannot be made safe.
+
+        Masters whose counter is behind the highest are raised to it; unless a quorum ends
+        at that value, a later quorum might count from a lower one, so we do not hold.
+        """
+        top = max(granted.values())
+        behind = {i for i, fence in granted.items() if fence < top}
+        if not behind:
+            return top
+        call = ScriptCall(self._raise_fence, [self.nodes[0].fence_key(key)], [top, FENCE_LIFETIME_MS], key)
+        results = self._broadcast(call, to=behind)
+        raised = sum(1 for i in behind if not isinstance(results[i], _Failed))
+        return top if len(granted) - len(behind) + raised >= self.quorum else None
+
+    def _refusal(self, refused: dict[bytes, list[Refused]]) -> Refused:
+        holding = max(refused.values(), key=len, default=[])
+        if len(holding) < self.quorum:
+            # Nobody holds it on a quorum (votes split between contenders, or masters
+            # down): try again soon, at a random moment so contenders fall out of step.
+            return Refused(self.retry_delay * random.uniform(0.5, 1.0))  # noqa: S311 - jitter, not secrecy
+        # The holder's lease ends on all its masters at about the same time: re-check at
+        # the first of them.
+        ttls = [r.holder_ttl for r in holding if r.holder_ttl is not None]
+        return Refused(min(ttls) if ttls else None, holding[0].holder_task_id)
+
+    def _wait_for_release(self, key: str, timeout: float) -> None:
+        # BLPOP on every master's announcement list at once; the first answer ends the
+        # wait (the caller then tries to acquire). A release pushes one announcement on
+        # every master and each master wakes its longest-blocked waiter, usually the same
+        # one: the others keep waiting. Connections still blocked are dropped, as the
+        # single-Redis backend does when its wait times out.
+        waiting: list[tuple[RedisBackend, Any]] = []
+        failed: list[_Failed | None] = []
+        try:
+            for node in self.nodes:
+                pool = node._waits.connection_pool
+                try:
+                    with node._answering(key):
+                        connection = pool.get_connection()
+                        try:
+                            connection.send_command(  # type: ignore[no-untyped-call]
+                                "BLPOP", node.signal_key(key), f"{timeout + 1:.3f}"
+                            )
+                        except BaseException:
+                            pool.release(connection)
+                            raise
+                except LockBackendUnavailable as exc:
+                    failed.append(_Failed(str(exc)))
+                    continue
+                waiting.append((node, connection))
+                failed.append(None)
+            if len(self.nodes) - sum(f is not None for f in failed) < self.quorum:
+                raise self._unavailable(failed, key)
+            with selectors.DefaultSelector() as selector:
+                for _, connection in waiting:
+                    if connection._sock is not None:
+                        selector.register(connection._sock, selectors.EVENT_READ)
+                selector.select(timeout)
+        finally:
+            for node, connection in waiting:
+                try:
+                    if connection.can_read(timeout=0):
+                        connection.read_response(timeout=self.node_timeout)
+                    else:
+                        connection.disconnect()
+                except redis.RedisError:
+                    connection.disconnect()
+                node._waits.connection_pool.release(connection)
+
+    def _renew(self, items: Sequence[tuple[str, str, float]]) -> list[bool]:
+        started = self.clock()
+        results = self._broadcast(self.nodes[0].renew_call(items))
+        kept = [RedisBackend.renew_reply(r) for r in self._answered(results, None)]
+        elapsed = self.clock() - started
+        return [
+            sum(flags[j] for flags in kept) >= self.quorum and ttl - elapsed - clock_drift(ttl) > 0
+            for j, (_, _, ttl) in enumerate(items)
+        ]
+
+    def _release(self, key: str, field: str, value: str) -> bool:
+        results = self._broadcast(self.nodes[0].release_call(key, field, value))
+        deleted = [RedisBackend.release_reply(r) for r in self._answered(results, key)]
+        return sum(deleted) >= self.quorum
+
+    def close(self) -> None:
+        for lane in self._lanes:
+            for connection in lane:
+                connection.disconnect()
+        self._lanes = []
+        for node in self.nodes:
+            node.close()

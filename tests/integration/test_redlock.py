@@ -1,0 +1,331 @@
+"""The Redlock backend against real redis-server masters: the contract on 3 and 5 of them,
+then what happens when masters die, hang or come back empty."""
+
+from __future__ import annotations
+
+import multiprocessing
+import threading
+import time
+from collections.abc import Iterator
+
+import pytest
+import redis
+from celery import Celery
+
+from celery_singleton_lock import ConfigurationError, LockBackendUnavailable, connect
+from celery_singleton_lock.backends.base import Refused
+from celery_singleton_lock.backends.redlock import RedlockBackend, node_urls
+from celery_singleton_lock.config import read_settings
+from celery_singleton_lock.lease import LeaseKeeper
+from celery_singleton_lock.testing import RedisServer
+from tests.conftest import wait_until
+from tests.contract import BackendContract
+
+#: Short per-master timeout: a hung master costs this much per call.
+NODE_TIMEOUT = 0.2
+
+
+def redlock_url(servers: list[RedisServer], db: int = 0) -> str:
+    return "redlock://" + ",".join(f"127.0.0.1:{s.port}" for s in servers) + f"/{db}"
+
+
+def lock_key(backend: RedlockBackend, key: str) -> str:
+    return "{" + backend._full_key(key) + "}"
+
+
+@pytest.fixture(scope="module")
+def shared_masters() -> Iterator[list[RedisServer]]:
+    """Five masters for the whole module, for tests that leave them running."""
+    servers = [RedisServer() for _ in range(5)]
+    try:
+        for server in servers:
+            server.start()
+        yield servers
+    finally:
+        for server in servers:
+            server.stop()
+
+
+@pytest.fixture
+def masters() -> Iterator[list[RedisServer]]:
+    """Three masters of this test's own: the test kills, pauses or restarts them."""
+    servers = [RedisServer(password="s3cret") for _ in range(3)]
+    try:
+        for server in servers:
+            server.start()
+        yield servers
+    finally:
+        for server in servers:
+            server.stop()
+
+
+@pytest.fixture
+def redlock(masters: list[RedisServer]) -> Iterator[RedlockBackend]:
+    backend = connect([s.url + "/0" for s in masters], node_timeout=NODE_TIMEOUT)
+    assert isinstance(backend, RedlockBackend)
+    yield backend
+    backend.close()
+
+
+class _RedlockContract(BackendContract):
+    size = 3
+
+    @pytest.fixture
+    def backend(self, shared_masters):
+        backend = connect(redlock_url(shared_masters[: self.size]))
+        yield backend
+        backend.close()
+
+    @pytest.fixture
+    def second_backend(self, shared_masters):
+        backend = connect(redlock_url(shared_masters[: self.size]))
+        yield backend
+        backend.close()
+
+    def expire(self, backend, key):
+        for node in backend.nodes:
+            node._client.delete(lock_key(backend, key))
+
+
+class TestRedlockContractOn3Masters(_RedlockContract):
+    size = 3
+
+
+class TestRedlockContractOn5Masters(_RedlockContract):
+    size = 5
+
+
+# -- URLs and settings ------------------------------------------------------------------
+
+
+def test_redlock_url_names_every_master_with_shared_credentials_and_db():
+    assert node_urls("redlock://u:pw@h1:6379,h2,[::1]:7000/2?socket_keepalive=true") == [
+        "redis://u:pw@h1:6379/2?socket_keepalive=true",
+        "redis://u:pw@h2/2?socket_keepalive=true",
+        "redis://u:pw@[::1]:7000/2?socket_keepalive=true",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("value", "complaint"),
+    [
+        ("redlock://h1:6379,h2:6379/0", "at least 3"),
+        (["redis://h1", "redis://h2"], "at least 3"),
+        ("redlock://h1,h2,h1/0", "twice"),
+        (["redis://h1", "redis://h2:6379/0", "redis://h2/1"], "twice"),
+        (["redis://h1", "redis://h2", "http://h3"], "redis://, rediss:// or unix://"),
+        ("redlock://h1,,h3/0", "empty host"),
+        ([1, 2, 3], "a redlock:// URL or a list of Redis URLs"),
+    ],
+)
+def test_bad_redlock_settings_name_the_setting(value, complaint):
+    conf = Celery("redlock-config", broker="memory://", set_as_current=False).conf
+    conf.singleton_lock_backend = value
+    with pytest.raises(ConfigurationError) as info:
+        read_settings(conf)
+    assert info.value.option == "singleton_lock_backend"
+    assert complaint in str(info.value)
+
+
+def test_a_list_of_redis_urls_as_the_setting_means_redlock(shared_masters):
+    conf = Celery("redlock-config", broker="memory://", set_as_current=False).conf
+    conf.singleton_lock_backend = [s.url + "/0" for s in shared_masters[:3]]
+    settings = read_settings(conf)
+    backend = settings.backend()
+    assert isinstance(backend, RedlockBackend)
+    assert backend.quorum == 2
+    held = backend.acquire("from-settings", ttl=5)
+    assert held is not None
+    assert backend.release(held) is True
+
+
+def test_passwords_are_masked_in_the_backend_url():
+    backend = connect("redlock://:pw1@127.0.0.1:1,127.0.0.1:2,127.0.0.1:3/0")
+    assert "pw1" not in backend.url
+    listed = connect([f"redis://:pw{i}@127.0.0.1:{i}/0" for i in range(1, 4)])
+    assert "pw" not in listed.url.replace("***", "")
+    backend.close()
+    listed.close()
+
+
+# -- the quorum on healthy masters ------------------------------------------------------
+
+
+def test_the_lock_and_its_fencing_counter_are_on_every_master(redlock, masters, unique_key):
+    held = redlock.acquire(unique_key, ttl=5)
+    for server in masters:
+        client = redis.Redis.from_url(server.url + "/0")
+        value = client.get(lock_key(redlock, unique_key))
+        assert value is not None
+        assert value.split(b"\n", 1)[0].decode() == held.token
+        assert int(client.get(lock_key(redlock, unique_key) + ":fence")) == held.fencing_token
+        client.close()
+    assert redlock.release(held) is True
+
+
+def test_a_master_counting_ahead_sets_the_token_and_the_others_catch_up(redlock, masters, unique_key):
+    first = redlock.acquire(unique_key, ttl=5)
+    redlock.release(first)
+    ahead = redis.Redis.from_url(masters[2].url + "/0")
+    ahead.incrby(lock_key(redlock, unique_key) + ":fence", 1_000_000)  # as if its clock ran ahead
+    second = redlock.acquire(unique_key, ttl=5)
+    assert second.fencing_token == first.fencing_token + 1_000_001
+    redlock.release(second)
+    masters[2].stop()  # the master that counted highest is gone ...
+    third = redlock.acquire(unique_key, ttl=5)
+    assert third.fencing_token > second.fencing_token  # ... and tokens still go up
+    redlock.release(third)
+    ahead.close()
+
+
+def test_split_votes_hold_nobody_and_are_undone(redlock, masters, unique_key):
+    # Two other clients each hold the lock on one master: nobody has a quorum.
+    clients = [redis.Redis.from_url(s.url + "/0") for s in masters]
+    clients[0].set(lock_key(redlock, unique_key), "other-1\n{}", px=5000)
+    clients[1].set(lock_key(redlock, unique_key), "other-2\n{}", px=5000)
+    result = redlock.attempt(unique_key, ttl=5)
+    assert isinstance(result, Refused)
+    assert result.holder_ttl <= redlock.retry_delay  # re-check soon, jittered
+    assert clients[2].get(lock_key(redlock, unique_key)) is None  # our one grant was undone
+    for client in clients:
+        client.close()
+
+
+# -- masters failing --------------------------------------------------------------------
+
+
+def test_one_master_killed_acquire_renew_and_release_still_work(redlock, masters, unique_key):
+    keeper = LeaseKeeper.for_process()
+    held = redlock.acquire(unique_key, ttl=0.6)
+    masters[0].stop()
+    calls = keeper.renewal_calls
+    wait_until(lambda: keeper.renewal_calls >= calls + 3, 5, "three renewals with one master dead")
+    assert not held.lost
+    other = connect([s.url + "/0" for s in masters], node_timeout=NODE_TIMEOUT)
+    assert other.acquire(unique_key, ttl=1) is None
+    assert redlock.release(held) is True
+    again = other.acquire(unique_key, ttl=5)
+    assert again is not None
+    assert other.release(again) is True
+    other.close()
+
+
+def test_two_masters_killed_fail_closed_within_the_bound_then_recover(redlock, masters, unique_key):
+    masters[0].stop()
+    masters[1].stop()
+    start = time.monotonic()
+    with pytest.raises(LockBackendUnavailable) as info:
+        redlock.acquire(unique_key, ttl=5)
+    assert time.monotonic() - start < 3 * NODE_TIMEOUT + 1.0
+    message = str(info.value)
+    assert f":{masters[0].port}" in message
+    assert f":{masters[1].port}" in message
+    assert f":{masters[2].port}" not in message.split("unreachable:")[1]
+    assert "s3cret" not in message
+    survivor = redis.Redis.from_url(masters[2].url + "/0")
+    assert survivor.get(lock_key(redlock, unique_key)) is None  # its grant was undone
+    with pytest.raises(LockBackendUnavailable):
+        redlock.acquire(unique_key, ttl=5, blocking=True, timeout=2)
+    masters[0].restart()
+    masters[1].restart()
+    held = redlock.acquire(unique_key, ttl=5)
+    assert held is not None
+    assert redlock.release(held) is True
+    survivor.close()
+
+
+def test_a_held_lock_is_lost_not_kept_when_two_masters_die(redlock, masters, unique_key):
+    held = redlock.acquire(unique_key, ttl=1.0)
+    masters[1].stop()
+    masters[2].stop()
+    wait_until(lambda: held.lost, 3, "the lease to be declared lost (no quorum to renew it)")
+    with pytest.raises(LockBackendUnavailable):
+        redlock.release(held)
+
+
+def test_a_master_restarted_empty_does_not_let_a_second_client_in(redlock, masters, unique_key):
+    held = redlock.acquire(unique_key, ttl=30)
+    masters[0].restart()  # no persistence: it forgot the lock (and its scripts)
+    second = connect([s.url + "/0" for s in masters], node_timeout=NODE_TIMEOUT)
+    assert second.acquire(unique_key, ttl=30) is None  # the other two still hold it
+    restarted = redis.Redis.from_url(masters[0].url + "/0")
+    assert restarted.get(lock_key(redlock, unique_key)) is None  # its one grant was undone
+    assert redlock.renew([held]) == [True]  # a quorum still confirms it
+    assert redlock.release(held) is True
+    after = second.acquire(unique_key, ttl=30)
+    assert after is not None
+    assert after.fencing_token > held.fencing_token
+    second.release(after)
+    second.close()
+    restarted.close()
+
+
+def test_a_hung_master_costs_at_most_the_node_timeout_per_call(redlock, masters, unique_key):
+    redlock.release(redlock.acquire(unique_key, ttl=5))  # connections to every master open
+    masters[1].pause()
+    try:
+        slowest = 0.0
+        for _ in range(3):
+            start = time.monotonic()
+            held = redlock.acquire(unique_key, ttl=5)
+            assert held is not None
+            assert redlock.release(held) is True
+            slowest = max(slowest, (time.monotonic() - start) / 2)
+        assert slowest < NODE_TIMEOUT + 0.5
+    finally:
+        masters[1].resume()
+    held = redlock.acquire(unique_key, ttl=5)  # and the resumed master is used again
+    assert held is not None
+    redlock.release(held)
+
+
+def _count_under_lock(urls: list[str], counter_url: str, key: str, rounds: int, start) -> None:
+    backend = connect(urls, node_timeout=NODE_TIMEOUT)
+    client = redis.Redis.from_url(counter_url)
+    start.wait(10)
+    for _ in range(rounds):
+        with backend.lock(key, ttl=10, timeout=60):
+            value = int(client.get("counter:" + key) or 0)  # read ...
+            client.set("counter:" + key, value + 1)  # ... then write: not atomic by itself
+    backend.close()
+
+
+def test_eight_processes_times_25_increments_with_a_master_killed_midway(masters, unique_key):
+    urls = [s.url + "/0" for s in masters]
+    counter_url = masters[0].url + "/1"  # the master that stays up keeps the counter
+    context = multiprocessing.get_context("spawn")
+    start = context.Event()
+    processes = [
+        context.Process(target=_count_under_lock, args=(urls, counter_url, unique_key, 25, start))
+        for _ in range(8)
+    ]
+    for process in processes:
+        process.start()
+    start.set()
+    counter = redis.Redis.from_url(counter_url)
+    wait_until(lambda: int(counter.get("counter:" + unique_key) or 0) >= 60, 60, "a third of the work")
+    masters[2].stop()
+    for process in processes:
+        process.join(90)
+        assert process.exitcode == 0
+    assert int(counter.get("counter:" + unique_key)) == 200
+    counter.close()
+
+
+def test_waiters_are_woken_by_a_release_with_one_master_dead(redlock, masters, unique_key):
+    held = redlock.acquire(unique_key, ttl=30)
+    masters[2].stop()
+    got: list[object] = []
+    waiter = threading.Thread(
+        target=lambda: got.append(redlock.acquire(unique_key, ttl=30, blocking=True, timeout=10))
+    )
+    waiter.start()
+    client = redis.Redis.from_url(masters[0].url + "/0")
+    wait_until(lambda: client.info("clients")["blocked_clients"] >= 1, 5, "the waiter to block")
+    client.close()
+    released_at = time.monotonic()
+    redlock.release(held)
+    waiter.join(10)
+    assert got[0] is not None
+    assert time.monotonic() - released_at < 2  # woken by the release, not by the 30 s TTL
+    redlock.release(got[0])
