@@ -13,7 +13,6 @@ each release wakes one waiter (Redis serves blocked BLPOP clients first come, fi
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -22,7 +21,7 @@ from typing import Any
 
 from celery_singleton_lock.backends.base import Granted, LockBackend, Refused
 from celery_singleton_lock.errors import ConfigurationError, LockBackendUnavailable
-from celery_singleton_lock.lease import Owner
+from celery_singleton_lock.lease import Owner, stored_task_id
 
 try:
     import redis
@@ -189,20 +188,16 @@ class RedisBackend(LockBackend):
 
     def acquire_call(self, key: str, token: str, ttl: float, owner: Owner) -> ScriptCall:
         """The script call that tries to take ``key`` (fully prefixed) for ``ttl`` seconds."""
-        lock = self._hashed(key)
-        owner_json = json.dumps(
-            {"host": owner.host, "pid": owner.pid, "task_id": owner.task_id}, separators=(",", ":")
-        )
         return ScriptCall(
-            self._acquire_script, [lock, self.fence_key(key)],
-            [f"{token}\n{owner_json}", _ms(ttl), FENCE_LIFETIME_MS], key,
+            self._acquire_script, [self._hashed(key), self.fence_key(key)],
+            [owner.stored_with(token), _ms(ttl), FENCE_LIFETIME_MS], key,
         )
 
     @staticmethod
     def acquire_reply(reply: Any) -> Granted | Refused:
         if reply[0] == 1:
             return Granted(int(reply[1]))
-        return Refused(max(int(reply[1]), 1) / 1000, _holder_task_id(reply[2]))
+        return Refused(max(int(reply[1]), 1) / 1000, stored_task_id(reply[2]))
 
     def renew_call(self, items: Sequence[tuple[str, str, float]]) -> ScriptCall:
         """The script call that replaces the TTL of every (key, token, ttl) still ours."""
@@ -274,14 +269,3 @@ class RedisBackend(LockBackend):
 
 def _ms(seconds: float) -> int:
     return max(1, round(seconds * 1000))
-
-
-def _holder_task_id(value: bytes | None) -> str | None:
-    # The stored value is "<token>\n<owner JSON>"; None when the key vanished meanwhile.
-    if not value:
-        return None
-    try:
-        task_id = json.loads(value.split(b"\n", 1)[1]).get("task_id")
-    except (IndexError, ValueError, AttributeError):
-        return None
-    return task_id if isinstance(task_id, str) else None
