@@ -1,6 +1,6 @@
 """Real servers for the integration ring, started once per session, stopped by PID.
 
-``CSL_REDIS_URL`` points the suite at an existing Redis instead (its db 0-3 are used);
+``CSL_REDIS_URL`` points the suite at an existing Redis instead (its db 0-6 are used);
 etcd always runs as our own single member (``etcd_server`` from our pytest plugin).
 """
 
