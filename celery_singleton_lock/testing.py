@@ -20,13 +20,14 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from contextlib import contextmanager
 from types import TracebackType
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from celery_singleton_lock.backends.memory import MemoryBackend
 
-__all__ = ["EtcdCluster", "EtcdMember", "RedisServer", "etcd_binary", "free_port"]
+__all__ = ["EtcdCluster", "EtcdMember", "RedisServer", "etcd_binary", "free_port", "redis_servers"]
 
 
 def free_port() -> int:
@@ -177,6 +178,19 @@ class RedisServer:
         tb: TracebackType | None,
     ) -> None:
         self.stop()
+
+
+@contextmanager
+def redis_servers(count: int, *, password: str | None = None) -> Iterator[list[RedisServer]]:
+    """``count`` independent redis-servers (Redlock masters), all stopped by PID at the end."""
+    servers = [RedisServer(password=password) for _ in range(count)]
+    try:
+        for server in servers:
+            server.start()
+        yield servers
+    finally:
+        for server in servers:
+            server.stop()
 
 
 def etcd_binary() -> str:

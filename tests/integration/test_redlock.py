@@ -17,7 +17,7 @@ from celery_singleton_lock.backends.base import Refused
 from celery_singleton_lock.backends.redlock import RedlockBackend, node_urls
 from celery_singleton_lock.config import read_settings
 from celery_singleton_lock.lease import LeaseKeeper
-from celery_singleton_lock.testing import RedisServer
+from celery_singleton_lock.testing import RedisServer, redis_servers
 from tests.conftest import wait_until
 from tests.contract import BackendContract
 
@@ -36,27 +36,15 @@ def lock_key(backend: RedlockBackend, key: str) -> str:
 @pytest.fixture(scope="module")
 def shared_masters() -> Iterator[list[RedisServer]]:
     """Five masters for the whole module, for tests that leave them running."""
-    servers = [RedisServer() for _ in range(5)]
-    try:
-        for server in servers:
-            server.start()
+    with redis_servers(5) as servers:
         yield servers
-    finally:
-        for server in servers:
-            server.stop()
 
 
 @pytest.fixture
 def masters() -> Iterator[list[RedisServer]]:
     """Three masters of this test's own: the test kills, pauses or restarts them."""
-    servers = [RedisServer(password="s3cret") for _ in range(3)]
-    try:
-        for server in servers:
-            server.start()
+    with redis_servers(3, password="s3cret") as servers:
         yield servers
-    finally:
-        for server in servers:
-            server.stop()
 
 
 @pytest.fixture

@@ -11,7 +11,7 @@ from collections.abc import Iterator
 import pytest
 import redis
 
-from celery_singleton_lock.testing import RedisServer
+from celery_singleton_lock.testing import RedisServer, redis_servers
 from tests.integration.processes import Worker
 from tests.integration.test_worker import count, events_of, max_overlap, run, worker_app
 
@@ -22,14 +22,8 @@ QUEUE = "redlock"
 
 @pytest.fixture(scope="module")
 def masters() -> Iterator[list[RedisServer]]:
-    servers = [RedisServer() for _ in range(3)]
-    try:
-        for server in servers:
-            server.start()
+    with redis_servers(3) as servers:
         yield servers
-    finally:
-        for server in servers:
-            server.stop()
 
 
 @pytest.fixture(scope="module")
