@@ -267,7 +267,7 @@ class SingletonSchedulerMixin(_SchedulerBase):  # type: ignore[misc,valid-type]
         next_slot = _next_due_after(entry.schedule, slot)
         until_next = (next_slot - entry.default_now()).total_seconds() if next_slot else 0.0
         ttl = max(until_next, 0.0) + self._slot_grace
-        owner = Owner(host=_HOST, pid=os.getpid(), task_id=f"{stamp}/{task_id}")
+        owner = Owner.of_message(f"{stamp}/{task_id}")
         for _ in range(3):  # each turn replaces one older claim; racing beats may interleave
             try:
                 outcome = self._lock_backend.attempt(key, ttl, owner=owner)
@@ -277,7 +277,7 @@ class SingletonSchedulerMixin(_SchedulerBase):  # type: ignore[misc,valid-type]
                 stored = _claimed_stamp(outcome.holder_task_id)
                 if stored is None or stored >= stamp:
                     return None
-                self._lock_backend.release_task_lock(key, outcome.holder_task_id or "")
+                self._lock_backend.release_owned(key, Owner.of_message(outcome.holder_task_id or ""))
             except LockError as exc:
                 logger.error("beat: cannot claim a slot of %r (%s); not publishing it", entry.name, exc)
                 return None

@@ -61,12 +61,22 @@ class Owner:
     pid: int
     task_id: str | None = None
 
-    def stored_with(self, token: str) -> str:
-        """The value a backend stores for a lock: ``"<token>\n<owner JSON>"``."""
-        owner = json.dumps(
+    @classmethod
+    def of_message(cls, task_id: str) -> Owner:
+        """The owner of a marker that stands for a queued message, not for a process
+        (``enqueue_once``'s queued markers, beat's slot claims): whoever handles that
+        message may clear it, so it names no host and no pid."""
+        return cls(host="", pid=0, task_id=task_id)
+
+    def as_json(self) -> str:
+        """The owner as stored: compact JSON, compared exactly by :meth:`release_owned`."""
+        return json.dumps(
             {"host": self.host, "pid": self.pid, "task_id": self.task_id}, separators=(",", ":")
         )
-        return f"{token}\n{owner}"
+
+    def stored_with(self, token: str) -> str:
+        """The value a backend stores for a lock: ``"<token>\n<owner JSON>"``."""
+        return f"{token}\n{self.as_json()}"
 
 
 def stored_task_id(value: bytes | None) -> str | None:

@@ -267,7 +267,7 @@ class SingletonTask(Task):  # type: ignore[misc]
         backend = namespaced_backend(lock_options.settings, "queued")
         try:
             outcome = backend.attempt(
-                key, ttl, owner=Owner(host=_HOST, pid=os.getpid(), task_id=task_id), sender=self
+                key, ttl, owner=Owner.of_message(task_id), sender=self
             )
         except LockBackendUnavailable as exc:
             # The marker only saves a message; the run-time lock still guards the body.
@@ -314,7 +314,7 @@ class SingletonTask(Task):  # type: ignore[misc]
         options = self.lock_options()
         key = self.queued_marker_key_for(args, kwargs)
         try:
-            namespaced_backend(options.settings, "queued").release_task_lock(key, task_id)
+            namespaced_backend(options.settings, "queued").release_owned(key, Owner.of_message(task_id))
         except LockError as exc:
             logger.warning(
                 "%s[%s]: could not clear its queued marker (%s); it expires within %ss",

@@ -142,11 +142,20 @@ class BackendContract:
         finally:
             lock_lost.disconnect(on_lost)
 
-    def test_release_task_lock_matches_the_task_id_only(self, backend, unique_key):
-        held = backend.acquire(unique_key, ttl=10, owner=Owner("h", 1, task_id="task-A"))
-        assert backend.release_task_lock(unique_key, "task-B") is False
-        assert backend.release_task_lock(unique_key, "") is False
-        assert backend.release_task_lock(unique_key, "task-A") is True
+    def test_release_owned_needs_host_pid_and_task_id_all_equal(self, backend, unique_key):
+        # A redelivered copy of task-A in another process (or on another host) shares
+        # the task id; releasing "task-A's lock" for it must not free the live run's.
+        held = backend.acquire(unique_key, ttl=10, owner=Owner("host-1", 101, task_id="task-A"))
+        for stranger in (
+            Owner("host-1", 101, task_id="task-B"),
+            Owner("host-1", 202, task_id="task-A"),
+            Owner("host-2", 101, task_id="task-A"),
+            Owner("host-1", 101, task_id=None),
+            Owner("", 0, task_id="task-A"),
+        ):
+            assert backend.release_owned(unique_key, stranger) is False, stranger
+        assert backend.acquire(unique_key, ttl=10) is None  # still held
+        assert backend.release_owned(unique_key, Owner("host-1", 101, task_id="task-A")) is True
         assert backend.acquire(unique_key, ttl=10) is not None
         assert held.release() is False
 

@@ -7,7 +7,7 @@ implements one-shot operations on fully prefixed keys:
 ``_try_acquire(key, token, ttl, owner)``  one attempt; a :class:`Granted` or :class:`Refused`
 ``_wait_for_release(key, timeout)``        block until a release is announced or timeout
 ``_renew(locks)``                          replace the TTL of many locks in one round trip
-``_release(key, field, value)``            delete if the stored ``field`` equals ``value``
+``_release(key, field, value)``            delete if the stored ``field`` equals ``value`` exactly
 """
 
 from __future__ import annotations
@@ -154,15 +154,15 @@ class LockBackend(ABC):
         signals.lock_released.send(sender=held.sender, key=held.key, held=held, was_held=ours)
         return ours
 
-    def release_task_lock(self, key: str, task_id: str) -> bool:
-        """Release ``key`` if the task ``task_id`` holds it, from any process.
+    def release_owned(self, key: str, owner: Owner) -> bool:
+        """Release ``key`` if ``owner`` (host, pid and task id, all of them) holds it.
 
-        The worker's main process uses this when it kills a task (revoke with terminate,
-        hard time limit), so the lock is free at once instead of at TTL expiry.
+        For the worker's main process once a pool process it killed (revoke with
+        terminate, hard time limit) or lost is dead: the lock is free at once instead of
+        at TTL expiry. Never by task id alone: a redelivered copy of the same task, on
+        another host or in another process, may hold the lock under the same task id.
         """
-        if not task_id:
-            return False
-        return self._release(self._full_key(key), "task_id", task_id)
+        return self._release(self._full_key(key), "owner", owner.as_json())
 
     def renew(self, locks: Sequence[HeldLock]) -> list[bool]:
         """Replace the TTL of every lock in ``locks`` (one round trip); True where still ours."""
@@ -270,8 +270,11 @@ class LockBackend(ABC):
 
     @abstractmethod
     def _release(self, key: str, field: str, value: str) -> bool:
-        """Delete ``key`` if its stored ``field`` ("token" or "task_id") equals ``value``,
-        and announce the release to one waiter."""
+        """Delete ``key`` if its stored ``field`` equals ``value`` exactly, and announce
+        the release to one waiter.
+
+        ``field`` is "token" (``value``: the acquisition's token) or "owner" (``value``:
+        :meth:`Owner.as_json`, the text stored after the token). Never a prefix match."""
 
 
 def _check_key_and_ttl(key: str, ttl: float) -> None:

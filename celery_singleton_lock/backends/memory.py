@@ -22,7 +22,7 @@ __all__ = ["MemoryBackend"]
 @dataclass
 class _Entry:
     token: str
-    task_id: str
+    owner: Owner
     expires_at: float
 
 
@@ -67,10 +67,10 @@ class MemoryBackend(LockBackend):
         with self._store.guard:
             holder = self._live(key)
             if holder is not None:
-                return Refused(holder.expires_at - self.clock(), holder.task_id or None)
+                return Refused(holder.expires_at - self.clock(), holder.owner.task_id or None)
             fence = self._store.fences.get(key, 0) + 1
             self._store.fences[key] = fence
-            self._store.entries[key] = _Entry(token, owner.task_id or "", self.clock() + ttl)
+            self._store.entries[key] = _Entry(token, owner, self.clock() + ttl)
             return Granted(fence)
 
     def _wait_for_release(self, key: str, timeout: float) -> None:
@@ -91,7 +91,9 @@ class MemoryBackend(LockBackend):
     def _release(self, key: str, field: str, value: str) -> bool:
         with self._store.guard:
             entry = self._live(key)
-            if entry is None or getattr(entry, field) != value:
+            if entry is None:
+                return False
+            if (entry.token if field == "token" else entry.owner.as_json()) != value:
                 return False
             del self._store.entries[key]
             self._store.guard.notify_all()

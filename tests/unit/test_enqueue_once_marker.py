@@ -11,6 +11,7 @@ import pytest
 from celery import Celery, chain
 
 from celery_singleton_lock import ConfigurationError, SingletonTask, singleton_task
+from celery_singleton_lock.lease import Owner
 from celery_singleton_lock.task import namespaced_backend
 from tests.unit.conftest import FakeClock
 
@@ -110,7 +111,7 @@ def test_markers_live_in_a_namespace_of_their_own(queue_app, report):
     key = report.queued_marker_key_for((1,), {})
     assert key.startswith(f"{report.name}:")
     assert key != report.lock_key_for((1,), {})  # the whole signature, not lock_key's part
-    assert markers.release_task_lock(key, queued_result.id)
+    assert markers.release_owned(key, Owner.of_message(queued_result.id))
     assert report.lock_options().settings.backend().acquire(key, ttl=1) is not None
 
 
