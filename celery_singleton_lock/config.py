@@ -15,6 +15,9 @@ setting                            meaning                                      
 ``singleton_lock_prefix``          namespace of every key                        "singleton-lock"
 ``singleton_lock_wait_timeout``    seconds ``Wait()`` waits by default           60
 ``singleton_lock_connect_timeout`` bound on reaching the server                  5
+``singleton_lock_outage_timeout``  seconds a task retries while the lock server  900
+                                   is unreachable, then fails
+``singleton_lock_outage_backoff_max`` longest wait between those retries         60
 ``singleton_lock_backend_options`` dict passed to the backend's client (TLS...)  {}
 ``singleton_lock_enqueue_once_ttl`` life of an ``enqueue_once`` queued marker    3600
 ``singleton_lock_beat_ttl``        beat leader lease seconds (takeover bound)    30
@@ -79,6 +82,8 @@ class Settings:
     #: None: the app's main name (``Celery("proj")``), else "celery".
     beat_name: str | None = None
     beat_slot_grace: float = 60.0
+    outage_timeout: float = 900.0
+    outage_backoff_max: float = 60.0
 
     #: This process's backend, by PID (a forked child makes its own).
     _backends: dict[int, LockBackend] = field(default_factory=dict, compare=False, repr=False)
@@ -163,6 +168,8 @@ def read_settings(conf: Any) -> Settings:
         beat_ttl=number("singleton_lock_beat_ttl", 30.0),
         beat_name=beat_name,
         beat_slot_grace=number("singleton_lock_beat_slot_grace", 60.0),
+        outage_timeout=number("singleton_lock_outage_timeout", 900.0),
+        outage_backoff_max=number("singleton_lock_outage_backoff_max", 60.0),
     )
 
 

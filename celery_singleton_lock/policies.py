@@ -9,7 +9,8 @@ What each built-in one leaves in the result backend:
                            as the ``task_skipped`` signal. Chained tasks continue.
 ``Retry()`` / ``"retry"``  state RETRY, then runs again later (``countdown`` seconds,
                            growing by ``backoff``, spread by ``jitter``). When the retries
-                           run out: state FAILURE with :class:`LockContended`.
+                           run out: state FAILURE with :class:`LockContended`. These
+                           retries are counted apart from the task's own ``retries``.
 ``Wait()`` / ``"wait"``    blocks the worker process until the holder releases (woken by
                            the server) for up to ``timeout`` seconds, then runs; on timeout
                            it hands over to ``then`` (default: ``Retry()``).
@@ -89,16 +90,50 @@ class Contention:
     def contended(self, detail: str = "") -> LockContended:
         return LockContended(f"lock {self.key!r} is held by another task{detail}", key=self.key)
 
+    @property
+    def retries(self) -> int:
+        """How often this task was already retried because its lock was taken.
+
+        Counted apart from ``request.retries``: the task's own ``self.retry()`` budget is
+        not spent by contention (nor by lock-server outages).
+        """
+        if self.task is None:
+            return 0
+        request = self.task.request
+        if request.is_eager:  # an eager retry runs again at once, through Celery's counter
+            return int(request.retries or 0)
+        return int(lock_retries(request).get("contended", 0))
+
     def retry(self, countdown: float, max_retries: int | None) -> NoReturn:
-        """Ask Celery to run the task again in ``countdown`` seconds (raises ``Retry``)."""
+        """Ask Celery to run the task again in ``countdown`` seconds (raises ``Retry``).
+
+        :param max_retries: contention retries allowed; None: the task's ``max_retries``.
+        """
         if not self.can_retry or self.task is None:
             raise self.contended(" (a direct call cannot be retried)")
         limit = self.task.max_retries if max_retries is None else max_retries
-        error = self.contended(f"; gave up after {limit} retries")
-        raise self.task.retry(countdown=countdown, max_retries=max_retries, exc=error)
+        done = self.retries
+        if limit is not None and done >= limit:
+            raise self.contended(f"; gave up after {done} retries")
+        attempt = f"retry {done + 1}" + (f" of {limit}" if limit is not None else "")
+        raise self.task.retry_for_lock(
+            "contended", countdown, self.contended(f"; {attempt} in {countdown:.2f}s")
+        )
 
 
 Policy: TypeAlias = "Callable[[Contention], HeldLock | Skipped]"
+
+#: The message header counting a run's lock retries by reason ("contended",
+#: "unavailable"), apart from Celery's own ``retries``.
+RETRIES_HEADER = "singleton_lock_retries"
+
+
+def lock_retries(request: Any) -> dict[str, Any]:
+    """The lock retry counts a task request carries (empty for a first delivery)."""
+    counts = getattr(request, RETRIES_HEADER, None)
+    if counts is None:
+        counts = (getattr(request, "headers", None) or {}).get(RETRIES_HEADER)
+    return dict(counts) if isinstance(counts, dict) else {}
 
 
 @dataclass(frozen=True)
@@ -116,8 +151,9 @@ class Retry:
     """Retry the task later; FAILURE with :class:`LockContended` when retries run out.
 
     :param countdown: seconds before the first retry.
-    :param max_retries: retries allowed (None: the task's own ``max_retries``). They
-        count in the task's ``request.retries`` like any retry.
+    :param max_retries: contention retries allowed (None: as many as the task's
+        ``max_retries``). They are counted apart from ``request.retries``, so they never
+        use up the retries the task's own ``self.retry()`` may make.
     :param backoff: the countdown is multiplied by this for every retry already made.
     :param backoff_max: no countdown longer than this.
     :param jitter: spread each countdown by up to this fraction, so duplicates that
@@ -129,7 +165,9 @@ class Retry:
     backoff: float = 1.0
     backoff_max: float = 600.0
     jitter: float = 0.1
-    _random: random.Random = field(default_factory=random.Random, repr=False, compare=False)
+    #: The OS's random source by default: a seeded generator would be copied into every
+    #: prefork child at fork, and every child would draw the same "random" countdowns.
+    _random: random.Random = field(default_factory=random.SystemRandom, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         _check_number("countdown", self.countdown, minimum=0)
@@ -148,8 +186,7 @@ class Retry:
         return min(max(0.0, base + self._random.uniform(-spread, spread)), self.backoff_max)
 
     def __call__(self, contention: Contention) -> NoReturn:
-        retries = contention.task.request.retries if contention.task is not None else 0
-        contention.retry(self.countdown_for(retries or 0), self.max_retries)
+        contention.retry(self.countdown_for(contention.retries), self.max_retries)
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,14 @@ Release is arranged in a ``finally`` around the body, so it covers success, exce
 in a worker it happens in ``task_postrun``, just after Celery stored the result.
 ``self.retry()`` releases *before* Celery publishes the retry message, which another
 worker may consume at once. A task killed by the worker (revoke with terminate, hard time
-limit, lost child) has its lock released by the worker's main process, by task id.
+limit, lost child) has its lock released by the worker's main process once the killed
+process is dead, and only if that very process held it (``request.py``).
+
+A redelivered message (``acks_late``: a broker's visibility timeout, a lost connection)
+carries the task id of its first delivery. It never runs beside that delivery (the
+lock's owner has the same task id: it waits for it), and never after it finished: once
+it holds the lock, a redelivery whose task id already has a ready state in the result
+backend stands down (``Ignore``) instead of running the body again.
 
 ``enqueue_once=True`` adds a second, earlier gate, on the caller's side::
 
@@ -30,15 +37,18 @@ import datetime as dt
 import inspect
 import logging
 import os
-import socket
+import random
+import sys
 import threading
+import time
 from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any, ClassVar, NoReturn
 
 from celery import Celery, Task, shared_task
-from celery.exceptions import Ignore, TimeLimitExceeded, WorkerLostError
-from celery.signals import task_failure, task_postrun, task_revoked
+from celery.exceptions import Ignore
+from celery.exceptions import Retry as CeleryRetry
+from celery.signals import task_postrun, worker_ready
 from celery.states import READY_STATES
 from celery.utils import uuid
 
@@ -55,13 +65,20 @@ from celery_singleton_lock.errors import (
 )
 from celery_singleton_lock.keys import KeySpec, derive_key, validate_key_spec
 from celery_singleton_lock.lease import HeldLock, LeaseKeeper, Owner
-from celery_singleton_lock.policies import Contention, Policy, Skipped, parse_policy
+from celery_singleton_lock.policies import (
+    RETRIES_HEADER,
+    Contention,
+    Policy,
+    Skipped,
+    lock_retries,
+    parse_policy,
+)
+from celery_singleton_lock.request import HOST
 
 __all__ = ["SingletonTask", "current_lock", "singleton_task"]
 
 logger = logging.getLogger("celery_singleton_lock.task")
 
-_HOST = socket.gethostname()
 _TASK_OPTIONS = (
     "lock_key", "lock_ttl", "on_contention", "on_lock_lost", "enqueue_once", "enqueue_once_ttl"
 )
@@ -166,6 +183,8 @@ class SingletonTask(Task):  # type: ignore[misc]
 
     #: A refused lock is an expected outcome: Celery logs it without a traceback.
     throws: ClassVar[tuple[type[BaseException], ...]] = (LockContended,)
+    #: The worker-side request: frees the lock of a killed pool process once it is dead.
+    Request = "celery_singleton_lock.request:SingletonRequest"
 
     lock_key: ClassVar[KeySpec] = None
     lock_ttl: ClassVar[float | None] = None
@@ -294,7 +313,7 @@ class SingletonTask(Task):  # type: ignore[misc]
         request = self.request
         if options.enqueue_once and request.id and not request.called_directly:
             self._clear_queued_marker(args, kwargs, request.id)
-        owner = Owner(host=_HOST, pid=os.getpid(), task_id=request.id)
+        owner = Owner(host=HOST, pid=os.getpid(), task_id=request.id)
         try:
             backend = options.settings.backend()
             outcome = backend.attempt(key, options.ttl, owner=owner, sender=self)
@@ -307,6 +326,11 @@ class SingletonTask(Task):  # type: ignore[misc]
             self._on_backend_unavailable(exc)
         if isinstance(decided, Skipped):
             return decided.result
+        if _is_redelivered(request) and self._already_finished(request.id):
+            # The first delivery finished (and stored its result before releasing).
+            self._release_quietly(decided)
+            logger.info("%s[%s] already finished; ignoring its redelivery", self.name, request.id)
+            raise Ignore
         return self._run_holding(decided, options, request, args, kwargs)
 
     def _clear_queued_marker(self, args: tuple[Any, ...], kwargs: dict[str, Any], task_id: str) -> None:
@@ -391,7 +415,8 @@ class SingletonTask(Task):  # type: ignore[misc]
         )
         held = contention.wait(timeout=None)
         assert held is not None  # an unbounded wait returns only with the lock
-        if self._already_finished(request.id):
+        if not _is_redelivered(request) and self._already_finished(request.id):
+            # A transport that does not flag redeliveries: __call__ will not look again.
             self._release_quietly(held)
             logger.info("%s[%s] already finished; ignoring its redelivery", self.name, request.id)
             raise Ignore
@@ -406,13 +431,48 @@ class SingletonTask(Task):  # type: ignore[misc]
             return False
 
     def _on_backend_unavailable(self, exc: LockBackendUnavailable) -> NoReturn:
-        # Fail closed: the body never runs without the lock; a worker retries later.
-        logger.warning("%s[%s]: %s", self.name, self.request.id, exc)
+        # Fail closed: the body never runs without the lock. A worker retries, with a
+        # budget of its own (time, not count), so an outage of minutes costs no task.
         request = self.request
         if request.called_directly or request.is_eager:
             raise exc
-        countdown = min(2 ** (request.retries or 0), 60)
-        raise self.retry(exc=exc, countdown=countdown)
+        settings = self.lock_options().settings
+        counts = lock_retries(request)
+        since = float(counts.get("unavailable_since") or time.time())
+        outage = time.time() - since
+        if outage >= settings.outage_timeout:
+            msg = (
+                f"the lock server was unreachable for {outage:.0f}s "
+                f"(singleton_lock_outage_timeout={settings.outage_timeout:g}s); giving up: {exc}"
+            )
+            raise LockBackendUnavailable(msg, url=exc.url, key=exc.key) from None
+        tries = int(counts.get("unavailable", 0))
+        ceiling = min(2.0**tries, settings.outage_backoff_max)
+        countdown = min(ceiling * _jitter.uniform(0.5, 1.0), settings.outage_timeout - outage)
+        logger.warning(
+            "%s[%s]: %s; retry %d in %.1fs (unreachable for %.0fs of %gs)",
+            self.name, request.id, exc, tries + 1, countdown, outage, settings.outage_timeout,
+        )
+        raise self.retry_for_lock("unavailable", countdown, exc, unavailable_since=since)
+
+    def retry_for_lock(
+        self, reason: str, countdown: float, exc: LockError, **state: Any
+    ) -> CeleryRetry:
+        """Publish this run again in ``countdown`` seconds, counting the retry under
+        ``reason`` apart from ``request.retries`` (the task's own ``self.retry()`` budget).
+
+        Raises ``Retry`` (state RETRY) in a worker, like ``self.retry()``; in eager mode
+        it falls back to Celery's retry, which runs the task again at once.
+        """
+        request = self.request
+        if request.is_eager:  # eager runs count in request.retries (Contention.retries)
+            raise self.retry(countdown=countdown, exc=exc, max_retries=sys.maxsize)
+        counts = {**lock_retries(request), **state}
+        counts[reason] = int(counts.get(reason, 0)) + 1
+        headers = {**(request.headers or {}), RETRIES_HEADER: counts}
+        again = self.signature_from_request(request, None, None, countdown=countdown, headers=headers)
+        again.apply_async()
+        raise CeleryRetry(exc=exc, when=countdown, sig=again)
 
     def _release_after_run(self, held: HeldLock, task_id: str | None) -> None:
         # In a worker, release once Celery has stored the result (task_postrun): a
@@ -447,14 +507,15 @@ class SingletonTask(Task):  # type: ignore[misc]
                 break
         return super().retry(*args, **kwargs)
 
-    def release_lock_of(self, task_id: str, args: Any, kwargs: Any) -> bool:
-        """Release the lock that run ``task_id`` holds, from any process (True if it did)."""
-        try:
-            key = self.lock_key_for(tuple(args or ()), dict(kwargs or {}))
-            return self.lock_options().settings.backend().release_task_lock(key, task_id)
-        except LockError as exc:
-            logger.warning("could not release the lock of %s[%s]: %s", self.name, task_id, exc)
-            return False
+
+
+#: Jitter of outage retries: the OS's source, so prefork children do not draw alike.
+_jitter = random.SystemRandom()
+
+
+def _is_redelivered(request: Any) -> bool:
+    """True for a message the broker delivered before (Redis restores, AMQP redelivery)."""
+    return bool((getattr(request, "delivery_info", None) or {}).get("redelivered"))
 
 
 def _seconds_until_start(options: dict[str, Any]) -> float:
@@ -480,36 +541,23 @@ def _release_after_result(sender: Any = None, task_id: str | None = None, **_: A
         sender._release_quietly(held)
 
 
-@task_revoked.connect  # type: ignore[untyped-decorator]
-def _release_terminated(
-    sender: Any = None, request: Any = None, terminated: bool = False, **_: Any
-) -> None:
-    # Sent in the worker's main process, which knows the killed run's arguments.
-    if (
-        terminated
-        and isinstance(sender, SingletonTask)
-        and request is not None
-        and request.id
-        and sender.release_lock_of(request.id, request.args, request.kwargs)
-    ):
-        logger.info("released the lock of terminated %s[%s]", sender.name, request.id)
+@worker_ready.connect  # type: ignore[untyped-decorator]
+def _check_lock_server(sender: Any = None, **_: Any) -> None:
+    # One look at the lock server when a worker starts, off the start-up path: an
+    # unreachable one gets one WARNING line; the worker still starts, and its singleton
+    # tasks retry until the server answers (singleton_lock_outage_timeout).
+    app = getattr(sender, "app", None)
+    if app is None or not any(isinstance(t, SingletonTask) for t in app.tasks.values()):
+        return
 
+    def look() -> None:
+        try:
+            settings = settings_for(app)
+            settings.backend().release_owned("singleton-lock-ping", Owner.of_message("ping"))
+        except LockError as exc:
+            logger.warning("the lock server does not answer (%s); singleton tasks retry until it does", exc)
 
-@task_failure.connect  # type: ignore[untyped-decorator]
-def _release_killed(
-    sender: Any = None,
-    task_id: str | None = None,
-    exception: BaseException | None = None,
-    args: Any = None,
-    kwargs: Any = None,
-    **_: Any,
-) -> None:
-    # Hard time limit and lost child process: the main process reports them, the child
-    # is gone, and the lock would otherwise wait for its TTL.
-    if isinstance(exception, TimeLimitExceeded | WorkerLostError) and isinstance(
-        sender, SingletonTask
-    ) and task_id and sender.release_lock_of(task_id, args, kwargs):
-        logger.info("released the lock of killed %s[%s]", sender.name, task_id)
+    threading.Thread(target=look, name="celery-singleton-lock-ping", daemon=True).start()
 
 
 def singleton_task(*args: Any, **options: Any) -> Any:

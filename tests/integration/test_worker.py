@@ -183,17 +183,24 @@ def test_unreachable_lock_server_fails_closed(worker_app, redis_url, run, tmp_pa
         closed.bind(("127.0.0.1", 0))
         port = closed.getsockname()[1]
     unreachable = f"redis://:secret-pw@127.0.0.1:{port}/0"
-    guarded = Worker(redis_url, tmp_path, queues="guarded", concurrency=1, CSL_WORKER_LOCK_URL=unreachable)
+    guarded = Worker(
+        redis_url, tmp_path, queues="guarded", concurrency=1, CSL_WORKER_LOCK_URL=unreachable,
+        CSL_WORKER_OUTAGE_TIMEOUT="3", CSL_WORKER_OUTAGE_BACKOFF_MAX="0.5",
+    )
     try:
         guarded.wait_ready(worker_app.app)
+        started = time.monotonic()
         result = worker_app.guarded.apply_async((run,), queue="guarded")
         with pytest.raises(Exception) as info:
             result.get(timeout=30)
+        assert time.monotonic() - started >= 3  # retried for the whole outage budget
         assert type(info.value).__name__ == "LockBackendUnavailable"
+        assert "singleton_lock_outage_timeout=3s" in str(info.value)
         assert result.state == "FAILURE"
         assert count(events_of(worker_app, run), "start") == 0  # the body never ran unlocked
         log = guarded.log.read_text()
-        assert "Retry in" in log  # retried once before giving up
+        # More retries than the task's max_retries=1: outages have a budget of their own.
+        assert "retry 2 in" in log
         assert "secret-pw" not in log
         assert "secret-pw" not in str(info.value)
     finally:

@@ -14,6 +14,7 @@ from typing import Any
 
 import redis
 from celery import Celery
+from celery.exceptions import SoftTimeLimitExceeded
 
 from celery_singleton_lock import Retry, SingletonTask, Wait, current_lock, singleton_task
 from celery_singleton_lock.errors import LockLost
@@ -30,6 +31,10 @@ app.conf.update(
     result_expires=600,
     task_track_started=True,
 )
+# Outage retries, shortened for the tests that stop the lock server.
+for _name in ("outage_timeout", "outage_backoff_max"):
+    if os.environ.get(f"CSL_WORKER_{_name.upper()}"):
+        app.conf[f"singleton_lock_{_name}"] = float(os.environ[f"CSL_WORKER_{_name.upper()}"])
 events = redis.Redis.from_url(URL + "/0")
 
 
@@ -128,3 +133,25 @@ def crashable(run: str) -> str:
 def guarded(run: str) -> str:
     record(run, "start")
     return "ran"
+
+
+@app.task(base=SingletonTask, bind=True, max_retries=1)
+def retries_once(self: Any, run: str) -> str:
+    """Spends its own single retry: lock-server outages before it must not have."""
+    record(run, "start", self.request.retries)
+    if self.request.retries == 0:
+        raise self.retry(countdown=0)
+    return f"ran after {self.request.retries} retry"
+
+
+@app.task(base=SingletonTask, lock_ttl=2)
+def stubborn(run: str, seconds: float) -> str:
+    """Catches a soft revoke (SIGUSR1) and keeps working, as a body may."""
+    record(run, "start")
+    try:
+        time.sleep(60)
+    except SoftTimeLimitExceeded:
+        record(run, "soft-limit")
+        time.sleep(seconds)
+    record(run, "end")
+    return "finished anyway"

@@ -9,14 +9,11 @@ from __future__ import annotations
 import logging
 import uuid
 from collections.abc import Callable
-from types import SimpleNamespace
 from typing import Any
 
 import pytest
 from celery import Celery, current_app
 from celery.app.trace import build_tracer
-from celery.exceptions import TimeLimitExceeded
-from celery.signals import task_failure, task_revoked
 
 from celery_singleton_lock import (
     ConfigurationError,
@@ -33,7 +30,7 @@ from celery_singleton_lock import (
 from celery_singleton_lock.backends.base import LockBackend
 from celery_singleton_lock.config import settings_for
 from celery_singleton_lock.errors import LockKeyError
-from celery_singleton_lock.lease import LeaseKeeper, Owner
+from celery_singleton_lock.lease import LeaseKeeper
 from celery_singleton_lock.signals import lock_contended, lock_lost, task_skipped
 
 STYLES = ["app.task(base=SingletonTask)", "singleton_task(app)", "singleton_task"]
@@ -512,44 +509,3 @@ def test_class_based_task_with_a_bad_attribute_is_rejected_when_registered(eager
     with pytest.raises(ConfigurationError) as info:
         eager_app.register_task(Broken())
     assert info.value.option == "on_contention"
-
-
-# -- runs killed by the worker: released by task id ----------------------------------------
-
-
-def killed_run_holding(app: Celery, task: Any, task_id: str, *args: Any) -> str:
-    """Hold ``task(*args)``'s lock as the run ``task_id`` would, and return its key."""
-    key = task.lock_key_for(args, {})
-    owner = Owner(host="worker-1", pid=4242, task_id=task_id)
-    assert lock_backend(app).acquire(key, ttl=30, owner=owner) is not None
-    return key
-
-
-def test_a_terminated_run_has_its_lock_released_by_task_id(eager_app: Celery) -> None:
-    @eager_app.task(base=SingletonTask)
-    def rebuild(report_id: int) -> None: ...
-
-    key = killed_run_holding(eager_app, rebuild, "run-1", 5)
-    request = SimpleNamespace(id="run-2", args=[5], kwargs={})
-    task_revoked.send(sender=rebuild, request=request, terminated=True, signum=15, expired=False)
-    assert not is_free(eager_app, key)  # another run's revocation leaves it alone
-    request = SimpleNamespace(id="run-1", args=[5], kwargs={})
-    task_revoked.send(sender=rebuild, request=request, terminated=False, signum=None, expired=False)
-    assert not is_free(eager_app, key)  # revoked before it ran: nothing of its to release
-    task_revoked.send(sender=rebuild, request=request, terminated=True, signum=15, expired=False)
-    assert is_free(eager_app, key)
-
-
-def test_a_run_killed_by_its_hard_time_limit_has_its_lock_released(eager_app: Celery) -> None:
-    @eager_app.task(base=SingletonTask)
-    def rebuild(report_id: int) -> None: ...
-
-    key = killed_run_holding(eager_app, rebuild, "run-1", 5)
-    task_failure.send(
-        sender=rebuild, task_id="run-1", exception=ValueError("body failed"), args=[5], kwargs={}
-    )
-    assert not is_free(eager_app, key)  # an ordinary failure is released by the run itself
-    task_failure.send(
-        sender=rebuild, task_id="run-1", exception=TimeLimitExceeded(60), args=[5], kwargs={}
-    )
-    assert is_free(eager_app, key)
