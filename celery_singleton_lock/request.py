@@ -101,13 +101,16 @@ class _DeathWatch:
 
     def _run(self) -> None:
         while True:
-            for selected, _ in self._selector.select():
-                if selected.fd == self._wake_r:
-                    self._take_incoming()
-                else:
-                    self._selector.unregister(selected.fd)
-                    os.close(selected.fd)
-                    _release(selected.data)
+            try:
+                for selected, _ in self._selector.select():
+                    if selected.fd == self._wake_r:
+                        self._take_incoming()
+                    else:
+                        self._selector.unregister(selected.fd)
+                        os.close(selected.fd)
+                        _release(selected.data)
+            except Exception:  # the watch must outlive any bug: log it and go on
+                logger.exception("death watch: a round failed; going on")
 
     def _take_incoming(self) -> None:
         try:

@@ -153,8 +153,14 @@ def test_revoke_terminate_frees_the_lock_at_once(worker, worker_app, run, redis_
     key = "{singleton-lock:" + worker_app.killable.lock_key_for((run,), {}) + "}"
     locks = redis.Redis.from_url(redis_url + "/3")
     assert locks.exists(key)
+    owner = json.loads(locks.get(key).split(b"\n", 1)[1])
     worker_app.app.control.revoke(result.id, terminate=True, signal="SIGKILL")
     wait_until(lambda: not locks.exists(key), 5, "the main process to release the killed task's lock")
+    # Released by the main process (a SIGKILLed process releases nothing), after the death.
+    worker.wait_for_log(
+        f"released the lock of {worker_app.killable.name}[{result.id}]: "
+        f"its pool process {owner['pid']} is dead", 5,
+    )
 
 
 def test_sigkilled_worker_frees_its_lock_at_ttl_expiry_not_before(worker_app, redis_url, run, tmp_path):
