@@ -13,7 +13,11 @@ batching all due locks of one backend into one round trip. It holds the locks we
 handle dropped without release stops being renewed and the server's TTL frees it. It
 cannot die quietly: every failure is logged, and a lease proved gone is marked lost, logged
 at ERROR and announced with the ``lock_lost`` signal. It never raises into a task's thread;
-the task learns of a loss through :attr:`HeldLock.lost` and :meth:`HeldLock.ensure_held`.
+the task learns of a loss through :attr:`HeldLock.lost` and :meth:`HeldLock.ensure_held`,
+and :meth:`HeldLock.settle` at the end of the body makes sure a loss was announced.
+
+The keeper is a thread of the operating system even in a gevent worker, where a greenlet
+would not run while a task body computes; see _native.py for what that takes.
 """
 
 from __future__ import annotations
@@ -22,13 +26,12 @@ import json
 import logging
 import math
 import os
-import threading
 import time
 import weakref
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
-from celery_singleton_lock import signals
+from celery_singleton_lock import _native, signals
 from celery_singleton_lock.errors import LockError, LockLost
 
 if TYPE_CHECKING:
@@ -79,6 +82,19 @@ class Owner:
         return f"{token}\n{self.as_json()}"
 
 
+@runtime_checkable
+class ForNativeThread(Protocol):
+    """A backend whose connections must not be shared with the keeper's OS thread.
+
+    In a gevent-patched process a socket belongs to the thread that created it (see
+    _native.py); such a backend gives the keeper a copy of itself with connections of its
+    own. A backend without the method is used as it is (memory, grpc channels).
+    """
+
+    def for_native_thread(self) -> LockBackend:
+        """A copy for :meth:`LockBackend.renew` calls from another OS thread."""
+
+
 def stored_task_id(value: bytes | None) -> str | None:
     """The owner's task id in a value made by :meth:`Owner.stored_with` (None if absent)."""
     if not value:
@@ -120,12 +136,15 @@ class HeldLock:
         self.owner = owner
         #: The sender of this lock's signals: the backend, or the task that took it.
         self.sender: Any = backend
-        self._state = threading.Lock()
+        self._state = _native.allocate_lock()  # also taken by the keeper's OS thread
         self._valid_until = valid_until
         self._next_renewal = valid_until - ttl + ttl * RENEW_FRACTION
         self._renew_until: float | None = None
         self._lost_reason: str | None = None
+        self._loss_announced = False
         self._released = False
+        # Under gevent: how to reach the greenlets of the thread that took the lock.
+        self._post = _native.poster()
 
     def __repr__(self) -> str:
         state = "released" if self._released else ("lost" if self.lost else "held")
@@ -169,6 +188,23 @@ class HeldLock:
         """Release through the backend; see :meth:`LockBackend.release`."""
         return self.backend.release(self)
 
+    def settle(self) -> bool:
+        """Make sure a loss is logged at ERROR and announced with ``lock_lost``, once.
+
+        The task calls it when its body returns (before release). The keeper declares a
+        loss as soon as it sees one, but it may not have: the validity deadline may have
+        passed between two of its rounds, or a long C call may have kept it from running.
+        In a gevent worker the keeper's ``lock_lost`` waits for the hub, which a body that
+        never yields does not give back; this sends it now, in the task's thread.
+
+        :returns: True if the lock was lost (it is no longer provably ours).
+        """
+        if not self.lost:
+            return False
+        reason = self.lost_reason or "it was lost"
+        LeaseKeeper.for_process().declare_lost(self, reason, announce_here=True)
+        return True
+
     def stop_renewal_at(self, deadline: float) -> None:
         """Stop renewing at ``deadline`` (monotonic); the server's TTL then ends the lease.
 
@@ -192,6 +228,15 @@ class HeldLock:
             self._lost_reason = reason
         return True
 
+    def _announce_loss(self) -> None:
+        """Send ``lock_lost`` unless it was sent for this acquisition already."""
+        with self._state:
+            if self._loss_announced:
+                return
+            self._loss_announced = True
+        reason = self._lost_reason or "it was lost"
+        signals.lock_lost.send(sender=self.sender, key=self.key, held=self, reason=reason)
+
     def _mark_released(self) -> bool:
         """True if this call released it (a handle releases once)."""
         with self._state:
@@ -205,17 +250,24 @@ class LeaseKeeper:
     """One daemon thread per process renewing every held lock; see the module docstring.
 
     Created lazily by :meth:`for_process`, and again after a fork (a prefork child
-    gets its own), so it works in solo, threads and prefork pools alike.
+    gets its own), so it works in solo, threads, prefork and gevent pools alike.
     """
 
     _instance: LeaseKeeper | None = None
-    _instance_lock = threading.Lock()
+    _instance_lock = _native.allocate_lock()
 
     def __init__(self) -> None:
         self.pid = os.getpid()
         self._locks: weakref.WeakSet[HeldLock] = weakref.WeakSet()
-        self._wakeup = threading.Condition()
-        self._thread: threading.Thread | None = None
+        # OS locks, never gevent's: the keeper's thread is not a greenlet (see _native.py).
+        # The guard covers the fields below; nothing slow ever happens while holding it.
+        self._guard = _native.allocate_lock()
+        self._wakeup = _native.Wakeup()
+        self._thread: _native.NativeThread | None = None
+        # Under gevent, the copy of each backend whose connections belong to our thread.
+        self._renewers: weakref.WeakKeyDictionary[LockBackend, LockBackend] = (
+            weakref.WeakKeyDictionary()
+        )
         # When the thread will wake up by itself (time.monotonic); a new lock due later
         # needs no wake-up call, which keeps acquire free of thread switches.
         self._wakes_at = math.inf
@@ -232,38 +284,37 @@ class LeaseKeeper:
             return keeper
 
     def track(self, held: HeldLock) -> None:
-        with self._wakeup:
+        with self._guard:
             self._locks.add(held)
             if self._thread is None or not self._thread.is_alive():
-                self._thread = threading.Thread(
-                    target=self._run, name="celery-singleton-lock-keeper", daemon=True
-                )
-                self._thread.start()
+                self._thread = _native.NativeThread(self._run)
             due_in = held._next_renewal - held.backend.clock()
             if time.monotonic() + due_in < self._wakes_at:
-                self._wakeup.notify()
+                self._wakeup.set()
 
     def untrack(self, held: HeldLock) -> None:
-        with self._wakeup:
+        with self._guard:
             self._locks.discard(held)
 
     def tracked(self) -> list[HeldLock]:
-        with self._wakeup:
+        with self._guard:
             return list(self._locks)
 
     def _run(self) -> None:
         while True:
             try:
-                with self._wakeup:
+                with self._guard:
                     delay = self._seconds_to_next()
                     self._wakes_at = math.inf if delay is None else time.monotonic() + delay
-                    self._wakeup.wait(timeout=delay)
+                # A lock tracked from here on finds _wakes_at set and leaves a wake-up call,
+                # which this wait then returns at once for.
+                self._wakeup.wait(delay)
+                with self._guard:
                     self._wakes_at = -math.inf  # busy: it looks at every lock before sleeping
                 self.renew_due()
             except Exception:  # the keeper must outlive any bug: log it and go on
                 logger.exception("lease keeper: renewal round failed; retrying")
-                with self._wakeup:
-                    self._wakeup.wait(timeout=RETRY_AFTER)
+                self._wakeup.wait(RETRY_AFTER)
 
     def _seconds_to_next(self) -> float | None:
         locks = list(self._locks)
@@ -301,7 +352,7 @@ class LeaseKeeper:
         sent_at = backend.clock()
         self.renewal_calls += 1
         try:
-            still_ours = backend.renew(due)
+            still_ours = self._renewer(backend).renew(due)
         except LockError as exc:
             for held in due:
                 if backend.clock() >= held._valid_until:
@@ -318,17 +369,38 @@ class LeaseKeeper:
             else:
                 self.declare_lost(held, "the server says it is no longer ours (expired or taken)")
 
-    def declare_lost(self, held: HeldLock, reason: str) -> None:
+    def _renewer(self, backend: LockBackend) -> LockBackend:
+        """The backend to renew through from this thread (itself, unless under gevent)."""
+        if not _native.patched() or not isinstance(backend, ForNativeThread):
+            return backend
+        renewer = self._renewers.get(backend)
+        if renewer is None:
+            renewer = self._renewers[backend] = backend.for_native_thread()
+        return renewer
+
+    def declare_lost(self, held: HeldLock, reason: str, *, announce_here: bool = False) -> None:
+        """Stop renewing ``held``, mark it lost, log at ERROR and send ``lock_lost``: each
+        once, whoever calls first (the keeper, or the task through :meth:`HeldLock.settle`).
+
+        :param announce_here: send ``lock_lost`` from the calling thread. Otherwise, in a
+            gevent worker, it goes to a new greenlet on the hub of the thread that took the
+            lock, where its receivers' sockets live; the ERROR line is logged at once.
+        """
         self.untrack(held)
         if held._mark_lost(reason):
             logger.error("lock %r lost: %s", held.key, reason)
-            signals.lock_lost.send(sender=held.sender, key=held.key, held=held, reason=reason)
+        elif held._lost_reason is None:  # released before it could be declared: not lost
+            return
+        if announce_here or held._post is None:
+            held._announce_loss()
+        elif not held._loss_announced:
+            held._post(held._announce_loss)
 
 
 def _forget_keeper_after_fork() -> None:
     # The parent's thread does not exist in the child; its locks are the parent's.
     LeaseKeeper._instance = None
-    LeaseKeeper._instance_lock = threading.Lock()
+    LeaseKeeper._instance_lock = _native.allocate_lock()
 
 
 os.register_at_fork(after_in_child=_forget_keeper_after_fork)

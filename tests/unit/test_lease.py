@@ -6,10 +6,11 @@ where the thread would have woken up.
 
 from __future__ import annotations
 
+import copy
 import gc
 import logging
 import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import pytest
 
@@ -364,8 +365,9 @@ def test_a_released_lock_is_no_longer_renewed(
 
 
 def test_a_huge_ttl_never_makes_the_keeper_sleep_past_its_cap(backend: MemoryBackend, keeper) -> None:
-    # A timed wait of ~1e10 s overflows time_t and would kill the keeper thread.
-    held = backend.acquire("forever", ttl=1e10)
+    # A timed wait of the longest TTL allowed (10 years) must not reach the OS as one wait:
+    # near 1e10 s it overflows time_t and would kill the keeper thread.
+    held = backend.acquire("forever", ttl=3e8)
     assert held is not None
     assert keeper._seconds_to_next() <= 60.0
     backend.release(held)
@@ -377,3 +379,152 @@ def test_an_idle_keeper_sleeps_one_more_interval_then_until_called(backend: Memo
     backend.release(held)
     assert keeper._seconds_to_next() == pytest.approx(1.0)  # no wake-up call needed
     assert keeper._seconds_to_next() is None
+
+
+# -- settling at the end of a body, and the keeper's OS thread -----------------------------
+
+
+def _lease_errors(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
+    return [
+        r for r in caplog.records if r.levelno == logging.ERROR and r.name == "celery_singleton_lock.lease"
+    ]
+
+
+def test_settle_declares_a_loss_the_keeper_did_not_get_to(
+    backend: MemoryBackend, clock, keeper: LeaseKeeper, record_signal, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The keeper could not run (a gevent hub kept busy, a long C call): the deadline passed
+    # and nobody said so. The task settles its lock when its body returns.
+    lost = record_signal(lock_lost)
+    held = take(backend, "report:42")
+    clock.advance(TTL)
+    assert held.lost
+    assert lost == []
+    with caplog.at_level(logging.ERROR, logger="celery_singleton_lock.lease"):
+        assert held.settle() is True
+        assert held.settle() is True  # still lost, announced no more
+        keeper.renew_due()
+    assert [(call["key"], call["held"], call["sender"]) for call in lost] == [("report:42", held, backend)]
+    assert "validity deadline" in lost[0]["reason"]
+    assert len(_lease_errors(caplog)) == 1
+    assert "report:42" in _lease_errors(caplog)[0].getMessage()
+    assert held not in keeper.tracked()
+
+
+def test_settle_of_a_lock_still_held_changes_nothing(
+    backend: MemoryBackend, clock, keeper: LeaseKeeper, record_signal, renew_calls: list[list[str]]
+) -> None:
+    lost = record_signal(lock_lost)
+    held = take(backend, "report:42")
+    clock.advance(TTL / 3)
+    assert held.settle() is False
+    assert lost == []
+    assert held in keeper.tracked()
+    keeper.renew_due()
+    assert renew_calls == [["singleton-lock:report:42"]]
+    held.release()
+    assert held.settle() is False  # released is not lost
+
+
+def test_a_loss_posted_to_the_hub_is_sent_once_by_whichever_runs_first(
+    backend: MemoryBackend, clock, keeper: LeaseKeeper, record_signal, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Under gevent the keeper logs at once and posts lock_lost to the lock's hub, which a
+    # body that never yields does not run until it returns; settle() sends it then.
+    lost = record_signal(lock_lost)
+    held = take(backend, "report:42")
+    posted: list[Callable[[], object]] = []
+    held._post = posted.append
+    backend.expire_now("report:42")
+    clock.advance(TTL / 3)
+    with caplog.at_level(logging.ERROR, logger="celery_singleton_lock.lease"):
+        keeper.renew_due()
+    assert len(_lease_errors(caplog)) == 1  # logged by the keeper, not waiting for the hub
+    assert lost == []
+    assert len(posted) == 1
+    assert held.settle() is True
+    assert len(lost) == 1
+    posted[0]()  # the hub gets to the posted greenlet at last
+    assert len(lost) == 1
+    assert "no longer ours" in lost[0]["reason"]
+    assert len(_lease_errors(caplog)) == 1
+
+
+def test_a_posted_loss_needs_no_settle(
+    backend: MemoryBackend, clock, keeper: LeaseKeeper, record_signal
+) -> None:
+    lost = record_signal(lock_lost)
+    held = take(backend, "report:42")
+    posted: list[Callable[[], object]] = []
+    held._post = posted.append
+    backend.expire_now("report:42")
+    clock.advance(TTL / 3)
+    keeper.renew_due()
+    posted[0]()  # a body that yields: the hub runs it while the body still runs
+    assert [call["held"] for call in lost] == [held]
+    assert held.settle() is True
+    assert len(lost) == 1
+
+
+def test_a_lock_released_before_the_keeper_declares_it_is_not_announced(
+    backend: MemoryBackend, keeper: LeaseKeeper, record_signal, caplog: pytest.LogCaptureFixture
+) -> None:
+    lost = record_signal(lock_lost)
+    held = take(backend, "report:42")
+    held.release()
+    with caplog.at_level(logging.ERROR, logger="celery_singleton_lock.lease"):
+        keeper.declare_lost(held, "raced with the release")
+    assert lost == []
+    assert _lease_errors(caplog) == []
+    assert not held.lost
+
+
+class _ThreadBoundBackend(MemoryBackend):
+    """A memory backend that says, like Redis, its connections must not cross threads."""
+
+    def __init__(self, clock: Callable[[], float]) -> None:
+        super().__init__(clock=clock)
+        self.copies: list[MemoryBackend] = []
+        self.renewed_here = 0
+
+    def for_native_thread(self) -> MemoryBackend:
+        view = copy.copy(self)
+        self.copies.append(view)
+        return view
+
+    def _renew(self, items: Sequence[tuple[str, str, float]]) -> list[bool]:
+        self.renewed_here += 1
+        return super()._renew(items)
+
+
+@pytest.mark.parametrize("patched", [True, False])
+def test_under_gevent_the_keeper_renews_through_one_copy_of_its_own(
+    clock, keeper: LeaseKeeper, monkeypatch: pytest.MonkeyPatch, patched: bool
+) -> None:
+    from celery_singleton_lock import _native
+
+    monkeypatch.setattr(_native, "patched", lambda: patched)
+    backend = _ThreadBoundBackend(clock)
+    held = take(backend, "report:42")  # type: ignore[arg-type]
+    for _ in range(3):
+        clock.advance(TTL / 3)
+        keeper.renew_due()
+    assert not held.lost
+    assert keeper.renewal_calls == 3
+    if patched:
+        assert len(backend.copies) == 1  # made once, then kept
+        assert backend.renewed_here == 0  # the shared connections were never used
+    else:
+        assert backend.copies == []
+        assert backend.renewed_here == 3
+
+
+def test_a_wakeup_call_made_before_the_wait_is_not_lost() -> None:
+    from celery_singleton_lock._native import Wakeup
+
+    wakeup = Wakeup()
+    assert wakeup.wait(0) is False
+    wakeup.set()
+    wakeup.set()  # calls do not pile up: one wait consumes them
+    assert wakeup.wait(0) is True
+    assert wakeup.wait(0) is False
