@@ -29,14 +29,22 @@ setting                            meaning                                      
 
 from __future__ import annotations
 
+import logging
 import os
+import re
 import threading
 import weakref
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
+from urllib.parse import parse_qsl, urlsplit
+
+from celery import signals
+from celery.app.utils import filter_hidden_settings
 
 from celery_singleton_lock.backends import backend_class, shared_backend
-from celery_singleton_lock.errors import ConfigurationError
+from celery_singleton_lock.backends.base import _check_ttl
+from celery_singleton_lock.errors import ConfigurationError, mask_url
 from celery_singleton_lock.policies import Policy, Skip, parse_policy
 
 if TYPE_CHECKING:
@@ -44,17 +52,51 @@ if TYPE_CHECKING:
 
     from celery_singleton_lock.backends.base import LockBackend
 
-__all__ = ["ON_LOCK_LOST", "Settings", "check_on_lock_lost", "check_ttl", "settings_for"]
+__all__ = [
+    "ON_LOCK_LOST",
+    "Settings",
+    "check_on_lock_lost",
+    "check_ttl",
+    "settings_for",
+    "warn_if_connect_timeout_exceeds",
+]
+
+logger = logging.getLogger("celery_singleton_lock.config")
 
 ON_LOCK_LOST = ("log", "raise")
 _REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
 
 
 def check_ttl(value: Any, option: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
-        msg = f"{option} must be a positive number of seconds, got {value!r}"
-        raise ConfigurationError(msg, option=option)
-    return float(value)
+    """``value`` as float seconds: a number from ``MIN_TTL`` (0.1) to ``MAX_TTL`` (10 years).
+
+    :raises ConfigurationError: naming ``option`` (also for NaN and infinity).
+    """
+    return _check_ttl(value, option)
+
+
+def warn_if_connect_timeout_exceeds(
+    ttl: float, connect_timeout: float, ttl_option: str, where: str = ""
+) -> bool:
+    """Log a WARNING when ``connect_timeout`` is not below the lease TTL; True if it did.
+
+    A renewal that waits ``connect_timeout`` for a hung server outlives the lease it
+    renews, so such a lock is lost whenever the server hangs. A log line rather than a
+    Python warning: test suites run with warnings as errors, and this is an operator's
+    choice, not a bug.
+
+    :param ttl_option: the TTL's setting or option name (``singleton_lock_ttl``, ``lock_ttl``).
+    :param where: appended to the message, e.g. ``" of task shop.charge"``.
+    """
+    if connect_timeout < ttl:
+        return False
+    logger.warning(
+        "singleton_lock_connect_timeout (%gs) is not below %s (%gs)%s: renewing against a "
+        "hung lock server waits longer than the lease lasts, so the lock is lost; lower "
+        "singleton_lock_connect_timeout or raise %s",
+        connect_timeout, ttl_option, ttl, where, ttl_option,
+    )
+    return True
 
 
 def check_on_lock_lost(value: Any, option: str) -> str:
@@ -120,14 +162,123 @@ def _default_backend_url(conf: Any) -> str:
     raise ConfigurationError(msg, option="singleton_lock_backend")
 
 
+#: Query parameters that carry secrets: ``celery report`` shows a URL's query as written.
+_SECRET_PARAMETER = re.compile(r"pass|secret|token", re.IGNORECASE)
+_MASK = "********"
+
+
+def _password(url: str) -> str:
+    """The password part of ``url``'s userinfo, as every backend here splits it."""
+    userinfo, at, _ = urlsplit(url).netloc.rpartition("@")
+    return userinfo.partition(":")[2] if at else ""
+
+
+def _check_censored(value: Any) -> None:
+    """Refuse a ``singleton_lock_backend`` whose password ``celery report`` would show.
+
+    ``celery report`` (``app.conf.humanize(censored=True)``) masks the password in the
+    userinfo of one URL string, and shows lists and query strings as written. The check
+    asks Celery's own censoring, so it follows whatever the installed Celery masks.
+
+    :raises ConfigurationError: naming ``singleton_lock_backend`` (never the password).
+    """
+    urls = list(value) if isinstance(value, list | tuple) else [value]
+    if not all(isinstance(url, str) for url in urls):
+        return  # not a URL: backend_class reports it
+    try:
+        censored = filter_hidden_settings({"singleton_lock_backend": value})["singleton_lock_backend"]
+    except Exception:  # an older Celery that cannot parse it shows nothing at all
+        return
+    shown = list(censored) if isinstance(censored, list | tuple) else [censored]
+    for url, after in zip(urls, shown, strict=False):
+        parts = urlsplit(url)
+        if "@" in url.partition("://")[2][len(parts.netloc):]:
+            msg = (
+                f"singleton_lock_backend: a {parts.scheme}:// URL has an '@' after its host "
+                "part, so its password would be shown unmasked (and not used as one): "
+                "percent-encode '/', '?', '#' and '@' in a password (%2F %3F %23 %40)"
+            )
+            raise ConfigurationError(msg, option="singleton_lock_backend")
+        secret = [name for name, _ in parse_qsl(parts.query) if _SECRET_PARAMETER.search(name)]
+        if secret:
+            msg = (
+                f"singleton_lock_backend: the query parameter {secret[0]!r} would be shown "
+                "unmasked by `celery report`; write the password in the URL "
+                "(scheme://user:PASSWORD@host/...) or in singleton_lock_backend_options"
+            )
+            raise ConfigurationError(msg, option="singleton_lock_backend")
+        if _password(url) and (not isinstance(after, str) or _password(after) != _MASK):
+            form = "a list of URLs" if len(urls) > 1 else f"this {parts.scheme}:// URL"
+            msg = (
+                f"singleton_lock_backend: `celery report` would show the password of {form} "
+                "unmasked. For Redlock write one URL, redlock://:PASSWORD@h1:6379,h2:6379,"
+                "h3:6379/0 (masked), or list the URLs without passwords and set "
+                "singleton_lock_backend_options = {'password': ...} (masked; used by every "
+                "master)"
+            )
+            raise ConfigurationError(msg, option="singleton_lock_backend")
+
+
+def _check_backend_setting(sender: Any = None, **kwargs: Any) -> None:
+    """At ``celery report``, worker and beat start (before any output): refuse a
+    ``singleton_lock_backend`` that ``celery report`` would show with its password.
+
+    ``celery report`` prints the settings without reading ours; Celery re-raises an
+    error from this signal, so the report stops before showing anything.
+    """
+    conf = getattr(sender, "conf", None)
+    value = _setting(conf, "singleton_lock_backend") if conf is not None else None
+    if value:
+        _check_censored(value)
+
+
+signals.import_modules.connect(
+    _check_backend_setting, dispatch_uid="celery_singleton_lock.config.check_backend_setting"
+)
+
+
+def _check_port_and_db(value: Any) -> None:
+    """A port that is not a number, or a Redis database that is not one, fails here, at
+    settings read, instead of at the first lock.
+
+    :raises ConfigurationError: naming ``singleton_lock_backend`` (password masked).
+    """
+    urls: Sequence[Any] = value if isinstance(value, tuple) else [value]
+    for url in urls:
+        if not isinstance(url, str) or "://" not in url:
+            return  # backend_class reports it
+        parts = urlsplit(url)
+        hosts = parts.netloc.rpartition("@")[2]
+        for host in filter(None, (h.strip() for h in hosts.split(","))):
+            port = host.rpartition("]")[2].rpartition(":")[2] if ":" in host.rpartition("]")[2] else ""
+            if port and not (port.isdigit() and 0 < int(port) < 65536):
+                msg = (
+                    f"singleton_lock_backend: port {port!r} of {mask_url(url)!r} is not a "
+                    "number from 1 to 65535"
+                )
+                raise ConfigurationError(msg, option="singleton_lock_backend")
+        db = parts.path.strip("/")
+        if parts.scheme in ("redis", "rediss", "redlock") and db and not db.isdigit():
+            msg = (
+                f"singleton_lock_backend: the Redis database {db!r} of {mask_url(url)!r} must "
+                "be a number (redis://host:6379/0)"
+            )
+            raise ConfigurationError(msg, option="singleton_lock_backend")
+
+
 def read_settings(conf: Any) -> Settings:
     """Validate ``conf``'s ``singleton_lock_*`` settings.
 
     :raises ConfigurationError: naming the first bad setting.
     """
-    url = _setting(conf, "singleton_lock_backend") or _default_backend_url(conf)
+    url = _setting(conf, "singleton_lock_backend")
+    if url:
+        _check_censored(url)
+    else:
+        url = _default_backend_url(conf)
     if isinstance(url, list | tuple):
         url = tuple(url)
+    _check_port_and_db(url)
     if backend_class(url, option="singleton_lock_backend").schemes == ("redlock",):
         from celery_singleton_lock.backends.redlock import node_urls
 
@@ -145,6 +296,11 @@ def read_settings(conf: Any) -> Settings:
         value = _setting(conf, name)
         return default if value is None else check_ttl(value, name)
 
+    warn_if_connect_timeout_exceeds(
+        number("singleton_lock_ttl", 60.0),
+        number("singleton_lock_connect_timeout", 5.0),
+        "singleton_lock_ttl",
+    )
     beat_name = _setting(conf, "singleton_lock_beat_name")
     if beat_name is not None and (not isinstance(beat_name, str) or not beat_name):
         msg = f"singleton_lock_beat_name must be a non-empty str, got {beat_name!r}"

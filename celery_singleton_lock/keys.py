@@ -5,20 +5,35 @@ applied, so ``f(1, 2)``, ``f(1, b=2)`` and ``f(a=1)`` (with ``b=2`` the default)
 same key. What the key covers is the task's ``lock_key`` option:
 
 ``None``
-    the task name and every bound argument: ``"shop.rebuild_report:<sha256>"``.
+    the task name and every bound argument: ``"task:shop.rebuild_report:<sha256>"``.
 ``("account_id", ...)``
-    the task name and the arguments named: ``"shop.sync_account:<sha256>"``.
+    the task name and the arguments named: ``"task:shop.sync_account:<sha256>"``.
 ``"invoice:{invoice_id}"``
     a resource name, shared by every task that uses the same template (NOT scoped to
-    the task name): ``"invoice:42"``.
+    the task name): ``"res:invoice:42"``.
 a callable
-    called with the task's arguments (defaults applied); returns the resource name.
+    called with the task's arguments (defaults applied); returns the resource name,
+    which lands in the same ``res:`` namespace as templates.
 
-Argument data reaches a key only as a sha256 of its canonical JSON, or, in a template or
-a callable's result, as itself when it is short and made of safe characters. The key's
-length is bounded and no argument can forge a separator. An argument that has no
-canonical form raises :class:`~celery_singleton_lock.LockKeyError` naming it: the task
-then never runs unlocked.
+Namespaces no argument can cross:
+
+- Task keys start with ``task:`` and resource keys with ``res:``, so no template value
+  or callable result can ever equal a task's key.
+- Argument data reaches a task key only as a sha256 of its canonical JSON.
+- A template value is copied only when it is short, made of safe characters
+  (letters, digits, ``_ . @ -``), and does not contain the first character of the
+  template text that follows it (``"{a}-{b}"`` copies ``42`` but hashes ``x-y``); a
+  field followed directly by another field is always hashed. Anything else becomes
+  ``~`` and 32 hex characters. So within one template the key tells every value
+  apart: no value can forge a separator.
+- Every hash is salted with what it stands for (a value, a whole template, a
+  callable's result), so a crafted value cannot reproduce another kind's hash.
+
+Keys are bounded: a task key is ``task:``, the task name, and 33 characters; a resource
+key is at most 204 characters (a filled template or a callable's result longer than 200
+characters, or with other characters, becomes 64 readable ones, ``~`` and a digest of
+it all). An argument that has no canonical form raises
+:class:`~celery_singleton_lock.LockKeyError` naming it: the task then never runs unlocked.
 """
 
 from __future__ import annotations
@@ -42,14 +57,25 @@ __all__ = ["KeySpec", "canonical_json", "derive_key", "validate_key_spec"]
 
 KeySpec: TypeAlias = "tuple[str, ...] | str | Callable[..., str] | None"
 
-#: Characters a template value or a callable's name may keep as they are.
+#: The namespace of keys made of a task name and arguments (``lock_key`` None or a tuple).
+TASK_NAMESPACE = "task:"
+#: The namespace of resource names (``lock_key`` a template or a callable).
+RESOURCE_NAMESPACE = "res:"
+
+#: Characters a template value may keep as they are (no ':', '/', '~', braces, spaces).
 _SAFE_VALUE = re.compile(r"[A-Za-z0-9_.@-]{1,64}")
+#: Characters a resource name may keep as it is.
 _SAFE_NAME = re.compile(r"[A-Za-z0-9_.@:/-]{1,200}")
+_UNSAFE_NAME_CHAR = re.compile(r"[^A-Za-z0-9_.@:/-]")
 _DIGEST_CHARS = 32  # 128 bits of sha256: collisions are not a practical concern
+_READABLE_CHARS = 64
+_CONVERSIONS = (None, "r", "s", "a")
 
 
-def _digest(text: str) -> str:
-    return hashlib.sha256(text.encode()).hexdigest()[:_DIGEST_CHARS]
+def _digest(text: str, salt: str = "") -> str:
+    # "surrogatepass": a str with lone surrogates still has exactly one digest.
+    data = f"{salt}\0{text}" if salt else text
+    return hashlib.sha256(data.encode("utf-8", "surrogatepass")).hexdigest()[:_DIGEST_CHARS]
 
 
 def _normalise(value: Any, where: str) -> Any:
@@ -59,7 +85,7 @@ def _normalise(value: Any, where: str) -> Any:
     if isinstance(value, float):
         if math.isnan(value) or math.isinf(value):
             msg = f"argument {where!r} is {value!r}, which has no canonical form for a lock key"
-            raise LockKeyError(msg, argument=where.split("[", maxsplit=1)[0].split(".", maxsplit=1)[0])
+            raise LockKeyError(msg, argument=_argument_of(where))
         return value
     if isinstance(value, enum.Enum):
         return {"$enum": f"{type(value).__qualname__}.{value.name}"}
@@ -92,7 +118,12 @@ def _normalise(value: Any, where: str) -> Any:
         f"argument {where!r} of type {type(value).__name__} has no canonical form for a "
         "lock key; pass JSON-like data, or name the arguments to lock on with lock_key"
     )
-    raise LockKeyError(msg, argument=where.split("[", maxsplit=1)[0])
+    raise LockKeyError(msg, argument=_argument_of(where))
+
+
+def _argument_of(where: str) -> str:
+    """The argument's name in a path like ``payload[0]`` or ``account.id``."""
+    return re.split(r"[.\[]", where, maxsplit=1)[0]
 
 
 def canonical_json(value: Any) -> str:
@@ -117,24 +148,84 @@ def _bind(
     return bound
 
 
-class _ResourceFormatter(string.Formatter):
-    """Formats a ``lock_key`` template, letting only safe values through as text."""
+class _Field:
+    """One replacement field of a template, and the literal character that follows it."""
 
-    def format_field(self, value: Any, format_spec: str) -> str:
-        text = format(value, format_spec)
-        if _SAFE_VALUE.fullmatch(text):
-            return text
-        return "~" + _digest(canonical_json(_normalise(value, "lock_key")) + format_spec)
+    __slots__ = ("conversion", "format_spec", "name", "then")
+
+    def __init__(self, name: str, format_spec: str, conversion: str | None) -> None:
+        self.name = name
+        self.format_spec = format_spec
+        self.conversion = conversion
+        #: The first literal character after the field; "" at the end of the template;
+        #: None when another field follows at once (then nothing could tell them apart).
+        self.then: str | None = ""
 
 
-_formatter = _ResourceFormatter()
+def _parse_template(template: str) -> list[str | _Field]:
+    """The template as literal text and fields, adjacent literals merged.
+
+    :raises ValueError: for a malformed format string.
+    """
+    pieces: list[str | _Field] = []
+    for literal, name, format_spec, conversion in string.Formatter().parse(template):
+        if literal:
+            if pieces and isinstance(pieces[-1], str):
+                pieces[-1] += literal
+            else:
+                pieces.append(literal)
+        if name is not None:
+            pieces.append(_Field(name, format_spec or "", conversion))
+    for piece, following in zip(pieces, [*pieces[1:], ""], strict=True):
+        if isinstance(piece, _Field):
+            piece.then = following[0] if isinstance(following, str) and following else (
+                None if isinstance(following, _Field) else ""
+            )
+    return pieces
 
 
-def _resource_name(text: str) -> str:
+_formatter = string.Formatter()
+
+
+def _render_field(field: _Field, arguments: Mapping[str, Any]) -> str:
+    value = _formatter.convert_field(_formatter.get_field(field.name, (), arguments)[0], field.conversion)
+    text = format(value, field.format_spec)
+    if _SAFE_VALUE.fullmatch(text) and field.then is not None and (
+        not field.then or field.then not in text
+    ):
+        return text
+    normalised = canonical_json(_normalise(value, field.name))
+    return "~" + _digest(f"{field.conversion or ''}:{field.format_spec}:{normalised}", "value")
+
+
+def _render_template(template: str, arguments: Mapping[str, Any]) -> str:
+    pieces = _parse_template(template)
+    text = "".join(
+        piece if isinstance(piece, str) else _render_field(piece, arguments) for piece in pieces
+    )
+    literals_safe = all(
+        isinstance(piece, _Field) or not _UNSAFE_NAME_CHAR.search(piece) for piece in pieces
+    )
+    if literals_safe and 0 < len(text) <= 200:
+        return text
+    readable = _UNSAFE_NAME_CHAR.sub("_", text)[:_READABLE_CHARS]
+    return f"{readable}~{_digest(text, 'template')}"
+
+
+def _resource_name(text: str, salt: str = "") -> str:
+    """``text`` when it is short and safe, else a readable part and a digest of it all.
+
+    :param salt: what the text is (a callable's result: "name"); the beat scheduler's
+        names, in a namespace of their own, keep the unsalted digest they always had.
+    """
     if _SAFE_NAME.fullmatch(text):
         return text
-    readable = re.sub(r"[^A-Za-z0-9_.@:/-]", "_", text)[:64]
-    return f"{readable}~{_digest(text)}"
+    readable = _UNSAFE_NAME_CHAR.sub("_", text)[:_READABLE_CHARS]
+    return f"{readable}~{_digest(text, salt)}"
+
+
+def _describe(spec: Callable[..., Any]) -> str:
+    return getattr(spec, "__qualname__", None) or repr(spec)
 
 
 def derive_key(
@@ -149,25 +240,98 @@ def derive_key(
     :param task_name: the task's registered name.
     :param signature: the task function's call signature (without a bound ``self``).
     :param spec: the task's ``lock_key`` option.
-    :raises LockKeyError: when the arguments do not bind or cannot be canonicalised.
+    :raises LockKeyError: when the arguments do not bind or cannot be canonicalised, or
+        the ``lock_key`` callable fails.
     """
     bound = _bind(signature, args, kwargs)
     arguments = bound.arguments
     if spec is None:
-        return f"{task_name}:{_fingerprint(arguments)}"
+        return f"{TASK_NAMESPACE}{task_name}:{_fingerprint(arguments)}"
     if isinstance(spec, tuple):
-        return f"{task_name}:{_fingerprint({name: arguments[name] for name in spec})}"
+        return f"{TASK_NAMESPACE}{task_name}:{_fingerprint({name: arguments[name] for name in spec})}"
     if isinstance(spec, str):
         try:
-            return _resource_name(_formatter.vformat(spec, (), arguments))
-        except (KeyError, AttributeError, IndexError, ValueError) as exc:
-            msg = f"lock_key template {spec!r} cannot be filled from the arguments: {exc!r}"
+            return RESOURCE_NAMESPACE + _render_template(spec, arguments)
+        except (KeyError, AttributeError, IndexError, TypeError, ValueError) as exc:
+            if isinstance(exc, LockKeyError):
+                raise
+            msg = (
+                f"lock_key template {spec!r} of task {task_name!r} cannot be filled from the "
+                f"arguments: {exc!r}"
+            )
             raise LockKeyError(msg) from None
-    name = spec(*bound.args, **bound.kwargs)
+    try:
+        name = spec(*bound.args, **bound.kwargs)
+    except Exception as exc:
+        msg = (
+            f"lock_key callable {_describe(spec)} of task {task_name!r} raised "
+            f"{type(exc).__name__}: {exc}"
+        )
+        raise LockKeyError(msg) from exc
     if not isinstance(name, str) or not name:
-        msg = f"lock_key callable {spec!r} returned {name!r}; it must return a non-empty str"
+        msg = (
+            f"lock_key callable {_describe(spec)} of task {task_name!r} returned {name!r}; "
+            "it must return a non-empty str"
+        )
         raise LockKeyError(msg)
-    return _resource_name(name)
+    return RESOURCE_NAMESPACE + _resource_name(name, "name")
+
+
+def _check_callable(spec: Callable[..., Any], signature: inspect.Signature | None) -> None:
+    """A ``lock_key`` callable must take the arguments :func:`derive_key` passes it.
+
+    A task with ``*args`` or ``**kwargs`` passes a number of arguments known only at run
+    time; :func:`derive_key` then reports a misfit as a :class:`LockKeyError`.
+    """
+    variadic = (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
+    if signature is None or any(p.kind in variadic for p in signature.parameters.values()):
+        return
+    try:
+        takes = inspect.signature(spec)
+    except (TypeError, ValueError):  # some builtins have no signature: checked at run time
+        return
+    args: list[Any] = []
+    kwargs: dict[str, Any] = {}
+    for parameter in signature.parameters.values():
+        if parameter.kind in (parameter.POSITIONAL_ONLY, parameter.POSITIONAL_OR_KEYWORD):
+            args.append(None)
+        elif parameter.kind is parameter.KEYWORD_ONLY:
+            kwargs[parameter.name] = None
+    try:
+        takes.bind(*args, **kwargs)
+    except TypeError as exc:
+        msg = (
+            f"lock_key callable {_describe(spec)}{takes} cannot take the task's arguments "
+            f"{signature} ({exc}); it is called with every argument of the task, defaults "
+            "applied: give it the task's parameters (or *args, **kwargs)"
+        )
+        raise ConfigurationError(msg, option="lock_key") from None
+
+
+def _check_template(spec: str, params: set[str] | None) -> None:
+    try:
+        pieces = _parse_template(spec)
+    except ValueError as exc:
+        msg = f"lock_key template {spec!r} is not a valid format string: {exc}"
+        raise ConfigurationError(msg, option="lock_key") from None
+    for field in pieces:
+        if not isinstance(field, _Field):
+            continue
+        name = _argument_of(field.name)
+        if not name or name.isdigit():
+            msg = f"lock_key template {spec!r} must name arguments, like '{{invoice_id}}'"
+            raise ConfigurationError(msg, option="lock_key")
+        if params is not None and name not in params:
+            msg = f"lock_key template {spec!r} uses {name!r}, which the task does not take"
+            raise ConfigurationError(msg, option="lock_key")
+        if "{" in field.format_spec:
+            msg = f"lock_key template {spec!r}: a format spec must not hold another field"
+            raise ConfigurationError(msg, option="lock_key")
+        if field.conversion not in _CONVERSIONS:
+            msg = f"lock_key template {spec!r}: unknown conversion '!{field.conversion}'"
+            raise ConfigurationError(msg, option="lock_key")
+    if not spec.strip():
+        raise ConfigurationError("lock_key must not be empty", option="lock_key")
 
 
 def validate_key_spec(spec: Any, signature: inspect.Signature | None) -> KeySpec:
@@ -175,7 +339,10 @@ def validate_key_spec(spec: Any, signature: inspect.Signature | None) -> KeySpec
 
     :raises ConfigurationError: naming ``lock_key`` and the offending part.
     """
-    if spec is None or callable(spec):
+    if spec is None:
+        return None
+    if callable(spec):
+        _check_callable(spec, signature)
         return spec  # type: ignore[no-any-return]
     params = set(signature.parameters) if signature is not None else None
     if isinstance(spec, list):
@@ -191,21 +358,7 @@ def validate_key_spec(spec: Any, signature: inspect.Signature | None) -> KeySpec
             raise ConfigurationError(msg, option="lock_key")
         return spec
     if isinstance(spec, str):
-        try:
-            fields = [f for _, f, _, _ in string.Formatter().parse(spec) if f is not None]
-        except ValueError as exc:
-            msg = f"lock_key template {spec!r} is not a valid format string: {exc}"
-            raise ConfigurationError(msg, option="lock_key") from None
-        for field in fields:
-            name = re.split(r"[.\[]", field, maxsplit=1)[0]
-            if not name or name.isdigit():
-                msg = f"lock_key template {spec!r} must name arguments, like '{{invoice_id}}'"
-                raise ConfigurationError(msg, option="lock_key")
-            if params is not None and name not in params:
-                msg = f"lock_key template {spec!r} uses {name!r}, which the task does not take"
-                raise ConfigurationError(msg, option="lock_key")
-        if not spec.strip():
-            raise ConfigurationError("lock_key must not be empty", option="lock_key")
+        _check_template(spec, params)
         return spec
     msg = (
         "lock_key must be None, a tuple of argument names, a format string or a callable, "

@@ -7,13 +7,14 @@ makes a lease vanish as if it had expired.
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 
 import pytest
 
-from celery_singleton_lock import HeldLock, LockContended, LockLost
-from celery_singleton_lock.backends.base import LockBackend
+from celery_singleton_lock import ConfigurationError, HeldLock, LockContended, LockLost
+from celery_singleton_lock.backends.base import MAX_KEY_BYTES, MAX_TTL, MIN_TTL, LockBackend
 from celery_singleton_lock.lease import LeaseKeeper, Owner
 from celery_singleton_lock.signals import lock_lost
 from tests.conftest import wait_until
@@ -175,3 +176,100 @@ class BackendContract:
         for thread in threads:
             thread.join(60)
         assert counter["value"] == 200
+
+    @pytest.mark.parametrize("ttl", [math.inf, math.nan, 0.001, 0.05, 1e10, 0, -1, "5", None, True])
+    def test_a_ttl_out_of_bounds_is_a_configuration_error_naming_ttl(self, backend, unique_key, ttl):
+        for take in (
+            lambda: backend.acquire(unique_key, ttl=ttl),
+            lambda: backend.acquire(unique_key, ttl=ttl, blocking=True, timeout=1),
+            lambda: backend.lock(unique_key, ttl=ttl, timeout=1).__enter__(),
+        ):
+            with pytest.raises(ConfigurationError) as info:
+                take()
+            assert info.value.option == "ttl"
+            assert "from 0.1 to 315360000" in str(info.value)
+        held = backend.acquire(unique_key, ttl=10)  # nothing was written
+        assert held is not None
+        assert backend.release(held) is True
+
+    @pytest.mark.parametrize("ttl", [MIN_TTL, MAX_TTL])
+    def test_the_shortest_and_longest_ttl_give_a_held_lock(self, backend, second_backend, unique_key, ttl):
+        held = backend.acquire(unique_key, ttl=ttl)
+        assert held is not None
+        held.ensure_held()  # not already lost: the drift margin leaves most of the lease
+        assert second_backend.acquire(unique_key, ttl=10) is None
+        assert backend.release(held) is True
+
+    @pytest.mark.parametrize("timeout", [math.nan, -1, -math.inf, 1e10, "1", True])
+    def test_a_bad_timeout_is_a_configuration_error_at_once(
+        self, backend, second_backend, unique_key, timeout
+    ):
+        held = backend.acquire(unique_key, ttl=30)
+        start = time.monotonic()
+        for take in (
+            lambda: second_backend.acquire(unique_key, ttl=30, blocking=True, timeout=timeout),
+            lambda: second_backend.lock(unique_key, ttl=30, timeout=timeout).__enter__(),
+        ):
+            with pytest.raises(ConfigurationError) as info:
+                take()
+            assert info.value.option == "timeout"
+        assert time.monotonic() - start < 1.0  # refused, not waited on
+        backend.release(held)
+        with pytest.raises(ConfigurationError):  # also when the lock is free
+            second_backend.acquire(unique_key, ttl=30, blocking=True, timeout=timeout)
+
+    def test_an_infinite_timeout_waits_without_limit_until_the_release(
+        self, backend, second_backend, unique_key
+    ):
+        held = backend.acquire(unique_key, ttl=30)
+        release_at: list[float] = []
+
+        def release_soon():
+            time.sleep(0.3)
+            release_at.append(time.monotonic())
+            backend.release(held)
+
+        threading.Thread(target=release_soon).start()
+        got = second_backend.acquire(unique_key, ttl=30, blocking=True, timeout=math.inf)
+        woke_at = time.monotonic()
+        assert got is not None
+        assert woke_at - release_at[0] < 0.2
+        second_backend.release(got)
+        with second_backend.lock(unique_key, ttl=30, timeout=math.inf) as inside:
+            assert not inside.lost
+
+    @pytest.mark.parametrize(
+        "key", [b"report:1", "report:\udc80", "\ud800", "", 42, None], ids=repr
+    )
+    def test_a_key_that_is_not_utf8_text_is_a_configuration_error_naming_it(self, backend, key):
+        with pytest.raises(ConfigurationError) as info:
+            backend.acquire(key, ttl=10)
+        assert info.value.option == "key"
+        assert repr(key)[:20] in str(info.value)
+
+    def test_an_over_long_key_is_refused_naming_the_limit(self, backend, unique_key):
+        longest = unique_key + "k" * (MAX_KEY_BYTES - len(unique_key.encode()))
+        held = backend.acquire(longest, ttl=10)
+        assert held is not None
+        assert backend.release(held) is True
+        for key in (longest + "k", unique_key + "é" * MAX_KEY_BYTES, "x" * 2_000_000):
+            with pytest.raises(ConfigurationError) as info:
+                backend.acquire(key, ttl=10)
+            assert info.value.option == "key"
+            assert f"at most {MAX_KEY_BYTES}" in str(info.value)
+            assert len(str(info.value)) < 300  # names the key without repeating it whole
+
+    def test_a_forged_token_that_is_a_prefix_of_the_real_one_neither_renews_nor_releases(
+        self, backend, unique_key
+    ):
+        held = backend.acquire(unique_key, ttl=10)
+        for token in ("", held.token[:1], held.token[: len(held.token) // 2], held.token[:-1]):
+            forged = HeldLock(
+                backend, unique_key, token, held.fencing_token, held.ttl, held.owner,
+                valid_until=backend.clock() + held.ttl,
+            )
+            assert backend.renew([forged]) == [False], token
+            assert backend.release(forged) is False, token
+            assert backend.acquire(unique_key, ttl=10) is None, token  # still held ...
+            assert backend.renew([held]) == [True], token  # ... by the real holder
+        assert backend.release(held) is True

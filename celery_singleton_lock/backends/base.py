@@ -13,6 +13,7 @@ implements one-shot operations on fully prefixed keys:
 from __future__ import annotations
 
 import logging
+import math
 import os
 import secrets
 import socket
@@ -110,7 +111,10 @@ class LockBackend(ABC):
         :param owner: who holds it, stored for people and for ``revoke``.
         :returns: a :class:`HeldLock`, or None when the lock is taken (or the wait timed out).
         :raises LockBackendUnavailable: the server did not answer within ``connect_timeout``.
+        :raises ConfigurationError: for a key, TTL or timeout out of bounds (see ``MIN_TTL``,
+            ``MAX_TTL``, ``MAX_KEY_BYTES``); ``timeout=math.inf`` is the same as None.
         """
+        timeout = _check_timeout(timeout)
         result = self.attempt(key, ttl, owner=owner)
         if isinstance(result, HeldLock):
             return result
@@ -126,6 +130,7 @@ class LockBackend(ABC):
 
         :raises LockContended: the lock could not be taken (within ``timeout``).
         """
+        timeout = _check_timeout(timeout)
         held = self.acquire(key, ttl, blocking=blocking, timeout=timeout)
         if held is None:
             waited = f" within {timeout}s" if blocking and timeout is not None else ""
@@ -231,6 +236,8 @@ class LockBackend(ABC):
         Each wait lasts until a release is announced, bounded by the holder's remaining
         TTL: a holder that crashed is noticed when its lease expires, not later.
         """
+        _check_key_and_ttl(key, ttl)
+        timeout = _check_timeout(timeout)
         deadline = None if timeout is None else self.clock() + timeout
         full_key = self._full_key(key)
         while True:
@@ -277,8 +284,81 @@ class LockBackend(ABC):
         :meth:`Owner.as_json`, the text stored after the token). Never a prefix match."""
 
 
-def _check_key_and_ttl(key: str, ttl: float) -> None:
+#: The shortest lease: the clock-drift margin (1% + 2 ms) and a renewal every third of
+#: the TTL must leave a lease that one round trip can keep alive (at 0.1 s: renewed every
+#: 33 ms, 95 ms of proven validity). Shorter leases are lost before they are used.
+MIN_TTL = 0.1
+#: The longest lease, or wait: 10 years. Every server takes it (Redis PX is 64-bit
+#: milliseconds; etcd refuses leases from 9e9 s on, with a bare gRPC OUT_OF_RANGE).
+MAX_TTL = 10 * 365 * 24 * 3600.0
+#: The longest key, in UTF-8 bytes (the prefix aside). Derived keys stay far below it;
+#: servers refuse much longer requests with errors that read like an outage.
+MAX_KEY_BYTES = 1024
+
+
+def _shown(key: object) -> str:
+    """A key as an error message shows it: a bounded repr."""
+    text = repr(key)
+    if len(text) <= 80:
+        return text
+    size = f", {len(key)} long" if isinstance(key, str | bytes) else ""
+    return f"{text[:60]}...{size}"
+
+
+def _check_key(key: object) -> None:
     if not isinstance(key, str) or not key:
-        raise ConfigurationError(f"lock key must be a non-empty str, got {key!r}", option="key")
-    if isinstance(ttl, bool) or not isinstance(ttl, int | float) or not ttl > 0:
-        raise ConfigurationError(f"ttl must be a positive number of seconds, got {ttl!r}", option="ttl")
+        msg = f"lock key must be a non-empty str, got {_shown(key)}"
+        raise ConfigurationError(msg, option="key")
+    try:
+        size = len(key.encode("utf-8"))
+    except UnicodeEncodeError as exc:
+        msg = f"lock key {_shown(key)} is not valid UTF-8 text ({exc.reason} at index {exc.start})"
+        raise ConfigurationError(msg, option="key") from None
+    if size > MAX_KEY_BYTES:
+        msg = f"lock key {_shown(key)} is {size} bytes of UTF-8; at most {MAX_KEY_BYTES} are allowed"
+        raise ConfigurationError(msg, option="key")
+
+
+def _check_ttl(ttl: object, option: str = "ttl") -> float:
+    """``ttl`` as float seconds, when it is a lease length every backend can keep.
+
+    :raises ConfigurationError: naming ``option``.
+    """
+    if (
+        isinstance(ttl, bool)
+        or not isinstance(ttl, int | float)
+        or not MIN_TTL <= ttl <= MAX_TTL  # also refuses NaN and infinity
+    ):
+        msg = (
+            f"{option} must be a number of seconds from {MIN_TTL:g} to {MAX_TTL:.0f} "
+            f"(10 years), got {ttl!r}"
+        )
+        raise ConfigurationError(msg, option=option)
+    return float(ttl)
+
+
+def _check_key_and_ttl(key: str, ttl: float) -> None:
+    _check_key(key)
+    _check_ttl(ttl)
+
+
+def _check_timeout(timeout: object, option: str = "timeout") -> float | None:
+    """A wait's bound in seconds: None (also for ``math.inf``) means no limit.
+
+    :raises ConfigurationError: naming ``option``, for NaN, a negative or non-number
+        value, or more than ``MAX_TTL``.
+    """
+    if timeout is None:
+        return None
+    if isinstance(timeout, bool) or not isinstance(timeout, int | float) or math.isnan(timeout):
+        msg = f"{option} must be None or a number of seconds >= 0, got {timeout!r}"
+        raise ConfigurationError(msg, option=option)
+    if timeout == math.inf:
+        return None
+    if not 0 <= timeout <= MAX_TTL:
+        msg = (
+            f"{option} must be from 0 to {MAX_TTL:.0f} seconds (10 years), or None or "
+            f"math.inf for no limit, got {timeout!r}"
+        )
+        raise ConfigurationError(msg, option=option)
+    return float(timeout)

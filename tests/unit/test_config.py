@@ -2,12 +2,24 @@
 
 from __future__ import annotations
 
+import logging
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
 from typing import Any
 
 import pytest
 from celery import Celery
 
-from celery_singleton_lock.config import Settings, read_settings, settings_for
+from celery_singleton_lock.config import (
+    Settings,
+    check_ttl,
+    read_settings,
+    settings_for,
+    warn_if_connect_timeout_exceeds,
+)
 from celery_singleton_lock.errors import ConfigurationError
 from celery_singleton_lock.policies import Raise, Retry, Skip
 
@@ -113,6 +125,16 @@ def test_a_non_redis_broker_password_is_not_in_the_error() -> None:
         ("singleton_lock_backend", "localhost:6379"),
         ("singleton_lock_backend", 6379),
         ("singleton_lock_backend_options", "ssl=true"),
+        ("singleton_lock_ttl", float("inf")),
+        ("singleton_lock_ttl", float("nan")),
+        ("singleton_lock_ttl", 0.05),  # below the drift margin + one round trip
+        ("singleton_lock_ttl", 1e10),  # etcd refuses it
+        ("singleton_lock_enqueue_once_ttl", float("inf")),
+        ("singleton_lock_connect_timeout", float("nan")),
+        ("singleton_lock_backend", "redis://locks:notaport/0"),
+        ("singleton_lock_backend", "redis://locks:6379/zero"),
+        ("singleton_lock_backend", "redlock://h1:6379,h2:99999,h3:6379/0"),
+        ("singleton_lock_backend", "etcd://h1:2379,h2:port"),
     ],
 )
 def test_a_bad_setting_is_a_configuration_error_naming_it(setting: str, value: Any) -> None:
@@ -172,3 +194,174 @@ def test_settings_for_validates_once_per_app() -> None:
     assert first.ttl == 9.0
     assert settings_for(app) is first
     assert settings_for(app_with(singleton_lock_ttl=10)).ttl == 10.0
+
+
+# -- bounds of durations -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("value", [0.1, 1, 60, 315_360_000])
+def test_ttls_from_a_tenth_of_a_second_to_ten_years_are_accepted(value: float) -> None:
+    assert check_ttl(value, "lock_ttl") == float(value)
+
+
+@pytest.mark.parametrize("value", [0.099, 315_360_001, float("inf"), float("-inf"), float("nan")])
+def test_ttls_out_of_bounds_are_refused_with_the_bounds(value: float) -> None:
+    with pytest.raises(ConfigurationError) as info:
+        check_ttl(value, "lock_ttl")
+    assert info.value.option == "lock_ttl"
+    assert "lock_ttl must be a number of seconds from 0.1 to 315360000" in str(info.value)
+
+
+# -- connect timeout against the lease -----------------------------------------------------
+
+
+def test_a_connect_timeout_not_below_the_ttl_logs_one_warning_naming_both(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    with caplog.at_level(logging.WARNING, logger="celery_singleton_lock"):
+        read_settings(app_with(singleton_lock_ttl=5, singleton_lock_connect_timeout=5).conf)
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1
+    assert warnings[0].name == "celery_singleton_lock.config"
+    message = warnings[0].getMessage()
+    assert "singleton_lock_connect_timeout (5s)" in message
+    assert "singleton_lock_ttl (5s)" in message
+
+
+def test_a_connect_timeout_below_the_ttl_logs_nothing(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.DEBUG, logger="celery_singleton_lock"):
+        read_settings(app_with(singleton_lock_ttl=5.1, singleton_lock_connect_timeout=5).conf)
+    assert caplog.records == []
+
+
+def test_the_warning_helper_names_a_tasks_lock_ttl(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.WARNING, logger="celery_singleton_lock"):
+        assert warn_if_connect_timeout_exceeds(3.0, 5.0, "lock_ttl", " of task shop.charge") is True
+        assert warn_if_connect_timeout_exceeds(30.0, 5.0, "lock_ttl", " of task shop.sync") is False
+    assert [r.getMessage().split(":")[0] for r in caplog.records] == [
+        "singleton_lock_connect_timeout (5s) is not below lock_ttl (3s) of task shop.charge"
+    ]
+
+
+# -- `celery report` shows no password of any accepted form --------------------------------
+
+SECRET = "s3cret-Pw"
+NODES = ["redis://h1:6379/0", "rediss://h2:6380/0", "unix:///run/redis-3.sock?db=0"]
+
+
+@pytest.mark.parametrize(
+    ("backend", "options"),
+    [
+        (f"redis://:{SECRET}@h:6379/0", {}),
+        (f"redis://app:{SECRET}@h:6379/0", {}),
+        (f"rediss://:{SECRET}@h:6380/0?ssl_cert_reqs=required", {"ssl_ca_certs": "/ca.pem"}),
+        (f"unix://:{SECRET}@/run/redis.sock?db=1", {}),
+        (f"redlock://:{SECRET}@h1:6379,h2:6379,h3:6379/0", {}),
+        (f"redlock://app:{SECRET}@h1:6379,h2:6379,h3:6379/0", {}),
+        (f"redlock://:{SECRET},x@h1:6379,h2:6379,h3:6379/0", {}),  # a ',' in the password
+        (f"etcd://root:{SECRET}@h1:2379,h2:2379,h3:2379", {}),
+        (f"etcds://root:{SECRET}@h1:2379?ca_cert=/ca.pem", {}),
+        ("redis://h:6379/0", {"password": SECRET, "ssl_password": SECRET, "ssl_keyfile": "/k.pem"}),
+        (NODES, {"password": SECRET}),
+        (tuple(NODES), {"username": "app", "password": SECRET}),
+        ("etcd://h1:2379", {"user": "root", "password": SECRET}),
+    ],
+)
+def test_every_accepted_backend_form_is_censored_by_celery_report(backend: Any, options: Any) -> None:
+    app = app_with(singleton_lock_backend=backend, singleton_lock_backend_options=options)
+    read_settings(app.conf)  # accepted
+    report = app.conf.humanize(censored=True)
+    assert "singleton_lock_backend" in report
+    assert SECRET not in report
+    assert SECRET.split("-", maxsplit=1)[0] not in report
+
+
+def test_django_style_backend_setting_is_censored() -> None:
+    class DjangoSettings:
+        CELERY_BROKER_URL = "memory://"
+        CELERY_SINGLETON_LOCK_BACKEND = f"redlock://:{SECRET}@h1:6379,h2:6379,h3:6379/0"
+
+    app = Celery("django-report", set_as_current=False)
+    app.config_from_object(DjangoSettings, namespace="CELERY")
+    read_settings(app.conf)
+    assert SECRET not in app.conf.humanize(censored=True)
+
+
+@pytest.mark.parametrize(
+    ("backend", "words"),
+    [
+        ([f"redis://:{SECRET}@h{i}:6379/0" for i in range(3)], "a list of URLs"),
+        (tuple(f"redis://app:{SECRET}@h{i}:6379/0" for i in range(3)), "a list of URLs"),
+        (["redis://h0:6379/0", f"redis://:{SECRET}@h1:6379/0", "redis://h2:6379/0"], "a list of URLs"),
+        (f"redis://h:6379/0?password={SECRET}", "query parameter 'password'"),
+        (f"etcd://h1:2379?user=root&password={SECRET}", "query parameter 'password'"),
+        (f"redis://:{SECRET}/x@h:6379/0", "percent-encode"),  # an unencoded '/' in it
+        (f"redlock://u:{SECRET},y:z@h1:6379,h2:6379,h3:6379/0", "redlock://:PASSWORD@"),
+    ],
+)
+def test_a_backend_form_whose_password_celery_report_would_show_is_refused(
+    backend: Any, words: str
+) -> None:
+    app = app_with(singleton_lock_backend=backend)
+    assert SECRET in app.conf.humanize(censored=True)  # what Celery would show
+    with pytest.raises(ConfigurationError) as info:
+        read_settings(app.conf)
+    assert info.value.option == "singleton_lock_backend"
+    assert words in str(info.value)
+    assert SECRET not in str(info.value)
+
+
+def test_loading_an_app_whose_backend_setting_would_show_a_password_fails(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # What `celery report`, `celery worker` and `celery beat` do before anything else.
+    listed = [f"redis://:{SECRET}@h{i}:6379/0" for i in range(3)]
+    with pytest.raises(ConfigurationError) as info:
+        app_with(singleton_lock_backend=listed).loader.import_default_modules()
+    assert info.value.option == "singleton_lock_backend"
+    assert SECRET not in caplog.text  # Celery logs the receiver's error too
+    app_with().loader.import_default_modules()  # no lock setting: nothing to check
+    app_with(singleton_lock_backend=NODES).loader.import_default_modules()
+
+
+REPORT_APP = """
+from celery import Celery
+from celery_singleton_lock import SingletonTask
+
+app = Celery("reportapp", broker="memory://")
+app.conf.singleton_lock_backend = {backend!r}
+app.conf.singleton_lock_backend_options = {options!r}
+
+
+@app.task(base=SingletonTask)
+def work(n):
+    return n
+"""
+
+
+def _celery_report(tmp_path: Path, backend: Any, options: Any) -> subprocess.CompletedProcess[str]:
+    module = textwrap.dedent(REPORT_APP.format(backend=backend, options=options))
+    (tmp_path / "reportapp.py").write_text(module)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), *sys.path])}
+    return subprocess.run(
+        [sys.executable, "-m", "celery", "-A", "reportapp", "report"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60, check=False,
+    )
+
+
+def test_celery_report_of_a_redlock_list_with_passwords_fails_without_showing_them(
+    tmp_path: Path,
+) -> None:
+    listed = [f"redis://:{SECRET}@127.0.0.1:{port}/0" for port in (7001, 7002, 7003)]
+    done = _celery_report(tmp_path, listed, {})
+    assert done.returncode != 0
+    assert "singleton_lock_backend" in done.stdout + done.stderr
+    assert SECRET not in done.stdout + done.stderr
+
+
+def test_celery_report_of_the_censored_redlock_forms_shows_no_password(tmp_path: Path) -> None:
+    listed = [f"redis://127.0.0.1:{port}/0" for port in (7001, 7002, 7003)]
+    done = _celery_report(tmp_path, listed, {"password": SECRET})
+    assert done.returncode == 0, done.stderr
+    assert "singleton_lock_backend: ['redis://127.0.0.1:7001/0'," in done.stdout
+    assert SECRET not in done.stdout + done.stderr

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import decimal
+import hashlib
 import inspect
 import json
 import os
@@ -62,7 +63,7 @@ def test_different_values_give_different_keys() -> None:
 
 def test_default_key_is_scoped_to_the_task_name() -> None:
     key = key_of(pair, None, 1, 2)
-    assert key.startswith(f"{TASK}:")
+    assert key.startswith(f"task:{TASK}:")
     assert key_of(pair, None, 1, 2, name="shop.other") != key
 
 
@@ -86,8 +87,8 @@ def test_tuple_key_ignores_other_arguments() -> None:
 def test_tuple_key_includes_the_task_name() -> None:
     a = key_of(invoice_task, ("invoice_id",), 42, name="billing.send")
     b = key_of(other_invoice_task, ("invoice_id",), 42, name="billing.cancel")
-    assert a.startswith("billing.send:")
-    assert b.startswith("billing.cancel:")
+    assert a.startswith("task:billing.send:")
+    assert b.startswith("task:billing.cancel:")
     assert a != b
 
 
@@ -100,13 +101,13 @@ def test_a_list_of_names_is_taken_as_a_tuple() -> None:
 
 
 def test_template_key_is_exactly_the_filled_template() -> None:
-    assert key_of(invoice_task, "invoice:{invoice_id}", 42) == "invoice:42"
+    assert key_of(invoice_task, "invoice:{invoice_id}", 42) == "res:invoice:42"
 
 
 def test_template_key_is_shared_by_every_task_using_it() -> None:
     a = key_of(invoice_task, "invoice:{invoice_id}", 42, "late", name="billing.send")
     b = key_of(other_invoice_task, "invoice:{invoice_id}", invoice_id=42, amount=7, name="billing.cancel")
-    assert a == b == "invoice:42"
+    assert a == b == "res:invoice:42"
 
 
 def test_template_key_ignores_arguments_it_does_not_name() -> None:
@@ -121,8 +122,8 @@ def test_template_separator_cannot_be_forged_by_a_value() -> None:
     first = key_of(two, "{a}:{b}", "x:y", "z")
     second = key_of(two, "{a}:{b}", "x", "y:z")
     assert first != second
-    assert first != "x:y:z"
-    assert second != "x:y:z"
+    assert first != "res:x:y:z"
+    assert second != "res:x:y:z"
 
 
 @pytest.mark.parametrize("unsafe", ["a:b", "a}b", "a{b", "a b", "a/b", "x" * 65, "é"])
@@ -136,7 +137,7 @@ def test_unsafe_template_values_are_hashed_not_copied(unsafe: str) -> None:
 
 def test_safe_template_values_keep_their_text() -> None:
     value = "Acct-7_x.y@z"
-    assert key_of(one, "acct:{value}", value) == f"acct:{value}"
+    assert key_of(one, "acct:{value}", value) == f"res:acct:{value}"
 
 
 # -- callable keys -------------------------------------------------------------------------
@@ -149,8 +150,8 @@ def test_callable_key_receives_the_arguments_with_defaults_applied() -> None:
         received.append((a, b))
         return f"pair:{a}:{b}"
 
-    assert key_of(pair, spec, 1) == "pair:1:2"
-    assert key_of(pair, spec, a=5) == "pair:5:2"
+    assert key_of(pair, spec, 1) == "res:pair:1:2"
+    assert key_of(pair, spec, a=5) == "res:pair:5:2"
     assert received == [(1, 2), (5, 2)]
 
 
@@ -158,7 +159,7 @@ def test_callable_key_is_not_scoped_to_the_task_name() -> None:
     def spec(value: Any) -> str:
         return f"account:{value}"
 
-    assert key_of(one, spec, 9, name="x.a") == key_of(one, spec, 9, name="x.b") == "account:9"
+    assert key_of(one, spec, 9, name="x.a") == key_of(one, spec, 9, name="x.b") == "res:account:9"
 
 
 @pytest.mark.parametrize("returned", ["", None, 42])
@@ -173,6 +174,119 @@ def test_callable_key_with_unsafe_characters_is_bounded_and_distinct() -> None:
     assert a != b
     assert len(a) <= 200
     assert len(b) <= 200
+
+
+# -- namespaces: no argument value crosses into another key ------------------------------
+
+
+def charge(amount: Any, customer: Any) -> None: ...
+
+
+def refer(kind: Any, ref: Any) -> None: ...
+
+
+def test_a_template_cannot_forge_another_tasks_default_key() -> None:
+    # The reported attack: "{kind}:{ref}" filled with a task name and a digest.
+    victim = key_of(charge, None, 42, 10, name="shop.charge")
+    _, _, digest = victim.rpartition(":")
+    forged = key_of(refer, "{kind}:{ref}", "shop.charge", digest, name="shop.note")
+    assert forged != victim
+    for kind, ref in [("task", f"shop.charge:{digest}"), ("task:shop.charge", digest), (victim, "")]:
+        assert key_of(refer, "{kind}:{ref}", kind, ref) != victim
+        assert key_of(refer, "{kind}{ref}", kind, ref) != victim
+    assert key_of(one, "{value}", victim) != victim
+    assert key_of(one, "task:shop.charge:{value}", digest) != victim  # even the literal text
+
+
+def test_a_tuple_key_template_and_callable_of_one_call_are_three_keys() -> None:
+    tuple_key = key_of(charge, ("amount", "customer"), 42, 10, name="shop.charge")
+    assert tuple_key == key_of(charge, None, 42, 10, name="shop.charge")  # same arguments: same key
+    assert tuple_key.startswith("task:shop.charge:")
+    assert key_of(charge, "{amount}", 42, 10).startswith("res:")
+    assert key_of(charge, lambda amount, customer: "c", 42, 10).startswith("res:")
+
+
+@pytest.mark.parametrize(
+    "returned",
+    [
+        lambda victim: victim,
+        lambda victim: victim.removeprefix("task:"),
+        lambda victim: victim.rpartition(":")[2],
+        lambda victim: "task:" + victim,
+    ],
+)
+def test_a_callable_cannot_return_another_tasks_default_key(returned: Any) -> None:
+    victim = key_of(charge, None, 42, 10, name="shop.charge")
+    assert key_of(one, returned, victim, name="shop.note") != victim
+
+
+def test_a_callable_cannot_reproduce_a_templates_hashed_value() -> None:
+    # A value that is not copied (here a space) becomes "~" + a digest; a callable that
+    # returns that text computes the same digest but must not get the same key.
+    template_key = key_of(one, "{value}", "a b")
+    candidates = [
+        "~" + hashlib.sha256(json.dumps("a b").encode()).hexdigest()[:32],  # unsalted digest
+        template_key.removeprefix("res:"),
+        template_key,
+    ]
+    for candidate in candidates:
+        assert key_of(one, lambda value: value, candidate) != template_key, candidate
+
+
+#: Values that try to forge a separator, a hash marker or another value's digest.
+CRAFTED = [
+    "a", "b", "ab", "ba", "a-b", "b-a", "a-", "-b", "-", "a.b", "b.a", "a.", ".", "a@b",
+    "b@a", "a_b", ":", "a:b", "a:", "~", "a~b",
+    "{", "}", "{a}", "", " ", "x" * 64, "x" * 65,
+    "~" + hashlib.sha256(json.dumps("a b").encode()).hexdigest()[:32],
+]
+
+
+@pytest.mark.parametrize(
+    "template",
+    ["{a}{b}", "{a}-{b}", "{a}:{b}", "{a}.{b}", "{a}@{b}", "x{a}y{b}z", "{a}~{b}", "{a}a{b}",
+     "{a}ab{b}-", "{a}{{}}{b}", "{a} {b}", "{b}-{a}-{b}"],
+)
+def test_no_two_argument_pairs_share_a_template_key(template: str) -> None:
+    def two(a: Any, b: Any) -> None: ...
+
+    keys: dict[str, tuple[str, str]] = {}
+    for a in CRAFTED:
+        for b in CRAFTED:
+            key = key_of(two, template, a, b)
+            assert keys.setdefault(key, (a, b)) == (a, b), f"{(a, b)} forges {keys[key]}: {key}"
+
+
+def test_a_field_followed_by_a_separator_in_its_value_is_hashed() -> None:
+    def two(a: Any, b: Any) -> None: ...
+
+    assert key_of(two, "{a}-{b}", "x", "y-z") == key_of(two, "{a}-{b}", "x", "y-z")
+    assert key_of(two, "{a}-{b}", "x", "y-z") != key_of(two, "{a}-{b}", "x-y", "z")
+    assert key_of(two, "{a}-{b}", "2024", "7") == "res:2024-7"  # plain values stay readable
+    assert key_of(two, "{a}-{b}", "x-y", "z").startswith("res:~")
+
+
+def test_keys_of_text_with_lone_surrogates_are_valid_utf8_and_distinct() -> None:
+    keys = {
+        key_of(one, lambda value: value, "x\udc80"),
+        key_of(one, lambda value: value, "x\udc81"),
+        key_of(one, "r:{value}", "x\udc80"),
+        key_of(one, "r:{value}", "x\udc81"),
+        key_of(one, None, "x\udc80"),
+        key_of(one, None, "x\udc81"),
+    }
+    assert len(keys) == 6
+    for key in keys:
+        key.encode()  # what a backend sends
+
+
+def test_a_template_with_long_or_unusual_literal_text_gives_a_bounded_key() -> None:
+    long_key = key_of(one, "x" * 500 + ":{value}", "y" * 60)
+    assert len(long_key) <= 4 + 64 + 33
+    assert long_key != key_of(one, "x" * 500 + ":{value}", "y" * 59)
+    spaced = key_of(one, "report for {value}", 42)
+    assert spaced.startswith("res:report_for_42~")
+    assert spaced != key_of(one, lambda value: f"report for {value}", 42)  # salted apart
 
 
 # -- canonical forms -----------------------------------------------------------------------
@@ -314,6 +428,8 @@ def test_an_argument_outside_the_tuple_key_needs_no_canonical_form() -> None:
         ("   ", "empty"),
         (42, "got 42"),
         (b"invoice", "got b'invoice'"),
+        ("invoice:{invoice_id:{reason}}", "format spec"),
+        ("invoice:{invoice_id!x}", "conversion"),
     ],
 )
 def test_bad_key_specs_are_configuration_errors_naming_lock_key(spec: Any, words: str) -> None:
@@ -324,8 +440,84 @@ def test_bad_key_specs_are_configuration_errors_naming_lock_key(spec: Any, words
     assert words in str(info.value)
 
 
+def invoice_name(invoice_id: Any, reason: str = "") -> str:
+    return f"invoice:{invoice_id}"
+
+
+def any_arguments(*args: Any, **kwargs: Any) -> str:
+    return "all"
+
+
 @pytest.mark.parametrize(
-    "spec", [None, ("invoice_id",), ("invoice_id", "reason"), "invoice:{invoice_id}", "fixed-name", len]
+    "spec",
+    [
+        None,
+        ("invoice_id",),
+        ("invoice_id", "reason"),
+        "invoice:{invoice_id}",
+        "invoice:{invoice_id!r:>8}",
+        "fixed-name",
+        invoice_name,
+        any_arguments,
+        lambda *args: "x",
+        lambda first, *rest: "x",
+    ],
 )
 def test_good_key_specs_are_returned(spec: Any) -> None:
     assert validate_key_spec(spec, inspect.signature(invoice_task)) == spec
+
+
+def only_the_id(invoice_id: Any) -> str:
+    return f"invoice:{invoice_id}"
+
+
+def keyword_only_task(account_id: int, *, full: bool = False) -> None: ...
+
+
+@pytest.mark.parametrize(
+    ("spec", "task"),
+    [
+        (only_the_id, invoice_task),  # the task also passes reason
+        (lambda: "x", invoice_task),
+        (lambda a, b, c: "x", invoice_task),
+        (len, invoice_task),
+        (lambda account_id: "x", keyword_only_task),  # full= is passed by keyword
+        (lambda account_id, fully=False: "x", keyword_only_task),
+    ],
+)
+def test_a_callable_that_cannot_take_the_tasks_arguments_is_refused_at_definition(
+    spec: Any, task: Any
+) -> None:
+    with pytest.raises(ConfigurationError) as info:
+        validate_key_spec(spec, inspect.signature(task))
+    assert info.value.option == "lock_key"
+    assert "lock_key" in str(info.value)
+    assert str(inspect.signature(task)) in str(info.value)
+
+
+def test_a_callable_that_fails_at_run_time_is_a_lock_key_error_naming_lock_key_and_task() -> None:
+    def lookup(value: Any) -> str:
+        return {"known": "res-1"}[value]
+
+    assert key_of(one, lookup, "known", name="shop.sync") == "res:res-1"
+    with pytest.raises(LockKeyError) as info:
+        key_of(one, lookup, "unknown", name="shop.sync")
+    message = str(info.value)
+    assert "lock_key" in message
+    assert "lookup" in message
+    assert "'shop.sync'" in message
+    assert "KeyError" in message
+    assert isinstance(info.value.__cause__, KeyError)
+
+
+def test_a_callable_of_a_task_with_varargs_failing_at_run_time_is_a_lock_key_error() -> None:
+    def many(*ids: Any) -> None: ...
+
+    def first_two(a: Any, b: Any = None) -> str:
+        return f"ids:{a}:{b}"
+
+    assert key_of(many, first_two, 1, 2) == "res:ids:1:2"
+    with pytest.raises(LockKeyError) as info:  # three ids: only known at run time
+        key_of(many, first_two, 1, 2, 3, name="shop.many")
+    assert "'shop.many'" in str(info.value)
+    assert "lock_key" in str(info.value)
