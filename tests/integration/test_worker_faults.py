@@ -157,6 +157,22 @@ def test_revoke_with_the_default_signal_frees_the_lock_long_before_its_ttl(
     wait_until(lambda: lock_owner(redis_url, key) is None, 5, "the release (TTL is 30 s)")
 
 
+def test_a_hard_time_limit_frees_the_lock_when_the_pool_has_killed_the_process(
+    worker, worker_app, redis_url, run
+):
+    task = worker_app.hard_limited
+    result = task.apply_async((run,), queue="faults")
+    wait_until(lambda: count(events_of(worker_app, run), "start") == 1, 20, "the task to start")
+    key = task.lock_key_for((run,), {})
+    assert lock_owner(redis_url, key) is not None
+    with pytest.raises(Exception) as info:
+        result.get(timeout=20)
+    assert type(info.value).__name__ == "TimeLimitExceeded"
+    # The pool ends the process (SIGTERM, then SIGKILL); whichever frees the lock, it is
+    # free once the process is gone, long before its 30 s TTL.
+    wait_until(lambda: lock_owner(redis_url, key) is None, 8, "the release (TTL is 30 s)")
+
+
 # -- retries: jitter per process, budgets of their own --------------------------------------
 
 
@@ -170,19 +186,23 @@ def test_contention_retries_spread_across_processes_and_say_which_retry(
     assert holder is not None
     try:
         results = [task.apply_async((run, 0.1), queue="faults") for _ in range(3)]
-        pattern = re.compile(rf"{task.name}\[([0-9a-f-]+)\] retry: Retry in ([0-9.]+)s")
+        pattern = re.compile(
+            rf"/(ForkPoolWorker-\d+)\] Task {task.name}\[[0-9a-f-]+\] retry: Retry in ([0-9.]+)s"
+        )
 
         def first_countdowns() -> dict[str, str]:
+            """Each pool process's first drawn countdown."""
             found: dict[str, str] = {}
-            for task_id, countdown in pattern.findall(worker.text()):
-                found.setdefault(task_id, countdown)
+            for process, countdown in pattern.findall(worker.text()):
+                found.setdefault(process, countdown)
             return found
 
-        wait_until(lambda: len(first_countdowns()) == 3, 20, "three first retries")
+        wait_until(lambda: len(first_countdowns()) == 3, 30, "a retry in each of three processes")
     finally:
         backend.release(holder)
     assert [r.get(timeout=30) for r in results] == ["ran"] * 3
-    assert len(set(first_countdowns().values())) == 3  # not drawn alike after the fork
+    # Forked from one parent, the processes must not draw the same "random" countdown.
+    assert len(set(first_countdowns().values())) == 3, first_countdowns()
     log = worker.text()
     assert "retry 1 of 200" in log
     assert "gave up" not in log

@@ -155,3 +155,10 @@ def stubborn(run: str, seconds: float) -> str:
         time.sleep(seconds)
     record(run, "end")
     return "finished anyway"
+
+
+@app.task(base=SingletonTask, lock_ttl=30, time_limit=1.5)
+def hard_limited(run: str) -> str:
+    record(run, "start")
+    time.sleep(60)
+    return "not killed"
