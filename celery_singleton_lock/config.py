@@ -43,7 +43,7 @@ from celery import signals
 from celery.app.utils import filter_hidden_settings
 
 from celery_singleton_lock.backends import backend_class, shared_backend
-from celery_singleton_lock.backends.base import _check_ttl
+from celery_singleton_lock.backends.base import _check_timeout, _check_ttl
 from celery_singleton_lock.errors import ConfigurationError, mask_url
 from celery_singleton_lock.policies import Policy, Skip, parse_policy
 
@@ -116,7 +116,8 @@ class Settings:
     on_contention: Policy = field(default_factory=Skip)
     on_lock_lost: str = "log"
     prefix: str = "singleton-lock"
-    wait_timeout: float = 60.0
+    #: None: ``Wait()`` waits without limit (the setting was ``math.inf``).
+    wait_timeout: float | None = 60.0
     connect_timeout: float = 5.0
     backend_options: dict[str, Any] = field(default_factory=dict)
     enqueue_once_ttl: float = 3600.0
@@ -266,6 +267,13 @@ def _check_port_and_db(value: Any) -> None:
             raise ConfigurationError(msg, option="singleton_lock_backend")
 
 
+def _wait_timeout(value: Any) -> float | None:
+    """``singleton_lock_wait_timeout``: 60 when unset; ``math.inf`` means no limit."""
+    if value is None:
+        return 60.0
+    return _check_timeout(value, "singleton_lock_wait_timeout")
+
+
 def read_settings(conf: Any) -> Settings:
     """Validate ``conf``'s ``singleton_lock_*`` settings.
 
@@ -317,7 +325,7 @@ def read_settings(conf: Any) -> Settings:
             "log" if on_lock_lost is None else on_lock_lost, "singleton_lock_on_lock_lost"
         ),
         prefix=prefix,
-        wait_timeout=number("singleton_lock_wait_timeout", 60.0),
+        wait_timeout=_wait_timeout(_setting(conf, "singleton_lock_wait_timeout")),
         connect_timeout=number("singleton_lock_connect_timeout", 5.0),
         backend_options=dict(options),
         enqueue_once_ttl=number("singleton_lock_enqueue_once_ttl", 3600.0),

@@ -54,8 +54,14 @@ from celery.utils import uuid
 
 from celery_singleton_lock import signals
 from celery_singleton_lock.backends import shared_backend
-from celery_singleton_lock.backends.base import LockBackend, Refused
-from celery_singleton_lock.config import Settings, check_on_lock_lost, check_ttl, settings_for
+from celery_singleton_lock.backends.base import MAX_TTL, LockBackend, Refused
+from celery_singleton_lock.config import (
+    Settings,
+    check_on_lock_lost,
+    check_ttl,
+    settings_for,
+    warn_if_connect_timeout_exceeds,
+)
 from celery_singleton_lock.errors import (
     ConfigurationError,
     LockBackendUnavailable,
@@ -234,6 +240,10 @@ class SingletonTask(Task):  # type: ignore[misc]
                     else float(raw["enqueue_once_ttl"])
                 ),
             )
+            if raw["lock_ttl"] is not None:
+                warn_if_connect_timeout_exceeds(
+                    options.ttl, settings.connect_timeout, "lock_ttl", f" of task {cls.name}"
+                )
             cls._lock_options = options
         return options
 
@@ -282,7 +292,8 @@ class SingletonTask(Task):  # type: ignore[misc]
         )
         task_id = task_id or uuid()
         key = self.queued_marker_key_for(tuple(args or ()), dict(kwargs or {}))
-        ttl = lock_options.enqueue_once_ttl + _seconds_until_start(options)
+        # An eta decades away must not make the marker's TTL an invalid one.
+        ttl = min(lock_options.enqueue_once_ttl + _seconds_until_start(options), MAX_TTL)
         backend = namespaced_backend(lock_options.settings, "queued")
         try:
             outcome = backend.attempt(

@@ -365,3 +365,23 @@ def test_celery_report_of_the_censored_redlock_forms_shows_no_password(tmp_path:
     assert done.returncode == 0, done.stderr
     assert "singleton_lock_backend: ['redis://127.0.0.1:7001/0'," in done.stdout
     assert SECRET not in done.stdout + done.stderr
+
+
+def test_an_infinite_wait_timeout_means_no_limit_and_nan_is_refused() -> None:
+    assert read_settings(app_with(singleton_lock_wait_timeout=float("inf")).conf).wait_timeout is None
+    with pytest.raises(ConfigurationError) as info:
+        read_settings(app_with(singleton_lock_wait_timeout=float("nan")).conf)
+    assert info.value.option == "singleton_lock_wait_timeout"
+
+
+def test_outage_settings_default_to_riding_out_fifteen_minutes() -> None:
+    settings = read_settings(app_with().conf)
+    assert settings.outage_timeout == 900.0
+    assert settings.outage_backoff_max == 60.0
+    custom = read_settings(
+        app_with(singleton_lock_outage_timeout=30, singleton_lock_outage_backoff_max=2).conf
+    )
+    assert (custom.outage_timeout, custom.outage_backoff_max) == (30.0, 2.0)
+    with pytest.raises(ConfigurationError) as info:
+        read_settings(app_with(singleton_lock_outage_timeout=-1).conf)
+    assert info.value.option == "singleton_lock_outage_timeout"

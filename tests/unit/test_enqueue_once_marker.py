@@ -109,7 +109,7 @@ def test_markers_live_in_a_namespace_of_their_own(queue_app, report):
     markers = namespaced_backend(report.lock_options().settings, "queued")
     assert markers.prefix.endswith(".queued")
     key = report.queued_marker_key_for((1,), {})
-    assert key.startswith(f"{report.name}:")
+    assert key.startswith(f"task:{report.name}:")
     assert key != report.lock_key_for((1,), {})  # the whole signature, not lock_key's part
     assert markers.release_owned(key, Owner.of_message(queued_result.id))
     assert report.lock_options().settings.backend().acquire(key, ttl=1) is not None

@@ -289,7 +289,7 @@ def test_current_lock_of_a_nested_singleton_call_is_the_inner_one(eager_app: Cel
         seen.append(("outer", lock.key if lock else None))
 
     outer.delay(3)
-    assert seen == [("inner", "inner:3"), ("outer", "outer:3")]
+    assert seen == [("inner", "res:inner:3"), ("outer", "res:outer:3")]
 
 
 def test_lock_ttl_option_wins_over_the_app_setting(eager_app: Celery) -> None:
