@@ -52,6 +52,7 @@ from celery.signals import task_postrun, worker_ready
 from celery.states import READY_STATES
 from celery.utils import uuid
 
+import celery_singleton_lock.pools  # noqa: F401 - connects the worker-start check of the pool
 from celery_singleton_lock import signals
 from celery_singleton_lock.backends import shared_backend
 from celery_singleton_lock.backends.base import MAX_TTL, LockBackend, Refused
@@ -370,8 +371,9 @@ class SingletonTask(Task):  # type: ignore[misc]
         token = _running.set((*_running.get(), (self, request.id, held)))
         try:
             result = super().__call__(*args, **kwargs)
-            lost_during_run = held.lost
         finally:
+            # Whatever ended the body: a loss not announced yet is announced now.
+            lost_during_run = held.settle()
             _running.reset(token)
             self._release_after_run(held, request.id if not request.called_directly else None)
         if lost_during_run and options.on_lock_lost == "raise":
