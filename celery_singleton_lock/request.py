@@ -201,7 +201,10 @@ class SingletonRequest(Request):  # type: ignore[misc]
             if backend.release_owned(key, owner):
                 logger.info("released the lock of %s: its pool process %s is dead", label, owner.pid)
                 return
+            if not (self.delivery_info or {}).get("redelivered"):
+                return  # a first delivery waits behind no other delivery of itself
             # It held nothing: did it wait behind another delivery of the same message?
+            # (One round trip; the probe, if granted, is released at once.)
             outcome = backend.attempt(
                 key, self.task.lock_options().ttl, owner=Owner(host=HOST, pid=os.getpid(), task_id=self.id)
             )
