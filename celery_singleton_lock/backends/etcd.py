@@ -16,6 +16,12 @@ else read the holder); a release is one guarded delete. Leases make the third: e
 grants a lease in a call of its own, so a released lease is kept as a *spare* and the
 next acquisition with the same TTL reuses it. A lease never carries two entries at a
 time, so exclusion does not depend on it; see ``docs/etcd.md``.
+
+A write whose outcome is unknown (its member timed out or lost its leader after the
+request may have reached the cluster) can still be applied later, even after a retry
+elsewhere succeeded. Its lease is therefore revoked before we try again, with another
+lease and another entry name, and never used again: once its lease is revoked no put on
+it can succeed, late or not, so no entry of ours is left that we would keep alive.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ import contextlib
 import math
 import os
 import random
+import re
 import secrets
 import threading
 import time
@@ -38,8 +45,14 @@ from celery_singleton_lock.backends.base import (
     LockBackend,
     Refused,
     _check_key_and_ttl,
+    _check_timeout,
 )
-from celery_singleton_lock.errors import ConfigurationError, LockBackendUnavailable
+from celery_singleton_lock.errors import (
+    ConfigurationError,
+    LockBackendUnavailable,
+    LockError,
+    LockKeyError,
+)
 from celery_singleton_lock.lease import HeldLock, Owner, clock_drift, stored_task_id
 
 try:
@@ -56,15 +69,27 @@ DEFAULT_PORT = 2379
 MAX_TXN_OPS = 128
 #: Spare leases kept per TTL; more concurrent acquisitions simply grant more leases.
 SPARE_LEASES = 8
+#: The shortest time one try at one member gets: a healthy member answers in
+#: milliseconds, so a try that takes longer moves on to the next member.
+MIN_TRY = 0.25
+#: A renewal (keep-alives and the existence check) gets this share of the lease's TTL,
+#: and never more than connect_timeout. The lease keeper renews after a third of the TTL
+#: and retries on failure, so a hung member costs a short try or two, not the lease.
+RENEWAL_SHARE = 0.25
+#: How often leases that could not be revoked at once are tried again.
+REAP_PAUSE = 0.25
+#: The token of an etcd acquisition: the lease id and 16 random hex digits.
+_TOKEN = re.compile(r"[0-9a-f]{32}")
 
 #: Codes that mean "this member cannot answer now" (down, no leader, its own request to
 #: the leader timed out: etcd reports that as UNKNOWN "context deadline exceeded").
 _RETRY_ON = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.UNKNOWN)
-#: Answers about the request itself (a lease not found...), for the caller to handle.
-_CALLER_HANDLES = (
-    grpc.StatusCode.NOT_FOUND, grpc.StatusCode.FAILED_PRECONDITION,
-    grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.OUT_OF_RANGE,
-)
+#: Answers about the request itself (a lease not found, or already there), for the
+#: caller to handle.
+_CALLER_HANDLES = (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.FAILED_PRECONDITION)
+#: Refusals of what we asked for (too large, out of range): no member would take it, so
+#: it is a bad key or TTL, never an outage to retry.
+_REFUSED = (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.OUT_OF_RANGE)
 _CHANNEL_OPTIONS = [
     # A member that comes back is reconnected to within a second, not gRPC's default
     # two minutes of back-off.
@@ -89,6 +114,10 @@ class _Lease:
 
 class _Unreachable(Exception):
     """No member answered within the budget (turned into LockBackendUnavailable)."""
+
+
+class _Unsure(Exception):
+    """A write's try failed after it may have reached the cluster: it may yet be applied."""
 
 
 class _Cluster:
@@ -147,7 +176,15 @@ class _Cluster:
     def metadata(self) -> tuple[tuple[str, str], ...] | None:
         return self._metadata
 
-    def call(self, service: str, method: str, request: Any, *, budget: float | None = None) -> Any:
+    def call(
+        self,
+        service: str,
+        method: str,
+        request: Any,
+        *,
+        budget: float | None = None,
+        once_sent: bool = False,
+    ) -> Any:
         """One unary call, failing over between members within ``budget`` seconds."""
         return self.retrying(
             lambda stub, timeout: getattr(stub, method)(
@@ -155,18 +192,29 @@ class _Cluster:
             ),
             service,
             budget=budget,
+            once_sent=once_sent,
         )
 
     def retrying(
-        self, send: Callable[[Any, float], Any], service: str, *, budget: float | None = None
+        self,
+        send: Callable[[Any, float], Any],
+        service: str,
+        *,
+        budget: float | None = None,
+        once_sent: bool = False,
     ) -> Any:
-        """Run ``send(stub, per_try_timeout)`` on the current member, failing over."""
+        """Run ``send(stub, per_try_timeout)`` on the current member, failing over.
+
+        :param once_sent: the request is a write that must not be sent twice: a try that
+            failed after it may have reached a member raises :class:`_Unsure` instead of
+            trying the next member (a try refused before sending still moves on).
+        """
         budget = self.budget if budget is None else budget
         deadline = self.clock() + budget
         # One silent member must not eat the whole budget: each try gets its share.
-        per_try = max(budget / len(self.endpoints), 0.25)
+        per_try = max(budget / len(self.endpoints), MIN_TRY)
         reauthenticated = False
-        last_error = "no member was tried"
+        last_error = "no time was left to try a member"
         while True:
             remaining = deadline - self.clock()
             if remaining <= 0:
@@ -187,12 +235,14 @@ class _Cluster:
                     sign in details for sign in ("authentication failed", "user name is empty")
                 ):
                     raise _Unreachable(f"refused our credentials: {details}") from None
-                if code in _CALLER_HANDLES:
+                if code in _CALLER_HANDLES or code in _REFUSED or "larger than max" in details:
                     raise
                 if code not in _RETRY_ON and "leader" not in details:
                     raise _Unreachable(f"{self.endpoints[index]}: {code.name} {details}") from None
                 last_error = f"{self.endpoints[index]}: {code.name} {details}".strip()
                 self.failed(index)
+                if once_sent and "failed to connect" not in details:
+                    raise _Unsure(last_error) from None
                 if (index + 1) % len(self.endpoints) == 0 or len(self.endpoints) == 1:
                     # A full round failed (all down, or an election in progress): pause
                     # briefly instead of spinning on refused connections.
@@ -210,6 +260,67 @@ class _Cluster:
             self._stubs.clear()
         for channel in channels:
             channel.close()
+
+
+class _Reaper:
+    """Revokes, from a thread of its own, leases that could not be revoked at once.
+
+    Such a lease may carry an entry nobody will delete: a put whose outcome is unknown,
+    or the place of a waiter that gave up while no member answered. Revoking it frees the
+    line as soon as a member answers again, instead of when the lease expires. The thread
+    exists only while there is work, and gives a lease up once it has surely expired.
+    """
+
+    def __init__(self, revoke: Callable[[int], None], clock: Callable[[], float]) -> None:
+        self._revoke = revoke
+        self._clock = clock
+        self._guard = threading.Lock()
+        #: Lease id -> when it has expired on the server even if never revoked.
+        self._leases: dict[int, float] = {}
+        self._thread: threading.Thread | None = None
+        self._closed = threading.Event()
+        self._pid = os.getpid()
+
+    def add(self, lease: _Lease) -> None:
+        with self._guard:
+            if os.getpid() != self._pid:  # a forked child: the parent reaps its own leases
+                self._leases.clear()
+                self._thread, self._pid = None, os.getpid()
+            # A lease lives TTL seconds after its last renewal, longer by at most an
+            # election's extension: twice the TTL past its validity is surely the end.
+            self._leases[lease.id] = lease.valid_until + lease.ttl
+            if not self._closed.is_set() and (self._thread is None or not self._thread.is_alive()):
+                self._thread = threading.Thread(
+                    target=self._run, name="celery-singleton-lock-etcd-reaper", daemon=True
+                )
+                self._thread.start()
+
+    def pending(self) -> set[int]:
+        """The ids of leases still to revoke (tests look)."""
+        with self._guard:
+            return set(self._leases)
+
+    def _run(self) -> None:
+        while True:
+            with self._guard:
+                now = self._clock()
+                self._leases = {i: end for i, end in self._leases.items() if end > now}
+                due = list(self._leases)
+                if not due or self._closed.is_set():
+                    self._thread = None
+                    return
+            for lease_id in due:
+                try:
+                    self._revoke(lease_id)
+                except (LockError, grpc.RpcError):  # still no answer: the next round retries
+                    continue
+                with self._guard:
+                    self._leases.pop(lease_id, None)
+            self._closed.wait(REAP_PAUSE)
+
+    def close(self) -> None:
+        """Stop; leases not revoked yet expire on the server."""
+        self._closed.set()
 
 
 class EtcdBackend(LockBackend):
@@ -254,6 +365,7 @@ class EtcdBackend(LockBackend):
         self._spares: dict[int, list[_Lease]] = {}
         self._spares_guard = threading.Lock()
         self._pid = os.getpid()
+        self._reaper = _Reaper(lambda lease_id: self._revoke(lease_id, None), clock)
         #: Watch events that woke a waiter in this process (tests and benchmarks count them).
         self.wakeups = 0
 
@@ -279,14 +391,12 @@ class EtcdBackend(LockBackend):
                 failure=[_range(directory, limit=1)],
             )
 
-        # (An exception drops the lease: the put may have happened, so it is never reused.)
-        lease, etcd_token, entry, reply = self._put_with_lease(request, directory, token, ttl, key)
+        lease, etcd_token, _, reply = self._put_with_lease(request, directory, token, ttl, key)
         if reply.succeeded:
             return Granted(reply.header.revision, token=etcd_token, valid_until=lease.valid_until)
-        holder = reply.responses[0].response_range.kvs[0]
-        if holder.key == entry:  # our put was applied by an earlier try of this call
-            return Granted(holder.create_revision, token=etcd_token, valid_until=lease.valid_until)
+        # The transaction was applied exactly once and put nothing: the lease is clean.
         self._give_back(lease)
+        holder = reply.responses[0].response_range.kvs[0]
         return Refused(holder_ttl=None, holder_task_id=stored_task_id(holder.value))
 
     def _wait_for_release(self, key: str, timeout: float) -> None:
@@ -310,10 +420,12 @@ class EtcdBackend(LockBackend):
 
         Only the entry just before ours is watched, so a release wakes one waiter. Our
         lease is kept alive while we wait; on timeout or error our entry is removed.
+        ``timeout`` None or ``math.inf``: no limit.
         """
         _check_key_and_ttl(key, ttl)
+        limit = _check_timeout(timeout)
         owner = owner or Owner(host=_HOST, pid=os.getpid())
-        deadline = None if timeout is None else self.clock() + timeout
+        deadline = None if limit is None else self.clock() + limit
         directory = self._full_key(key).encode()
         while True:
             token = secrets.token_hex(16)
@@ -340,8 +452,10 @@ class EtcdBackend(LockBackend):
             if place > 0:
                 granted = Granted(place, token=etcd_token, valid_until=lease.valid_until)
                 return self._hold(key, ttl, owner, token, granted, sent_at, sender)
-            # Our entry vanished (its lease expired while we waited): queue again, at the
-            # back, with a new lease. Reporting the lock held here is etcd bug #11456.
+            # Our entry vanished (its lease expired while we waited, or an operator deleted
+            # it): queue again, at the back, with a new lease, and make sure the old one
+            # carries nothing. Reporting the lock held here is etcd bug #11456.
+            self._abandon(lease)
 
     def _put_with_lease(
         self,
@@ -352,18 +466,55 @@ class EtcdBackend(LockBackend):
         key: str,
     ) -> tuple[_Lease, str, bytes, Any]:
         """Send the transaction ``request(lease, entry, etcd_token)`` with a spare or new
-        lease; a spare that died meanwhile is replaced by a new lease once."""
-        for spare_allowed in (True, False):
-            lease = self._take_lease(ttl, key) if spare_allowed else self._grant(ttl, key)
+        lease, within connect_timeout, applied exactly once.
+
+        A try with an unknown outcome may still be applied later, even after a retry
+        elsewhere succeeded and the entry it made was deleted; its entry would then come
+        back as an orphan at the head of the line, kept alive by whoever reused the lease
+        (issue 9, items 4 and 15). So its lease is revoked first (no put on a revoked
+        lease can succeed, late or not), and the next try has a new lease and entry name.
+        """
+        deadline = self.clock() + self.connect_timeout
+        fresh_only = False
+        while True:
+            lease = self._grant(ttl, key, deadline) if fresh_only else self._take_lease(ttl, key, deadline)
             etcd_token = f"{lease.id:016x}{token[:16]}"
             entry = directory + etcd_token.encode()
             try:
-                reply = self._call("KV", "Txn", request(lease, entry, etcd_token), key)
-                return lease, etcd_token, entry, reply
-            except grpc.RpcError as exc:
-                if not spare_allowed or "requested lease not found" not in (exc.details() or ""):
+                txn = request(lease, entry, etcd_token)
+                reply = self._call("KV", "Txn", txn, key, deadline=deadline, once_sent=True)
+            except _Unsure as exc:
+                self._discard(lease, deadline, key, str(exc))
+                continue
+            except grpc.RpcError as exc:  # refused: nothing was put
+                if "requested lease not found" not in (exc.details() or ""):
                     raise
-        raise AssertionError("unreachable")  # pragma: no cover
+                fresh_only = True  # a spare that etcd lost meanwhile
+                continue
+            except LockError:
+                # No try reached a member, or the cluster refused it: nothing was put. The
+                # lease is dropped unused (it ends by itself) rather than revoked now,
+                # which would cost another connect_timeout while no member answers.
+                raise
+            except BaseException:
+                # No answer at all, or interrupted: the lease is never used again, and is
+                # revoked as soon as a member answers, in case something was put on it.
+                self._reaper.add(lease)
+                raise
+            return lease, etcd_token, entry, reply
+
+    def _discard(self, lease: _Lease, deadline: float, key: str, why: str) -> None:
+        """Revoke a lease whose put has an unknown outcome, before anything else is tried.
+
+        :raises LockBackendUnavailable: no member could revoke it in time; it is then
+            left to the reaper.
+        """
+        try:
+            self._revoke(lease.id, key, deadline=deadline)
+        except LockBackendUnavailable:
+            self._reaper.add(lease)
+            msg = f"etcd at {self.url} did not answer within {self.connect_timeout}s: {why}"
+            raise LockBackendUnavailable(msg, url=self.url, key=key) from None
 
     def _wait_in_line(
         self,
@@ -399,14 +550,25 @@ class EtcdBackend(LockBackend):
     ) -> bool | None:
         """Block until ``predecessor`` is deleted (True), our lease is gone (False) or
         ``deadline`` passes (None), keeping our lease alive every third of its TTL."""
+        retry_at = -math.inf
         while True:
             now = self.clock()
             if deadline is not None and now >= deadline:
                 return None
-            keepalive_at = lease.valid_until - lease.ttl * (2 / 3)
+            keepalive_at = max(lease.valid_until - lease.ttl * (2 / 3), retry_at)
             if now >= keepalive_at:
                 sent_at = self.clock()
-                if self._keep_alive([lease.id], key).get(lease.id, 0) <= 0:
+                try:
+                    ttls = self._keep_alive([lease.id], key, budget=self._renewal_budget(lease.ttl))
+                except LockBackendUnavailable:
+                    # As the lease keeper does: a hung member or an election costs a short
+                    # try and another (watching on meanwhile), not our place, until the
+                    # lease can no longer be proved alive.
+                    if self.clock() >= lease.valid_until:
+                        raise
+                    retry_at = self.clock() + MIN_TRY
+                    continue
+                if ttls.get(lease.id, 0) <= 0:
                     return False
                 lease.valid_until = sent_at + lease.ttl - clock_drift(lease.ttl)
                 continue
@@ -460,39 +622,64 @@ class EtcdBackend(LockBackend):
 
     def _abandon(self, lease: _Lease) -> None:
         # Revoking the lease deletes our entry at once (waking whoever watched it); if
-        # the cluster cannot be reached, the entry goes when the lease expires.
-        with contextlib.suppress(LockBackendUnavailable):
-            self._revoke(lease.id)
+        # no member answers, the reaper revokes it once one does.
+        try:
+            self._revoke(lease.id, None)
+        except LockBackendUnavailable:
+            self._reaper.add(lease)
 
     # -- renewal and release ---------------------------------------------------------------
 
+    def _renewal_budget(self, ttl: float) -> float:
+        """How long one renewal may take: a share of the TTL, at most connect_timeout."""
+        return min(self.connect_timeout, max(ttl * RENEWAL_SHARE, MIN_TRY))
+
     def _renew(self, items: Sequence[tuple[str, str, float]]) -> list[bool]:
         """Keep-alives for every lease in one stream, and, sent at the same time, a check
-        that every entry still exists (an operator may have deleted one)."""
-        entries = [directory.encode() + token.encode() for directory, token, _ in items]
+        that every entry still exists (an operator may have deleted one).
+
+        Both are bounded by a share of the shortest TTL, not by connect_timeout: a
+        renewal that waited on a hung member lost short leases it could have kept by
+        asking another member (issue 9, item 5). A token that is not one of ours names
+        no lease and no entry: it is not renewed, and nothing is sent for it.
+        """
+        lease_ids = [_lease_of(token) for _, token, _ in items]
+        entries = [
+            directory.encode() + token.encode()
+            for (directory, token, _), lease_id in zip(items, lease_ids, strict=True)
+            if lease_id is not None
+        ]
+        if not entries:
+            return [False] * len(items)
+        budget = self._renewal_budget(min(ttl for _, _, ttl in items))
         checks = [
             self._cluster.stub("KV").Txn.future(
                 etcdrpc.TxnRequest(success=[
                     _range(entry, count_only=True) for entry in entries[i:i + MAX_TXN_OPS]
                 ]),
-                timeout=self.connect_timeout, metadata=self._cluster.metadata,
+                timeout=budget, metadata=self._cluster.metadata,
             )
             for i in range(0, len(entries), MAX_TXN_OPS)
         ]
-        ttls = self._keep_alive({int(token[:16], 16) for _, token, _ in items}, None)
-        exists: list[bool] = []
+        ttls = self._keep_alive({i for i in lease_ids if i is not None}, None, budget=budget)
+        found: list[bool] = []
         try:
+            # Each check ends by its own deadline, so this waits no longer than the budget.
             for check in checks:
-                exists += [op.response_range.count > 0 for op in check.result().responses]
+                found += [op.response_range.count > 0 for op in check.result().responses]
         except grpc.RpcError:  # the keep-alives answered; the check can wait for next time
-            exists = [True] * len(entries)
+            found = [True] * len(entries)
+        exists = iter(found)
         return [
-            ttls.get(int(token[:16], 16), 0) > 0 and found
-            for (_, token, _), found in zip(items, exists, strict=True)
+            lease_id is not None and next(exists) and ttls.get(lease_id, 0) > 0
+            for lease_id in lease_ids
         ]
 
-    def _keep_alive(self, lease_ids: Sequence[int] | set[int], key: str | None) -> dict[int, int]:
-        """Refresh leases in one LeaseKeepAlive stream; their new TTLs (0: gone)."""
+    def _keep_alive(
+        self, lease_ids: Sequence[int] | set[int], key: str | None, *, budget: float
+    ) -> dict[int, int]:
+        """Refresh leases in one LeaseKeepAlive stream within ``budget`` seconds; their
+        new TTLs (0: gone)."""
         wanted = list(lease_ids)
 
         def send(stub: Any, timeout: float) -> dict[int, int]:
@@ -508,27 +695,43 @@ class EtcdBackend(LockBackend):
                 call.cancel()
             return ttls
 
-        return self._answering(lambda: self._cluster.retrying(send, "Lease"), key)  # type: ignore[no-any-return]
+        return self._answering(  # type: ignore[no-any-return]
+            lambda: self._cluster.retrying(send, "Lease", budget=budget), key
+        )
 
     def _release_held(self, held: HeldLock) -> bool:
-        lease = _Lease(int(held.token[:16], 16), held.ttl, held._valid_until)
-        ours = self._release(self._full_key(held.key), "token", held.token)
-        if ours and not held.lost:
-            self._give_back(lease)
-        else:
-            self._abandon(lease)
+        lease_id = _lease_of(held.token)
+        ours = lease_id is not None and self._release(self._full_key(held.key), "token", held.token)
+        if ours:
+            # Our exact entry was there, so its lease is ours: reuse it, or end it.
+            assert lease_id is not None
+            lease = _Lease(lease_id, held.ttl, held._valid_until)
+            if held.lost:
+                self._abandon(lease)
+            else:
+                self._give_back(lease)
+        # Not ours: the lease is left alone. Nobody renews it any more, so it ends by
+        # itself; revoking a lease named by a token that proved nothing could end another
+        # holder's lock (a handle whose token is a prefix of the holder's names its lease).
         return ours
 
     def _release(self, key: str, field: str, value: str) -> bool:
         directory = key.encode()
         if field == "token":
+            # The entry is named by the whole token, so only the exact token names it; a
+            # value that is not a token of ours (empty, a prefix) is refused unsent.
+            if _lease_of(value) is None:
+                return False
             return self._delete_entry(directory + value.encode(), None, key)
-        # By task id (the worker's main process, after killing a task): remove that task's
-        # entries, holder or queued; True if it was the holder.
+        # By owner (the worker's main process, once a pool process is dead): remove the
+        # entries whose stored owner is exactly that one, holder or queued, each only if
+        # it is still the entry we read; True if one was the holder.
+        wanted = value.encode()
         reply = self._call("KV", "Range", _range(directory).request_range, key)
         released = False
         for place, kv in enumerate(reply.kvs):
-            if stored_task_id(kv.value) == value:
+            _, newline, stored = kv.value.partition(b"\n")
+            if newline and stored == wanted:
                 deleted = self._delete_entry(kv.key, kv.create_revision, key)
                 released = released or (deleted and place == 0)
         return released
@@ -547,7 +750,7 @@ class EtcdBackend(LockBackend):
 
     # -- leases ----------------------------------------------------------------------------
 
-    def _take_lease(self, ttl: float, key: str) -> _Lease:
+    def _take_lease(self, ttl: float, key: str, deadline: float) -> _Lease:
         """A spare lease of this TTL renewed less than a third of a TTL ago, or a new one.
 
         An older spare is dropped without a call: it expires on the server within the
@@ -561,16 +764,16 @@ class EtcdBackend(LockBackend):
                 if lease.valid_until - self.clock() > ttl * (2 / 3):
                     lease.ttl = ttl
                     return lease
-        return self._grant(ttl, key)
+        return self._grant(ttl, key, deadline)
 
-    def _grant(self, ttl: float, key: str) -> _Lease:
+    def _grant(self, ttl: float, key: str, deadline: float) -> _Lease:
         # We choose the id (from secrets): ids are then unguessable, and a grant retried
         # after a lost reply finds "already exists", which can only be our own.
         lease_id = secrets.randbits(63) or 1
         sent_at = self.clock()
         try:
             request = etcdrpc.LeaseGrantRequest(TTL=_lease_seconds(ttl), ID=lease_id)
-            self._call("Lease", "LeaseGrant", request, key)
+            self._call("Lease", "LeaseGrant", request, key, deadline=deadline)
         except grpc.RpcError as exc:
             if "lease already exists" not in (exc.details() or ""):
                 raise
@@ -592,34 +795,83 @@ class EtcdBackend(LockBackend):
                 self._spares.clear()
                 self._pid = os.getpid()
 
-    def _revoke(self, lease_id: int) -> None:
+    def _revoke(self, lease_id: int, key: str | None, *, deadline: float | None = None) -> None:
         try:
-            self._call("Lease", "LeaseRevoke", etcdrpc.LeaseRevokeRequest(ID=lease_id), None)
+            request = etcdrpc.LeaseRevokeRequest(ID=lease_id)
+            self._call("Lease", "LeaseRevoke", request, key, deadline=deadline)
         except grpc.RpcError as exc:
             if "requested lease not found" not in (exc.details() or ""):
                 raise
 
     # -- plumbing --------------------------------------------------------------------------
 
-    def _call(self, service: str, method: str, request: Any, key: str | None) -> Any:
-        return self._answering(lambda: self._cluster.call(service, method, request), key)
+    def _call(
+        self,
+        service: str,
+        method: str,
+        request: Any,
+        key: str | None,
+        *,
+        deadline: float | None = None,
+        once_sent: bool = False,
+    ) -> Any:
+        """One call within connect_timeout, or until ``deadline`` (monotonic)."""
+        budget = None if deadline is None else deadline - self.clock()
+        return self._answering(
+            lambda: self._cluster.call(service, method, request, budget=budget, once_sent=once_sent),
+            key,
+        )
 
     def _answering(self, send: Callable[[], Any], key: str | None) -> Any:
-        """Run ``send``; "no member answered" becomes LockBackendUnavailable, URL masked."""
+        """Run ``send``; "no member answered" becomes LockBackendUnavailable (URL masked),
+        and a refusal of the request itself the error that names its cause."""
         try:
             return send()
         except _Unreachable as exc:
             msg = f"etcd at {self.url} did not answer within {self.connect_timeout}s: {exc}"
             raise LockBackendUnavailable(msg, url=self.url, key=key) from None
+        except grpc.RpcError as exc:
+            refusal = _refusal(exc, key)
+            if refusal is None:
+                raise
+            raise refusal from None
 
     def close(self) -> None:
+        self._reaper.close()
         with self._spares_guard:
             spares = [lease for leases in self._spares.values() for lease in leases]
             self._spares.clear()
         for lease in spares:
             with contextlib.suppress(LockBackendUnavailable, grpc.RpcError):  # else it expires
-                self._revoke(lease.id)
+                self._revoke(lease.id, None)
         self._cluster.close()
+
+
+def _lease_of(token: str) -> int | None:
+    """The lease id in one of our tokens; None for anything else (never a prefix)."""
+    return int(token[:16], 16) if _TOKEN.fullmatch(token) else None
+
+
+def _refusal(exc: grpc.RpcError, key: str | None) -> LockError | None:
+    """The error for etcd refusing the request itself (None: not a refusal).
+
+    Retrying would meet the same refusal, so it must not read as an outage.
+    """
+    code, details = exc.code(), exc.details() or ""
+    if code == grpc.StatusCode.OUT_OF_RANGE and "lease TTL" in details:
+        msg = f"etcd refused the lock's TTL ({details}); use a shorter ttl"
+        return ConfigurationError(msg, option="ttl")
+    if "larger than max" in details or "request is too large" in details:
+        shown = "" if key is None else f" for a key of {len(key.encode())} bytes"
+        msg = (
+            f"etcd refused the request{shown} as too large ({details}); use a shorter key, "
+            "or raise the server's --max-request-bytes"
+        )
+        return LockKeyError(msg, argument="key")
+    if code in _REFUSED:
+        msg = f"etcd refused the request: {code.name} {details}"
+        return ConfigurationError(msg, option="singleton_lock_backend")
+    return None
 
 
 def _parse_url(url: str, masked: str) -> tuple[list[str], dict[str, Any]]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import multiprocessing
 import os
 import signal
@@ -16,7 +17,13 @@ import time
 import pytest
 from pyetcd import etcdrpc
 
-from celery_singleton_lock import ConfigurationError, LockBackendUnavailable, connect
+from celery_singleton_lock import (
+    ConfigurationError,
+    HeldLock,
+    LockBackendUnavailable,
+    LockKeyError,
+    connect,
+)
 from celery_singleton_lock.testing import EtcdCluster, etcd_binary
 from tests.conftest import wait_until
 from tests.contract import BackendContract
@@ -370,3 +377,84 @@ def test_authenticated_cluster_takes_the_user_from_the_url():
             anonymous.acquire("k", ttl=5)
         for backend in (good, bad, anonymous):
             backend.close()
+
+
+def test_only_the_exact_token_renews_or_releases(backend, second_backend_factory, unique_key):
+    # An etcd token starts with its lease id: a handle with a prefix of the holder's
+    # token names the holder's lease. Its release once revoked that lease, which deleted
+    # the holder's entry (issue 9, item 7).
+    held = backend.acquire(unique_key, ttl=10)
+    forger = second_backend_factory()
+    for token in ("", held.token[:16], held.token[:31], held.token[:16] + "0" * 16,
+                  held.token + "0", held.token.upper()):
+        forged = HeldLock(forger, unique_key, token, held.fencing_token, held.ttl, held.owner,
+                          valid_until=held._valid_until)
+        assert forger.renew([forged]) == [False], token
+        assert forger.release(forged) is False, token
+    assert forger.acquire(unique_key, ttl=10) is None  # still held, by the holder alone
+    assert backend.renew([held]) == [True]
+    assert [entry.create_revision for entry in _entries(backend, unique_key)] == [held.fencing_token]
+    assert backend.release(held) is True
+
+
+@pytest.fixture
+def second_backend_factory(etcd_url):
+    made: list = []
+
+    def make(**options):
+        made.append(connect(etcd_url, **options))
+        return made[-1]
+
+    yield make
+    for backend in made:
+        backend.close()
+
+
+def test_a_request_etcd_refuses_as_too_large_is_a_key_error_not_an_outage(unique_key):
+    # The key passes the library's own bound (1024 bytes); this server takes only 4 KiB
+    # per request, and an acquisition names the key four times.
+    with EtcdCluster(size=1, extra_args=["--max-request-bytes", "4096"]) as cluster:
+        backend = connect(cluster.url, connect_timeout=2)
+        started = time.monotonic()
+        for blocking in (False, True):
+            with pytest.raises(LockKeyError) as info:
+                backend.acquire("k" * 1000, ttl=5, blocking=blocking, timeout=1)
+            assert info.value.argument == "key"
+            assert "too large" in str(info.value)
+        assert time.monotonic() - started < 1  # refused at once, never retried as an outage
+        assert backend.acquire(unique_key, ttl=5) is not None  # a short key is fine
+        backend.close()
+
+
+def test_a_ttl_etcd_refuses_names_the_ttl(backend):
+    # The library refuses TTLs over 10 years first; etcd's own bound is 9e9 s, and its
+    # refusal (a bare gRPC OUT_OF_RANGE before) names the ttl too.
+    grant = etcdrpc.LeaseGrantRequest(TTL=10**10, ID=1)
+    with pytest.raises(ConfigurationError) as info:
+        backend._call("Lease", "LeaseGrant", grant, "k")
+    assert info.value.option == "ttl"
+    with pytest.raises(ConfigurationError) as info:
+        backend.acquire("k", ttl=1e10)
+    assert info.value.option == "ttl"
+
+
+def test_wait_refuses_a_nan_timeout_and_takes_inf_as_no_limit(backend, etcd_url, unique_key):
+    holder = backend.acquire(unique_key, ttl=10)
+    waiter = connect(etcd_url)
+    # wait() is what the Wait policy and HA beat call directly; NaN waited forever.
+    with pytest.raises(ConfigurationError) as info:
+        waiter.wait(unique_key, 10, timeout=math.nan)
+    assert info.value.option == "timeout"
+    assert len(_entries(backend, unique_key)) == 1  # it did not queue
+    got: list = []
+    thread = threading.Thread(
+        target=lambda: got.append(waiter.acquire(unique_key, ttl=10, blocking=True, timeout=math.inf))
+    )
+    thread.start()
+    wait_until(lambda: len(_entries(backend, unique_key)) == 2, 5, "the waiter to queue")
+    backend.release(holder)
+    thread.join(5)
+    assert got[0] is not None
+    assert got[0].fencing_token > holder.fencing_token
+    waiter.release(got[0])
+    waiter.close()
