@@ -49,6 +49,8 @@ class RedisServer:
     :param tls: paths ``(cert_file, key_file, ca_file)``: also listen for TLS on
         :attr:`tls_port` (``rediss://``).
     :param unix_socket: also listen on a unix socket (:attr:`unix_url`).
+    :param replica_of: start as a replica of this server (``--replicaof``), to test
+        failovers; promote it with ``REPLICAOF NO ONE``.
     :param startup_timeout: seconds to wait for the server to answer ``PING``.
     """
 
@@ -59,9 +61,11 @@ class RedisServer:
         password: str | None = None,
         tls: tuple[str, str, str] | None = None,
         unix_socket: bool = False,
+        replica_of: RedisServer | None = None,
         startup_timeout: float = 10.0,
     ) -> None:
         self.port = port or free_port()
+        self.replica_of = replica_of
         self.password = password
         self.tls = tls
         self.tls_port = free_port() if tls else None
@@ -106,6 +110,10 @@ class RedisServer:
             ]
         if self.unix_socket:
             args += ["--unixsocket", f"{self._dir.name}/redis.sock", "--unixsocketperm", "700"]
+        if self.replica_of is not None:
+            args += ["--replicaof", "127.0.0.1", str(self.replica_of.port)]
+            if self.replica_of.password:
+                args += ["--masterauth", self.replica_of.password]
         # A session of its own: Ctrl-C in a terminal reaches the program, which stops the
         # server in order, instead of killing the server under it.
         self.process = subprocess.Popen(

@@ -18,11 +18,12 @@ replies read, so a round costs about one round trip to the slowest master, witho
 thread per call. Renewal and release go out the same way; waiters block with BLPOP on the
 release announcement of every master at once and wake on the first one.
 
-Fencing tokens: each master keeps its own counter (seeded from its clock, see
-backends/redis.py). The token is the highest counter among the masters that granted; when
-they disagree, the others are raised to it before the lock is reported held, so every
-later quorum (which shares a master with this one) counts on from there. See
-docs/redlock.md for what that promises and when it does not hold.
+Fencing tokens: each master counts on from its own counter, restarted from its clock in
+microseconds where it is gone (see backends/redis.py). The token is the highest among the
+masters that granted; when they disagree, the others are raised to it before the lock is
+reported held, so every later quorum (which shares a master with this one) counts on from
+there. A counter lives one lock TTL after its last grant; later, the masters' clocks alone
+keep tokens going up. See docs/redlock.md for what that promises and when it does not hold.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 from celery_singleton_lock.backends.base import Granted, LockBackend, Refused
-from celery_singleton_lock.backends.redis import FENCE_LIFETIME_MS, RedisBackend, ScriptCall
+from celery_singleton_lock.backends.redis import MAX_BLOCK, RedisBackend, ScriptCall, _ms, check_url
 from celery_singleton_lock.errors import ConfigurationError, LockBackendUnavailable, mask_url
 from celery_singleton_lock.lease import Owner, clock_drift
 
@@ -97,6 +98,7 @@ def node_urls(url: str | Sequence[str], *, option: str = "url") -> list[str]:
         raise ConfigurationError(msg, option=option)
     seen: set[tuple[str, ...]] = set()
     for each in urls:
+        check_url(each, option=option)
         parts = urlsplit(each)
         where = (parts.path,) if parts.scheme == "unix" else (parts.hostname or "", str(parts.port or 6379))
         if where in seen:
@@ -107,12 +109,17 @@ def node_urls(url: str | Sequence[str], *, option: str = "url") -> list[str]:
 
 
 class _Failed:
-    """A master that gave no usable answer to one call (why, for the error message)."""
+    """A master that gave no usable answer to one call.
 
-    __slots__ = ("reason",)
+    :ivar reason: why, for the error message.
+    :ivar sent: the request went out, so the master may have applied it (or apply it later).
+    """
 
-    def __init__(self, reason: str) -> None:
+    __slots__ = ("reason", "sent")
+
+    def __init__(self, reason: str, *, sent: bool) -> None:
         self.reason = reason
+        self.sent = sent
 
 
 class RedlockBackend(LockBackend):
@@ -130,7 +137,8 @@ class RedlockBackend(LockBackend):
 
     schemes = ("redlock",)
 
-    # KEYS[1] fencing counter; ARGV[1] the token just granted; ARGV[2] counter lifetime ms
+    # KEYS[1] fencing counter; ARGV[1] the token just granted; ARGV[2] the lock's ttl ms,
+    # which is how long a counter lives after a grant (as in RedisBackend.LUA_ACQUIRE)
     # returns 1: the counter is now at least ARGV[1]. Sent only to granting masters whose
     # counter was behind; while they hold our lock nobody else increments it.
     LUA_RAISE_FENCE = """
@@ -207,7 +215,7 @@ class RedlockBackend(LockBackend):
                         lane[i].send_packed_command(request, check_health=False)
                 except (LockBackendUnavailable, redis.RedisError) as exc:
                     lane[i].disconnect()
-                    results[i] = _Failed(str(exc))
+                    results[i] = _Failed(str(exc), sent=False)
                     continue
                 sent.append((i, time.monotonic() + self.node_timeout))
             for i, deadline in sent:
@@ -236,7 +244,7 @@ class RedlockBackend(LockBackend):
                     return connection.read_response()
         except (LockBackendUnavailable, redis.RedisError) as exc:
             connection.disconnect()
-            return _Failed(str(exc))
+            return _Failed(str(exc), sent=True)
 
     def _unavailable(self, results: Sequence[Any], key: str | None) -> LockBackendUnavailable:
         down = [
@@ -262,8 +270,11 @@ class RedlockBackend(LockBackend):
 
     def _try_acquire(self, key: str, token: str, ttl: float, owner: Owner) -> Granted | Refused:
         started = self.clock()
-        # Every master has the same scripts and keys: the first one builds the call.
-        results = self._broadcast(self.nodes[0].acquire_call(key, token, ttl, owner))
+        # Every master has the same scripts and keys: the first one builds the call. The
+        # clock is the floor of a master's token only where its counter is gone: the
+        # masters' clocks differ, and tokens drawn from them would never agree, which would
+        # cost a second round trip (_settle_fences) on every acquire.
+        results = self._broadcast(self.nodes[0].acquire_call(key, token, ttl, owner, clock_floor=False))
         granted: dict[int, int] = {}
         refused: dict[bytes, list[Refused]] = {}  # by the holder's token
         for i, result in enumerate(results):
@@ -275,18 +286,24 @@ class RedlockBackend(LockBackend):
             else:
                 holder = result[2].split(b"\n", 1)[0] if result[2] else b""
                 refused.setdefault(holder, []).append(outcome)
-        fencing_token = self._settle_fences(key, granted) if len(granted) >= self.quorum else None
+        fencing_token = self._settle_fences(key, ttl, granted) if len(granted) >= self.quorum else None
         if fencing_token is not None and ttl - (self.clock() - started) - clock_drift(ttl) > 0:
             return Granted(fencing_token)
         # Not held: undo it wherever it may have been granted (a master that timed out
         # may have granted it too), all at once, so others need not wait for our TTL.
         undo = {i for i, r in enumerate(results) if not (isinstance(r, list) and r[0] == 0)}
-        self._broadcast(self.nodes[0].release_call(key, "token", token), to=undo)
+        undone = self._broadcast(self.nodes[0].release_call(key, "token", token), to=undo)
+        for i in undo:
+            # A master that got the request but answered neither it nor the undo (hung,
+            # or slow) may apply the acquire later: it releases the token once it answers.
+            failed = results[i]
+            if isinstance(failed, _Failed) and failed.sent and isinstance(undone[i], _Failed):
+                self.nodes[i].late_releases.add(key, token, ttl)
         if len(self.nodes) - sum(isinstance(r, _Failed) for r in results) < self.quorum:
             raise self._unavailable(results, key)
         return self._refusal(refused)
 
-    def _settle_fences(self, key: str, granted: dict[int, int]) -> int | None:
+    def _settle_fences(self, key: str, ttl: float, granted: dict[int, int]) -> int | None:
         """The fencing token of a granted quorum, or None when it cannot be made safe.
 
         Masters whose counter is behind the highest are raised to it; unless a quorum ends
@@ -296,7 +313,7 @@ class RedlockBackend(LockBackend):
         behind = {i for i, fence in granted.items() if fence < top}
         if not behind:
             return top
-        call = ScriptCall(self._raise_fence, [self.nodes[0].fence_key(key)], [top, FENCE_LIFETIME_MS], key)
+        call = ScriptCall(self._raise_fence, [self.nodes[0].fence_key(key)], [top, _ms(ttl)], key)
         results = self._broadcast(call, to=behind)
         raised = sum(1 for i in behind if not isinstance(results[i], _Failed))
         return top if len(granted) - len(behind) + raised >= self.quorum else None
@@ -318,6 +335,7 @@ class RedlockBackend(LockBackend):
         # every master and each master wakes its longest-blocked waiter, usually the same
         # one: the others keep waiting. Connections still blocked are dropped, as the
         # single-Redis backend does when its wait times out.
+        timeout = min(timeout, MAX_BLOCK)
         waiting: list[tuple[RedisBackend, Any]] = []
         failed: list[_Failed | None] = []
         try:
@@ -334,7 +352,7 @@ class RedlockBackend(LockBackend):
                             pool.release(connection)
                             raise
                 except LockBackendUnavailable as exc:
-                    failed.append(_Failed(str(exc)))
+                    failed.append(_Failed(str(exc), sent=False))
                     continue
                 waiting.append((node, connection))
                 failed.append(None)

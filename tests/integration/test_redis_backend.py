@@ -4,17 +4,19 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import multiprocessing
 import os
 import signal
 import socket
 import threading
 import time
+from collections.abc import Iterator
 
 import pytest
 import redis
 
-from celery_singleton_lock import LockBackendUnavailable, connect
+from celery_singleton_lock import ConfigurationError, LockBackendUnavailable, connect
 from celery_singleton_lock.lease import LeaseKeeper
 from celery_singleton_lock.testing import RedisServer
 from tests.conftest import wait_until
@@ -146,7 +148,7 @@ def test_idle_waiters_cost_the_server_nothing(redis_url, redis_client, unique_ke
     threads = [threading.Thread(target=wait_then_release, args=(w,)) for w in waiters]
     for thread in threads:
         thread.start()
-    time.sleep(0.5)  # let them all block
+    wait_until(lambda: redis_client.info("clients")["blocked_clients"] >= 4, 10, "4 waiters blocked")
     before = redis_client.info("stats")["total_commands_processed"]
     time.sleep(2.0)
     after = redis_client.info("stats")["total_commands_processed"]
@@ -165,7 +167,9 @@ def test_refused_connection_fails_fast_with_masked_password(caplog):
     start = time.monotonic()
     with pytest.raises(LockBackendUnavailable) as info:
         backend.acquire("k", ttl=5)
-    assert time.monotonic() - start < 1.5
+    assert time.monotonic() - start < 0.5  # refused at once, not waited on
+    assert "refused the connection" in str(info.value)
+    assert "did not answer" not in str(info.value)
     assert "s3cret" not in str(info.value)
     assert "***" in info.value.url
     assert "s3cret" not in caplog.text
@@ -183,6 +187,8 @@ def test_silent_server_fails_within_the_connect_timeout():
             backend.acquire("k", ttl=5)
         elapsed = time.monotonic() - start
     assert 0.4 <= elapsed < 1.5
+    assert "did not answer within 0.5s" in str(info.value)
+    assert "refused" not in str(info.value)
     assert "pw@" not in str(info.value)
 
 
@@ -229,4 +235,160 @@ def test_a_crowd_of_waiting_threads_never_starves_the_release(redis_url, redis_c
     for thread in threads:
         thread.join(90)
     assert outcomes == [True] * 120
+    backend.close()
+
+
+# -- a server of this module's own: paused, filled and counted ----------------------------
+
+
+@pytest.fixture(scope="module")
+def own_server() -> Iterator[RedisServer]:
+    """A redis-server for tests that pause it or count every key in it."""
+    with RedisServer() as server:
+        yield server
+
+
+def test_fencing_tokens_never_repeat_when_a_replica_that_missed_writes_is_promoted(unique_key):
+    with RedisServer() as master, RedisServer(replica_of=master) as replica:
+        primary = redis.Redis.from_url(master.url + "/0")
+        standby = redis.Redis.from_url(replica.url + "/0")
+        wait_until(
+            lambda: standby.info("replication")["master_link_status"] == "up", 10, "the replica to sync"
+        )
+        old = connect(master.url + "/0")
+        tokens = []
+        for _ in range(3):
+            held = old.acquire(unique_key, ttl=30)
+            tokens.append(held.fencing_token)
+            old.release(held)
+        assert primary.wait(1, 5000) == 1  # the replica has every write so far
+        standby.replicaof("NO", "ONE")  # cut off: it misses what follows
+        for _ in range(3):
+            held = old.acquire(unique_key, ttl=30)
+            tokens.append(held.fencing_token)
+            old.release(held)
+        new = connect(replica.url + "/0")  # the failover: clients now talk to the replica
+        after = new.acquire(unique_key, ttl=30)
+        assert after is not None
+        assert after.fencing_token > max(tokens)
+        assert tokens == sorted(set(tokens))
+        new.release(after)
+        for closing in (old, new, primary, standby):
+            closing.close()
+
+
+def test_fencing_tokens_keep_increasing_across_a_restart_without_persistence(own_server, unique_key):
+    before = connect(own_server.url + "/0")
+    tokens = []
+    for _ in range(3):
+        held = before.acquire(unique_key, ttl=30)
+        tokens.append(held.fencing_token)
+        before.release(held)
+    before.close()
+    own_server.restart()  # no persistence: the counter is gone
+    after = connect(own_server.url + "/0")
+    held = after.acquire(unique_key, ttl=30)
+    assert held.fencing_token > max(tokens)
+    after.release(held)
+    after.close()
+
+
+def test_released_keys_leave_no_counter_or_signal_list_behind_once_their_ttl_passed(own_server):
+    client = redis.Redis.from_url(own_server.url + "/8")  # a database nobody else uses
+    client.flushdb()
+    backend = connect(own_server.url + "/8")
+    for i in range(300):
+        backend.release(backend.acquire(f"footprint:{i}", ttl=0.5))
+    assert 0 < client.dbsize() <= 600  # each key's counter and signal list, for a moment
+    wait_until(lambda: client.dbsize() == 0, 3, "every counter and signal list to expire")
+    backend.close()
+    client.close()
+
+
+def test_an_acquire_applied_after_its_client_gave_up_is_released_at_once(own_server, unique_key):
+    backend = connect(own_server.url + "/0", connect_timeout=0.3)
+    client = redis.Redis.from_url(own_server.url + "/0")
+    lock = "{singleton-lock:" + unique_key + "}"
+    backend.release(backend.acquire(unique_key, ttl=30))  # a pooled connection, scripts loaded
+    fence_before = int(client.get(lock + ":fence"))
+    own_server.pause()
+    try:
+        with pytest.raises(LockBackendUnavailable) as info:
+            backend.acquire(unique_key, ttl=30)
+        assert "did not answer within 0.3s" in str(info.value)
+    finally:
+        own_server.resume()
+    resumed = time.monotonic()
+    # The server ran the attempt once it resumed (its counter moved on) ...
+    wait_until(lambda: int(client.get(lock + ":fence")) > fence_before, 5, "the late acquire to run")
+    # ... and the lock it took is freed long before its 30 s TTL.
+    wait_until(lambda: client.get(lock) is None, 5, "the late acquire's lock to be released")
+    assert time.monotonic() - resumed < 5
+    other = connect(own_server.url + "/0")
+    assert other.acquire(unique_key, ttl=5) is not None
+    other.close()
+    backend.close()
+    client.close()
+
+
+@pytest.mark.parametrize("timeout", [math.inf, 1e12])
+def test_a_wait_without_a_finite_bound_is_woken_by_the_release(own_server, unique_key, timeout):
+    # The hook gets at most the holder's TTL or the caller's timeout, either huge or
+    # infinite: it must still block on the server (in bounded BLPOPs) until the release.
+    backend = connect(own_server.url + "/0")
+    client = redis.Redis.from_url(own_server.url + "/0")
+    held = backend.acquire(unique_key, ttl=30)
+    outcome: list[object] = []
+
+    def wait() -> None:
+        try:
+            backend._wait_for_release(backend._full_key(unique_key), timeout)
+            outcome.append("woken")
+        except Exception as exc:
+            outcome.append(exc)
+
+    waiter = threading.Thread(target=wait)
+    waiter.start()
+    wait_until(
+        lambda: outcome or client.info("clients")["blocked_clients"] >= 1, 5, "the waiter to block"
+    )
+    assert outcome == []
+    released_at = time.monotonic()
+    backend.release(held)
+    waiter.join(5)
+    assert outcome == ["woken"]
+    assert time.monotonic() - released_at < 1
+    backend.close()
+    client.close()
+
+
+# -- URLs that cannot work --------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("url", "complaint"),
+    [
+        ("redis://:s3cret@127.0.0.1:notaport/0", "bad port"),
+        ("redis://:s3cret@127.0.0.1:99999/0", "bad port"),
+        ("redis://:s3cret@127.0.0.1:6379/abc", "the database"),
+        ("redis://:s3cret@127.0.0.1:6379/-1", "the database"),
+        ("redis://:s3cret@127.0.0.1:6379?db=one", "the database"),
+        ("unix://:s3cret@/tmp/redis.sock?db=-2", "the database"),
+    ],
+)
+def test_a_bad_port_or_database_in_the_url_is_refused_before_any_connection(url, complaint):
+    with pytest.raises(ConfigurationError) as info:
+        connect(url)
+    assert info.value.option == "singleton_lock_backend"
+    assert complaint in str(info.value)
+    assert "s3cret" not in str(info.value)
+
+
+def test_a_database_the_server_does_not_have_is_a_configuration_error(own_server):
+    backend = connect(own_server.url + "/99")  # the server has 16
+    for _ in range(2):  # the first use, and every one after it
+        with pytest.raises(ConfigurationError) as info:
+            backend.acquire("k", ttl=5)
+        assert info.value.option == "singleton_lock_backend"
+        assert "no database 99" in str(info.value)
     backend.close()

@@ -3,7 +3,9 @@ then what happens when masters die, hang or come back empty."""
 
 from __future__ import annotations
 
+import math
 import multiprocessing
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -104,6 +106,9 @@ def test_redlock_url_names_every_master_with_shared_credentials_and_db():
         (["redis://h1", "redis://h2", "http://h3"], "redis://, rediss:// or unix://"),
         ("redlock://h1,,h3/0", "empty host"),
         ([1, 2, 3], "a redlock:// URL or a list of Redis URLs"),
+        ("redlock://:s3cret@h1:6379,h2:notaport,h3/0", "port"),
+        ("redlock://:s3cret@h1,h2,h3/abc", "database"),
+        (["redis://h1/0", "redis://h2/-1", "redis://h3/0"], "database"),
     ],
 )
 def test_bad_redlock_settings_name_the_setting(value, complaint):
@@ -113,6 +118,23 @@ def test_bad_redlock_settings_name_the_setting(value, complaint):
         read_settings(conf)
     assert info.value.option == "singleton_lock_backend"
     assert complaint in str(info.value)
+    assert "s3cret" not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("value", "complaint"),
+    [
+        ("redlock://:s3cret@h1:6379,h2:notaport,h3/0", "bad port"),
+        ("redlock://:s3cret@h1,h2,h3/abc", "the database"),
+        (["redis://h1/0", "redis://:s3cret@h2/-1", "redis://h3/0"], "the database"),
+    ],
+)
+def test_a_bad_port_or_database_of_a_master_is_refused_before_any_connection(value, complaint):
+    with pytest.raises(ConfigurationError) as info:
+        connect(value)
+    assert info.value.option == "singleton_lock_backend"
+    assert complaint in str(info.value)
+    assert "s3cret" not in str(info.value)
 
 
 def test_a_list_of_redis_urls_as_the_setting_means_redlock(shared_masters):
@@ -317,3 +339,103 @@ def test_waiters_are_woken_by_a_release_with_one_master_dead(redlock, masters, u
     assert got[0] is not None
     assert time.monotonic() - released_at < 2  # woken by the release, not by the 30 s TTL
     redlock.release(got[0])
+
+
+# -- unknown outcomes, refusals, unbounded waits, counters that expire ------------------
+
+
+def test_an_acquire_the_hung_masters_apply_after_the_client_gave_up_is_released_there(
+    redlock, masters, unique_key
+):
+    clients = [redis.Redis.from_url(s.url + "/0") for s in masters]
+    lock = lock_key(redlock, unique_key)
+    redlock.release(redlock.acquire(unique_key, ttl=30))  # connections open, scripts loaded
+    fences = [int(c.get(lock + ":fence")) for c in clients]
+    masters[0].pause()
+    masters[1].pause()
+    try:
+        with pytest.raises(LockBackendUnavailable):
+            redlock.acquire(unique_key, ttl=30)
+    finally:
+        masters[0].resume()
+        masters[1].resume()
+    resumed = time.monotonic()
+    for i in (0, 1):  # the hung masters ran the attempt once they resumed ...
+        wait_until(lambda i=i: int(clients[i].get(lock + ":fence")) > fences[i], 5, "the late acquire")
+    # ... and the lock it took there is freed long before its 30 s TTL.
+    wait_until(lambda: all(c.get(lock) is None for c in clients), 5, "the late grants to be released")
+    assert time.monotonic() - resumed < 5
+    held = redlock.acquire(unique_key, ttl=5)
+    assert held is not None
+    redlock.release(held)
+    for client in clients:
+        client.close()
+
+
+def test_masters_that_refuse_connections_fail_fast_and_say_so():
+    ports = []
+    for _ in range(3):
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            ports.append(sock.getsockname()[1])
+    backend = connect("redlock://:s3cret@" + ",".join(f"127.0.0.1:{p}" for p in ports) + "/0")
+    start = time.monotonic()
+    with pytest.raises(LockBackendUnavailable) as info:
+        backend.acquire("k", ttl=5)
+    assert time.monotonic() - start < 0.2  # refused at once: no node_timeout spent
+    assert str(info.value).count("refused the connection") == 3
+    assert "did not answer" not in str(info.value)
+    assert "s3cret" not in str(info.value)
+    backend.close()
+
+
+@pytest.mark.parametrize("timeout", [math.inf, 1e12])
+def test_a_wait_without_a_finite_bound_is_woken_by_the_release(shared_masters, unique_key, timeout):
+    backend = connect(redlock_url(shared_masters[:3]))
+    held = backend.acquire(unique_key, ttl=30)
+    outcome: list[object] = []
+
+    def wait() -> None:
+        try:
+            backend._wait_for_release(backend._full_key(unique_key), timeout)
+            outcome.append("woken")
+        except Exception as exc:
+            outcome.append(exc)
+
+    waiter = threading.Thread(target=wait)
+    waiter.start()
+    client = redis.Redis.from_url(shared_masters[0].url + "/0")
+    wait_until(lambda: outcome or client.info("clients")["blocked_clients"] >= 1, 5, "the waiter to block")
+    assert outcome == []
+    released_at = time.monotonic()
+    backend.release(held)
+    waiter.join(5)
+    assert outcome == ["woken"]
+    assert time.monotonic() - released_at < 1
+    client.close()
+    backend.close()
+
+
+def test_counters_expire_after_the_ttl_and_tokens_still_go_up(shared_masters, unique_key):
+    backend = connect(redlock_url(shared_masters[:3]))
+    clients = [redis.Redis.from_url(s.url + "/0") for s in shared_masters[:3]]
+    fence = lock_key(backend, unique_key) + ":fence"
+    first = backend.acquire(unique_key, ttl=0.5)
+    backend.release(first)
+    wait_until(lambda: not any(c.exists(fence) for c in clients), 3, "the counters to expire")
+    second = backend.acquire(unique_key, ttl=5)
+    assert second.fencing_token > first.fencing_token  # reseeded from the masters' clocks
+    assert [int(c.get(fence)) for c in clients] == [second.fencing_token] * 3  # in step again
+    backend.release(second)
+    for client in clients:
+        client.close()
+    backend.close()
+
+
+def test_a_database_the_masters_do_not_have_is_a_configuration_error(shared_masters):
+    backend = connect(redlock_url(shared_masters[:3], db=99))  # they have 16
+    with pytest.raises(ConfigurationError) as info:
+        backend.acquire("k", ttl=5)
+    assert info.value.option == "singleton_lock_backend"
+    assert "no database 99" in str(info.value)
+    backend.close()
