@@ -99,6 +99,8 @@ class RedisServer:
             "--appendonly", "no",
             "--dir", self._dir.name,
             "--loglevel", "warning",
+            # As a master, sync a replica at once (the default waits 5 s for more of them).
+            "--repl-diskless-sync-delay", "0",
         ]
         if self.password:
             args += ["--requirepass", self.password]
