@@ -28,6 +28,7 @@ The 7-day counters of earlier versions kept about 220 bytes per key for a week.
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 import socket
@@ -220,10 +221,27 @@ class RedisBackend(LockBackend):
         if isinstance(self.db, bool) or not isinstance(self.db, int) or self.db < 0:
             msg = f"singleton_lock_backend: the database of {self.url} must be 0 or more, got {self.db!r}"
             raise ConfigurationError(msg, option="singleton_lock_backend")
+        self._register_scripts()
+        self.late_releases = _LateReleases(self, clock)
+
+    def _register_scripts(self) -> None:
         self._acquire_script = self._client.register_script(self.LUA_ACQUIRE)
         self._renew_script = self._client.register_script(self.LUA_RENEW)
         self._release_script = self._client.register_script(self.LUA_RELEASE)
-        self.late_releases = _LateReleases(self, clock)
+
+    def for_native_thread(self) -> RedisBackend:
+        """A copy whose calls go through a connection pool of its own, for the lease
+        keeper's OS thread in a gevent worker: a gevent socket works only in the thread
+        that created it, so that thread must never take a connection from the pool the
+        task greenlets use (nor leave one of its own there). See lease.ForNativeThread."""
+        clone = copy.copy(self)
+        pool = self._client.connection_pool
+        clone._client = redis.Redis(
+            connection_pool=type(pool)(connection_class=pool.connection_class, **pool.connection_kwargs)
+        )
+        clone._waits = clone._client
+        clone._register_scripts()
+        return clone
 
     @contextmanager
     def _answering(self, key: str | None = None) -> Iterator[None]:

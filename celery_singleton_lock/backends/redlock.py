@@ -28,6 +28,7 @@ keep tokens going up. See docs/redlock.md for what that promises and when it doe
 
 from __future__ import annotations
 
+import copy
 import os
 import random
 import selectors
@@ -176,6 +177,15 @@ class RedlockBackend(LockBackend):
         self._raise_fence = self.nodes[0]._client.register_script(self.LUA_RAISE_FENCE)
         self._lanes: list[list[Any]] = []
         self._lanes_pid = os.getpid()
+
+    def for_native_thread(self) -> RedlockBackend:
+        """A copy with connections of its own to every master, for the lease keeper's OS
+        thread in a gevent worker (see :meth:`RedisBackend.for_native_thread`)."""
+        clone = copy.copy(self)
+        clone.nodes = [node.for_native_thread() for node in self.nodes]
+        clone._raise_fence = clone.nodes[0]._client.register_script(self.LUA_RAISE_FENCE)
+        clone._lanes = []
+        return clone
 
     # -- sending one call to many masters at once --------------------------------------
 
