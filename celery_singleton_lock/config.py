@@ -267,6 +267,14 @@ def _check_port_and_db(value: Any) -> None:
             raise ConfigurationError(msg, option="singleton_lock_backend")
 
 
+def _is_utf8(text: str) -> bool:
+    try:
+        text.encode()
+    except UnicodeEncodeError:  # a lone surrogate: no server could store the key
+        return False
+    return True
+
+
 def _wait_timeout(value: Any) -> float | None:
     """``singleton_lock_wait_timeout``: 60 when unset; ``math.inf`` means no limit."""
     if value is None:
@@ -292,8 +300,8 @@ def read_settings(conf: Any) -> Settings:
 
         node_urls(url, option="singleton_lock_backend")
     prefix = _setting(conf, "singleton_lock_prefix") or "singleton-lock"
-    if not isinstance(prefix, str) or "{" in prefix or "}" in prefix:
-        msg = f"singleton_lock_prefix must be a str without braces, got {prefix!r}"
+    if not isinstance(prefix, str) or "{" in prefix or "}" in prefix or not _is_utf8(prefix):
+        msg = f"singleton_lock_prefix must be UTF-8 text without braces, got {prefix!r}"
         raise ConfigurationError(msg, option="singleton_lock_prefix")
     options = _setting(conf, "singleton_lock_backend_options") or {}
     if not isinstance(options, dict):

@@ -121,6 +121,7 @@ def test_a_non_redis_broker_password_is_not_in_the_error() -> None:
         ("singleton_lock_on_lock_lost", True),
         ("singleton_lock_prefix", "app{1}"),
         ("singleton_lock_prefix", 5),
+        ("singleton_lock_prefix", "app\ud800"),
         ("singleton_lock_backend", "rediz://localhost:6379/0"),
         ("singleton_lock_backend", "localhost:6379"),
         ("singleton_lock_backend", 6379),
