@@ -17,6 +17,7 @@ import pytest
 import redis
 
 from celery_singleton_lock import ConfigurationError, LockBackendUnavailable, connect
+from celery_singleton_lock.backends.base import LockBackend
 from celery_singleton_lock.lease import LeaseKeeper
 from celery_singleton_lock.testing import RedisServer
 from tests.conftest import wait_until
@@ -331,33 +332,38 @@ def test_an_acquire_applied_after_its_client_gave_up_is_released_at_once(own_ser
     client.close()
 
 
-@pytest.mark.parametrize("timeout", [math.inf, 1e12])
-def test_a_wait_without_a_finite_bound_is_woken_by_the_release(own_server, unique_key, timeout):
-    # The hook gets at most the holder's TTL or the caller's timeout, either huge or
-    # infinite: it must still block on the server (in bounded BLPOPs) until the release.
-    backend = connect(own_server.url + "/0")
-    client = redis.Redis.from_url(own_server.url + "/0")
-    held = backend.acquire(unique_key, ttl=30)
+def assert_an_unbounded_wait_is_woken_by_the_release(
+    backend: LockBackend, client: redis.Redis, key: str, timeout: float
+) -> None:
+    """The wait hook given a huge or infinite bound still blocks on the server (in
+    bounded BLPOPs) until the release, and wakes at once then."""
+    held = backend.acquire(key, ttl=30)
+    assert held is not None
     outcome: list[object] = []
 
     def wait() -> None:
         try:
-            backend._wait_for_release(backend._full_key(unique_key), timeout)
+            backend._wait_for_release(backend._full_key(key), timeout)
             outcome.append("woken")
         except Exception as exc:
             outcome.append(exc)
 
     waiter = threading.Thread(target=wait)
     waiter.start()
-    wait_until(
-        lambda: outcome or client.info("clients")["blocked_clients"] >= 1, 5, "the waiter to block"
-    )
+    wait_until(lambda: outcome or client.info("clients")["blocked_clients"] >= 1, 5, "the waiter to block")
     assert outcome == []
     released_at = time.monotonic()
     backend.release(held)
     waiter.join(5)
     assert outcome == ["woken"]
     assert time.monotonic() - released_at < 1
+
+
+@pytest.mark.parametrize("timeout", [math.inf, 1e12])
+def test_a_wait_without_a_finite_bound_is_woken_by_the_release(own_server, unique_key, timeout):
+    backend = connect(own_server.url + "/0")
+    client = redis.Redis.from_url(own_server.url + "/0")
+    assert_an_unbounded_wait_is_woken_by_the_release(backend, client, unique_key, timeout)
     backend.close()
     client.close()
 

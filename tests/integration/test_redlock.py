@@ -22,6 +22,7 @@ from celery_singleton_lock.lease import LeaseKeeper
 from celery_singleton_lock.testing import RedisServer, redis_servers
 from tests.conftest import wait_until
 from tests.contract import BackendContract
+from tests.integration.test_redis_backend import assert_an_unbounded_wait_is_woken_by_the_release
 
 #: Short per-master timeout: a hung master costs this much per call.
 NODE_TIMEOUT = 0.2
@@ -392,26 +393,8 @@ def test_masters_that_refuse_connections_fail_fast_and_say_so():
 @pytest.mark.parametrize("timeout", [math.inf, 1e12])
 def test_a_wait_without_a_finite_bound_is_woken_by_the_release(shared_masters, unique_key, timeout):
     backend = connect(redlock_url(shared_masters[:3]))
-    held = backend.acquire(unique_key, ttl=30)
-    outcome: list[object] = []
-
-    def wait() -> None:
-        try:
-            backend._wait_for_release(backend._full_key(unique_key), timeout)
-            outcome.append("woken")
-        except Exception as exc:
-            outcome.append(exc)
-
-    waiter = threading.Thread(target=wait)
-    waiter.start()
     client = redis.Redis.from_url(shared_masters[0].url + "/0")
-    wait_until(lambda: outcome or client.info("clients")["blocked_clients"] >= 1, 5, "the waiter to block")
-    assert outcome == []
-    released_at = time.monotonic()
-    backend.release(held)
-    waiter.join(5)
-    assert outcome == ["woken"]
-    assert time.monotonic() - released_at < 1
+    assert_an_unbounded_wait_is_woken_by_the_release(backend, client, unique_key, timeout)
     client.close()
     backend.close()
 
