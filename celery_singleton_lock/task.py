@@ -521,7 +521,6 @@ class SingletonTask(Task):  # type: ignore[misc]
         return super().retry(*args, **kwargs)
 
 
-
 #: Jitter of outage retries: the OS's source, so prefork children do not draw alike.
 _jitter = random.SystemRandom()
 
