@@ -287,10 +287,18 @@ def test_eight_processes_times_25_increments_end_at_exactly_200(etcd_url, backen
     assert int(reply.kvs[0].value) == 200
 
 
-def test_idle_waiters_cost_no_rpc(backend, etcd_url, etcd_server, unique_key):
-    member = etcd_server.members[0]
+def test_idle_waiters_cost_no_rpc(unique_key):
+    # A member of its own: the count must not include other clients of this process
+    # (renewals of other tests' locks, a reaper still revoking a lease).
+    with EtcdCluster(size=1) as cluster:
+        _idle_waiters_cost_no_rpc(cluster, unique_key)
+
+
+def _idle_waiters_cost_no_rpc(cluster: EtcdCluster, unique_key: str) -> None:
+    member = cluster.members[0]
+    backend = connect(cluster.url)
     holder = backend.acquire(unique_key, ttl=30)
-    waiters = [connect(etcd_url) for _ in range(4)]
+    waiters = [connect(cluster.url) for _ in range(4)]
     outcomes: list[bool] = []
 
     def wait_then_release(waiter):
@@ -310,7 +318,7 @@ def test_idle_waiters_cost_no_rpc(backend, etcd_url, etcd_server, unique_key):
     for thread in threads:
         thread.join(30)
     assert outcomes == [True] * 4
-    for waiter in waiters:
+    for waiter in [*waiters, backend]:
         waiter.close()
 
 
