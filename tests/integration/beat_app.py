@@ -69,7 +69,7 @@ def scheduled(self: Any, run: str) -> None:
 @app.task(base=SingletonTask, bind=True, enqueue_once=True, name="csl_beat_it.queued_report")
 def queued_report(self: Any, run: str, day: int) -> str:
     record(f"once:{run}", "start", self.request.id)
-    events.blpop([f"go:{run}"], timeout=4)  # runs until the test lets it finish (or 4 s)
+    events.blpop([f"go:{run}:{day}"], timeout=4)  # runs until the test lets it finish (or 4 s)
     return str(self.request.id)
 
 
