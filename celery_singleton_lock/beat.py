@@ -47,8 +47,6 @@ import copy
 import datetime as dt
 import logging
 import math
-import os
-import socket
 from typing import TYPE_CHECKING, Any
 
 from celery.beat import Scheduler
@@ -56,10 +54,11 @@ from celery.schedules import schedule as interval_schedule
 from celery.utils import uuid
 
 from celery_singleton_lock.backends.base import Refused
+from celery_singleton_lock.backends.owner import Owner
 from celery_singleton_lock.config import settings_for
 from celery_singleton_lock.errors import LockError
 from celery_singleton_lock.keys import _resource_name
-from celery_singleton_lock.lease import HeldLock, LeaseKeeper, Owner
+from celery_singleton_lock.lease import HeldLock, LeaseKeeper
 from celery_singleton_lock.task import namespaced_backend
 
 if TYPE_CHECKING:
@@ -78,7 +77,6 @@ logger = logging.getLogger("celery_singleton_lock.beat")
 #: The message header naming the slot a beat emission belongs to.
 SLOT_HEADER = "singleton_slot"
 
-_HOST = socket.gethostname()
 _UTC = dt.timezone.utc
 #: How far back :func:`slot_of` looks for a non-interval schedule's latest due instant,
 #: widening step by step so that a dense schedule is found in a short window.
@@ -151,7 +149,7 @@ class SingletonSchedulerMixin(_SchedulerBase):  # type: ignore[misc,valid-type]
         self._leader_key = f"leader:{self._group}"
         self._leader_ttl = settings.beat_ttl
         self._slot_grace = settings.beat_slot_grace
-        self._owner = Owner(host=_HOST, pid=os.getpid())
+        self._owner = Owner.here()
         self._leader: HeldLock | None = None
         self._refused: Refused | None = None
         self._reserved_slots: dict[str, dt.datetime] = {}

@@ -22,22 +22,22 @@ would not run while a task body computes; see _native.py for what that takes.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
 import time
 import weakref
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from celery_singleton_lock import _native, signals
 from celery_singleton_lock.errors import LockError, LockLost
 
 if TYPE_CHECKING:
-    from celery_singleton_lock.backends.base import LockBackend
+    from collections.abc import Callable, Sequence
 
-__all__ = ["HeldLock", "LeaseKeeper", "Owner"]
+    from celery_singleton_lock.backends.owner import Owner
+
+__all__ = ["HeldLock", "LeaseKeeper"]
 
 logger = logging.getLogger("celery_singleton_lock.lease")
 
@@ -56,30 +56,17 @@ def clock_drift(ttl: float) -> float:
     return ttl * 0.01 + 0.002
 
 
-@dataclass(frozen=True)
-class Owner:
-    """Who holds a lock, stored beside it on the server for people and for revoke."""
+class LeaseBackend(Protocol):
+    """What a held lease needs of its backend (a :class:`LockBackend` is one). A protocol,
+    so that this module does not import the backends, which import it."""
 
-    host: str
-    pid: int
-    task_id: str | None = None
+    clock: Callable[[], float]
 
-    @classmethod
-    def of_message(cls, task_id: str) -> Owner:
-        """The owner of a marker that stands for a queued message, not for a process
-        (``enqueue_once``'s queued markers, beat's slot claims): whoever handles that
-        message may clear it, so it names no host and no pid."""
-        return cls(host="", pid=0, task_id=task_id)
+    def renew(self, locks: Sequence[HeldLock]) -> list[bool]:
+        """Replace the TTL of every lock in ``locks`` (one round trip); True where still ours."""
 
-    def as_json(self) -> str:
-        """The owner as stored: compact JSON, compared exactly by :meth:`release_owned`."""
-        return json.dumps(
-            {"host": self.host, "pid": self.pid, "task_id": self.task_id}, separators=(",", ":")
-        )
-
-    def stored_with(self, token: str) -> str:
-        """The value a backend stores for a lock: ``"<token>\n<owner JSON>"``."""
-        return f"{token}\n{self.as_json()}"
+    def release(self, held: HeldLock) -> bool:
+        """Release ``held`` if it is still ours."""
 
 
 @runtime_checkable
@@ -91,19 +78,8 @@ class ForNativeThread(Protocol):
     own. A backend without the method is used as it is (memory, grpc channels).
     """
 
-    def for_native_thread(self) -> LockBackend:
+    def for_native_thread(self) -> LeaseBackend:
         """A copy for :meth:`LockBackend.renew` calls from another OS thread."""
-
-
-def stored_task_id(value: bytes | None) -> str | None:
-    """The owner's task id in a value made by :meth:`Owner.stored_with` (None if absent)."""
-    if not value:
-        return None
-    try:
-        task_id = json.loads(value.split(b"\n", 1)[1]).get("task_id")
-    except (IndexError, ValueError, AttributeError):
-        return None
-    return task_id if isinstance(task_id, str) else None
 
 
 class HeldLock:
@@ -119,7 +95,7 @@ class HeldLock:
 
     def __init__(
         self,
-        backend: LockBackend,
+        backend: LeaseBackend,
         key: str,
         token: str,
         fencing_token: int,
@@ -265,7 +241,7 @@ class LeaseKeeper:
         self._wakeup = _native.Wakeup()
         self._thread: _native.NativeThread | None = None
         # Under gevent, the copy of each backend whose connections belong to our thread.
-        self._renewers: weakref.WeakKeyDictionary[LockBackend, LockBackend] = (
+        self._renewers: weakref.WeakKeyDictionary[LeaseBackend, LeaseBackend] = (
             weakref.WeakKeyDictionary()
         )
         # When the thread will wake up by itself (time.monotonic); a new lock due later
@@ -330,7 +306,7 @@ class LeaseKeeper:
 
     def renew_due(self) -> None:
         """One round: renew every due lock, one backend call per backend."""
-        batches: dict[int, tuple[LockBackend, list[HeldLock]]] = {}
+        batches: dict[int, tuple[LeaseBackend, list[HeldLock]]] = {}
         for held in self.tracked():
             now = held.backend.clock()  # each backend's clock: tests give memory a fake one
             if held.released:
@@ -348,7 +324,7 @@ class LeaseKeeper:
         for backend, due in batches.values():
             self._renew_batch(backend, due)
 
-    def _renew_batch(self, backend: LockBackend, due: list[HeldLock]) -> None:
+    def _renew_batch(self, backend: LeaseBackend, due: list[HeldLock]) -> None:
         sent_at = backend.clock()
         self.renewal_calls += 1
         try:
@@ -369,7 +345,7 @@ class LeaseKeeper:
             else:
                 self.declare_lost(held, "the server says it is no longer ours (expired or taken)")
 
-    def _renewer(self, backend: LockBackend) -> LockBackend:
+    def _renewer(self, backend: LeaseBackend) -> LeaseBackend:
         """The backend to renew through from this thread (itself, unless under gevent)."""
         if not _native.patched() or not isinstance(backend, ForNativeThread):
             return backend

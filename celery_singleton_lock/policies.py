@@ -33,7 +33,8 @@ if TYPE_CHECKING:
     from celery import Task
 
     from celery_singleton_lock.backends.base import LockBackend, Refused
-    from celery_singleton_lock.lease import HeldLock, Owner
+    from celery_singleton_lock.backends.owner import Owner
+    from celery_singleton_lock.lease import HeldLock
 
 __all__ = [
     "Contention",

@@ -31,7 +31,6 @@ from __future__ import annotations
 import logging
 import os
 import selectors
-import socket
 import threading
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -40,8 +39,8 @@ from billiard.exceptions import Terminated, TimeLimitExceeded, WorkerLostError
 from celery.worker.request import Request
 
 from celery_singleton_lock.backends.base import Refused
+from celery_singleton_lock.backends.owner import Owner
 from celery_singleton_lock.errors import LockError
-from celery_singleton_lock.lease import Owner
 
 if TYPE_CHECKING:
     from celery_singleton_lock.backends.base import LockBackend
@@ -50,7 +49,6 @@ __all__ = ["SingletonRequest", "release_when_dead"]
 
 logger = logging.getLogger("celery_singleton_lock.release")
 
-HOST = socket.gethostname()
 
 #: Errors the pool reports for a run whose process was killed or died.
 _KILLED = (Terminated, TimeLimitExceeded, WorkerLostError)
@@ -206,7 +204,7 @@ class SingletonRequest(Request):  # type: ignore[misc]
             # It held nothing: did it wait behind another delivery of the same message?
             # (One round trip; the probe, if granted, is released at once.)
             outcome = backend.attempt(
-                key, self.task.lock_options().ttl, owner=Owner(host=HOST, pid=os.getpid(), task_id=self.id)
+                key, self.task.lock_options().ttl, owner=Owner.here(self.id)
             )
         except LockError as exc:
             logger.warning("could not settle the lock of %s after its process died: %s", label, exc)
@@ -238,4 +236,4 @@ class SingletonRequest(Request):  # type: ignore[misc]
         except LockError as exc:
             logger.warning("cannot release the lock of killed %s: %s", label, exc)
             return None
-        return backend, key, Owner(host=HOST, pid=pid, task_id=self.id), label
+        return backend, key, Owner.here(self.id, pid=pid), label

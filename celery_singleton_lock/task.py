@@ -36,7 +36,6 @@ from __future__ import annotations
 import datetime as dt
 import inspect
 import logging
-import os
 import random
 import sys
 import threading
@@ -56,6 +55,7 @@ import celery_singleton_lock.pools  # noqa: F401 - connects the worker-start che
 from celery_singleton_lock import signals
 from celery_singleton_lock.backends import shared_backend
 from celery_singleton_lock.backends.base import MAX_TTL, LockBackend, Refused
+from celery_singleton_lock.backends.owner import Owner
 from celery_singleton_lock.config import (
     Settings,
     check_on_lock_lost,
@@ -71,7 +71,7 @@ from celery_singleton_lock.errors import (
     LockLost,
 )
 from celery_singleton_lock.keys import KeySpec, derive_key, validate_key_spec
-from celery_singleton_lock.lease import HeldLock, LeaseKeeper, Owner
+from celery_singleton_lock.lease import HeldLock, LeaseKeeper
 from celery_singleton_lock.policies import (
     RETRIES_HEADER,
     Contention,
@@ -80,7 +80,6 @@ from celery_singleton_lock.policies import (
     lock_retries,
     parse_policy,
 )
-from celery_singleton_lock.request import HOST
 
 __all__ = ["SingletonTask", "current_lock", "singleton_task"]
 
@@ -325,7 +324,7 @@ class SingletonTask(Task):  # type: ignore[misc]
         request = self.request
         if options.enqueue_once and request.id and not request.called_directly:
             self._clear_queued_marker(args, kwargs, request.id)
-        owner = Owner(host=HOST, pid=os.getpid(), task_id=request.id)
+        owner = Owner.here(request.id)
         try:
             backend = options.settings.backend()
             outcome = backend.attempt(key, options.ttl, owner=owner, sender=self)

@@ -15,7 +15,8 @@ import pytest
 
 from celery_singleton_lock import ConfigurationError, HeldLock, LockContended, LockLost
 from celery_singleton_lock.backends.base import MAX_KEY_BYTES, MAX_TTL, MIN_TTL, LockBackend
-from celery_singleton_lock.lease import LeaseKeeper, Owner
+from celery_singleton_lock.backends.owner import Owner
+from celery_singleton_lock.lease import LeaseKeeper
 from celery_singleton_lock.signals import lock_lost
 from tests.conftest import wait_until
 

@@ -14,9 +14,7 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import secrets
-import socket
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Sequence
@@ -25,16 +23,14 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from celery_singleton_lock import signals
+from celery_singleton_lock.backends.owner import Owner
 from celery_singleton_lock.errors import ConfigurationError, LockContended, mask_url
-from celery_singleton_lock.lease import HeldLock, LeaseKeeper, Owner, clock_drift
+from celery_singleton_lock.lease import HeldLock, LeaseKeeper, clock_drift
 
 __all__ = ["Granted", "LockBackend", "Refused"]
 
 logger = logging.getLogger("celery_singleton_lock.acquire")
 release_logger = logging.getLogger("celery_singleton_lock.release")
-
-_HOST = socket.gethostname()
-
 
 @dataclass(frozen=True)
 class Granted:
@@ -188,7 +184,7 @@ class LockBackend(ABC):
         :param sender: the sender of the lock's signals (default: this backend).
         """
         _check_key_and_ttl(key, ttl)
-        owner = owner or Owner(host=_HOST, pid=os.getpid())
+        owner = owner or Owner.here()
         token = secrets.token_hex(16)
         sent_at = self.clock()
         result = self._try_acquire(self._full_key(key), token, ttl, owner)

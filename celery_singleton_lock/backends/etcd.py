@@ -40,20 +40,20 @@ from typing import Any
 from urllib.parse import parse_qsl, unquote, urlsplit
 
 from celery_singleton_lock.backends.base import (
-    _HOST,
     Granted,
     LockBackend,
     Refused,
     _check_key_and_ttl,
     _check_timeout,
 )
+from celery_singleton_lock.backends.owner import Owner, stored_task_id
 from celery_singleton_lock.errors import (
     ConfigurationError,
     LockBackendUnavailable,
     LockError,
     LockKeyError,
 )
-from celery_singleton_lock.lease import HeldLock, Owner, clock_drift, stored_task_id
+from celery_singleton_lock.lease import HeldLock, clock_drift
 
 try:
     import grpc
@@ -424,7 +424,7 @@ class EtcdBackend(LockBackend):
         """
         _check_key_and_ttl(key, ttl)
         limit = _check_timeout(timeout)
-        owner = owner or Owner(host=_HOST, pid=os.getpid())
+        owner = owner or Owner.here()
         deadline = None if limit is None else self.clock() + limit
         directory = self._full_key(key).encode()
         while True:

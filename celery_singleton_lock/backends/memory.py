@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import ClassVar
 
 from celery_singleton_lock.backends.base import Granted, LockBackend, Refused
-from celery_singleton_lock.lease import Owner
+from celery_singleton_lock.backends.owner import Owner
 
 __all__ = ["MemoryBackend"]
 

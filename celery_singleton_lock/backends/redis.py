@@ -41,8 +41,8 @@ from typing import Any
 from urllib.parse import parse_qsl, unquote, urlsplit
 
 from celery_singleton_lock.backends.base import Granted, LockBackend, Refused
+from celery_singleton_lock.backends.owner import Owner, stored_task_id
 from celery_singleton_lock.errors import ConfigurationError, LockBackendUnavailable, mask_url
-from celery_singleton_lock.lease import Owner, stored_task_id
 
 try:
     import redis

@@ -38,9 +38,10 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 from celery_singleton_lock.backends.base import Granted, LockBackend, Refused
+from celery_singleton_lock.backends.owner import Owner
 from celery_singleton_lock.backends.redis import MAX_BLOCK, RedisBackend, ScriptCall, _ms, check_url
 from celery_singleton_lock.errors import ConfigurationError, LockBackendUnavailable, mask_url
-from celery_singleton_lock.lease import Owner, clock_drift
+from celery_singleton_lock.lease import clock_drift
 
 try:
     import redis

@@ -11,7 +11,7 @@ import pytest
 from celery import Celery, chain
 
 from celery_singleton_lock import ConfigurationError, SingletonTask, singleton_task
-from celery_singleton_lock.lease import Owner
+from celery_singleton_lock.backends.owner import Owner
 from celery_singleton_lock.task import namespaced_backend
 from tests.unit.conftest import FakeClock
 

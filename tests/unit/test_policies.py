@@ -9,8 +9,9 @@ import pytest
 
 from celery_singleton_lock.backends.base import Refused
 from celery_singleton_lock.backends.memory import MemoryBackend
+from celery_singleton_lock.backends.owner import Owner
 from celery_singleton_lock.errors import ConfigurationError, LockContended
-from celery_singleton_lock.lease import HeldLock, Owner
+from celery_singleton_lock.lease import HeldLock
 from celery_singleton_lock.policies import Contention, Raise, Retry, Skip, Skipped, Wait, parse_policy
 
 # -- parse_policy --------------------------------------------------------------------------

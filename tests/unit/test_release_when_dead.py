@@ -10,8 +10,9 @@ import sys
 import pytest
 
 from celery_singleton_lock.backends.memory import MemoryBackend
-from celery_singleton_lock.lease import LeaseKeeper, Owner
-from celery_singleton_lock.request import HOST, release_when_dead
+from celery_singleton_lock.backends.owner import HOST, Owner
+from celery_singleton_lock.lease import LeaseKeeper
+from celery_singleton_lock.request import release_when_dead
 from tests.conftest import wait_until
 
 
