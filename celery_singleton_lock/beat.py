@@ -57,9 +57,8 @@ from celery_singleton_lock.backends.base import Refused
 from celery_singleton_lock.backends.owner import Owner
 from celery_singleton_lock.config import settings_for
 from celery_singleton_lock.errors import LockError
-from celery_singleton_lock.keys import _resource_name
+from celery_singleton_lock.keys import resource_name
 from celery_singleton_lock.lease import HeldLock, LeaseKeeper
-from celery_singleton_lock.task import namespaced_backend
 
 if TYPE_CHECKING:
     from celery.beat import ScheduleEntry
@@ -144,8 +143,8 @@ class SingletonSchedulerMixin(_SchedulerBase):  # type: ignore[misc,valid-type]
         # Ours before the base's: a non-lazy base sets up its schedule in __init__.
         app = kwargs["app"] if "app" in kwargs else args[0]
         settings = settings_for(app)
-        self._lock_backend: LockBackend = namespaced_backend(settings, "beat")
-        self._group = _resource_name(settings.beat_name or app.main or "celery")
+        self._lock_backend: LockBackend = settings.backend("beat")
+        self._group = resource_name(settings.beat_name or app.main or "celery")
         self._leader_key = f"leader:{self._group}"
         self._leader_ttl = settings.beat_ttl
         self._slot_grace = settings.beat_slot_grace
@@ -170,7 +169,7 @@ class SingletonSchedulerMixin(_SchedulerBase):  # type: ignore[misc,valid-type]
             self._group, held.lost_reason,
         )
         self._leader = self._refused = None
-        self._release_quietly(held)
+        held.release_quietly()
         return False
 
     def tick(self, *args: Any, **kwargs: Any) -> float:
@@ -214,15 +213,9 @@ class SingletonSchedulerMixin(_SchedulerBase):  # type: ignore[misc,valid-type]
         """Hand the leadership over (a standby is woken at once), then close the base."""
         held, self._leader = self._leader, None
         if held is not None:
-            self._release_quietly(held)
+            held.release_quietly()
             logger.info("beat: released the leadership of %r", self._group)
         super().close()
-
-    def _release_quietly(self, held: HeldLock) -> None:
-        try:
-            held.release()
-        except LockError as exc:  # it ends at its TTL anyway
-            logger.warning("beat: could not release %r: %s", held.key, exc)
 
     # -- slots ---------------------------------------------------------------------------
 
@@ -251,7 +244,7 @@ class SingletonSchedulerMixin(_SchedulerBase):  # type: ignore[misc,valid-type]
             logger.info("beat: slot %s was already emitted; not publishing it", slot_name)
             return
         if not self.is_leader:  # lost while claiming: let the new leader emit this slot
-            self._release_quietly(claim)
+            claim.release_quietly()
             return
         stamped = copy.copy(entry)
         headers = {**(entry.options.get("headers") or {}), SLOT_HEADER: slot_name}
@@ -260,7 +253,7 @@ class SingletonSchedulerMixin(_SchedulerBase):  # type: ignore[misc,valid-type]
 
     def _claim(self, entry: ScheduleEntry, slot: dt.datetime, task_id: str) -> HeldLock | None:
         """Claim ``slot`` of ``entry``: the claim if it is newer than the one stored."""
-        key = f"slot:{self._group}:{_resource_name(entry.name)}"
+        key = f"slot:{self._group}:{resource_name(entry.name)}"
         stamp = round(slot.timestamp() * 1000)
         next_slot = _next_due_after(entry.schedule, slot)
         until_next = (next_slot - entry.default_now()).total_seconds() if next_slot else 0.0

@@ -30,11 +30,9 @@ setting                            meaning                                      
 from __future__ import annotations
 
 import logging
-import os
 import re
 import threading
 import weakref
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl, urlsplit
@@ -128,20 +126,26 @@ class Settings:
     outage_timeout: float = 900.0
     outage_backoff_max: float = 60.0
 
-    #: This process's backend, by PID (a forked child makes its own).
-    _backends: dict[int, LockBackend] = field(default_factory=dict, compare=False, repr=False)
+    def backend(self, namespace: str | None = None) -> LockBackend:
+        """This process's backend (one connection pool per process, made on first use).
 
-    def backend(self) -> LockBackend:
-        """This process's backend (one connection pool per process, made on first use)."""
-        backend = self._backends.get(os.getpid())
-        if backend is None:
-            backend = self._backends[os.getpid()] = shared_backend(
-                self.backend_url,
-                prefix=self.prefix,
-                connect_timeout=self.connect_timeout,
-                **self.backend_options,
-            )
-        return backend
+        :param namespace: for keys of our own (``"queued"``, ``"beat"``), apart from every
+            task's lock keys: it goes into the prefix (``singleton-lock.queued:...``), so no
+            ``lock_key`` a user can write (they all land under ``singleton-lock:``) can
+            collide with it.
+        """
+        return shared_backend(
+            self.backend_url,
+            prefix=self.prefix if namespace is None else f"{self.prefix}.{namespace}",
+            connect_timeout=self.connect_timeout,
+            **self.backend_options,
+        )
+
+    def __repr__(self) -> str:
+        # The dataclass repr would show the backend URL's password.
+        urls = [self.backend_url] if isinstance(self.backend_url, str) else self.backend_url
+        shown = ", ".join(repr(mask_url(url)) for url in urls)
+        return f"<Settings backend={shown} prefix={self.prefix!r} ttl={self.ttl:g}>"
 
 
 def _setting(conf: Any, name: str) -> Any:
@@ -238,35 +242,6 @@ signals.import_modules.connect(
 )
 
 
-def _check_port_and_db(value: Any) -> None:
-    """A port that is not a number, or a Redis database that is not one, fails here, at
-    settings read, instead of at the first lock.
-
-    :raises ConfigurationError: naming ``singleton_lock_backend`` (password masked).
-    """
-    urls: Sequence[Any] = value if isinstance(value, tuple) else [value]
-    for url in urls:
-        if not isinstance(url, str) or "://" not in url:
-            return  # backend_class reports it
-        parts = urlsplit(url)
-        hosts = parts.netloc.rpartition("@")[2]
-        for host in filter(None, (h.strip() for h in hosts.split(","))):
-            port = host.rpartition("]")[2].rpartition(":")[2] if ":" in host.rpartition("]")[2] else ""
-            if port and not (port.isdigit() and 0 < int(port) < 65536):
-                msg = (
-                    f"singleton_lock_backend: port {port!r} of {mask_url(url)!r} is not a "
-                    "number from 1 to 65535"
-                )
-                raise ConfigurationError(msg, option="singleton_lock_backend")
-        db = parts.path.strip("/")
-        if parts.scheme in ("redis", "rediss", "redlock") and db and not db.isdigit():
-            msg = (
-                f"singleton_lock_backend: the Redis database {db!r} of {mask_url(url)!r} must "
-                "be a number (redis://host:6379/0)"
-            )
-            raise ConfigurationError(msg, option="singleton_lock_backend")
-
-
 def _is_utf8(text: str) -> bool:
     try:
         text.encode()
@@ -294,11 +269,7 @@ def read_settings(conf: Any) -> Settings:
         url = _default_backend_url(conf)
     if isinstance(url, list | tuple):
         url = tuple(url)
-    _check_port_and_db(url)
-    if backend_class(url, option="singleton_lock_backend").schemes == ("redlock",):
-        from celery_singleton_lock.backends.redlock import node_urls
-
-        node_urls(url, option="singleton_lock_backend")
+    backend_class(url, option="singleton_lock_backend").check_url(url, option="singleton_lock_backend")
     prefix = _setting(conf, "singleton_lock_prefix") or "singleton-lock"
     if not isinstance(prefix, str) or "{" in prefix or "}" in prefix or not _is_utf8(prefix):
         msg = f"singleton_lock_prefix must be UTF-8 text without braces, got {prefix!r}"

@@ -53,7 +53,7 @@ from typing import Any, TypeAlias
 
 from celery_singleton_lock.errors import ConfigurationError, LockKeyError
 
-__all__ = ["KeySpec", "canonical_json", "derive_key", "validate_key_spec"]
+__all__ = ["KeySpec", "canonical_json", "derive_key", "resource_name", "validate_key_spec"]
 
 KeySpec: TypeAlias = "tuple[str, ...] | str | Callable[..., str] | None"
 
@@ -212,7 +212,7 @@ def _render_template(template: str, arguments: Mapping[str, Any]) -> str:
     return f"{readable}~{_digest(text, 'template')}"
 
 
-def _resource_name(text: str, salt: str = "") -> str:
+def resource_name(text: str, salt: str = "") -> str:
     """``text`` when it is short and safe, else a readable part and a digest of it all.
 
     :param salt: what the text is (a callable's result: "name"); the beat scheduler's
@@ -274,7 +274,7 @@ def derive_key(
             "it must return a non-empty str"
         )
         raise LockKeyError(msg)
-    return RESOURCE_NAMESPACE + _resource_name(name, "name")
+    return RESOURCE_NAMESPACE + resource_name(name, "name")
 
 
 def _check_callable(spec: Callable[..., Any], signature: inspect.Signature | None) -> None:

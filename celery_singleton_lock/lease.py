@@ -30,6 +30,7 @@ import weakref
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from celery_singleton_lock import _native, signals
+from celery_singleton_lock._per_process import PerProcess
 from celery_singleton_lock.errors import LockError, LockLost
 
 if TYPE_CHECKING:
@@ -164,6 +165,16 @@ class HeldLock:
         """Release through the backend; see :meth:`LockBackend.release`."""
         return self.backend.release(self)
 
+    def release_quietly(self) -> bool:
+        """Release, logging a server error at ERROR instead of raising it: for the end of
+        a run, whose outcome stands whatever the release does (the lease then ends by
+        its TTL)."""
+        try:
+            return self.release()
+        except LockError as exc:
+            logger.error("could not release %r: %s; it expires within %ss", self.key, exc, self.ttl)
+            return False
+
     def settle(self) -> bool:
         """Make sure a loss is logged at ERROR and announced with ``lock_lost``, once.
 
@@ -229,9 +240,6 @@ class LeaseKeeper:
     gets its own), so it works in solo, threads, prefork and gevent pools alike.
     """
 
-    _instance: LeaseKeeper | None = None
-    _instance_lock = _native.allocate_lock()
-
     def __init__(self) -> None:
         self.pid = os.getpid()
         self._locks: weakref.WeakSet[HeldLock] = weakref.WeakSet()
@@ -253,11 +261,7 @@ class LeaseKeeper:
 
     @classmethod
     def for_process(cls) -> LeaseKeeper:
-        with cls._instance_lock:
-            keeper = cls._instance
-            if keeper is None or keeper.pid != os.getpid():
-                keeper = cls._instance = cls()
-            return keeper
+        return _keeper.get()
 
     def track(self, held: HeldLock) -> None:
         with self._guard:
@@ -373,10 +377,6 @@ class LeaseKeeper:
             held._post(held._announce_loss)
 
 
-def _forget_keeper_after_fork() -> None:
-    # The parent's thread does not exist in the child; its locks are the parent's.
-    LeaseKeeper._instance = None
-    LeaseKeeper._instance_lock = _native.allocate_lock()
-
-
-os.register_at_fork(after_in_child=_forget_keeper_after_fork)
+# A forked child gets a keeper of its own: the parent's thread does not exist in it, and
+# the parent's locks are the parent's to renew.
+_keeper: PerProcess[LeaseKeeper] = PerProcess(LeaseKeeper, _native.allocate_lock)

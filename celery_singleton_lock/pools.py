@@ -36,10 +36,6 @@ logger = logging.getLogger("celery_singleton_lock.pools")
 
 #: sysexits.h: configuration error.
 EX_CONFIG = 78
-#: Lock servers whose client cannot renew from an OS thread while the gevent hub is busy.
-#: The etcd client's keep-alive and watch streams feed their requests from Python
-#: threads, which gevent makes greenlets of the busy hub: renewal times out.
-_NOT_UNDER_GEVENT = frozenset({"etcd", "etcds"})
 
 
 def pool_name(pool: Any) -> str:
@@ -55,7 +51,8 @@ def check_pool(worker: Any) -> None:
     """Refuse a worker pool whose tasks could lose their locks unnoticed.
 
     :param worker: the starting :class:`celery.worker.WorkController`.
-    :raises ConfigurationError: for ``eventlet``, and for ``gevent`` with an etcd backend.
+    :raises ConfigurationError: for ``eventlet``, and for ``gevent`` with a backend that
+        refuses it (``LockBackend.gevent_refusal``: etcd).
     """
     pool = pool_name(worker.pool_cls)
     if pool == "eventlet":
@@ -67,13 +64,9 @@ def check_pool(worker: Any) -> None:
         raise ConfigurationError(msg, option="worker_pool")
     if pool == "gevent":
         url = settings_for(worker.app).backend_url
-        if set(backend_class(url, option="singleton_lock_backend").schemes) & _NOT_UNDER_GEVENT:
-            msg = (
-                "celery-singleton-lock cannot renew etcd leases in a gevent worker (-P gevent): "
-                "the etcd client's streams stall while a task body keeps the hub busy. Use "
-                "-P threads or prefork with etcd, or a Redis or Redlock singleton_lock_backend."
-            )
-            raise ConfigurationError(msg, option="worker_pool")
+        refusal = backend_class(url, option="singleton_lock_backend").gevent_refusal
+        if refusal is not None:
+            raise ConfigurationError(refusal, option="worker_pool")
 
 
 @celeryd_after_setup.connect  # type: ignore[untyped-decorator]

@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING, Any
 from billiard.exceptions import Terminated, TimeLimitExceeded, WorkerLostError
 from celery.worker.request import Request
 
+from celery_singleton_lock._per_process import PerProcess
 from celery_singleton_lock.backends.base import Refused
 from celery_singleton_lock.backends.owner import Owner
 from celery_singleton_lock.errors import LockError
@@ -71,9 +72,6 @@ class _DeathWatch:
     worker's event loop never waits on the lock server for them.
     """
 
-    _instance: _DeathWatch | None = None
-    _instance_guard = threading.Lock()
-
     def __init__(self) -> None:
         self.pid = os.getpid()
         self._selector = selectors.DefaultSelector()
@@ -86,11 +84,7 @@ class _DeathWatch:
 
     @classmethod
     def for_process(cls) -> _DeathWatch:
-        with cls._instance_guard:
-            watch = cls._instance
-            if watch is None or watch.pid != os.getpid():
-                watch = cls._instance = cls()
-            return watch
+        return _death_watch.get()
 
     def add(self, pid: int, orphan: _Orphan) -> None:
         with self._guard:
@@ -125,6 +119,9 @@ class _DeathWatch:
                 _release(orphan)
                 continue
             self._selector.register(pidfd, selectors.EVENT_READ, orphan)
+
+
+_death_watch: PerProcess[_DeathWatch] = PerProcess(_DeathWatch, threading.Lock)
 
 
 def _release(orphan: _Orphan) -> None:

@@ -53,7 +53,6 @@ from celery.utils import uuid
 
 import celery_singleton_lock.pools  # noqa: F401 - connects the worker-start check of the pool
 from celery_singleton_lock import signals
-from celery_singleton_lock.backends import shared_backend
 from celery_singleton_lock.backends.base import MAX_TTL, LockBackend, Refused
 from celery_singleton_lock.backends.owner import Owner
 from celery_singleton_lock.config import (
@@ -101,20 +100,6 @@ _running: ContextVar[tuple[tuple[Task, str | None, HeldLock], ...]] = ContextVar
 #: Locks whose task body has ended, released when Celery has stored the result.
 _awaiting_postrun: dict[str, HeldLock] = {}
 _awaiting_postrun_guard = threading.Lock()
-
-
-def namespaced_backend(settings: Settings, namespace: str) -> LockBackend:
-    """This process's backend for keys of our own, apart from every task's lock keys.
-
-    The namespace goes into the prefix (``singleton-lock.queued:...``), so no ``lock_key``
-    a user can write (they all land under ``singleton-lock:``) can collide with it.
-    """
-    return shared_backend(
-        settings.backend_url,
-        prefix=f"{settings.prefix}.{namespace}",
-        connect_timeout=settings.connect_timeout,
-        **settings.backend_options,
-    )
 
 
 def current_lock() -> HeldLock | None:
@@ -294,7 +279,7 @@ class SingletonTask(Task):  # type: ignore[misc]
         key = self.queued_marker_key_for(tuple(args or ()), dict(kwargs or {}))
         # An eta decades away must not make the marker's TTL an invalid one.
         ttl = min(lock_options.enqueue_once_ttl + _seconds_until_start(options), MAX_TTL)
-        backend = namespaced_backend(lock_options.settings, "queued")
+        backend = lock_options.settings.backend("queued")
         try:
             outcome = backend.attempt(
                 key, ttl, owner=Owner.of_message(task_id), sender=self
@@ -308,7 +293,7 @@ class SingletonTask(Task):  # type: ignore[misc]
             try:
                 return publish(task_id)
             except BaseException:
-                self._release_quietly(outcome)
+                outcome.release_quietly()
                 raise
         if must_publish or outcome.holder_task_id is None:
             return publish(task_id)
@@ -339,7 +324,7 @@ class SingletonTask(Task):  # type: ignore[misc]
             return decided.result
         if _is_redelivered(request) and self._already_finished(request.id):
             # The first delivery finished (and stored its result before releasing).
-            self._release_quietly(decided)
+            decided.release_quietly()
             logger.info("%s[%s] already finished; ignoring its redelivery", self.name, request.id)
             raise Ignore
         return self._run_holding(decided, options, request, args, kwargs)
@@ -349,7 +334,7 @@ class SingletonTask(Task):  # type: ignore[misc]
         options = self.lock_options()
         key = self.queued_marker_key_for(args, kwargs)
         try:
-            namespaced_backend(options.settings, "queued").release_owned(key, Owner.of_message(task_id))
+            options.settings.backend("queued").release_owned(key, Owner.of_message(task_id))
         except LockError as exc:
             logger.warning(
                 "%s[%s]: could not clear its queued marker (%s); it expires within %ss",
@@ -429,7 +414,7 @@ class SingletonTask(Task):  # type: ignore[misc]
         assert held is not None  # an unbounded wait returns only with the lock
         if not _is_redelivered(request) and self._already_finished(request.id):
             # A transport that does not flag redeliveries: __call__ will not look again.
-            self._release_quietly(held)
+            held.release_quietly()
             logger.info("%s[%s] already finished; ignoring its redelivery", self.name, request.id)
             raise Ignore
         return held
@@ -493,17 +478,11 @@ class SingletonTask(Task):  # type: ignore[misc]
         if held.released:
             return
         if task_id is None:
-            self._release_quietly(held)
+            held.release_quietly()
             return
         held.stop_renewal_at(held.backend.clock())
         with _awaiting_postrun_guard:
             _awaiting_postrun[task_id] = held
-
-    def _release_quietly(self, held: HeldLock) -> None:
-        try:
-            held.backend.release(held)
-        except LockError as exc:  # the body's outcome stands; the lease ends at its TTL
-            logger.error("could not release %r: %s; it expires within %ss", held.key, exc, held.ttl)
 
     def retry(self, *args: Any, **kwargs: Any) -> Any:
         """Celery's ``retry``, releasing this run's lock first.
@@ -515,7 +494,7 @@ class SingletonTask(Task):  # type: ignore[misc]
         task_id = self.request.id
         for task, running_id, held in reversed(_running.get()):
             if task is self and running_id == task_id:
-                self._release_quietly(held)
+                held.release_quietly()
                 break
         return super().retry(*args, **kwargs)
 
@@ -549,7 +528,7 @@ def _release_after_result(sender: Any = None, task_id: str | None = None, **_: A
     with _awaiting_postrun_guard:
         held = _awaiting_postrun.pop(task_id, None) if task_id else None
     if held is not None and isinstance(sender, SingletonTask):
-        sender._release_quietly(held)
+        held.release_quietly()
 
 
 @worker_ready.connect  # type: ignore[untyped-decorator]

@@ -1,25 +1,36 @@
 """From a URL to a lock backend: the scheme picks the class, imported only when used.
 
-A missing optional dependency fails with the ``pip install`` line that brings it, and a
-misspelt scheme with the schemes we know.
+Schemes are registered through the entry point group ``celery_singleton_lock.backends``
+(``scheme = "module:Class"``, kombu-style), ours included, so another package adds one
+with a line in its own ``pyproject.toml``. A missing optional dependency fails with the
+``pip install`` line that brings it, and a misspelt scheme with the schemes we know.
 """
 
 from __future__ import annotations
 
 import difflib
+import functools
 import importlib
 import os
 import threading
 from collections.abc import Sequence
+from importlib.metadata import entry_points
 from typing import Any
 from urllib.parse import urlsplit
 
 from celery_singleton_lock.backends.base import LockBackend
 from celery_singleton_lock.errors import ConfigurationError, mask_url
 
-__all__ = ["BACKEND_ALIASES", "LockBackend", "backend_class", "connect", "shared_backend"]
+__all__ = [
+    "BACKEND_ALIASES", "ENTRY_POINT_GROUP", "LockBackend", "backend_class", "connect",
+    "registered_schemes", "shared_backend",
+]
 
-#: URL scheme -> "module:Class", imported lazily.
+#: The entry point group that maps a URL scheme to "module:Class".
+ENTRY_POINT_GROUP = "celery_singleton_lock.backends"
+
+#: Our own schemes, as pyproject.toml registers them; used as they are when the package
+#: runs from a source tree without installed metadata (a unit test keeps the two equal).
 BACKEND_ALIASES: dict[str, str] = {
     "redis": "celery_singleton_lock.backends.redis:RedisBackend",
     "rediss": "celery_singleton_lock.backends.redis:RedisBackend",
@@ -44,20 +55,34 @@ def backend_class(url: str | Sequence[str], *, option: str = "url") -> type[Lock
         msg = f"{option} must be a URL like redis://host:6379/0, got {shown}"
         raise ConfigurationError(msg, option=option)
     scheme = urlsplit(url).scheme.lower()
-    target = BACKEND_ALIASES.get(scheme)
+    schemes = registered_schemes()
+    target = schemes.get(scheme)
     if target is None:
-        close = difflib.get_close_matches(scheme, BACKEND_ALIASES, n=1)
+        close = difflib.get_close_matches(scheme, schemes, n=1)
         hint = f"; did you mean {close[0]}://?" if close else ""
-        known = ", ".join(f"{s}://" for s in sorted(BACKEND_ALIASES))
+        known = ", ".join(f"{s}://" for s in sorted(schemes))
         msg = f"{option}: no lock backend for {mask_url(url)!r} (known: {known}){hint}"
         raise ConfigurationError(msg, option=option)
-    module_name, class_name = target.split(":")
+    module_name, _, class_name = target.partition(":")
     try:
         module = importlib.import_module(module_name)
     except ConfigurationError as exc:
         raise ConfigurationError(str(exc), option=option) from None
-    cls: type[LockBackend] = getattr(module, class_name)
+    cls = getattr(module, class_name, None)
+    if not (isinstance(cls, type) and issubclass(cls, LockBackend)):
+        msg = f"{option}: the backend registered for {scheme}:// ({target}) is not a LockBackend class"
+        raise ConfigurationError(msg, option=option)
     return cls
+
+
+@functools.cache
+def registered_schemes() -> dict[str, str]:
+    """Every known URL scheme -> "module:Class": ours, then those of installed packages
+    (a package may replace one of ours on purpose)."""
+    schemes = dict(BACKEND_ALIASES)
+    for point in entry_points(group=ENTRY_POINT_GROUP):
+        schemes[point.name.lower()] = point.value
+    return schemes
 
 
 def connect(url: str | Sequence[str], **options: Any) -> LockBackend:
@@ -71,11 +96,7 @@ def connect(url: str | Sequence[str], **options: Any) -> LockBackend:
     :param options: ``prefix``, ``connect_timeout``, and options of the backend's client
         (for Redis: ``ssl_ca_certs``, ``ssl_certfile``, ``username``...).
     """
-    cls = backend_class(url)
-    if cls.schemes == ("memory",):
-        options.setdefault("shared", True)
-    # A list of URLs resolves only to RedlockBackend, whose url may be one.
-    return cls(url, **options)  # type: ignore[arg-type]
+    return backend_class(url).from_url(url, **options)
 
 
 _shared: dict[tuple[Any, ...], LockBackend] = {}
@@ -85,10 +106,13 @@ _shared_guard = threading.Lock()
 def shared_backend(url: str | Sequence[str], **options: Any) -> LockBackend:
     """The backend for ``url`` and ``options`` in this process, created on first use.
 
-    Tasks share it, so a worker process keeps one connection pool per server; a forked
-    child gets its own.
+    The one cache of backends: tasks, beat and enqueue_once share it, so a worker process
+    keeps one connection pool per server; a forked child gets its own.
     """
     cache_key = (os.getpid(), url if isinstance(url, str) else tuple(url), repr(sorted(options.items())))
+    backend = _shared.get(cache_key)  # a dict read is atomic: no lock on the hot path
+    if backend is not None:
+        return backend
     with _shared_guard:
         backend = _shared.get(cache_key)
         if backend is None:

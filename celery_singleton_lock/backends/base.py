@@ -2,12 +2,35 @@
 
 :class:`LockBackend` owns the public methods: validation, tokens, the blocking loop with
 its deadline, handing leases to the lease keeper, logging and signals. A backend only
-implements one-shot operations on fully prefixed keys:
+implements one-shot steps on fully prefixed keys (``_full_key``); docs/backends.md is the
+guide for writing one.
 
-``_try_acquire(key, token, ttl, owner)``  one attempt; a :class:`Granted` or :class:`Refused`
-``_wait_for_release(key, timeout)``        block until a release is announced or timeout
-``_renew(locks)``                          replace the TTL of many locks in one round trip
-``_release(key, field, value)``            delete if the stored ``field`` equals ``value`` exactly
+``_try_acquire(key, token, ttl, owner)``    one attempt: :class:`Granted` or :class:`Refused`
+``_renew(items)``                           replace the TTL of many locks in one round trip
+``_release(key, field, value)``             delete if the stored ``field`` equals ``value``
+
+and one way to wait, by the kind of store it is:
+
+``_wait_for_release(key, timeout)``         a TTL store (Redis): block until a release is
+                                            announced; the base then tries again
+``_wait_turn(key, token, ttl, owner, deadline)``  a queue store (etcd, ZooKeeper): join the
+                                            line and block until first (FIFO)
+
+The duties that come with them, which the contract suite (tests/contract.py) checks:
+
+- every error of the server or the network is a :class:`LockBackendUnavailable` naming
+  ``self.url`` (the password is masked) within ``connect_timeout``; a try whose outcome
+  is unknown must not leave a lock behind that nobody will release or renew;
+- the stored value is ``owner.stored_with(token)``, so ``release_owned`` (by owner) works
+  from another process, and a refusal can name the holder's task id;
+- fencing tokens only rise per key, also across the key's deletion and expiry;
+- fork safety: a forked child makes its own connections and never renews or releases
+  its parent's locks (the keeper is per process; connections must be too);
+- a scheme is registered through the entry point group ``celery_singleton_lock.backends``
+  (``scheme = "module:Class"``); the class names its schemes in ``schemes``;
+- constructor keywords: ``url``, then ``prefix``, ``connect_timeout`` and ``clock`` passed
+  on to this class, then the backend's own options (unknown ones are a
+  :class:`ConfigurationError` naming ``singleton_lock_backend_options``).
 """
 
 from __future__ import annotations
@@ -19,8 +42,9 @@ import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, ClassVar
+from urllib.parse import urlsplit
 
 from celery_singleton_lock import signals
 from celery_singleton_lock.backends.owner import Owner
@@ -71,6 +95,44 @@ class LockBackend(ABC):
 
     #: URL schemes this backend serves.
     schemes: ClassVar[tuple[str, ...]] = ()
+    #: Why this backend cannot keep leases in a gevent worker, if it cannot (the worker
+    #: then refuses to start with this message); None: it can (see _native.py).
+    gevent_refusal: ClassVar[str | None] = None
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        waits = (
+            cls._wait_turn is not LockBackend._wait_turn
+            or cls._wait_for_release is not LockBackend._wait_for_release
+        )
+        if not waits:
+            msg = (
+                f"{cls.__name__} must implement _wait_for_release (a TTL store) or "
+                "_wait_turn (a queue store): see celery_singleton_lock.backends.base"
+            )
+            raise TypeError(msg)
+
+    @classmethod
+    def from_url(cls, url: str | Sequence[str], **options: Any) -> LockBackend:
+        """The backend that :func:`connect` makes for ``url`` (a backend with defaults of
+        its own for connect overrides this)."""
+        return cls(url, **options)  # type: ignore[arg-type]  # only Redlock takes a list
+
+    @classmethod
+    def check_url(cls, url: str | Sequence[str], *, option: str) -> None:
+        """Refuse, before any connection, a URL this backend cannot use.
+
+        The default checks every ``host:port`` of the URL's host list; a backend extends
+        it. :raises ConfigurationError: naming ``option``, the password masked.
+        """
+        for each in [url] if isinstance(url, str) else url:
+            hosts = urlsplit(each).netloc.rpartition("@")[2]
+            for host in filter(None, (h.strip() for h in hosts.split(","))):
+                after_address = host.rpartition("]")[2]
+                port = after_address.rpartition(":")[2] if ":" in after_address else ""
+                if port and not (port.isascii() and port.isdigit() and 0 < int(port) < 65536):
+                    msg = f"{option}: port {port!r} of {mask_url(each)!r} is not a number from 1 to 65535"
+                    raise ConfigurationError(msg, option=option)
 
     def __init__(
         self,
@@ -229,26 +291,19 @@ class LockBackend(ABC):
     ) -> HeldLock | None:
         """Wait for ``key`` after a refused attempt; None when ``timeout`` passes.
 
-        Each wait lasts until a release is announced, bounded by the holder's remaining
-        TTL: a holder that crashed is noticed when its lease expires, not later.
+        The server wakes the waiter (a release announced, or its turn in a queue store),
+        never polling; a holder that crashed is noticed when its lease expires.
         """
         _check_key_and_ttl(key, ttl)
         timeout = _check_timeout(timeout)
+        owner = owner or Owner.here()
         deadline = None if timeout is None else self.clock() + timeout
-        full_key = self._full_key(key)
-        while True:
-            holder_ttl = refused.holder_ttl if refused is not None else None
-            remaining = None if deadline is None else deadline - self.clock()
-            if remaining is not None and remaining <= 0:
-                return None
-            bounds = [b for b in (remaining, holder_ttl) if b is not None]
-            # An unknown holder TTL can only come from a backend that cannot tell; then
-            # re-check every connect_timeout at most.
-            self._wait_for_release(full_key, min(bounds) if bounds else self.connect_timeout)
-            result = self.attempt(key, ttl, owner=owner, sender=sender)
-            if isinstance(result, HeldLock):
-                return result
-            refused = result
+        token = secrets.token_hex(16)
+        sent_at = self.clock()
+        granted = self._wait_turn(self._full_key(key), token, ttl, owner, deadline, refused)
+        if granted is None:
+            return None
+        return self._hold(key, ttl, owner, token, granted, sent_at, sender)
 
     def _full_key(self, key: str) -> str:
         return f"{self.prefix}:{key}"
@@ -263,9 +318,45 @@ class LockBackend(ABC):
     def _try_acquire(self, key: str, token: str, ttl: float, owner: Owner) -> Granted | Refused:
         """One atomic attempt: take ``key`` if free, storing token, owner and a fencing token."""
 
-    @abstractmethod
+    def _wait_turn(
+        self,
+        key: str,
+        token: str,
+        ttl: float,
+        owner: Owner,
+        deadline: float | None,
+        refused: Refused | None = None,
+    ) -> Granted | None:
+        """Block until ``key`` is ours (a :class:`Granted`), or None once ``deadline``
+        (on ``self.clock``; None: never) has passed.
+
+        This default serves TTL stores: wait for a release announcement, bounded by the
+        holder's remaining TTL (``refused``, the last refusal), then try again. A queue
+        store (etcd, ZooKeeper) overrides it: join the line, watch only the entry just
+        before its own (one waiter woken per release), and return a ``Granted`` whose
+        ``valid_until`` is set; on timeout or error it leaves no entry behind.
+        """
+        while True:
+            remaining = None if deadline is None else deadline - self.clock()
+            if remaining is not None and remaining <= 0:
+                return None
+            holder_ttl = refused.holder_ttl if refused is not None else None
+            bounds = [b for b in (remaining, holder_ttl) if b is not None]
+            # An unknown holder TTL can only come from a backend that cannot tell; then
+            # re-check every connect_timeout at most.
+            self._wait_for_release(key, min(bounds) if bounds else self.connect_timeout)
+            sent_at = self.clock()
+            result = self._try_acquire(key, token, ttl, owner)
+            if isinstance(result, Granted):
+                if result.valid_until is None:
+                    result = replace(result, valid_until=sent_at + ttl - clock_drift(ttl))
+                return result
+            refused = result
+
     def _wait_for_release(self, key: str, timeout: float) -> None:
-        """Block until a release of ``key`` is announced, or ``timeout`` seconds pass."""
+        """A TTL store: block until a release of ``key`` is announced, or ``timeout``
+        seconds pass (a spurious early return only costs one more attempt)."""
+        raise NotImplementedError  # never reached: __init_subclass__ demands one of the two
 
     @abstractmethod
     def _renew(self, items: Sequence[tuple[str, str, float]]) -> list[bool]:

@@ -43,8 +43,6 @@ from celery_singleton_lock.backends.base import (
     Granted,
     LockBackend,
     Refused,
-    _check_key_and_ttl,
-    _check_timeout,
 )
 from celery_singleton_lock.backends.owner import Owner, stored_task_id
 from celery_singleton_lock.errors import (
@@ -333,6 +331,13 @@ class EtcdBackend(LockBackend):
     """
 
     schemes = ("etcd", "etcds")
+    # The client's keep-alive and watch streams feed their requests from Python threads,
+    # which gevent makes greenlets of the busy hub: renewal would time out.
+    gevent_refusal = (
+        "celery-singleton-lock cannot renew etcd leases in a gevent worker (-P gevent): "
+        "the etcd client's streams stall while a task body keeps the hub busy. Use "
+        "-P threads or prefork with etcd, or a Redis or Redlock singleton_lock_backend."
+    )
 
     def __init__(
         self,
@@ -399,37 +404,25 @@ class EtcdBackend(LockBackend):
         holder = reply.responses[0].response_range.kvs[0]
         return Refused(holder_ttl=None, holder_task_id=stored_task_id(holder.value))
 
-    def _wait_for_release(self, key: str, timeout: float) -> None:
-        # Not used: waiting queues an entry of its own (see wait), which is what makes it
-        # FIFO; the base class's "wait, then try again" loop would not keep a place.
-        raise NotImplementedError
-
     # -- waiting in line -------------------------------------------------------------------
 
-    def wait(
+    def _wait_turn(
         self,
         key: str,
+        token: str,
         ttl: float,
-        *,
-        timeout: float | None,
-        owner: Owner | None = None,
+        owner: Owner,
+        deadline: float | None,
         refused: Refused | None = None,
-        sender: Any = None,
-    ) -> HeldLock | None:
-        """Queue for ``key`` and block until every earlier entry is gone (FIFO).
+    ) -> Granted | None:
+        """Queue an entry of our own in ``key``'s directory and block until every earlier
+        entry is gone (FIFO).
 
         Only the entry just before ours is watched, so a release wakes one waiter. Our
         lease is kept alive while we wait; on timeout or error our entry is removed.
-        ``timeout`` None or ``math.inf``: no limit.
         """
-        _check_key_and_ttl(key, ttl)
-        limit = _check_timeout(timeout)
-        owner = owner or Owner.here()
-        deadline = None if limit is None else self.clock() + limit
-        directory = self._full_key(key).encode()
+        directory = key.encode()
         while True:
-            token = secrets.token_hex(16)
-            sent_at = self.clock()
 
             def request(lease: _Lease, entry: bytes, etcd_token: str) -> Any:
                 return etcdrpc.TxnRequest(success=[
@@ -450,8 +443,7 @@ class EtcdBackend(LockBackend):
                 self._abandon(lease)
                 return None
             if place > 0:
-                granted = Granted(place, token=etcd_token, valid_until=lease.valid_until)
-                return self._hold(key, ttl, owner, token, granted, sent_at, sender)
+                return Granted(place, token=etcd_token, valid_until=lease.valid_until)
             # Our entry vanished (its lease expired while we waited, or an operator deleted
             # it): queue again, at the back, with a new lease, and make sure the old one
             # carries nothing. Reporting the lock held here is etcd bug #11456.

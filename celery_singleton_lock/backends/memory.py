@@ -11,7 +11,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from celery_singleton_lock.backends.base import Granted, LockBackend, Refused
 from celery_singleton_lock.backends.owner import Owner
@@ -55,6 +55,13 @@ class MemoryBackend(LockBackend):
                 self._store = self._stores.setdefault(url, _Store())
         else:
             self._store = _Store()
+
+    @classmethod
+    def from_url(cls, url: str | Sequence[str], **options: Any) -> LockBackend:
+        # Through connect(), every backend of one memory:// URL in a process is one store,
+        # as every client of one server would be.
+        options.setdefault("shared", True)
+        return super().from_url(url, **options)
 
     def _live(self, key: str) -> _Entry | None:
         entry = self._store.entries.get(key)

@@ -224,6 +224,13 @@ class RedisBackend(LockBackend):
         self._register_scripts()
         self.late_releases = _LateReleases(self, clock)
 
+    @classmethod
+    def check_url(cls, url: str | Sequence[str], *, option: str) -> None:
+        if isinstance(url, str):
+            check_url(url, option=option)
+        else:
+            super().check_url(url, option=option)
+
     def _register_scripts(self) -> None:
         self._acquire_script = self._client.register_script(self.LUA_ACQUIRE)
         self._renew_script = self._client.register_script(self.LUA_RENEW)

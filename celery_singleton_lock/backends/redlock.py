@@ -179,6 +179,10 @@ class RedlockBackend(LockBackend):
         self._lanes: list[list[Any]] = []
         self._lanes_pid = os.getpid()
 
+    @classmethod
+    def check_url(cls, url: str | Sequence[str], *, option: str) -> None:
+        node_urls(url, option=option)
+
     def for_native_thread(self) -> RedlockBackend:
         """A copy with connections of its own to every master, for the lease keeper's OS
         thread in a gevent worker (see :meth:`RedisBackend.for_native_thread`)."""

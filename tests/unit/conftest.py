@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import os
 import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -20,6 +21,7 @@ import pytest
 from celery import Celery, _state
 from celery.utils.dispatch import Signal
 
+from celery_singleton_lock import lease
 from celery_singleton_lock.lease import LeaseKeeper
 
 
@@ -54,7 +56,7 @@ def keeper(monkeypatch: pytest.MonkeyPatch) -> LeaseKeeper:
     """This test's lease keeper (the one ``LeaseKeeper.for_process()`` returns)."""
     fresh = LeaseKeeper()
     fresh._thread = _ThreadNeverStarted()  # type: ignore[assignment]
-    monkeypatch.setattr(LeaseKeeper, "_instance", fresh)
+    monkeypatch.setattr(lease._keeper, "current", (os.getpid(), fresh))
     return fresh
 
 

@@ -12,7 +12,6 @@ from celery import Celery, chain
 
 from celery_singleton_lock import ConfigurationError, SingletonTask, singleton_task
 from celery_singleton_lock.backends.owner import Owner
-from celery_singleton_lock.task import namespaced_backend
 from tests.unit.conftest import FakeClock
 
 
@@ -106,7 +105,7 @@ def test_eager_calls_are_never_deduplicated(eager_app):
 
 def test_markers_live_in_a_namespace_of_their_own(queue_app, report):
     queued_result = report.delay(1)
-    markers = namespaced_backend(report.lock_options().settings, "queued")
+    markers = report.lock_options().settings.backend("queued")
     assert markers.prefix.endswith(".queued")
     key = report.queued_marker_key_for((1,), {})
     assert key.startswith(f"task:{report.name}:")
