@@ -30,6 +30,7 @@ SCENARIOS = {
     "f": ("benchmarks.scenario_celery", "(f) No-op tasks through a real celery worker"),
     "g": ("benchmarks.scenario_redlock", "(g) Redlock on 3 local masters vs pottery"),
     "h": ("benchmarks.scenario_etcd", "(h) etcd: one member, beside pyetcd's lock"),
+    "i": ("benchmarks.scenario_zookeeper", "(i) ZooKeeper: one server, beside kazoo's Lock"),
 }
 
 RESULTS = Path(__file__).resolve().parent / "results"

@@ -8,13 +8,17 @@ Every adapter offers the same three steps, so the scenarios treat them alike:
 
 Every peer talks to the server through ``redis.Redis.from_url(url)`` with redis-py's
 default options (celery-once builds exactly that client from the URL itself);
-celery-singleton-lock gets the same URL through its ``connect``.
+celery-singleton-lock gets the same URL through its ``connect``. The ZooKeeper peers
+get the hosts of the same ``zookeeper://`` URL: a ``KazooClient`` with kazoo's defaults
+(its 10 s session timeout given explicitly), or one bare socket.
 """
 
 from __future__ import annotations
 
 import math
 import os
+import socket
+import struct
 import time
 from typing import Any
 
@@ -30,6 +34,10 @@ LABELS = {
     "celery-once": "celery-once Redis backend",
     "ours-redlock": "celery-singleton-lock Redlock (3 masters)",
     "pottery-redlock": "pottery Redlock (3 masters)",
+    "zk-socket": "bare socket, jute create + delete (floor)",
+    "zk-raw": "raw kazoo create-ephemeral-sequential + delete",
+    "ours-zk": "celery-singleton-lock ZooKeeper",
+    "kazoo": "kazoo Lock recipe",
 }
 
 #: How each library waits for a held lock (the "wait" column).
@@ -42,6 +50,10 @@ WAIT_STYLE = {
     "celery-once": "none of its own: we loop raise_or_lock with a 10 ms sleep",
     "ours-redlock": "BLPOP on every master at once, bounded by holder TTL",
     "pottery-redlock": "polls, random sleep 0-0.2 s (its retry delay)",
+    "zk-socket": "n/a (no blocking mode)",
+    "zk-raw": "n/a (no blocking mode)",
+    "ours-zk": "watch on the node just before its own",
+    "kazoo": "watch on the node just before its own",
 }
 
 CELERY_ONCE_POLL_S = 0.010
@@ -288,6 +300,200 @@ class CeleryOnce:
         pass  # the client is celery-once's module-level singleton
 
 
+# -- ZooKeeper ----------------------------------------------------------------------------
+
+#: kazoo's default session timeout, given explicitly: a kazoo session is per client, so
+#: the peers' locks live as long as this (ours maps each lock's ttl onto a session).
+KAZOO_SESSION_S = 10.0
+
+
+def zk_hosts(url: str) -> tuple[str, str]:
+    """``("h1:p1,h2:p2", "/chroot")`` from ``zookeeper://h1:p1,h2:p2/chroot``."""
+    rest = url.split("://", 1)[1]
+    hosts, slash, chroot = rest.partition("/")
+    return hosts, (slash + chroot).rstrip("/")
+
+
+def zk_path(key: str) -> str:
+    """The lock node a peer uses for ``key`` (ZooKeeper paths take ``:``, not ``/``)."""
+    return "/bench-locks/" + key.replace("/", "_")
+
+
+class ZooKeeperSocket:
+    """The physical floor: one TCP connection, a session handshake, then a blocking
+    create (ephemeral sequential) and a delete in ZooKeeper's jute encoding, nothing
+    else: no client thread, no retries, no watches. Two requests per cycle.
+
+    Frames are ``int32 length`` + body; a request body is ``int32 xid, int32 opcode``
+    + the record, a reply ``int32 xid, int64 zxid, int32 err`` + the record.
+    """
+
+    name = "zk-socket"
+    CREATE, DELETE, PING, CLOSE_SESSION = 1, 2, 11, -11
+    EPHEMERAL_SEQUENTIAL = 3
+    NODE_EXISTS = -110
+    #: ACL list of one entry: perms ALL (31), id world:anyone (kazoo's default too)
+    OPEN_ACL = struct.pack(">ii", 1, 31) + struct.pack(">i", 5) + b"world" + struct.pack(
+        ">i", 6) + b"anyone"
+
+    def __init__(self, url: str) -> None:
+        hosts, self.chroot = zk_hosts(url)
+        host, port = hosts.split(",")[0].rsplit(":", 1)
+        self.sock = socket.create_connection((host, int(port)), timeout=10)
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        # ConnectRequest: protocol 0, last zxid 0, timeout ms, session 0, 16-byte password
+        self._send(struct.pack(">iqiqi16s?", 0, 0, int(KAZOO_SESSION_S * 1000), 0, 16,
+                               bytes(16), False))
+        self._frame()
+        self.xid = 0
+        self._parents: set[bytes] = set()
+
+    def _send(self, body: bytes) -> None:
+        self.sock.sendall(struct.pack(">i", len(body)) + body)
+
+    def _frame(self) -> bytes:
+        (size,) = struct.unpack(">i", self._read(4))
+        return self._read(size)
+
+    def _read(self, size: int) -> bytes:
+        buf = bytearray()
+        while len(buf) < size:
+            chunk = self.sock.recv(size - len(buf))
+            if not chunk:
+                raise ConnectionError("ZooKeeper closed the connection")
+            buf += chunk
+        return bytes(buf)
+
+    def _call(self, opcode: int, record: bytes) -> tuple[int, bytes]:
+        self.xid += 1
+        self._send(struct.pack(">ii", self.xid, opcode) + record)
+        reply = self._frame()
+        _xid, _zxid, err = struct.unpack_from(">iqi", reply)
+        return err, reply[16:]
+
+    @staticmethod
+    def _string(value: bytes) -> bytes:
+        return struct.pack(">i", len(value)) + value
+
+    def _create(self, path: bytes, flags: int) -> tuple[int, bytes]:
+        record = self._string(path) + struct.pack(">i", -1) + self.OPEN_ACL + struct.pack(">i", flags)
+        err, body = self._call(self.CREATE, record)
+        return err, body[4:] if not err else b""
+
+    def try_acquire(self, key: str, ttl: float) -> bytes:
+        parent = (self.chroot + zk_path(key)).encode()
+        if parent not in self._parents:  # once per key, outside the steady state
+            for i in range(2, len(parent.split(b"/")) + 1):
+                err, _ = self._create(b"/".join(parent.split(b"/")[:i]), 0)
+                if err not in (0, self.NODE_EXISTS):
+                    raise RuntimeError(f"create parent failed: error {err}")
+            self._parents.add(parent)
+        err, path = self._create(parent + b"/n-", self.EPHEMERAL_SEQUENTIAL)
+        if err:
+            raise RuntimeError(f"create failed: error {err}")
+        return path
+
+    def acquire_blocking(self, key: str, ttl: float, timeout: float) -> bytes | None:
+        raise NotImplementedError("the socket floor has no blocking mode")
+
+    def release(self, handle: bytes) -> bool:
+        err, _ = self._call(self.DELETE, self._string(handle) + struct.pack(">i", -1))
+        return err == 0
+
+    def ping(self) -> None:
+        """One heartbeat (xid -2, opcode 11): the server's plain round trip."""
+        self._send(struct.pack(">ii", -2, self.PING))
+        self._frame()
+
+    def close(self) -> None:
+        try:
+            self._call(self.CLOSE_SESSION, b"")
+        finally:
+            self.sock.close()
+
+
+class _Kazoo:
+    """One started ``KazooClient`` (kazoo's threading handler) per adapter."""
+
+    def __init__(self, url: str) -> None:
+        try:
+            from kazoo.client import KazooClient
+        except ImportError as exc:
+            raise Unavailable(f"kazoo is not installed: {exc}") from exc
+        hosts, chroot = zk_hosts(url)
+        self.client = KazooClient(hosts=hosts + chroot, timeout=KAZOO_SESSION_S)
+        self.client.start(timeout=15)
+
+    def close(self) -> None:
+        self.client.stop()
+        self.client.close()
+
+
+class KazooRaw(_Kazoo):
+    """The kazoo floor: ``create(ephemeral=True, sequence=True)`` then ``delete``: two
+    requests, no queue check (it never looks whether an older node exists)."""
+
+    name = "zk-raw"
+
+    def __init__(self, url: str) -> None:
+        super().__init__(url)
+        self._parents: set[str] = set()
+
+    def try_acquire(self, key: str, ttl: float) -> str:
+        parent = zk_path(key)
+        if parent not in self._parents:
+            self.client.ensure_path(parent)
+            self._parents.add(parent)
+        return str(self.client.create(parent + "/n-", ephemeral=True, sequence=True))
+
+    def acquire_blocking(self, key: str, ttl: float, timeout: float) -> str | None:
+        raise NotImplementedError("the raw loop has no blocking mode")
+
+    def release(self, handle: str) -> bool:
+        self.client.delete(handle)
+        return True
+
+
+class KazooLock(_Kazoo):
+    """kazoo's ``client.Lock(path, identifier)`` recipe, as its docs show: one ``Lock``
+    object per lock path, made once and acquired again and again. Its lifetime is the
+    client's session (:data:`KAZOO_SESSION_S`), not ``ttl``."""
+
+    name = "kazoo"
+
+    def __init__(self, url: str) -> None:
+        super().__init__(url)
+        self._locks: dict[str, Any] = {}
+        self._identifier = f"{socket.gethostname()}:{os.getpid()}"
+
+    def _lock(self, key: str) -> Any:
+        if key not in self._locks:
+            self._locks[key] = self.client.Lock(zk_path(key), self._identifier)
+        return self._locks[key]
+
+    def try_acquire(self, key: str, ttl: float) -> Any:
+        lock = self._lock(key)
+        return lock if lock.acquire(blocking=False) else None
+
+    def acquire_blocking(self, key: str, ttl: float, timeout: float | None) -> Any:
+        from kazoo.exceptions import LockTimeout
+
+        lock = self._lock(key)
+        try:
+            return lock if lock.acquire(blocking=True, timeout=timeout) else None
+        except LockTimeout:  # its way of saying "not within timeout"
+            return None
+
+    def release(self, handle: Any) -> bool:
+        return bool(handle.release())
+
+
+class OursZooKeeper(Ours):
+    """celery-singleton-lock on ZooKeeper: ``connect("zookeeper://127.0.0.1:PORT")``."""
+
+    name = "ours-zk"
+
+
 ADAPTERS: dict[str, type] = {
     "raw": RawLoop,
     "ours": Ours,
@@ -297,6 +503,10 @@ ADAPTERS: dict[str, type] = {
     "celery-once": CeleryOnce,
     "ours-redlock": OursRedlock,
     "pottery-redlock": PotteryRedlockMasters,
+    "zk-socket": ZooKeeperSocket,
+    "zk-raw": KazooRaw,
+    "ours-zk": OursZooKeeper,
+    "kazoo": KazooLock,
 }
 
 
