@@ -396,6 +396,26 @@ def contended(
     return runs
 
 
+def contended_by_opcode(
+    env: Env, counter: RequestCounter, libs: list[str], seconds: float
+) -> dict[str, dict[str, float]]:
+    """Requests per acquisition by opcode: one untimed contended run through the relay."""
+    workers = list(range(min(8, len(env.pool))))
+    out: dict[str, dict[str, float]] = {}
+    for lib in libs:
+        start = time.monotonic_ns() + 300_000_000
+        counter.reset()
+        results = env.pool.run_all(
+            workers, "benchmarks.scenario_handoff:contend", timeout=seconds + 60,
+            lib=lib + COUNTED, key=f"bench:i:b:counted:{lib}", start_ns=start,
+            end_ns=start + int(seconds * 1e9),
+        )
+        counts = counter.snapshot()
+        acquisitions = max(1, sum(len(r["events"]) for r in results))
+        out[lib] = {k: v / acquisitions for k, v in counts.items()}
+    return out
+
+
 def idle(
     env: Env, packets: Packets, counter: RequestCounter,
     holders: dict[str, Any], reps: int, window: float, errors: dict[str, str],
@@ -470,6 +490,13 @@ def run(env: Env, reps: int = 5) -> ScenarioResult:
                 errors.setdefault(lib, why)
         contenders = [lib for lib in contenders if lib not in errors]
         handoffs = contended(env, packets, contenders, env.reps(3), seconds, errors)
+        contended_ops = contended_by_opcode(
+            env, counter, [lib for lib in contenders if lib not in errors], 1.0)
+        # fewer idle sessions (and their heartbeats) on the server while waiting is counted
+        env.pool.run_all(list(range(len(env.pool))), f"{FN}:unbind", timeout=60, names=contenders)
+        for lib in ("zk-socket", "zk-raw"):
+            with contextlib.suppress(Exception):
+                adapters.pop(lib).close()
         waiting = idle(env, packets, counter, {lib: adapters[lib] for lib in contenders},
                        env.reps(2), window, errors)
     finally:
@@ -481,10 +508,12 @@ def run(env: Env, reps: int = 5) -> ScenarioResult:
         counter.close()
         server.stop()
 
-    _tables(res, reps, seconds, window, rtt, fast, by_opcode, handoffs, waiting, errors)
+    _tables(res, reps, seconds, window, rtt, fast, by_opcode, handoffs, contended_ops, waiting,
+            errors)
     res.raw = {
         "reps": reps, "seconds": seconds, "window": window, "round_trip_ms": rtt,
         "uncontended": fast, "requests_by_opcode_per_cycle": by_opcode, "contended": handoffs,
+        "contended_requests_by_opcode_per_acq": contended_ops,
         "idle": waiting, "errors": errors, "versions": _versions(),
     }
     return res
@@ -504,8 +533,8 @@ def _versions() -> dict[str, str]:
 def _tables(
     res: ScenarioResult, reps: int, seconds: float, window: float, rtt: dict[str, float],
     fast: dict[str, Any], by_opcode: dict[str, dict[str, float]],
-    handoffs: dict[str, list[dict[str, Any]]], waiting: dict[str, list[dict[str, Any]]],
-    errors: dict[str, str],
+    handoffs: dict[str, list[dict[str, Any]]], contended_ops: dict[str, dict[str, float]],
+    waiting: dict[str, list[dict[str, Any]]], errors: dict[str, str],
 ) -> None:
     rate, ratio = fast["rate"], fast["ratio"]
     t1 = Table("(i1) ZooKeeper uncontended acquire+release, one process",
@@ -518,7 +547,7 @@ def _tables(
         t1.add(LABELS[lib], fmt(median(rate[lib]), 0), spread(rate[lib]),
                fmt(median(ratio["zk-raw"][lib])), fmt(median(ratio["zk-socket"][lib])),
                fmt(median(fast["requests_per_cycle"][lib])),
-               fmt_cmds(by_opcode.get(lib, {}), limit=5))
+               fmt_cmds({k: round(v, 2) for k, v in by_opcode.get(lib, {}).items()}, limit=5))
     t1.notes += [
         f"{CHUNKS} slices of {CYCLES} cycles per library per repetition, libraries taking turns "
         f"(first one rotating), {reps} repetitions, after 50 warm-up cycles; ratios within a "
@@ -538,11 +567,11 @@ def _tables(
     t2 = Table("(i2) ZooKeeper: 8 processes contending for one key",
                ["library", "wait", "handoff p50 ms", "p99 ms", "acq/s", "per process min/max",
                 "strict rotation %", "same-process re-acquire %", "requests per acq",
-                "watch events per acq", "overlaps"])
+                "by opcode", "watch events per acq", "overlaps"])
     for lib in CONTENDERS:
         rs = handoffs.get(lib, [])
         if not rs:
-            t2.add(LABELS[lib], WAIT_STYLE[lib], "not run", "", "", "", "", "", "", "",
+            t2.add(LABELS[lib], WAIT_STYLE[lib], "not run", "", "", "", "", "", "", "", "",
                    errors.get(lib, "")[:80])
             continue
         t2.add(
@@ -553,6 +582,7 @@ def _tables(
             fmt(100 * median([r["fifo_share"] for r in rs]), 1),
             fmt(median([100 * r["same_worker"] / max(1, r["acquisitions"]) for r in rs]), 1),
             fmt(median([r["requests_per_acq"] for r in rs]), 2),
+            fmt_cmds({k: round(v, 2) for k, v in contended_ops.get(lib, {}).items()}, limit=6),
             fmt(median([r["events_per_acq"] for r in rs]), 2),
             str(sum(r["overlaps"] for r in rs)),
         )
@@ -566,7 +596,8 @@ def _tables(
         "lock 8 acquisitions earlier (strict FIFO with 8 always-queued processes gives 100 %).",
         "requests and watch events per acquisition: zk_packets_received and (packets sent - "
         "received) deltas over the run, per acquisition; 1 watch event means each release woke "
-        "only the next waiter.",
+        "only the next waiter. by opcode: per acquisition, from one more (untimed) 1 s run "
+        "through the request relay.",
     ]
     res.tables.append(t2)
 
@@ -588,7 +619,8 @@ def _tables(
         f"the main process holds the key (ttl {TTL:.0f} s); {WAITERS} pool processes wait on it "
         f"through the request relay; {window:.0f} s window after {SETTLE_S} s settling, "
         "interleaved repetitions.",
-        "server requests/s: zk_packets_received delta (the holder's session included); "
+        "server requests/s: zk_packets_received delta: every open session's, the holder's and "
+        "the pool's idle clients' heartbeats included; "
         "waiters' requests: what the waiters sent in the window, by opcode. A ping is the "
         "session heartbeat (kazoo sends one after a third of the session timeout without "
         "traffic): it keeps the session, and so the lease, alive, and no waiting adds to it.",
