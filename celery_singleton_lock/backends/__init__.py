@@ -39,6 +39,8 @@ BACKEND_ALIASES: dict[str, str] = {
     "redlock": "celery_singleton_lock.backends.redlock:RedlockBackend",
     "etcd": "celery_singleton_lock.backends.etcd:EtcdBackend",
     "etcds": "celery_singleton_lock.backends.etcd:EtcdBackend",
+    "zookeeper": "celery_singleton_lock.backends.zookeeper:ZooKeeperBackend",
+    "zk": "celery_singleton_lock.backends.zookeeper:ZooKeeperBackend",
 }
 
 

@@ -1,0 +1,894 @@
+"""ZooKeeper: ``zookeeper://h1:2181,h2:2181,h3:2181/optional/chroot`` (alias ``zk://``).
+
+ZooKeeper is a consensus store: a granted lock survives the loss of a minority of the
+ensemble. Each lock is a container node; every acquisition, holder or waiter, is one
+ephemeral sequential node in it::
+
+    <chroot>/<prefix>/<key, escaped>                 container (the server removes it empty)
+        <token, 32 hex>-<sequence, 10 digits>        ephemeral, one per holder or waiter,
+                                                     data "<token>\\n<owner JSON>"
+
+The lowest sequence holds the lock; the others wait in FIFO order, each watching only the
+node just before its own, so a release wakes exactly one waiter. The holder's creation
+zxid (``czxid``) is its fencing token: zxids order every write of the ensemble, across
+leader changes (the epoch is their high half), so a later node of the same key has a
+larger one. A node is named by its own token, so only its creator can name it.
+
+**Sessions are the lease.** An ephemeral node lives as long as the session that made it;
+a session ends when the server hears nothing of it for the session timeout. A process
+keeps one kazoo client (one session) per distinct TTL, whose timeout is the TTL itself
+(at least ``MIN_SESSION`` and at most ``MAX_SESSION``), so a SIGKILLed holder's lock is
+freed one TTL after the last sign of life, by the server. Within a live process each lock
+also keeps the lease of a TTL store: a lock the lease keeper stops renewing (a handle
+dropped or untracked, a task past its hard time limit) is deleted by the backend's own
+thread one TTL after its last renewal. ``docs/zookeeper.md`` states the bounds and what a
+suspended connection means for ``ensure_held()``.
+
+Round trips: an attempt sends the create and the read of the line together (one round
+trip); a refused attempt deletes its node in a second one. A renewal is one round trip
+per session for all its locks (a ``sync`` and an ``exists`` per lock, pipelined).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import re
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import parse_qsl, quote, unquote, urlsplit
+
+from celery_singleton_lock import _native
+from celery_singleton_lock._per_process import PerProcess
+from celery_singleton_lock.backends.base import Granted, LockBackend, Refused
+from celery_singleton_lock.backends.owner import Owner, stored_task_id
+from celery_singleton_lock.errors import (
+    ConfigurationError,
+    LockBackendUnavailable,
+    LockError,
+    mask_url,
+)
+from celery_singleton_lock.lease import LeaseKeeper, clock_drift
+
+try:
+    from kazoo.client import KazooClient
+    from kazoo.exceptions import (
+        AuthFailedError,
+        KazooException,
+        NoAuthError,
+        NodeExistsError,
+        NoNodeError,
+        SessionExpiredError,
+    )
+    from kazoo.handlers.threading import SequentialThreadingHandler
+    from kazoo.protocol.paths import _prefix_root
+    from kazoo.protocol.serialization import Connect, Create2
+    from kazoo.protocol.states import KazooState, KeeperState
+    from kazoo.retry import KazooRetry
+    from kazoo.security import OPEN_ACL_UNSAFE, make_digest_acl
+except ImportError as exc:  # pragma: no cover - exercised only without the extra
+    msg = "the ZooKeeper backend needs kazoo: pip install 'celery-singleton-lock[zookeeper]'"
+    raise ConfigurationError(msg, option="singleton_lock_backend") from exc
+
+__all__ = ["ZooKeeperBackend"]
+
+logger = logging.getLogger("celery_singleton_lock.zookeeper")
+
+DEFAULT_PORT = 2181
+#: The shortest session we ask for. kazoo pings an idle connection after up to 0.4 s
+#: (its jitter), so a shorter session would expire between two pings; a lock with a
+#: shorter TTL shares this session (it is still deleted at its TTL while we live).
+MIN_SESSION = 1.0
+#: The longest session we ask for. kazoo also waits this long for a silent server while
+#: it reconnects, so a longer one would stall a fail-over; locks with a longer TTL are kept
+#: by proving the session every third of its timeout instead (see _Janitor).
+MAX_SESSION = 600.0
+#: A renewal gets this share of the lock's TTL, and never more than connect_timeout: the
+#: lease keeper renews after a third of the TTL and retries on failure.
+RENEWAL_SHARE = 0.25
+MIN_TRY = 0.25
+#: ZooKeeper's opcode and flag for a container node (3.5.3+), which kazoo does not offer.
+_CREATE_CONTAINER = 19
+_CONTAINER_FLAG = 4
+_EPHEMERAL_SEQUENTIAL = 3
+#: A node of ours: "<token>-<sequence>".
+_NODE = re.compile(r"([0-9a-f]{32})-(\d{10})")
+_TRUE = ("1", "true", "yes", "on")
+_CLIENT_OPTIONS = (
+    "user", "password", "use_ssl", "ca", "certfile", "keyfile", "keyfile_password",
+    "verify_certs", "check_hostname",
+)
+
+
+class _CreateContainer(Create2):  # type: ignore[misc]  # kazoo is untyped
+    """A create2 request whose node is a container (kazoo has no call for it)."""
+
+    type = _CREATE_CONTAINER
+
+
+@dataclass
+class _Node:
+    """A lock node of ours that this process holds."""
+
+    path: str
+    session: _Session
+    session_id: int
+    ttl: float
+    #: When the backend deletes it unless renewed (monotonic): its TTL past the last
+    #: renewal, as a TTL store would expire it.
+    expires_at: float
+
+
+@dataclass
+class _Cleanup:
+    """A node of ours that must go once the session answers again: ``path`` when we know
+    it, else every node of ``directory`` named by ``token`` (a create whose reply was lost)."""
+
+    session: _Session
+    directory: str
+    token: str
+    path: str | None = None
+
+
+class _Session:
+    """One kazoo client of this process, so one ZooKeeper session, for locks of one TTL.
+
+    It records what the server negotiated (the session timeout), the session id, the last
+    connection error (for messages), and when the session was last proved alive.
+    """
+
+    def __init__(self, backend: ZooKeeperBackend, timeout: float) -> None:
+        self.requested = timeout
+        self.negotiated: float | None = None
+        self.session_id: int | None = None
+        self.last_error = "no server accepted a session yet"
+        self.auth_failed = False
+        self.warned = False
+        #: Sessions this client had that the server ended (their nodes are gone).
+        self.expired_ids: set[int] = set()
+        #: A monotonic time before which the server cannot have expired the session.
+        self.proven_until = -math.inf
+        self.last_proof = -math.inf
+        self._backend = backend
+        self._guard = _native.allocate_lock()
+        options = backend._client_options
+        self.client = KazooClient(
+            hosts=backend._hosts,
+            timeout=timeout,
+            handler=SequentialThreadingHandler(),
+            auth_data=options["auth_data"],
+            default_acl=options["acl"],
+            # A server that comes back is reconnected to within half a second, never
+            # after kazoo's default back-off of up to a minute.
+            connection_retry=KazooRetry(max_tries=-1, delay=0.05, backoff=1.5, max_delay=0.5, max_jitter=0.2),
+            use_ssl=options["use_ssl"],
+            ca=options["ca"],
+            certfile=options["certfile"],
+            keyfile=options["keyfile"],
+            keyfile_password=options["keyfile_password"],
+            verify_certs=options["verify_certs"],
+            check_hostname=options["check_hostname"],
+        )
+        self._watch_connection()
+        self.client.add_listener(self._on_state)
+        self.client.start_async()
+
+    def _watch_connection(self) -> None:
+        """Learn the negotiated session timeout and the errors of connection attempts,
+        which kazoo keeps to itself."""
+        connection = self.client._connection
+        invoke, connect = connection._invoke, connection._connect
+
+        def recording_invoke(timeout: float, request: Any, xid: int | None = None) -> Any:
+            result = invoke(timeout, request, xid)
+            if isinstance(request, Connect) and result[0].time_out > 0:
+                self.negotiated = result[0].time_out / 1000
+                self.session_id = result[0].session_id
+            return result
+
+        def recording_connect(host: str, hostip: str, port: int) -> Any:
+            try:
+                return connect(host, hostip, port)
+            except Exception as exc:
+                self.last_error = f"{host}:{port}: {exc}"
+                raise
+
+        connection._invoke = recording_invoke
+        connection._connect = recording_connect
+
+    def _on_state(self, state: str) -> None:
+        # Called on kazoo's connection thread: it must not block.
+        if state == KazooState.LOST:
+            if self.client.client_state == KeeperState.AUTH_FAILED:
+                self.auth_failed = True
+                self.last_error = "the server refused our credentials (AUTH_FAILED)"
+            if self.session_id is not None:
+                with self._guard:
+                    self.expired_ids.add(self.session_id)
+                self.session_id = None
+        self._backend._janitor_wakeup()
+
+    @property
+    def connected(self) -> bool:
+        return bool(self.client.connected)
+
+    def wait_connected(self, deadline: float, clock: Callable[[], float]) -> bool:
+        """True once connected; False when ``deadline`` (on ``clock``) passes first."""
+        if self.client.connected:
+            return True
+        remaining = deadline - clock()
+        if remaining <= 0 or self.auth_failed:
+            return False
+        # kazoo's own event, set while the connection is up (any number of waiters).
+        return bool(self.client._live.wait(remaining))
+
+    def proved(self, sent_at: float) -> None:
+        """A reply to a request sent at ``sent_at`` came back: the server had not expired
+        the session then, and cannot before one negotiated timeout later."""
+        timeout = self.negotiated or self.requested
+        with self._guard:
+            if sent_at > self.last_proof:
+                self.last_proof = sent_at
+                self.proven_until = sent_at + timeout - clock_drift(timeout)
+
+    def close(self, timeout: float) -> None:
+        """End the session (its nodes go at once), waiting at most ``timeout`` seconds:
+        kazoo's stop waits for its connection thread, which a silent server may hold."""
+        client = self.client
+
+        def stop() -> None:
+            with contextlib.suppress(Exception):
+                client.stop()
+                client.close()
+
+        _native.NativeThread(stop)
+        waited = 0.0
+        while client.connected and waited < timeout:
+            time.sleep(0.01)
+            waited += 0.01
+
+
+@dataclass
+class _ProcessState:
+    """What one process knows: its sessions, its held nodes, nodes left to clean up."""
+
+    pid: int = field(default_factory=os.getpid)
+    guard: Any = field(default_factory=_native.allocate_lock)
+    sessions: dict[int, _Session] = field(default_factory=dict)
+    held: dict[tuple[str, str], _Node] = field(default_factory=dict)
+    cleanups: list[_Cleanup] = field(default_factory=list)
+    janitor: _Janitor | None = None
+
+
+class ZooKeeperBackend(LockBackend):
+    """Locks on a ZooKeeper ensemble; see the module docstring for the layout.
+
+    :param user: digest user (or in the URL: ``zookeeper://user:password@host``); with a
+        user, nodes are created with an ACL that gives that user alone every right.
+    :param password: digest password.
+    :param use_ssl: TLS to the servers; ``ca``, ``certfile``, ``keyfile``,
+        ``keyfile_password``, ``verify_certs`` and ``check_hostname`` as kazoo takes them.
+        Also accepted as URL query parameters (``?use_ssl=true&ca=/etc/zk/ca.pem``).
+    """
+
+    schemes = ("zookeeper", "zk")
+
+    @classmethod
+    def check_url(cls, url: str | Sequence[str], *, option: str) -> None:
+        super().check_url(url, option=option)
+        if not isinstance(url, str):
+            msg = f"{option}: a ZooKeeper URL is one string (zookeeper://h1:2181,h2:2181/chroot)"
+            raise ConfigurationError(msg, option=option)
+        _parse_url(url, mask_url(url), option=option)
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        prefix: str = "singleton-lock",
+        connect_timeout: float = 5.0,
+        clock: Callable[[], float] = time.monotonic,
+        **client_options: Any,
+    ) -> None:
+        super().__init__(url, prefix=prefix, connect_timeout=connect_timeout, clock=clock)
+        hosts, chroot, options = _parse_url(url, self.url)
+        options.update(client_options)
+        unknown = sorted(set(options) - set(_CLIENT_OPTIONS))
+        if unknown:
+            msg = f"unknown ZooKeeper option(s) {', '.join(unknown)}; known: {', '.join(_CLIENT_OPTIONS)}"
+            raise ConfigurationError(msg, option="singleton_lock_backend_options")
+        self._hosts = hosts
+        self._root = f"{chroot}/{_name(prefix)}"
+        user, password = options.get("user"), options.get("password")
+        credentials = None if user is None else f"{user}:{password or ''}"
+        self._client_options: dict[str, Any] = {
+            "auth_data": None if credentials is None else [("digest", credentials)],
+            "acl": OPEN_ACL_UNSAFE if user is None else [make_digest_acl(user, password or "", all=True)],
+            "use_ssl": _flag(options.get("use_ssl", False)),
+            "ca": options.get("ca"),
+            "certfile": options.get("certfile"),
+            "keyfile": options.get("keyfile"),
+            "keyfile_password": options.get("keyfile_password"),
+            "verify_certs": _flag(options.get("verify_certs", True)),
+            "check_hostname": _flag(options.get("check_hostname", False)),
+        }
+        # Per process: a forked child makes its own sessions, and never renews or releases
+        # the nodes of its parent's (a kazoo client made before a fork hangs in the child).
+        self._state: PerProcess[_ProcessState] = PerProcess(_ProcessState, _native.allocate_lock)
+        #: Watch events that woke a waiter in this process (tests count them).
+        self.wakeups = 0
+
+    # -- keys ------------------------------------------------------------------------------
+
+    def _full_key(self, key: str) -> str:
+        # The lock's container node. Escaping '/' keeps "a" from containing "a/b"'s nodes.
+        return f"{self._root}/{_name(key)}"
+
+    # -- one attempt -----------------------------------------------------------------------
+
+    def _try_acquire(self, key: str, token: str, ttl: float, owner: Owner) -> Granted | Refused:
+        deadline = self.clock() + self.connect_timeout
+        session = self._session(ttl, key, deadline)
+        sent_at = self.clock()
+        path, stat, children = self._join_line(session, key, token, owner, deadline, sent_at)
+        line = _line(children)
+        if line and line[0] == _basename(path):
+            self._hold_node(session, key, token, path, stat.ephemeralOwner, ttl, sent_at)
+            return Granted(stat.czxid)
+        # Not first: our node must go (an orphan would hold the line for the session's
+        # life, kazoo PR #760). The holder's data names its task.
+        holder = session.client.get_async(f"{key}/{line[0]}") if line else None
+        self._delete_or_defer(session, key, token, path, deadline)
+        task_id = None
+        if holder is not None:
+            with contextlib.suppress(LockError, KazooException):
+                task_id = stored_task_id(self._result(session, holder, deadline, key)[0])
+        return Refused(holder_ttl=None, holder_task_id=task_id)
+
+    def _join_line(
+        self, session: _Session, key: str, token: str, owner: Owner, deadline: float, sent_at: float
+    ) -> tuple[str, Any, list[str]]:
+        """Create our node in ``key``'s line and read the line, in one round trip.
+
+        :returns: our node's path, its stat and the line's node names.
+        """
+        value = owner.stored_with(token).encode()
+        for _ in range(4):  # the line's container, then the prefix, may have to be made first
+            create = session.client.create_async(
+                f"{key}/{token}-", value, ephemeral=True, sequence=True, include_data=True
+            )
+            children = session.client.get_children_async(key)
+            try:
+                path, stat = self._result(session, create, deadline, key)
+            except NoNodeError:
+                self._make_line(session, key, deadline)
+                continue
+            except SessionExpiredError:
+                # Nothing was created; kazoo opens a new session: try in that one.
+                if not session.wait_connected(deadline, self.clock):
+                    raise self._unavailable(key, "the session expired") from None
+                continue
+            except (LockError, KazooException):
+                self._abandon_create(session, key, token, create)
+                raise
+            session.proved(sent_at)
+            try:
+                return path, stat, self._result(session, children, deadline, key)
+            except BaseException:
+                self._delete_or_defer(session, key, token, path, deadline)
+                raise
+        msg = f"ZooKeeper at {self.url} kept removing the line of {key!r} while we joined it"
+        raise LockBackendUnavailable(msg, url=self.url, key=key)
+
+    def _make_line(self, session: _Session, key: str, deadline: float) -> None:
+        """Create the container node of ``key`` (and the prefix node above it)."""
+        acl = self._client_options["acl"]
+        request = _CreateContainer(_prefix_root(session.client.chroot, key), b"", acl, _CONTAINER_FLAG)
+        result = session.client.handler.async_result()
+        session.client._call(request, result)
+        try:
+            self._result(session, result, deadline, key)
+        except NodeExistsError:
+            return
+        except NoNodeError:
+            with contextlib.suppress(NodeExistsError):
+                self._result(session, session.client.ensure_path_async(self._root, acl), deadline, key)
+
+    def _abandon_create(self, session: _Session, directory: str, token: str, create: Any) -> None:
+        """A create we stopped waiting for may still be applied (kazoo sends a request
+        queued while disconnected once it reconnects): its node must not stay."""
+
+        def settled(result: Any) -> None:
+            if result.successful():
+                path = result.value[0]
+                session.client.delete_async(path)  # a late reply: remove the node at once
+            elif not isinstance(result.exception, (NoNodeError, SessionExpiredError, NoAuthError)):
+                # Lost on the way back: it may exist. Look once the session answers again.
+                self._defer(_Cleanup(session, directory, token))
+
+        create.rawlink(settled)
+
+    def _delete_or_defer(self, session: _Session, key: str, token: str, path: str, deadline: float) -> None:
+        """Delete a node of ours now, or once the session answers again."""
+        try:
+            self._result(session, session.client.delete_async(path), deadline, key)
+        except NoNodeError:
+            pass
+        except (LockError, KazooException):
+            self._defer(_Cleanup(session, key, token, path))
+
+    # -- waiting in line -------------------------------------------------------------------
+
+    def _wait_turn(
+        self,
+        key: str,
+        token: str,
+        ttl: float,
+        owner: Owner,
+        deadline: float | None,
+        refused: Refused | None = None,
+    ) -> Granted | None:
+        """Queue a node of our own in ``key``'s line and block until every earlier node is
+        gone (FIFO).
+
+        Only the node just before ours is watched, so a release wakes one waiter. A
+        connection lost while we wait costs nothing while it comes back within
+        connect_timeout (the session and our place live on); on timeout or error our node
+        is removed.
+        """
+        start = self.clock() + self.connect_timeout
+        session = self._session(ttl, key, start)
+        while True:
+            sent_at = self.clock()
+            path, stat, children = self._join_line(session, key, token, owner, start, sent_at)
+            try:
+                outcome = self._wait_in_line(session, key, path, children, sent_at, deadline)
+            except BaseException:
+                self._delete_or_defer(session, key, token, path, self.clock() + self.connect_timeout)
+                raise
+            if outcome is None:  # timed out
+                self._delete_or_defer(session, key, token, path, self.clock() + self.connect_timeout)
+                return None
+            if outcome is not False:
+                self._hold_node(session, key, token, path, stat.ephemeralOwner, ttl, outcome)
+                return Granted(stat.czxid, valid_until=outcome + ttl - clock_drift(ttl))
+            # Our node vanished (the session expired while we waited, or an operator
+            # deleted it): queue again, at the back.
+            start = self.clock() + self.connect_timeout
+
+    def _wait_in_line(
+        self,
+        session: _Session,
+        key: str,
+        path: str,
+        children: list[str],
+        read_at: float,
+        deadline: float | None,
+    ) -> float | bool | None:
+        """When the read that found us first was sent (monotonic); False if our node
+        vanished; None when ``deadline`` passed."""
+        ours = _basename(path)
+        while True:
+            line = _line(children)
+            if ours not in line:
+                return False
+            place = line.index(ours)
+            if place == 0:
+                return read_at
+            woken = _native.Wakeup()
+
+            def watch(event: Any, woken: _native.Wakeup = woken) -> None:
+                woken.set()
+
+            budget = self.clock() + self.connect_timeout
+            predecessor = f"{key}/{line[place - 1]}"
+            if self._result(session, session.client.exists_async(predecessor, watch=watch), budget, key):
+                remaining = None if deadline is None else deadline - self.clock()
+                if remaining is not None and remaining <= 0:
+                    return None
+                if not woken.wait(remaining):
+                    return None
+                self.wakeups += 1
+            # Re-read the line: the node before us may have been a waiter that gave up, and
+            # ours must still exist (a wake-up alone proves nothing).
+            read_at = self.clock()
+            budget = read_at + self.connect_timeout
+            children = self._result(session, session.client.get_children_async(key), budget, key)
+            session.proved(read_at)
+
+    # -- renewal and release ---------------------------------------------------------------
+
+    def _renew(self, items: Sequence[tuple[str, str, float]]) -> list[bool]:
+        """One round trip per session: a ``sync`` (so the answers are the leader's, not
+        a lagging follower's) and an ``exists`` for each lock, pipelined. A lock is still
+        ours while its node exists and belongs to the session that made it.
+
+        Bounded by a share of the shortest TTL, not connect_timeout, so a renewal that
+        meets a fail-over is retried by the lease keeper while the lease is still proved.
+        """
+        state = self._state.get()
+        with state.guard:
+            nodes = [state.held.get((key, token)) for key, token, _ in items]
+        budget = min(self.connect_timeout, max(min(ttl for _, _, ttl in items) * RENEWAL_SHARE, MIN_TRY))
+        deadline = self.clock() + budget
+        by_session: dict[int, list[int]] = {}
+        for index, node in enumerate(nodes):
+            if node is not None:
+                by_session.setdefault(id(node.session), []).append(index)
+        found = [False] * len(items)
+        sent: list[tuple[_Session, float, list[tuple[int, Any]]]] = []
+        for indexes in by_session.values():
+            session = nodes[indexes[0]].session  # type: ignore[union-attr]
+            key = items[indexes[0]][0]
+            if not session.wait_connected(deadline, self.clock):
+                raise self._unavailable(key, f"not connected ({session.last_error})")
+            sent_at = self.clock()
+            session.client.sync_async(self._root)
+            checks = [(i, session.client.exists_async(nodes[i].path)) for i in indexes]  # type: ignore[union-attr]
+            sent.append((session, sent_at, checks))
+        for session, sent_at, checks in sent:
+            for index, check in checks:
+                node = nodes[index]
+                assert node is not None
+                try:
+                    stat = self._result(session, check, deadline, items[index][0])
+                except SessionExpiredError:
+                    stat = None
+                found[index] = stat is not None and stat.ephemeralOwner == node.session_id
+                if found[index]:
+                    node.expires_at = sent_at + node.ttl
+            session.proved(sent_at)
+        return found
+
+    def _release(self, key: str, field: str, value: str) -> bool:
+        state = self._state.get()
+        deadline = self.clock() + self.connect_timeout
+        if field == "token":
+            # Only a node this process made and still holds: a forked child, a forged or
+            # foreign token names nothing here.
+            with state.guard:
+                node = state.held.pop((key, value), None)
+            if node is None:
+                return False
+            try:
+                self._result(node.session, node.session.client.delete_async(node.path), deadline, key)
+            except NoNodeError:
+                return False
+            except (LockError, KazooException) as exc:
+                self._defer(_Cleanup(node.session, key, value, node.path))
+                if isinstance(exc, LockError):
+                    raise
+                raise self._unavailable(key, f"{type(exc).__name__}") from None
+            return True
+        # By owner (the worker's main process, once a pool process is dead): remove the
+        # nodes whose stored owner is exactly that one, holder or queued; True if one was
+        # the holder. Any session may delete any node (ACLs allowing).
+        session = self._session(MIN_SESSION, key, deadline)
+        try:
+            line = _line(self._result(session, session.client.get_children_async(key), deadline, key))
+        except NoNodeError:
+            return False
+        reads = [(name, session.client.get_async(f"{key}/{name}")) for name in line]
+        wanted = value.encode()
+        released = False
+        for place, (name, read) in enumerate(reads):
+            try:
+                data, stat = self._result(session, read, deadline, key)
+            except NoNodeError:
+                continue
+            _, newline, stored = data.partition(b"\n")
+            if not newline or stored != wanted:
+                continue
+            try:
+                delete = session.client.delete_async(f"{key}/{name}", stat.version)
+                self._result(session, delete, deadline, key)
+            except NoNodeError:
+                continue
+            with state.guard:
+                state.held.pop((key, data.split(b"\n", 1)[0].decode()), None)
+            released = released or place == 0
+        return released
+
+    def close(self) -> None:
+        """End this process's sessions: the server deletes their nodes at once, so locks
+        still held are freed (their handles then find them lost)."""
+        state = self._state.get()
+        with state.guard:
+            sessions = list(state.sessions.values())
+            state.sessions.clear()
+            state.held.clear()
+            state.cleanups.clear()
+            janitor, state.janitor = state.janitor, None
+        if janitor is not None:
+            janitor.stop()
+        for session in sessions:
+            session.close(min(self.connect_timeout, 2.0))
+
+    # -- sessions --------------------------------------------------------------------------
+
+    def _session(self, ttl: float, key: str, deadline: float) -> _Session:
+        """This process's connected session for locks of ``ttl``, within ``deadline``."""
+        timeout = min(max(ttl, MIN_SESSION), MAX_SESSION)
+        state = self._state.get()
+        with state.guard:
+            session = state.sessions.get(round(timeout * 1000))
+            if session is None:
+                session = state.sessions[round(timeout * 1000)] = _Session(self, timeout)
+        if not session.wait_connected(deadline, self.clock):
+            raise self._unavailable(key, session.last_error)
+        negotiated = session.negotiated
+        if negotiated is not None and negotiated != timeout and not session.warned:
+            session.warned = True
+            logger.warning(
+                "ZooKeeper at %s granted sessions of %gs, not the %gs asked for (its "
+                "minSessionTimeout/maxSessionTimeout): locks of lock_ttl %gs outlive a dead "
+                "holder by %gs",
+                self.url, negotiated, timeout, ttl, negotiated,
+            )
+        return session
+
+    def _hold_node(
+        self, session: _Session, key: str, token: str, path: str, session_id: int, ttl: float, sent_at: float
+    ) -> None:
+        state = self._state.get()
+        node = _Node(path, session, session_id, ttl, sent_at + ttl)
+        with state.guard:
+            state.held[(key, token)] = node
+            janitor = state.janitor
+            if janitor is None:
+                janitor = state.janitor = _Janitor(self, state)
+        janitor.due(node.expires_at)
+
+    def _defer(self, cleanup: _Cleanup) -> None:
+        state = self._state.get()
+        with state.guard:
+            state.cleanups.append(cleanup)
+            janitor = state.janitor
+            if janitor is None:
+                janitor = state.janitor = _Janitor(self, state)
+        janitor.wake()
+
+    def _janitor_wakeup(self) -> None:
+        state = self._state.get()
+        janitor = state.janitor
+        if janitor is not None:
+            janitor.wake()
+
+    # -- plumbing --------------------------------------------------------------------------
+
+    def _result(self, session: _Session, result: Any, deadline: float, key: str | None) -> Any:
+        """The value of a kazoo async result, waiting until ``deadline`` at most.
+
+        :raises NoNodeError, NodeExistsError, SessionExpiredError: answers the caller
+            handles.
+        :raises LockBackendUnavailable: no answer in time, the connection dropped, or
+            the server refused the request (credentials).
+        """
+        remaining = deadline - self.clock()
+        if not result.wait(max(remaining, 0.0)):
+            raise self._unavailable(key, f"no answer in time ({session.last_error})")
+        if result.successful():
+            return result.value
+        error = result.exception
+        if isinstance(error, NoNodeError | NodeExistsError | SessionExpiredError):
+            raise error
+        if isinstance(error, NoAuthError | AuthFailedError):
+            msg = f"ZooKeeper at {self.url} refused our credentials for {key!r}: {type(error).__name__}"
+            raise LockBackendUnavailable(msg, url=self.url, key=key)
+        raise self._unavailable(key, f"{type(error).__name__} {error}".strip())
+
+    def _unavailable(self, key: str | None, why: str) -> LockBackendUnavailable:
+        msg = f"ZooKeeper at {self.url} did not answer within {self.connect_timeout}s: {why}"
+        return LockBackendUnavailable(msg, url=self.url, key=key)
+
+
+class _Janitor:
+    """The backend's own thread in one process, for what no caller waits on:
+
+    - deletes held nodes whose renewal stopped one TTL ago (as a TTL store would expire
+      them; the session would keep them for the process's life);
+    - deletes nodes of attempts that did not end holding the lock, once the session
+      answers again (replies lost with a dropped connection);
+    - declares lost every lock of a session the server ended (LOST), at once;
+    - for sessions shorter than their locks' TTL (the server's maxSessionTimeout, or
+      MAX_SESSION), proves the session every third of its timeout, and declares its locks
+      lost once it can no longer prove the session alive.
+
+    A thread of the operating system, as the lease keeper is (see _native.py).
+    """
+
+    def __init__(self, backend: ZooKeeperBackend, state: _ProcessState) -> None:
+        self._backend = backend
+        self._state = state
+        self._wakeup = _native.Wakeup()
+        self._wakes_at = math.inf
+        self._stopped = False
+        self._thread = _native.NativeThread(self._run)
+
+    def due(self, at: float) -> None:
+        """Something is due at ``at`` (on the backend's clock): wake up if that is sooner."""
+        if at < self._wakes_at:
+            self._wakeup.set()
+
+    def wake(self) -> None:
+        self._wakeup.set()
+
+    def stop(self) -> None:
+        self._stopped = True
+        self._wakeup.set()
+
+    def _run(self) -> None:
+        while not self._stopped:
+            try:
+                delay = self._round()
+            except Exception:  # it must outlive any bug: log it and go on
+                logger.exception("ZooKeeper janitor: round failed; retrying")
+                delay = 0.5
+            self._wakes_at = math.inf if delay is None else self._backend.clock() + delay
+            self._wakeup.wait(delay)
+
+    def _round(self) -> float | None:
+        """Do what is due; seconds until something is due next (None: nothing is)."""
+        backend, state = self._backend, self._state
+        now = backend.clock()
+        with state.guard:
+            held = list(state.held.items())
+            cleanups, state.cleanups = state.cleanups, []
+            sessions = list(state.sessions.values())
+        lost: list[tuple[str, str, str]] = []
+        for (key, token), node in held:
+            session = node.session
+            if node.session_id in session.expired_ids:
+                lost.append((key, token, "its ZooKeeper session expired (the server deleted its node)"))
+            elif now >= node.expires_at:
+                # Nobody renews it any more: end it as its TTL would.
+                lost.append((key, token, ""))
+                if session.connected:
+                    session.client.delete_async(node.path)
+                else:
+                    cleanups.append(_Cleanup(session, key, token, node.path))
+            elif _short(session, node.ttl) and now >= session.proven_until:
+                lost.append((key, token, "its ZooKeeper session could not be proved alive in time"))
+        if lost:
+            self._declare_lost(lost)
+        for session in sessions:
+            self._prove(session, now)
+        retry = [c for c in cleanups if not self._clean(c)]
+        with state.guard:
+            state.cleanups.extend(retry)
+            later = [n.expires_at for n in state.held.values()]
+            later += [
+                min(n.session.last_proof + n.session.negotiated / 3, n.session.proven_until)
+                for n in state.held.values()
+                if n.session.negotiated is not None and n.session.negotiated < n.ttl
+            ]
+        if retry:
+            later.append(now + 0.25)
+        return max(0.0, min(later) - backend.clock()) if later else None
+
+    def _declare_lost(self, lost: list[tuple[str, str, str]]) -> None:
+        backend, state = self._backend, self._state
+        reasons = {(key, token): reason for key, token, reason in lost}
+        with state.guard:
+            for key, token, _ in lost:
+                state.held.pop((key, token), None)
+        keeper = LeaseKeeper.for_process()
+        for held in keeper.tracked():
+            if held.backend is not backend:
+                continue
+            reason = reasons.get((backend._full_key(held.key), held.token))
+            if reason:  # "": not renewed, so not tracked any more either (a late one)
+                keeper.declare_lost(held, reason)
+
+    def _prove(self, session: _Session, now: float) -> None:
+        """Prove a session shorter than its locks' TTL, every third of its timeout."""
+        negotiated = session.negotiated
+        if negotiated is None or not session.connected:
+            return
+        with self._state.guard:
+            needs = any(n.session is session and n.ttl > negotiated for n in self._state.held.values())
+        if not needs or now < session.last_proof + negotiated / 3:
+            return
+        sent_at = self._backend.clock()
+        try:
+            self._backend._result(
+                session, session.client.sync_async(self._backend._root), sent_at + negotiated / 4, None
+            )
+        except (LockError, KazooException):
+            return
+        session.proved(sent_at)
+
+    def _clean(self, cleanup: _Cleanup) -> bool:
+        """Delete the nodes of ``cleanup``; True when done (or nothing can be left)."""
+        session, backend = cleanup.session, self._backend
+        if not session.connected:
+            return bool(session.client.client_state == KeeperState.CLOSED)  # closed: nothing left
+        deadline = backend.clock() + backend.connect_timeout
+        try:
+            if cleanup.path is not None:
+                paths = [cleanup.path]
+            else:
+                children = backend._result(
+                    session, session.client.get_children_async(cleanup.directory), deadline, None
+                )
+                paths = [
+                    f"{cleanup.directory}/{name}" for name in children
+                    if name.startswith(cleanup.token + "-")
+                ]
+            for path in paths:
+                with contextlib.suppress(NoNodeError):
+                    backend._result(session, session.client.delete_async(path), deadline, None)
+        except NoNodeError:
+            return True
+        except (LockError, KazooException):
+            return False
+        if paths:
+            logger.info("removed %d node(s) of an attempt that did not end holding the lock", len(paths))
+        return True
+
+
+# -- helpers -------------------------------------------------------------------------------
+
+
+def _name(text: str) -> str:
+    """``text`` as one node name: ZooKeeper refuses "/", ".", "..", control and some
+    Unicode characters in names, so all but a plain set are %-escaped (UTF-8)."""
+    return quote(text, safe=":@=+,;!$&'()*~-_").replace(".", "%2E")
+
+
+def _basename(path: str) -> str:
+    return path.rpartition("/")[2]
+
+
+def _line(children: Sequence[str]) -> list[str]:
+    """Our nodes of a lock, in the order they queued (their sequence numbers)."""
+    ours = [name for name in children if _NODE.fullmatch(name)]
+    return sorted(ours, key=lambda name: int(name[-10:]))
+
+
+def _flag(value: object) -> bool:
+    if isinstance(value, str):
+        return value.strip().lower() in _TRUE
+    return bool(value)
+
+
+def _short(session: _Session, ttl: float) -> bool:
+    """True when the server granted ``session`` a shorter timeout than ``ttl``."""
+    return session.negotiated is not None and session.negotiated < ttl
+
+
+def _parse_url(
+    url: str, masked: str, *, option: str = "singleton_lock_backend"
+) -> tuple[str, str, dict[str, Any]]:
+    """kazoo's hosts string, the chroot ("" or "/a/b") and the options of a URL."""
+    parts = urlsplit(url)
+    if parts.scheme.lower() not in ZooKeeperBackend.schemes:
+        msg = f"{option}: {masked!r} is not a zookeeper:// or zk:// URL"
+        raise ConfigurationError(msg, option=option)
+    netloc = parts.netloc
+    options: dict[str, Any] = dict(parse_qsl(parts.query))
+    if "@" in netloc:
+        credentials, netloc = netloc.rsplit("@", 1)
+        user, _, password = credentials.partition(":")
+        options["user"], options["password"] = unquote(user), unquote(password)
+    hosts = []
+    for host in filter(None, (h.strip() for h in netloc.split(","))):
+        if host.startswith("["):  # [::1]:2181
+            address, _, port = host[1:].partition("]")
+            hosts.append(f"[{address}]:{port.lstrip(':') or DEFAULT_PORT}")
+        else:
+            address, _, port = host.partition(":")
+            hosts.append(f"{address}:{port or DEFAULT_PORT}")
+    if not hosts:
+        msg = f"{option}: ZooKeeper URL {masked!r} names no host (zookeeper://h1:2181,h2:2181/chroot)"
+        raise ConfigurationError(msg, option=option)
+    chroot = unquote(parts.path).rstrip("/")
+    segments = chroot.split("/")[1:] if chroot else []
+    if any(s in ("", ".", "..") or any(ord(c) < 32 or ord(c) == 127 for c in s) for s in segments):
+        msg = f"{option}: the chroot of {masked!r} is not a ZooKeeper path (zookeeper://host/a/b)"
+        raise ConfigurationError(msg, option=option)
+    return ",".join(hosts), chroot, options
