@@ -1,8 +1,9 @@
 """(i) ZooKeeper: our backend beside kazoo's ``Lock`` recipe, a raw kazoo loop and a socket.
 
-Started here: one ZooKeeper server of the scenario's own (standalone, the server's
-defaults: forceSync on, tickTime 2 s), with every four-letter word enabled so that
-``mntr`` can be read. Three measurements, the libraries interleaved, medians:
+Started here: one standalone ZooKeeper of the scenario's own
+(:class:`~celery_singleton_lock.testing.ZooKeeperEnsemble`: every four-letter word
+enabled, so ``mntr`` can be read), with the server's default durability: every write
+waits for the transaction log's fsync. Three measurements, the libraries interleaved, medians:
 
 1. uncontended acquire+release cycles per second in one process, beside two floors: a
    raw kazoo loop (create an ephemeral sequential node, delete it: two requests through
@@ -22,15 +23,12 @@ from __future__ import annotations
 
 import contextlib
 import gc
-import os
 import socket
 import struct
-import subprocess
-import tempfile
 import threading
 import time
 from collections import Counter
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from benchmarks import scenario_etcd, scenario_handoff
 from benchmarks.env import Env
@@ -49,6 +47,9 @@ from benchmarks.harness import (
     spread,
 )
 from benchmarks.libs import KAZOO_SESSION_S, LABELS, WAIT_STYLE, make_adapter
+
+if TYPE_CHECKING:
+    from celery_singleton_lock.testing import ZooKeeperEnsemble, ZooKeeperMember
 
 LIBS = ["zk-socket", "zk-raw", "ours-zk", "kazoo"]
 CONTENDERS = ["ours-zk", "kazoo"]
@@ -77,69 +78,6 @@ OPCODES = {
 # -- the server and its counters ------------------------------------------------------------
 
 
-class LocalZooKeeper:
-    """A standalone ZooKeeper of this scenario's own on a free 127.0.0.1 port.
-
-    Debian's package (``/usr/share/java/zookeeper.jar``), the server's defaults except
-    what a benchmark needs: no AdminServer, every four-letter word allowed, no limit on
-    connections from one address. Stopped by PID.
-    """
-
-    JAR = "/usr/share/java/zookeeper.jar"
-
-    def __init__(self) -> None:
-        from celery_singleton_lock.testing import free_port
-
-        self.port = free_port()
-        self._dir = tempfile.TemporaryDirectory(prefix="bench-zk-")
-        self.process: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"zookeeper://127.0.0.1:{self.port}"
-
-    def start(self) -> LocalZooKeeper:
-        cfg = os.path.join(self._dir.name, "zoo.cfg")
-        with open(cfg, "w", encoding="utf-8") as f:
-            f.write(
-                f"tickTime=2000\ndataDir={self._dir.name}/data\nclientPort={self.port}\n"
-                "clientPortAddress=127.0.0.1\nadmin.enableServer=false\n"
-                "4lw.commands.whitelist=*\nmaxClientCnxns=0\n"
-            )
-        with open(os.path.join(self._dir.name, "server.log"), "ab") as log:
-            self.process = subprocess.Popen(
-                ["java", f"-Dzookeeper.log.dir={self._dir.name}", "-cp", self.JAR,
-                 "org.apache.zookeeper.server.ZooKeeperServerMain", cfg],
-                stdout=log, stderr=log, start_new_session=True,
-            )
-        deadline = time.monotonic() + 30
-        while True:
-            with contextlib.suppress(OSError):
-                if mntr(self.port).get("zk_server_state") == "standalone":
-                    return self
-            if self.process.poll() is not None or time.monotonic() > deadline:
-                self.stop()
-                raise RuntimeError("ZooKeeper did not start")
-            time.sleep(0.05)  # start-up: nothing to wait on but its port
-
-    def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.kill()
-            self.process.wait(10)
-        self._dir.cleanup()
-
-
-def mntr(port: int) -> dict[str, str]:
-    """The server's ``mntr`` four-letter word, as ``{name: value}``."""
-    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
-        sock.sendall(b"mntr")
-        buf = b""
-        while chunk := sock.recv(65536):
-            buf += chunk
-    lines = (line.partition("\t") for line in buf.decode().splitlines())
-    return {k: v for k, _, v in lines if k}
-
-
 class Packets:
     """``zk_packets_received`` / ``zk_packets_sent`` deltas, without the reads' own cost.
 
@@ -148,13 +86,13 @@ class Packets:
     What one ``mntr`` adds itself is measured once, on an otherwise silent server.
     """
 
-    def __init__(self, port: int) -> None:
-        self.port = port
+    def __init__(self, member: ZooKeeperMember) -> None:
+        self.member = member
         a, b = self.read(), self.read()
         self.own = (b[0] - a[0], b[1] - a[1])
 
     def read(self) -> tuple[int, int]:
-        m = mntr(self.port)
+        m = self.member.metrics()
         return int(m["zk_packets_received"]), int(m["zk_packets_sent"])
 
     def delta(self, a: tuple[int, int], b: tuple[int, int]) -> tuple[int, int]:
@@ -275,6 +213,16 @@ def unbind(ctx: WorkerContext, names: list[str]) -> None:
                 adapter.close()
 
 
+def _bind(env: Env, workers: list[int], adapters: dict[str, list[str]], errors: dict[str, str]) -> None:
+    for reply in env.pool.run_all(workers, f"{FN}:bind", timeout=120, adapters=adapters):
+        for lib, why in reply.items():
+            errors.setdefault(lib, why)
+
+
+def _unbind(env: Env, workers: list[int], names: list[str]) -> None:
+    env.pool.run_all(workers, f"{FN}:unbind", timeout=60, names=names)
+
+
 # -- the three measurements ---------------------------------------------------------------
 
 
@@ -287,7 +235,7 @@ def _cycles(adapter: Any, key: str, n: int) -> None:
             raise RuntimeError(f"uncontended release of {key!r} found the lock lost")
 
 
-def round_trip(server: LocalZooKeeper, n: int = 500) -> dict[str, float]:
+def round_trip(server: ZooKeeperEnsemble, n: int = 500) -> dict[str, float]:
     """A bare-socket ping and a bare-socket create+delete, in ms: the unit of it all."""
     sock = make_adapter("zk-socket", server.url)
     pings, writes = [], []
@@ -463,12 +411,16 @@ def run(env: Env, reps: int = 5) -> ScenarioResult:
     seconds = 1.0 if env.quick else 3.0
     window = 1.0 if env.quick else 3.0
     errors: dict[str, str] = {}
-    server = LocalZooKeeper().start()
-    counter = RequestCounter(server.port)
+    from celery_singleton_lock.testing import ZooKeeperEnsemble
+
+    # The test servers' settings (tick 50 ms, a small JVM) but the server's default
+    # durability: every write waits for its fsync, as etcd's in (h) does.
+    server = ZooKeeperEnsemble(size=1, extra_config=["forceSync=yes"]).start()
+    counter = RequestCounter(server.members[0].client_port)
     bound: list[str] = []
     adapters: dict[str, Any] = {}
     try:
-        packets = Packets(server.port)
+        packets = Packets(server.members[0])
         rtt = round_trip(server)
         for lib in LIBS:
             try:
@@ -479,29 +431,31 @@ def run(env: Env, reps: int = 5) -> ScenarioResult:
                 adapters.pop(lib, None)
         fast = uncontended(env, packets, adapters, reps, errors)
         by_opcode = counted_pass([lib for lib in adapters if lib not in errors], counter)
-        # the pool's clients connect only now: their heartbeats stay out of the counts above
+        # The pool's clients connect only now, so their heartbeats stay out of the counts
+        # above; each phase binds the clients it needs and closes them after, so that the
+        # relay sees only the sessions of the processes it measures.
+        everyone, waiters = list(range(len(env.pool))), list(range(WAITERS))
         contenders = [lib for lib in CONTENDERS if lib in adapters and lib not in errors]
-        names = {lib: [lib, server.url] for lib in contenders}
-        names |= {lib + COUNTED: [lib, counter.url] for lib in contenders}
-        bound = list(names)
-        for reply in env.pool.run_all(list(range(len(env.pool))), f"{FN}:bind", timeout=120,
-                                      adapters=names):
-            for lib, why in reply.items():
-                errors.setdefault(lib, why)
+        direct = {lib: [lib, server.url] for lib in contenders}
+        counted = {lib + COUNTED: [lib, counter.url] for lib in contenders}
+        bound = [*direct, *counted]
+        _bind(env, everyone, direct, errors)
         contenders = [lib for lib in contenders if lib not in errors]
         handoffs = contended(env, packets, contenders, env.reps(3), seconds, errors)
+        _unbind(env, everyone, list(direct))
+        _bind(env, everyone, counted, errors)
         contended_ops = contended_by_opcode(
             env, counter, [lib for lib in contenders if lib not in errors], 1.0)
-        # fewer idle sessions (and their heartbeats) on the server while waiting is counted
-        env.pool.run_all(list(range(len(env.pool))), f"{FN}:unbind", timeout=60, names=contenders)
-        for lib in ("zk-socket", "zk-raw"):
+        _unbind(env, everyone, list(counted))
+        for lib in ("zk-socket", "zk-raw"):  # fewer idle sessions on the server
             with contextlib.suppress(Exception):
                 adapters.pop(lib).close()
+        _bind(env, waiters, counted, errors)
         waiting = idle(env, packets, counter, {lib: adapters[lib] for lib in contenders},
                        env.reps(2), window, errors)
     finally:
         with contextlib.suppress(Exception):  # best effort before the server goes
-            env.pool.run_all(list(range(len(env.pool))), f"{FN}:unbind", timeout=60, names=bound)
+            _unbind(env, list(range(len(env.pool))), bound)
         for adapter in adapters.values():
             with contextlib.suppress(Exception):
                 adapter.close()
