@@ -1,29 +1,143 @@
-"""The behaviour every lock backend promises, run against each backend.
+"""The promises every lock backend keeps, written once and run against each backend.
 
-A subclass provides the ``backend`` fixture, a ``second_backend`` fixture (another client
-of the same server, as another process would have) and ``expire(backend, key)``, which
-makes a lease vanish as if it had expired.
+A backend's test module subclasses one of the two classes below and provides a few
+fixtures and methods; every test of the class then runs against that backend. Nothing a
+backend provides asserts anything: the promises live here, once.
+
+``BackendContract``: the in-process promises (memory runs only these). Provide:
+
+``backend``                 fixture: a connected backend, closed after the test.
+``second_backend``          fixture: another client of the same server, as another
+                            process would have.
+``expire(backend, key)``    method: make ``key``'s lease vanish as if it had expired.
+``expiry_lateness``         class attribute, seconds: how late after its TTL the server
+                            may free a dead holder's lock (default 0.5).
+
+``CrossProcessContract(BackendContract)``: also the promises that need other processes
+(spawned or forked children, SIGKILL, SIGSTOP) and a real server. Provide ``expire`` and
+``expiry_lateness`` as above, and:
+
+``backend_spec``            fixture: a :class:`BackendSpec` ``(url, options)``, picklable,
+                            with which ``connect(url, **options)`` in another process
+                            reaches the same server. ``backend`` and ``second_backend``
+                            default to two connections made from it; override them only
+                            when a backend needs more.
+``server_operations``       fixture: a :class:`ServerOperations` counting the requests
+                            the server has served (the counting itself excluded), or None
+                            where they cannot be counted: that test is then skipped, its
+                            reason printed in the summary.
+``unreachable_url(hosts, password)``  method: this backend's URL naming the
+                            ``host:port`` addresses in ``hosts`` (as many as
+                            ``unreachable_hosts``, default 1; the contract makes them
+                            refuse connections, or accept and never answer) with
+                            ``password`` in it.
+``check_unreachable(kind, error, elapsed)``  optional method: backend-specific
+                            assertions on that failure (its wording, how fast a refusal
+                            fails); ``kind`` is "refused" or "silent".
+``holder_ttl``              optional class attribute: the TTL of the holders in other
+                            processes (1.0 s; each such test waits it out once or twice).
+
+Both classes also take ``known_bugs``: ``{test name with its parameters: the bug}``; those
+tests run as strict xfails, so a fix is noticed (prefer fixing; report it first).
+
+A new backend (ZooKeeper, PostgreSQL, file://) needs nothing else::
+
+    class TestZooKeeperContract(CrossProcessContract):
+        expiry_lateness = 1.5
+
+        @pytest.fixture
+        def backend_spec(self, zookeeper_url):
+            return BackendSpec(zookeeper_url)
+
+        @pytest.fixture
+        def server_operations(self, zookeeper_server):
+            return ServerOperations(count=zookeeper_server.requests)
+
+        def expire(self, backend, key): ...
+
+        def unreachable_url(self, hosts, password):
+            return f"zookeeper://app:{password}@{','.join(hosts)}/"
+
+The cross-process promises (``CrossProcessContract``), and what each child process does
+(tests/contract_processes.py):
+
+1. 8 processes x 25 unlocked read-modify-write increments of a file, each under the
+   lock, end at exactly 200 (and fencing tokens only rise from one holder to the next);
+2. a SIGKILLed holder, kept past its TTL by renewal, is replaced at lease expiry: not
+   before its last renewal's TTL ran out (less clock drift), at most ``expiry_lateness``
+   after (the waiter is woken, it does not poll);
+3. a SIGSTOPped holder past its TTL is replaced; after SIGCONT it sees ``lost``,
+   ``ensure_held()`` raises LockLost, its release is refused, and its fencing token is
+   smaller than the new holder's;
+4. idle waiters cost the server no operations;
+5. a refused port and a silent socket fail within ``connect_timeout`` with
+   LockBackendUnavailable, whose URL (and the log) masks the password;
+6. ``release_owned`` from another process frees a dead holder's lock only for its host,
+   pid and task id all equal;
+7. a forked child neither releases nor renews its parent's lock.
 """
 
 from __future__ import annotations
 
+import logging
 import math
+import multiprocessing
+import os
+import signal
+import socket
 import threading
 import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+from typing import Any, ClassVar
 
 import pytest
 
-from celery_singleton_lock import ConfigurationError, HeldLock, LockContended, LockLost
+from celery_singleton_lock import (
+    ConfigurationError,
+    HeldLock,
+    LockBackendUnavailable,
+    LockContended,
+    LockLost,
+)
 from celery_singleton_lock.backends.base import MAX_KEY_BYTES, MAX_TTL, MIN_TTL, LockBackend
 from celery_singleton_lock.backends.owner import Owner
-from celery_singleton_lock.lease import LeaseKeeper
+from celery_singleton_lock.lease import LeaseKeeper, clock_drift
 from celery_singleton_lock.signals import lock_lost
+from tests import contract_processes
 from tests.conftest import wait_until
+from tests.contract_processes import BackendSpec, lease_started_at
+
+__all__ = ["BackendContract", "BackendSpec", "CrossProcessContract", "ServerOperations"]
+
+
+@dataclass(frozen=True)
+class ServerOperations:
+    """The count of requests a server has served, read without adding to it.
+
+    :ivar count: the number so far (only differences between two readings matter).
+    :ivar spec: the server it counts, when not ``backend_spec``'s (a server of the
+        test's own, that no other client of this process can add to).
+    """
+
+    count: Callable[[], int]
+    spec: BackendSpec | None = None
 
 
 class BackendContract:
     #: How late after its TTL the server may free a dead holder's lock (seconds).
     expiry_lateness = 0.5
+    #: Tests of this contract the backend is known to fail, by test name (with its
+    #: parameters) -> the bug. They run as strict xfails, so that a fix is noticed.
+    known_bugs: ClassVar[dict[str, str]] = {}
+
+    @pytest.fixture(autouse=True)
+    def _known_bug(self, request: pytest.FixtureRequest) -> None:
+        reason = self.known_bugs.get(request.node.name)
+        if reason is not None:
+            request.applymarker(pytest.mark.xfail(strict=True, reason=reason))
 
     def expire(self, backend: LockBackend, key: str) -> None:
         raise NotImplementedError
@@ -274,3 +388,346 @@ class BackendContract:
             assert backend.acquire(unique_key, ttl=10) is None, token  # still held ...
             assert backend.renew([held]) == [True], token  # ... by the real holder
         assert backend.release(held) is True
+
+
+class CrossProcessContract(BackendContract):
+    """The promises that need other processes and a real server (see the module docstring)."""
+
+    #: How many ``host:port`` addresses :meth:`unreachable_url` names (Redlock: 3).
+    unreachable_hosts = 1
+    #: The lease of the holders in other processes: short, each test waits it out once.
+    holder_ttl = 1.0
+
+    @pytest.fixture
+    def backend_spec(self) -> BackendSpec:
+        raise NotImplementedError(f"{type(self).__name__} must provide the backend_spec fixture")
+
+    @pytest.fixture
+    def backend(self, backend_spec: BackendSpec) -> Iterator[LockBackend]:
+        backend = backend_spec.connect()
+        yield backend
+        backend.close()
+
+    @pytest.fixture
+    def second_backend(self, backend_spec: BackendSpec) -> Iterator[LockBackend]:
+        backend = backend_spec.connect()
+        yield backend
+        backend.close()
+
+    @pytest.fixture
+    def server_operations(self) -> ServerOperations | None:
+        return None
+
+    def unreachable_url(self, hosts: Sequence[str], password: str) -> str:
+        raise NotImplementedError(f"{type(self).__name__} must implement unreachable_url")
+
+    def check_unreachable(self, kind: str, error: LockBackendUnavailable, elapsed: float) -> None:
+        """Backend-specific checks of an unreachable server's failure (none by default)."""
+
+    # -- 1. mutual exclusion across processes -------------------------------------------
+
+    def test_processes_counting_under_the_lock_lose_no_update(self, backend_spec, unique_key, tmp_path):
+        counter = tmp_path / "counter"
+        counter.write_text("0 0")
+        context = multiprocessing.get_context("spawn")
+        start = context.Barrier(9)  # all 8 connected, then they go at once
+        processes = [
+            context.Process(
+                target=contract_processes.count_under_lock,
+                args=(backend_spec, unique_key, str(counter), 25, start),
+            )
+            for _ in range(8)
+        ]
+        try:
+            for process in processes:
+                process.start()
+            start.wait(60)
+            for process in processes:
+                process.join(120)
+                assert process.exitcode == 0
+        finally:
+            for process in processes:
+                if process.is_alive():
+                    process.kill()
+        assert counter.read_text().split()[0] == "200"
+
+    # -- 2. a crashed holder ------------------------------------------------------------
+
+    def test_a_sigkilled_holder_is_replaced_at_lease_expiry_never_before(
+        self, backend_spec, backend, unique_key
+    ):
+        ttl = self.holder_ttl
+        with _child("spawn", contract_processes.hold, backend_spec, unique_key, ttl, None) as (holder, pipe):
+            first_start = _receive(pipe, 60, "held")[3]
+            last_start = first_start
+            while last_start < first_start + ttl:  # alive past its TTL through renewal alone
+                last_start = _receive(pipe, ttl, "renewed")[1]
+            assert backend.acquire(unique_key, ttl=5) is None  # it really holds the lock
+            os.kill(holder.pid, signal.SIGKILL)
+            killed_at = time.monotonic()
+            holder.join(5)
+            last_start = max([last_start, *(report[1] for report in _drain(pipe, "renewed"))])
+        got = backend.acquire(unique_key, ttl=5, blocking=True, timeout=ttl + self.expiry_lateness + 5)
+        acquired_at = time.monotonic()
+        assert got is not None
+        # Never before the lease the holder last renewed had run out (less clock drift) ...
+        assert acquired_at >= last_start + ttl - clock_drift(ttl) - 0.02, acquired_at - last_start
+        # ... and at most the server's lateness after it (the waiter did not poll). The
+        # kill came right after a renewal's report, before the next could be sent (the
+        # keeper renews a third of a TTL apart, a sixth at the soonest).
+        assert killed_at < last_start + ttl / 6
+        assert acquired_at < last_start + ttl + self.expiry_lateness, acquired_at - last_start
+        assert backend.release(got) is True
+
+    def test_a_paused_holder_is_replaced_then_learns_it_lost_and_holds_an_older_token(
+        self, backend_spec, backend, second_backend, unique_key
+    ):
+        ttl = self.holder_ttl
+        with _child("spawn", contract_processes.hold, backend_spec, unique_key, ttl, None) as (holder, pipe):
+            paused_token = _receive(pipe, 60, "held")[1]
+            os.kill(holder.pid, signal.SIGSTOP)  # a pause (GC, swap, a VM) longer than the TTL
+            successor = backend.acquire(
+                unique_key, ttl=10, blocking=True, timeout=ttl + self.expiry_lateness + 5
+            )
+            assert successor is not None
+            assert successor.fencing_token > paused_token
+            os.kill(holder.pid, signal.SIGCONT)
+            pipe.send("check")
+            _, lost, raised, released = _receive(pipe, 15, "checked")
+            assert lost is True  # it never went on believing it held the lock
+            assert raised is True  # ensure_held() raised LockLost
+            assert released is False  # and its late release was refused ...
+            assert second_backend.acquire(unique_key, ttl=1) is None  # ... leaving the successor's lock
+            pipe.send("exit")
+            holder.join(10)
+            assert holder.exitcode == 0
+        assert backend.release(successor) is True
+
+    # -- 4. waiting costs nothing -------------------------------------------------------
+
+    def test_idle_waiters_cost_the_server_no_operations(self, backend_spec, server_operations, unique_key):
+        if server_operations is None:
+            pytest.skip(f"{type(self).__name__}: this server's operations cannot be counted")
+        spec = server_operations.spec or backend_spec
+        count = server_operations.count
+        with ExitStack() as cleanup:
+            holder_backend, *waiters = (spec.connect() for _ in range(5))
+            for each in (holder_backend, *waiters):
+                cleanup.callback(each.close)
+            holder = holder_backend.acquire(unique_key, ttl=30)  # renewed only after 10 s
+            assert holder is not None
+            waiting = [_announce_waiting(waiter) for waiter in waiters]
+            outcomes: list[bool] = []
+
+            def wait_then_release(waiter: LockBackend) -> None:
+                got = waiter.acquire(unique_key, ttl=30, blocking=True, timeout=20)
+                outcomes.append(got is not None)
+                if got is not None:
+                    waiter.release(got)
+
+            threads = [threading.Thread(target=wait_then_release, args=(w,)) for w in waiters]
+            for thread in threads:
+                thread.start()
+            wait_until(lambda: all(w.is_set() for w in waiting), 10, "4 waiters to wait")
+            _settle(count)  # their requests to start waiting are served
+            before = count()
+            threading.Event().wait(1.0)  # the quiet period being measured
+            assert count() - before == 0
+            holder_backend.release(holder)
+            for thread in threads:
+                thread.join(30)
+            assert outcomes == [True] * 4  # each release woke the next waiter
+
+    # -- 5. an unreachable server -------------------------------------------------------
+
+    @pytest.mark.parametrize("kind", ["refused", "silent"])
+    def test_an_unreachable_server_fails_within_the_connect_timeout_with_the_password_masked(
+        self, kind, caplog
+    ):
+        connect_timeout = 0.5
+        with ExitStack() as cleanup:
+            hosts = [_unreachable_address(kind, cleanup) for _ in range(self.unreachable_hosts)]
+            url = self.unreachable_url(hosts, "s3cret")
+            assert "s3cret" in url
+            backend = BackendSpec(url).connect(connect_timeout=connect_timeout)
+            cleanup.callback(backend.close)
+            caplog.set_level(logging.DEBUG)
+            start = time.monotonic()
+            with pytest.raises(LockBackendUnavailable) as info:
+                backend.acquire("k", ttl=5)
+            elapsed = time.monotonic() - start
+        assert elapsed < connect_timeout + 0.5, elapsed
+        error = info.value
+        assert error.url == backend.url
+        assert "***" in error.url
+        assert backend.url in str(error)
+        for text in (str(error), error.url, caplog.text):
+            assert "s3cret" not in text
+        self.check_unreachable(kind, error, elapsed)
+
+    # -- 6. release on behalf of a dead process -----------------------------------------
+
+    def test_release_owned_from_another_process_needs_the_holders_host_pid_and_task_id(
+        self, backend_spec, backend, second_backend, unique_key
+    ):
+        args = (backend_spec, unique_key, 10.0, "task-A")
+        with _child("spawn", contract_processes.hold, *args) as (holder, pipe):
+            holder_pid = _receive(pipe, 60, "held")[2]
+            assert holder_pid == holder.pid
+            os.kill(holder.pid, signal.SIGKILL)  # a pool process the worker saw die
+            holder.join(5)
+        for stranger in (
+            Owner.here("task-B", pid=holder_pid),
+            Owner.here("task-A"),  # this process: a redelivered copy running here
+            Owner("another-host", holder_pid, task_id="task-A"),
+            Owner.here(None, pid=holder_pid),
+            Owner.of_message("task-A"),
+        ):
+            assert backend.release_owned(unique_key, stranger) is False, stranger
+        assert second_backend.acquire(unique_key, ttl=10) is None  # still held
+        assert backend.release_owned(unique_key, Owner.here("task-A", pid=holder_pid)) is True
+        again = second_backend.acquire(unique_key, ttl=10)
+        assert again is not None  # free at once, not at the end of its 10 s lease
+        assert backend.release_owned(unique_key, Owner.here("task-A", pid=holder_pid)) is False
+        assert second_backend.release(again) is True  # the new holder's lock was not touched
+
+    # -- 7. fork safety -----------------------------------------------------------------
+
+    @pytest.mark.xfail(
+        strict=True,
+        reason="bug: LockBackend.release() in a forked child releases the parent's lock "
+        "(the inherited HeldLock's token matches); HeldLock does not know its process",
+    )
+    @pytest.mark.filterwarnings("ignore:This process .* is multi-threaded:DeprecationWarning")
+    def test_a_forked_child_cannot_release_its_parents_lock(
+        self, backend_spec, backend, second_backend, unique_key
+    ):
+        held = backend.acquire(unique_key, ttl=10)
+        assert held is not None
+        args = (held, True, backend_spec, unique_key + ":child", self.holder_ttl)
+        with _child("fork", contract_processes.inherit, *args) as (child, pipe):
+            tried = _receive(pipe, 30, "tried")[1]
+            assert tried is False, f"the child's release of its parent's lock returned {tried!r}"
+            assert second_backend.acquire(unique_key, ttl=1) is None  # still the parent's
+            pipe.send("exit")
+            child.join(10)
+            assert child.exitcode == 0
+        assert backend.release(held) is True
+
+    @pytest.mark.filterwarnings("ignore:This process .* is multi-threaded:DeprecationWarning")
+    def test_a_forked_child_neither_renews_its_parents_lock_nor_frees_it_by_exiting(
+        self, backend_spec, backend, second_backend, unique_key
+    ):
+        ttl = self.holder_ttl
+        kept = backend.acquire(unique_key + ":kept", ttl=ttl)
+        left = backend.acquire(unique_key + ":left", ttl=ttl)
+        assert kept is not None
+        assert left is not None
+        args = (kept, False, backend_spec, unique_key + ":child", ttl)
+        with _child("fork", contract_processes.inherit, *args) as (child, pipe):
+            _receive(pipe, 30, "tried")  # it runs, its lease keeper renewing a lock of its own
+            # The parent stops renewing `left`, which the child inherited too: nobody may
+            # keep it alive now, so it is free when its lease ends.
+            LeaseKeeper.for_process().untrack(left)
+            untracked_at = time.monotonic()
+            got = second_backend.acquire(
+                unique_key + ":left", ttl=5, blocking=True, timeout=ttl + self.expiry_lateness + 5
+            )
+            assert got is not None
+            assert time.monotonic() - untracked_at < ttl + self.expiry_lateness
+            assert second_backend.release(got) is True
+            assert second_backend.acquire(unique_key + ":kept", ttl=1) is None  # kept still held
+            pipe.send("exit")
+            child.join(10)
+            assert child.exitcode == 0
+        exited_at = time.monotonic()
+        # The parent's lock outlives the child's exit: renewed after it, refused to others.
+        wait_until(lambda: lease_started_at(kept) > exited_at, ttl, "a renewal after the child exited")
+        assert not kept.lost
+        assert second_backend.acquire(unique_key + ":kept", ttl=1) is None
+        assert backend.release(kept) is True
+
+
+# -- helpers of the cross-process promises ----------------------------------------------
+
+
+@contextmanager
+def _child(method: str, target: Callable[..., None], *args: Any) -> Iterator[tuple[Any, Connection]]:
+    """A child process (``method``: "spawn" or "fork") running ``target(*args, pipe)``;
+    killed on the way out if it is still alive, whatever the test did to it."""
+    context = multiprocessing.get_context(method)
+    ours, theirs = context.Pipe()
+    process = context.Process(target=target, args=(*args, theirs), daemon=True)
+    process.start()
+    try:
+        yield process, ours
+    finally:
+        if process.is_alive():
+            os.kill(process.pid, signal.SIGCONT)  # a stopped process cannot die
+            process.kill()
+        process.join(10)
+        ours.close()
+
+
+def _receive(pipe: Connection, timeout: float, kind: str) -> tuple[Any, ...]:
+    """The child's next report of ``kind`` (reports of other kinds are passed over)."""
+    deadline = time.monotonic() + timeout
+    while pipe.poll(max(0.0, deadline - time.monotonic())):
+        report = pipe.recv()
+        if report[0] == kind:
+            return tuple(report)
+    raise AssertionError(f"no {kind!r} report from the child within {timeout}s")
+
+
+def _drain(pipe: Connection, kind: str) -> list[tuple[Any, ...]]:
+    """The reports of ``kind`` a dead child left in the pipe."""
+    reports = []
+    try:
+        while pipe.poll():
+            report = pipe.recv()
+            if report[0] == kind:
+                reports.append(tuple(report))
+    except EOFError:
+        pass
+    return reports
+
+
+def _announce_waiting(backend: LockBackend) -> threading.Event:
+    """An event set when ``backend`` enters its server-side wait (either hook)."""
+    entered = threading.Event()
+    for name in ("_wait_turn", "_wait_for_release"):
+        original = getattr(backend, name)
+
+        def announcing(*args: Any, _original: Callable[..., Any] = original, **kwargs: Any) -> Any:
+            entered.set()
+            return _original(*args, **kwargs)
+
+        setattr(backend, name, announcing)
+    return entered
+
+
+def _settle(count: Callable[[], int], quiet: float = 0.3, timeout: float = 10) -> None:
+    """Wait until ``count`` stays the same for ``quiet`` seconds."""
+    pause = threading.Event()
+    deadline = time.monotonic() + timeout
+    last = count()
+    while time.monotonic() < deadline:
+        pause.wait(quiet)
+        now = count()
+        if now == last:
+            return
+        last = now
+    raise AssertionError(f"the server's operation count kept moving for {timeout}s")
+
+
+def _unreachable_address(kind: str, cleanup: ExitStack) -> str:
+    """``host:port`` where connections are refused, or accepted and never answered."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    if kind == "refused":
+        sock.close()  # nobody listens there now
+    else:
+        sock.listen(16)  # the kernel accepts; nobody ever reads or answers
+        cleanup.callback(sock.close)
+    return f"127.0.0.1:{port}"

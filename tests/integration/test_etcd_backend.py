@@ -4,12 +4,8 @@ test_etcd_cluster.py)."""
 from __future__ import annotations
 
 import json
-import logging
 import math
-import multiprocessing
 import os
-import signal
-import socket
 import subprocess
 import threading
 import time
@@ -26,42 +22,47 @@ from celery_singleton_lock import (
 )
 from celery_singleton_lock.testing import EtcdCluster, etcd_binary
 from tests.conftest import wait_until
-from tests.contract import BackendContract
-
-
-def _entries(backend, key: str) -> list:
-    """The lock's line (holder first), read straight from etcd."""
-    directory = backend._full_key(key).encode()
-    reply = backend._cluster.call("KV", "Range", etcdrpc.RangeRequest(
-        key=directory, range_end=directory[:-1] + b"0",
-        sort_target=etcdrpc.RangeRequest.CREATE, sort_order=etcdrpc.RangeRequest.ASCEND,
-    ))
-    return list(reply.kvs)
+from tests.contract import BackendSpec, CrossProcessContract, ServerOperations
+from tests.integration.etcd_helpers import entries
 
 
 def _revoke(backend, lease_id: int) -> None:
     backend._cluster.call("Lease", "LeaseRevoke", etcdrpc.LeaseRevokeRequest(ID=lease_id))
 
 
-class TestEtcdContract(BackendContract):
+@pytest.fixture(scope="module")
+def counted_member():
+    """A member of its own for counting requests: the count must not include other
+    clients of this process (renewals of other tests' locks, a reaper still revoking)."""
+    with EtcdCluster(size=1) as cluster:
+        yield cluster
+
+
+class TestEtcdContract(CrossProcessContract):
     # etcd's leader looks for expired leases every 500 ms, then commits their revocation.
     expiry_lateness = 1.0
+    unreachable_hosts = 2
 
     @pytest.fixture
-    def backend(self, etcd_url):
-        backend = connect(etcd_url)
-        yield backend
-        backend.close()
+    def backend_spec(self, etcd_url):
+        return BackendSpec(etcd_url)
 
     @pytest.fixture
-    def second_backend(self, etcd_url):
-        backend = connect(etcd_url)
-        yield backend
-        backend.close()
+    def server_operations(self, counted_member):
+        member = counted_member.members[0]
+        return ServerOperations(count=lambda: member.grpc_messages("*"), spec=BackendSpec(counted_member.url))
 
     def expire(self, backend, key):
-        for entry in _entries(backend, key):
+        for entry in entries(backend, key):
             _revoke(backend, entry.lease)
+
+    def unreachable_url(self, hosts, password):
+        return f"etcd://app:{password}@{','.join(hosts)}"
+
+    def check_unreachable(self, kind, error, elapsed):
+        # Both kinds are retried on every member until the connect_timeout (0.5 s) ends:
+        # a refusal may be a member restarting.
+        assert elapsed >= 0.4
 
 
 @pytest.fixture
@@ -73,7 +74,7 @@ def backend(etcd_url):
 
 def test_an_entry_is_named_by_its_token_and_bound_to_its_own_lease(backend, etcd_server, unique_key):
     held = backend.acquire(unique_key + "/with/slashes", ttl=5)
-    (entry,) = _entries(backend, unique_key + "/with/slashes")
+    (entry,) = entries(backend, unique_key + "/with/slashes")
     assert entry.key.decode().startswith("singleton-lock/" + unique_key + "%2Fwith%2Fslashes/")
     assert entry.key.decode().endswith(held.token)
     assert entry.create_revision == held.fencing_token
@@ -107,7 +108,7 @@ def _queue_waiters(etcd_url, key: str, count: int):
     for i in range(count):
         threads.append(threading.Thread(target=wait, args=(i,)))
         threads[-1].start()
-        wait_until(lambda i=i: len(_entries(observer, key)) == i + 2, 10, f"waiter {i} to queue")
+        wait_until(lambda i=i: len(entries(observer, key)) == i + 2, 10, f"waiter {i} to queue")
     observer.close()
     return order, proceed, backends, threads
 
@@ -148,7 +149,7 @@ def test_a_waiter_that_gives_up_leaves_the_line_and_wakes_the_next(backend, etcd
     holder = backend.acquire(unique_key, ttl=10)
     quitter = connect(etcd_url)
     assert quitter.acquire(unique_key, ttl=10, blocking=True, timeout=0.3) is None
-    assert len(_entries(backend, unique_key)) == 1  # its entry went with it
+    assert len(entries(backend, unique_key)) == 1  # its entry went with it
     # A waiter queued behind one that gives up moves up and still gets the lock.
     patient = connect(etcd_url)
     got: list = []
@@ -156,7 +157,7 @@ def test_a_waiter_that_gives_up_leaves_the_line_and_wakes_the_next(backend, etcd
         target=lambda: got.append(quitter.acquire(unique_key, ttl=10, blocking=True, timeout=0.5))
     )
     late.start()
-    wait_until(lambda: len(_entries(backend, unique_key)) == 2, 5, "the quitter to queue")
+    wait_until(lambda: len(entries(backend, unique_key)) == 2, 5, "the quitter to queue")
     behind = threading.Thread(
         target=lambda: got.append(patient.acquire(unique_key, ttl=10, blocking=True, timeout=10))
     )
@@ -197,161 +198,6 @@ def test_failed_attempts_and_timed_out_waits_leak_no_lease(etcd_server, unique_k
     assert len(_lease_ids(etcd_server) - before) <= 2
     backend.close()
     assert _lease_ids(etcd_server) - before == set()
-
-
-def _hold(url: str, key: str, ttl: float, report) -> None:
-    backend = connect(url)
-    held = backend.acquire(key, ttl=ttl)
-    report.send((held.fencing_token, time.time()))
-    while True:  # renewing in the background until killed, or reporting the loss
-        if report.poll(0.05):
-            report.recv()
-            wait_until(lambda: held.lost, 10, "the paused holder to see its lease gone")
-            report.send(held.lost)
-            return
-
-
-def test_sigkilled_holder_frees_the_lock_at_lease_expiry_not_before(etcd_url, unique_key):
-    context = multiprocessing.get_context("spawn")
-    ours, theirs = context.Pipe()
-    holder = context.Process(target=_hold, args=(etcd_url, unique_key, 2.0, theirs))
-    holder.start()
-    assert ours.poll(30)
-    _, granted_at = ours.recv()
-    os.kill(holder.pid, signal.SIGKILL)  # before its first renewal: the lease ends at grant + 2 s
-    holder.join(5)
-    backend = connect(etcd_url)
-    got = backend.acquire(unique_key, ttl=5, blocking=True, timeout=10)
-    waited = time.time() - granted_at
-    assert got is not None
-    assert waited >= 2.0 - 0.05  # never before the lease ended
-    assert waited < 2.0 + 1.0  # etcd's expiry check runs every 500 ms
-    backend.release(got)
-    backend.close()
-
-
-def test_a_paused_holder_learns_it_lost_the_lock_and_holds_an_older_fencing_token(etcd_url, unique_key):
-    context = multiprocessing.get_context("spawn")
-    ours, theirs = context.Pipe()
-    holder = context.Process(target=_hold, args=(etcd_url, unique_key, 1.5, theirs))
-    holder.start()
-    try:
-        assert ours.poll(30)
-        paused_token, _ = ours.recv()
-        os.kill(holder.pid, signal.SIGSTOP)  # a GC pause longer than the TTL
-        backend = connect(etcd_url)
-        successor = backend.acquire(unique_key, ttl=10, blocking=True, timeout=10)
-        assert successor is not None
-        assert successor.fencing_token > paused_token
-        os.kill(holder.pid, signal.SIGCONT)
-        ours.send("check")
-        assert ours.poll(15)
-        assert ours.recv() is True  # its `lost` turned true; it never believed it held on
-        backend.release(successor)
-        backend.close()
-    finally:
-        os.kill(holder.pid, signal.SIGCONT)
-        holder.join(10)
-        if holder.is_alive():
-            holder.kill()
-
-
-def _count_under_lock(url: str, key: str, rounds: int, start) -> None:
-    backend = connect(url)
-    counter = f"counter:{key}".encode()
-    start.wait(10)
-    for _ in range(rounds):
-        with backend.lock(key, ttl=10, timeout=60):
-            reply = backend._cluster.call("KV", "Range", etcdrpc.RangeRequest(key=counter))
-            value = int(reply.kvs[0].value) if reply.kvs else 0  # read ...
-            backend._cluster.call(  # ... then write: not atomic by itself
-                "KV", "Put", etcdrpc.PutRequest(key=counter, value=str(value + 1).encode())
-            )
-    backend.close()
-
-
-def test_eight_processes_times_25_increments_end_at_exactly_200(etcd_url, backend, unique_key):
-    context = multiprocessing.get_context("spawn")
-    start = context.Event()
-    processes = [
-        context.Process(target=_count_under_lock, args=(etcd_url, unique_key, 25, start))
-        for _ in range(8)
-    ]
-    for process in processes:
-        process.start()
-    start.set()
-    for process in processes:
-        process.join(90)
-        assert process.exitcode == 0
-    reply = backend._cluster.call("KV", "Range", etcdrpc.RangeRequest(key=f"counter:{unique_key}".encode()))
-    assert int(reply.kvs[0].value) == 200
-
-
-def test_idle_waiters_cost_no_rpc(unique_key):
-    # A member of its own: the count must not include other clients of this process
-    # (renewals of other tests' locks, a reaper still revoking a lease).
-    with EtcdCluster(size=1) as cluster:
-        _idle_waiters_cost_no_rpc(cluster, unique_key)
-
-
-def _idle_waiters_cost_no_rpc(cluster: EtcdCluster, unique_key: str) -> None:
-    member = cluster.members[0]
-    backend = connect(cluster.url)
-    holder = backend.acquire(unique_key, ttl=30)
-    waiters = [connect(cluster.url) for _ in range(4)]
-    outcomes: list[bool] = []
-
-    def wait_then_release(waiter):
-        got = waiter.acquire(unique_key, ttl=30, blocking=True, timeout=20)
-        outcomes.append(got is not None)
-        if got is not None:
-            got.release()
-
-    threads = [threading.Thread(target=wait_then_release, args=(w,)) for w in waiters]
-    for thread in threads:
-        thread.start()
-    wait_until(lambda: len(_entries(backend, unique_key)) == 5, 10, "4 waiters to queue")
-    before = member.grpc_messages("*")
-    time.sleep(2.0)  # the quiet period being measured (keep-alives come every 10 s)
-    assert member.grpc_messages("*") - before == 0
-    backend.release(holder)
-    for thread in threads:
-        thread.join(30)
-    assert outcomes == [True] * 4
-    for waiter in [*waiters, backend]:
-        waiter.close()
-
-
-def _closed_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def test_unreachable_cluster_fails_within_the_connect_timeout_with_the_password_masked(caplog):
-    url = f"etcd://app:s3cret@127.0.0.1:{_closed_port()},127.0.0.1:{_closed_port()}"
-    backend = connect(url, connect_timeout=1)
-    caplog.set_level(logging.DEBUG)
-    start = time.monotonic()
-    with pytest.raises(LockBackendUnavailable) as info:
-        backend.acquire("k", ttl=5)
-    assert 0.9 <= time.monotonic() - start < 2.0
-    assert "s3cret" not in str(info.value)
-    assert "s3cret" not in caplog.text
-    assert "***" in info.value.url
-    backend.close()
-
-
-def test_silent_member_fails_within_the_connect_timeout():
-    with socket.socket() as listener:  # accepts connections and never answers
-        listener.bind(("127.0.0.1", 0))
-        listener.listen(16)
-        backend = connect(f"etcd://127.0.0.1:{listener.getsockname()[1]}", connect_timeout=0.5)
-        start = time.monotonic()
-        with pytest.raises(LockBackendUnavailable):
-            backend.acquire("k", ttl=5)
-        assert 0.4 <= time.monotonic() - start < 1.5
-        backend.close()
 
 
 def test_unknown_option_and_bad_url_name_the_setting():
@@ -401,7 +247,7 @@ def test_only_the_exact_token_renews_or_releases(backend, second_backend_factory
         assert forger.release(forged) is False, token
     assert forger.acquire(unique_key, ttl=10) is None  # still held, by the holder alone
     assert backend.renew([held]) == [True]
-    assert [entry.create_revision for entry in _entries(backend, unique_key)] == [held.fencing_token]
+    assert [entry.create_revision for entry in entries(backend, unique_key)] == [held.fencing_token]
     assert backend.release(held) is True
 
 
@@ -453,13 +299,13 @@ def test_wait_refuses_a_nan_timeout_and_takes_inf_as_no_limit(backend, etcd_url,
     with pytest.raises(ConfigurationError) as info:
         waiter.wait(unique_key, 10, timeout=math.nan)
     assert info.value.option == "timeout"
-    assert len(_entries(backend, unique_key)) == 1  # it did not queue
+    assert len(entries(backend, unique_key)) == 1  # it did not queue
     got: list = []
     thread = threading.Thread(
         target=lambda: got.append(waiter.acquire(unique_key, ttl=10, blocking=True, timeout=math.inf))
     )
     thread.start()
-    wait_until(lambda: len(_entries(backend, unique_key)) == 2, 5, "the waiter to queue")
+    wait_until(lambda: len(entries(backend, unique_key)) == 2, 5, "the waiter to queue")
     backend.release(holder)
     thread.join(5)
     assert got[0] is not None

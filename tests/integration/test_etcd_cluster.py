@@ -12,6 +12,7 @@ from pyetcd import etcdrpc
 from celery_singleton_lock import LockBackendUnavailable, connect
 from celery_singleton_lock.testing import EtcdCluster
 from tests.conftest import wait_until
+from tests.integration.etcd_helpers import entries
 
 pytestmark = pytest.mark.slow
 
@@ -86,16 +87,6 @@ def test_without_a_quorum_nothing_is_reported_held(healthy, unique_key):
 
 
 # -- a hung member (SIGSTOP): the faults of issue 9, items 4, 5 and 15 ------------------------
-
-
-def _entries(backend, key: str) -> list:
-    """The lock's line (holder first), read straight from etcd."""
-    directory = backend._full_key(key).encode()
-    reply = backend._cluster.call("KV", "Range", etcdrpc.RangeRequest(
-        key=directory, range_end=directory[:-1] + b"0",
-        sort_target=etcdrpc.RangeRequest.CREATE, sort_order=etcdrpc.RangeRequest.ASCEND,
-    ))
-    return list(reply.kvs)
 
 
 def _lease_alive(backend, lease_id: int) -> bool:
@@ -197,7 +188,7 @@ def test_a_lease_whose_put_had_an_unknown_outcome_is_revoked_never_reused(slow_e
     # spares, where a later wait would have kept alive whatever the try had put on it.
     assert not _lease_alive(holder, spare.id)
     assert spare.id not in {lease.id for lease in backend._spares.get(10, [])}
-    (line,) = _entries(holder, unique_key)  # the holder alone: nothing of ours is left
+    (line,) = entries(holder, unique_key)  # the holder alone: nothing of ours is left
     assert line.create_revision == held.fencing_token
     holder.release(held)
     holder.close()

@@ -3,12 +3,8 @@
 from __future__ import annotations
 
 import json
-import logging
 import math
-import multiprocessing
 import os
-import signal
-import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -21,24 +17,39 @@ from celery_singleton_lock.backends.base import LockBackend
 from celery_singleton_lock.lease import LeaseKeeper
 from celery_singleton_lock.testing import RedisServer
 from tests.conftest import wait_until
-from tests.contract import BackendContract
+from tests.contract import BackendSpec, CrossProcessContract, ServerOperations
 
 
-class TestRedisContract(BackendContract):
+class TestRedisContract(CrossProcessContract):
     @pytest.fixture
-    def backend(self, redis_url):
-        backend = connect(redis_url + "/0")
-        yield backend
-        backend.close()
+    def backend_spec(self, redis_url):
+        return BackendSpec(redis_url + "/0")
 
     @pytest.fixture
-    def second_backend(self, redis_url):
-        backend = connect(redis_url + "/0")
-        yield backend
-        backend.close()
+    def server_operations(self, redis_client):
+        return ServerOperations(count=lambda: commands_served(redis_client))
 
     def expire(self, backend, key):
         backend._client.delete("{" + backend._full_key(key) + "}")
+
+    def unreachable_url(self, hosts, password):
+        return f"redis://app:{password}@{hosts[0]}/0"
+
+    def check_unreachable(self, kind, error, elapsed):
+        if kind == "refused":
+            assert elapsed < 0.2  # refused at once, not waited on
+            assert "refused the connection" in str(error)
+            assert "did not answer" not in str(error)
+        else:
+            assert elapsed >= 0.4  # given the whole connect_timeout (0.5 s)
+            assert "did not answer within 0.5s" in str(error)
+            assert "refused" not in str(error)
+
+
+def commands_served(client: redis.Redis) -> int:
+    """Commands the server has run, less the INFO calls that read this count."""
+    stats = client.info("commandstats")
+    return sum(int(stat["calls"]) for name, stat in stats.items() if name != "cmdstat_info")
 
 
 def test_lock_stores_token_and_owner_with_a_hash_tag(redis_url, redis_client, unique_key):
@@ -64,62 +75,6 @@ def test_fencing_tokens_keep_increasing_after_the_counter_is_lost(redis_url, red
     backend.close()
 
 
-def _count_under_lock(url: str, key: str, rounds: int, start: threading.Event) -> None:
-    backend = connect(url)
-    client = redis.Redis.from_url(url)
-    start.wait(10)
-    for _ in range(rounds):
-        with backend.lock(key, ttl=10, timeout=60):
-            value = int(client.get("counter:" + key) or 0)  # read ...
-            client.set("counter:" + key, value + 1)  # ... then write: not atomic by itself
-    backend.close()
-
-
-def test_eight_processes_times_25_increments_end_at_exactly_200(redis_url, redis_client, unique_key):
-    context = multiprocessing.get_context("spawn")
-    start = context.Event()
-    processes = [
-        context.Process(target=_count_under_lock, args=(redis_url + "/0", unique_key, 25, start))
-        for _ in range(8)
-    ]
-    for process in processes:
-        process.start()
-    start.set()
-    for process in processes:
-        process.join(60)
-        assert process.exitcode == 0
-    assert int(redis_client.get("counter:" + unique_key)) == 200
-
-
-def _hold_forever(url: str, key: str, ttl: float, ready) -> None:
-    backend = connect(url)
-    held = backend.acquire(key, ttl=ttl)
-    ready.set()
-    while not held.lost:  # renewing in the background until SIGKILL
-        time.sleep(0.05)
-
-
-def test_sigkilled_holder_frees_the_lock_at_ttl_expiry_not_before(redis_url, redis_client, unique_key):
-    context = multiprocessing.get_context("spawn")
-    ready = context.Event()
-    holder = context.Process(target=_hold_forever, args=(redis_url + "/0", unique_key, 2.0, ready))
-    holder.start()
-    assert ready.wait(20)
-    time.sleep(2.5)  # longer than the TTL: it is alive only through renewal
-    os.kill(holder.pid, signal.SIGKILL)
-    holder.join(5)
-    killed_at = time.monotonic()
-    expires_at = killed_at + redis_client.pttl("{singleton-lock:" + unique_key + "}") / 1000
-    backend = connect(redis_url + "/0")
-    got = backend.acquire(unique_key, ttl=5, blocking=True, timeout=10)
-    acquired_at = time.monotonic()
-    assert got is not None
-    assert acquired_at >= expires_at - 0.05  # never before the lease ended
-    assert acquired_at - expires_at < 0.5  # and not a poll interval later
-    backend.release(got)
-    backend.close()
-
-
 def test_renewing_1000_locks_costs_one_round_trip_per_interval(redis_url, redis_client):
     backend = connect(redis_url + "/0")
     keeper = LeaseKeeper.for_process()
@@ -134,65 +89,6 @@ def test_renewing_1000_locks_costs_one_round_trip_per_interval(redis_url, redis_
     backend.close()
 
 
-def test_idle_waiters_cost_the_server_nothing(redis_url, redis_client, unique_key):
-    backend = connect(redis_url + "/0")
-    holder = backend.acquire(unique_key, ttl=30)
-    waiters = [connect(redis_url + "/0") for _ in range(4)]
-    acquired: list[bool] = []
-
-    def wait_then_release(waiter):
-        got = waiter.acquire(unique_key, ttl=30, blocking=True, timeout=20)
-        acquired.append(got is not None)
-        if got is not None:
-            got.release()
-
-    threads = [threading.Thread(target=wait_then_release, args=(w,)) for w in waiters]
-    for thread in threads:
-        thread.start()
-    wait_until(lambda: redis_client.info("clients")["blocked_clients"] >= 4, 10, "4 waiters blocked")
-    before = redis_client.info("stats")["total_commands_processed"]
-    time.sleep(2.0)
-    after = redis_client.info("stats")["total_commands_processed"]
-    # The INFO call itself is one command; the blocked waiters add none.
-    assert after - before <= 2
-    backend.release(holder)
-    for thread in threads:
-        thread.join(30)
-    assert acquired == [True] * 4  # each release woke the next waiter
-
-
-def test_refused_connection_fails_fast_with_masked_password(caplog):
-    port = _closed_port()
-    backend = connect(f"redis://app:s3cret@127.0.0.1:{port}/0", connect_timeout=1)
-    caplog.set_level(logging.DEBUG)
-    start = time.monotonic()
-    with pytest.raises(LockBackendUnavailable) as info:
-        backend.acquire("k", ttl=5)
-    assert time.monotonic() - start < 0.5  # refused at once, not waited on
-    assert "refused the connection" in str(info.value)
-    assert "did not answer" not in str(info.value)
-    assert "s3cret" not in str(info.value)
-    assert "***" in info.value.url
-    assert "s3cret" not in caplog.text
-
-
-def test_silent_server_fails_within_the_connect_timeout():
-    # A socket that accepts connections and never answers: a hung server.
-    with socket.socket() as listener:
-        listener.bind(("127.0.0.1", 0))
-        listener.listen(16)
-        port = listener.getsockname()[1]
-        backend = connect(f"redis://:pw@127.0.0.1:{port}/0", connect_timeout=0.5)
-        start = time.monotonic()
-        with pytest.raises(LockBackendUnavailable) as info:
-            backend.acquire("k", ttl=5)
-        elapsed = time.monotonic() - start
-    assert 0.4 <= elapsed < 1.5
-    assert "did not answer within 0.5s" in str(info.value)
-    assert "refused" not in str(info.value)
-    assert "pw@" not in str(info.value)
-
-
 def test_password_protected_server():
     with RedisServer(password="pa55word") as server:
         good = connect(server.url + "/0")
@@ -205,12 +101,6 @@ def test_password_protected_server():
         assert "wrong" not in str(info.value)
         good.close()
         bad.close()
-
-
-def _closed_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def test_a_crowd_of_waiting_threads_never_starves_the_release(redis_url, redis_client, unique_key):

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import math
 import multiprocessing
-import socket
 import threading
 import time
 from collections.abc import Iterator
+from typing import ClassVar
 
 import pytest
 import redis
@@ -21,8 +21,12 @@ from celery_singleton_lock.config import read_settings
 from celery_singleton_lock.lease import LeaseKeeper
 from celery_singleton_lock.testing import RedisServer, redis_servers
 from tests.conftest import wait_until
-from tests.contract import BackendContract
-from tests.integration.test_redis_backend import assert_an_unbounded_wait_is_woken_by_the_release
+from tests.contract import BackendContract, BackendSpec, CrossProcessContract, ServerOperations
+from tests.contract_processes import count_under_lock
+from tests.integration.test_redis_backend import (
+    assert_an_unbounded_wait_is_woken_by_the_release,
+    commands_served,
+)
 
 #: Short per-master timeout: a hung master costs this much per call.
 NODE_TIMEOUT = 0.2
@@ -58,18 +62,24 @@ def redlock(masters: list[RedisServer]) -> Iterator[RedlockBackend]:
     backend.close()
 
 
-class _RedlockContract(BackendContract):
+class _Redlock:
+    """The contract's fixtures on ``size`` of the module's masters."""
+
     size = 3
 
     @pytest.fixture
-    def backend(self, shared_masters):
-        backend = connect(redlock_url(shared_masters[: self.size]))
+    def backend_spec(self, shared_masters):
+        return BackendSpec(redlock_url(shared_masters[: self.size]))
+
+    @pytest.fixture
+    def backend(self, backend_spec):
+        backend = backend_spec.connect()
         yield backend
         backend.close()
 
     @pytest.fixture
-    def second_backend(self, shared_masters):
-        backend = connect(redlock_url(shared_masters[: self.size]))
+    def second_backend(self, backend_spec):
+        backend = backend_spec.connect()
         yield backend
         backend.close()
 
@@ -78,11 +88,35 @@ class _RedlockContract(BackendContract):
             node._client.delete(lock_key(backend, key))
 
 
-class TestRedlockContractOn3Masters(_RedlockContract):
-    size = 3
+class TestRedlockContractOn3Masters(_Redlock, CrossProcessContract):
+    unreachable_hosts = 3
+    known_bugs: ClassVar[dict[str, str]] = {
+        "test_an_unreachable_server_fails_within_the_connect_timeout_with_the_password_masked[silent]": (
+            "bug: silent masters are connected to one after another, each spending twice "
+            "node_timeout: 3 take 1.5 s whatever connect_timeout (0.5 s here)"
+        ),
+    }
+
+    @pytest.fixture
+    def server_operations(self, shared_masters):
+        clients = [redis.Redis.from_url(s.url + "/0") for s in shared_masters[: self.size]]
+        yield ServerOperations(count=lambda: sum(commands_served(c) for c in clients))
+        for client in clients:
+            client.close()
+
+    def unreachable_url(self, hosts, password):
+        return f"redlock://:{password}@{','.join(hosts)}/0"
+
+    def check_unreachable(self, kind, error, elapsed):
+        if kind == "refused":
+            assert elapsed < 0.2  # refused at once: no node_timeout spent
+            assert str(error).count("refused the connection") == 3
+            assert "did not answer" not in str(error)
+        else:
+            assert str(error).count("did not answer") == 3
 
 
-class TestRedlockContractOn5Masters(_RedlockContract):
+class TestRedlockContractOn5Masters(_Redlock, BackendContract):
     size = 5
 
 
@@ -290,37 +324,30 @@ def test_a_hung_master_costs_at_most_the_node_timeout_per_call(redlock, masters,
     redlock.release(held)
 
 
-def _count_under_lock(urls: list[str], counter_url: str, key: str, rounds: int, start) -> None:
-    backend = connect(urls, node_timeout=NODE_TIMEOUT)
-    client = redis.Redis.from_url(counter_url)
-    start.wait(10)
-    for _ in range(rounds):
-        with backend.lock(key, ttl=10, timeout=60):
-            value = int(client.get("counter:" + key) or 0)  # read ...
-            client.set("counter:" + key, value + 1)  # ... then write: not atomic by itself
-    backend.close()
-
-
-def test_eight_processes_times_25_increments_with_a_master_killed_midway(masters, unique_key):
-    urls = [s.url + "/0" for s in masters]
-    counter_url = masters[0].url + "/1"  # the master that stays up keeps the counter
+def test_eight_processes_times_25_increments_with_a_master_killed_midway(masters, unique_key, tmp_path):
+    spec = BackendSpec([s.url + "/0" for s in masters], {"node_timeout": NODE_TIMEOUT})
+    counter = tmp_path / "counter"
+    counter.write_text("0 0")
     context = multiprocessing.get_context("spawn")
-    start = context.Event()
+    start = context.Barrier(9)
     processes = [
-        context.Process(target=_count_under_lock, args=(urls, counter_url, unique_key, 25, start))
+        context.Process(target=count_under_lock, args=(spec, unique_key, str(counter), 25, start))
         for _ in range(8)
     ]
-    for process in processes:
-        process.start()
-    start.set()
-    counter = redis.Redis.from_url(counter_url)
-    wait_until(lambda: int(counter.get("counter:" + unique_key) or 0) >= 60, 60, "a third of the work")
-    masters[2].stop()
-    for process in processes:
-        process.join(90)
-        assert process.exitcode == 0
-    assert int(counter.get("counter:" + unique_key)) == 200
-    counter.close()
+    try:
+        for process in processes:
+            process.start()
+        start.wait(60)
+        wait_until(lambda: int((counter.read_text().split() or ["0"])[0]) >= 60, 60, "a third of the work")
+        masters[2].stop()
+        for process in processes:
+            process.join(90)
+            assert process.exitcode == 0
+    finally:
+        for process in processes:
+            if process.is_alive():
+                process.kill()
+    assert counter.read_text().split()[0] == "200"
 
 
 def test_waiters_are_woken_by_a_release_with_one_master_dead(redlock, masters, unique_key):
@@ -371,23 +398,6 @@ def test_an_acquire_the_hung_masters_apply_after_the_client_gave_up_is_released_
     redlock.release(held)
     for client in clients:
         client.close()
-
-
-def test_masters_that_refuse_connections_fail_fast_and_say_so():
-    ports = []
-    for _ in range(3):
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            ports.append(sock.getsockname()[1])
-    backend = connect("redlock://:s3cret@" + ",".join(f"127.0.0.1:{p}" for p in ports) + "/0")
-    start = time.monotonic()
-    with pytest.raises(LockBackendUnavailable) as info:
-        backend.acquire("k", ttl=5)
-    assert time.monotonic() - start < 0.2  # refused at once: no node_timeout spent
-    assert str(info.value).count("refused the connection") == 3
-    assert "did not answer" not in str(info.value)
-    assert "s3cret" not in str(info.value)
-    backend.close()
 
 
 @pytest.mark.parametrize("timeout", [math.inf, 1e12])

@@ -2,7 +2,8 @@
 
 Every task takes a ``run`` id (unique per test) and records what happened in Redis db 0
 under ``events:<run>``: ``["start" | "end", time, pid, extra]``. Signal handlers record
-skips and losses the same way, so the tests can count runs and measure overlap.
+skips and losses the same way (the key of each lost lock goes onto ``lost``), so the
+tests can count runs and measure overlap. gevent_app adds its task to this app.
 """
 
 from __future__ import annotations
@@ -57,6 +58,8 @@ def _on_skipped(sender: Any, key: str, task_id: str, **_: Any) -> None:
 
 @lock_lost.connect
 def _on_lost(sender: Any, key: str, held: Any, reason: str, **_: Any) -> None:
+    # In a gevent worker (gevent_app) this runs on the main thread's hub, where this
+    # client's sockets live.
     events.rpush("lost", key)
 
 
