@@ -173,6 +173,12 @@ class LockBackend(ABC):
             ``MAX_TTL``, ``MAX_KEY_BYTES``); ``timeout=math.inf`` is the same as None.
         """
         timeout = _check_timeout(timeout)
+        if blocking and type(self)._wait_turn is not LockBackend._wait_turn:
+            # A queue store's wait begins with a place in line, which is granted at once
+            # when the line is empty. Trying first would queue twice: a refused attempt
+            # writes and deletes an entry of its own, then the wait queues another behind
+            # whoever came meanwhile (not FIFO, and twice the writes under contention).
+            return self.wait(key, ttl, timeout=timeout, owner=owner)
         result = self.attempt(key, ttl, owner=owner)
         if isinstance(result, HeldLock):
             return result

@@ -265,9 +265,9 @@ def second_backend_factory(etcd_url):
 
 
 def test_a_request_etcd_refuses_as_too_large_is_a_key_error_not_an_outage(unique_key):
-    # The key passes the library's own bound (1024 bytes); this server takes only 4 KiB
-    # per request, and an acquisition names the key four times.
-    with EtcdCluster(size=1, extra_args=["--max-request-bytes", "4096"]) as cluster:
+    # The key passes the library's own bound (1024 bytes); this server takes only 3 KiB
+    # per request, and an attempt names the key four times, a place in line three times.
+    with EtcdCluster(size=1, extra_args=["--max-request-bytes", "3072"]) as cluster:
         backend = connect(cluster.url, connect_timeout=2)
         started = time.monotonic()
         for blocking in (False, True):
