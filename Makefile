@@ -17,14 +17,21 @@ $(BENCH_STAMP): $(STAMP)
 	$(PY) -m pip install --quiet -e '.[dev,bench]'
 	touch $(BENCH_STAMP)
 
-# redis-server comes from Debian when it is missing and we may install it; the suite
-# starts its own servers on free loopback ports, so a running system Redis is never used.
+# redis-server and ZooKeeper (with a Java runtime) come from Debian when they are missing
+# and we may install them; the suite starts its own servers on free loopback ports, so a
+# running system Redis or ZooKeeper is never used. ZOOKEEPER_HOME (an Apache release)
+# stands in for Debian's package.
 servers:
 	@command -v redis-server >/dev/null 2>&1 || { \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
 	    (apt-get install -y -qq redis-server >/dev/null 2>&1 || \
 	     (apt-get update -qq && apt-get install -y -qq redis-server)); \
 	  else echo "redis-server is missing: install it (Debian: apt-get install redis-server)"; exit 1; fi; }
+	@{ [ -n "$$ZOOKEEPER_HOME" ] || [ -d /usr/share/zookeeper ]; } || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    (apt-get install -y -qq zookeeper >/dev/null 2>&1 || \
+	     (apt-get update -qq && apt-get install -y -qq zookeeper)); \
+	  else echo "ZooKeeper is missing: install it (Debian: apt-get install zookeeper) or set ZOOKEEPER_HOME"; exit 1; fi; }
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check celery_singleton_lock tests benchmarks examples

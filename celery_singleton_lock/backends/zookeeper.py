@@ -65,7 +65,6 @@ try:
         SessionExpiredError,
     )
     from kazoo.handlers.threading import SequentialThreadingHandler
-    from kazoo.protocol.paths import _prefix_root
     from kazoo.protocol.serialization import Connect, Create2
     from kazoo.protocol.states import KazooState, KeeperState
     from kazoo.retry import KazooRetry
@@ -357,11 +356,13 @@ class ZooKeeperBackend(LockBackend):
         :returns: our node's path, its stat and the line's node names.
         """
         value = owner.stored_with(token).encode()
+        acl = self._client_options["acl"]
         for _ in range(4):  # the line's container, then the prefix, may have to be made first
-            create = session.client.create_async(
-                f"{key}/{token}-", value, ephemeral=True, sequence=True, include_data=True
-            )
+            create = self._send(session, Create2(f"{key}/{token}-", value, acl, _EPHEMERAL_SEQUENTIAL))
             children = session.client.get_children_async(key)
+            # One session's replies come in order: once the read is answered, so is the
+            # create (one wake-up for both).
+            children.wait(max(0.0, deadline - self.clock()))
             try:
                 path, stat = self._result(session, create, deadline, key)
             except NoNodeError:
@@ -387,11 +388,9 @@ class ZooKeeperBackend(LockBackend):
     def _make_line(self, session: _Session, key: str, deadline: float) -> None:
         """Create the container node of ``key`` (and the prefix node above it)."""
         acl = self._client_options["acl"]
-        request = _CreateContainer(_prefix_root(session.client.chroot, key), b"", acl, _CONTAINER_FLAG)
-        result = session.client.handler.async_result()
-        session.client._call(request, result)
         try:
-            self._result(session, result, deadline, key)
+            container = self._send(session, _CreateContainer(key, b"", acl, _CONTAINER_FLAG))
+            self._result(session, container, deadline, key)
         except NodeExistsError:
             return
         except NoNodeError:
@@ -660,6 +659,18 @@ class ZooKeeperBackend(LockBackend):
 
     # -- plumbing --------------------------------------------------------------------------
 
+    @staticmethod
+    def _send(session: _Session, request: Any) -> Any:
+        """Queue one request on the session's connection; its kazoo async result.
+
+        Straight to kazoo's connection, for the creates kazoo's own calls do not offer (a
+        container) or only through a second thread hop (create2 with its stat). Paths are
+        our own (the chroot is part of them), so kazoo's chroot is not involved.
+        """
+        result = session.client.handler.async_result()
+        session.client._call(request, result)
+        return result
+
     def _result(self, session: _Session, result: Any, deadline: float, key: str | None) -> Any:
         """The value of a kazoo async result, waiting until ``deadline`` at most.
 
@@ -706,6 +717,7 @@ class _Janitor:
         self._state = state
         self._wakeup = _native.Wakeup()
         self._wakes_at = math.inf
+        self._idle_for: float | None = None
         self._stopped = False
         self._thread = _native.NativeThread(self._run)
 
@@ -768,7 +780,14 @@ class _Janitor:
             ]
         if retry:
             later.append(now + 0.25)
-        return max(0.0, min(later) - backend.clock()) if later else None
+        if not later:
+            # Idle: sleep one more TTL before sleeping until called, so a process that
+            # takes and releases locks in a loop never needs a wake-up call (a thread
+            # switch per acquire): each new node is due after this wake-up anyway.
+            delay, self._idle_for = self._idle_for, None
+            return delay
+        self._idle_for = max(n.ttl for _, n in held) if held else self._idle_for
+        return max(0.0, min(later) - backend.clock())
 
     def _declare_lost(self, lost: list[tuple[str, str, str]]) -> None:
         backend, state = self._backend, self._state
