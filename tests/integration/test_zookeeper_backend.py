@@ -315,7 +315,9 @@ def test_a_connection_back_in_time_keeps_the_lock_and_renewal_goes_on(proxy, bac
     assert held.release() is True
 
 
-def test_a_session_the_server_ended_marks_its_locks_lost_at_once(backend, zookeeper_server, unique_key, caplog):
+def test_a_session_the_server_ended_marks_its_locks_lost_at_once(
+    backend, zookeeper_server, unique_key, caplog
+):
     caplog.set_level(logging.ERROR, logger="celery_singleton_lock.lease")
     lost: list[tuple[str, str]] = []
 
