@@ -41,6 +41,7 @@ BACKEND_ALIASES: dict[str, str] = {
     "etcds": "celery_singleton_lock.backends.etcd:EtcdBackend",
     "zookeeper": "celery_singleton_lock.backends.zookeeper:ZooKeeperBackend",
     "zk": "celery_singleton_lock.backends.zookeeper:ZooKeeperBackend",
+    "file": "celery_singleton_lock.backends.file:FileBackend",
 }
 
 

@@ -1,0 +1,836 @@
+"""One host, no server: ``file:///path/to/dir``, locks that the kernel frees when their
+holder dies.
+
+Every key is one file in the directory, named by the SHA-256 of the prefixed key (keys
+come from task arguments: they never become paths). Two open file description (OFD)
+locks on it, from ``fcntl(F_OFD_SETLK)``, do the work::
+
+    byte 0  HOLD   held, exclusively, for as long as a process holds the lock; the
+                   kernel drops it the moment the holder's last descriptor closes, which
+                   a SIGKILL, a segfault or the OOM killer do too
+    byte 1  GUARD  held for a few system calls by whoever reads or rewrites the record
+                   (shared to read, exclusive to write)
+
+    file content   {"key": ..., "fence": ..., "value": "<token>\\n<owner JSON>", ...}
+
+OFD locks belong to an open file description, not to a process: every acquisition opens
+the file anew, so two threads of one process exclude each other (classic POSIX ``fcntl``
+locks would not), and no ``close()`` of another descriptor of the file drops them.
+
+**The kernel is the lease.** A lock is held while its holder's descriptor is open. The
+lease keeper's renewal (``_renew``) only checks that it still is: the descriptor is
+ours, the path still names that file, and the record still names our token. ``lock_ttl``
+has no part in liveness: a holder that lives but is stuck keeps the lock until it dies
+(see docs/file.md).
+
+**Message markers keep their TTL.** An owner without a process (``Owner.of_message``:
+``enqueue_once``'s queued markers, beat's slot claims) stands for a queued message that
+outlives the process that wrote it, and is cleared by another process. Such a lock is a
+record with an expiry and no HOLD, like a key with a TTL in Redis.
+
+**Waiting** (``_wait_turn``): one thread per process and key blocks in
+``F_OFD_SETLKW``, which the kernel wakes when the holder releases or dies, and hands the
+lock to this process's waiters in FIFO order. A waiter that times out leaves; the thread
+stays blocked until the lock is free, then lets it go, and ends when nobody waits.
+
+**Fork.** A forked child shares its parent's open file descriptions, locks included:
+an explicit unlock in the child would free the parent's lock, and a child that kept the
+descriptor would keep the lock alive after its parent died. So every descriptor is
+opened ``O_CLOEXEC`` and recorded, and a fork closes all of them in the child (closing
+a shared description's copy releases nothing); the child holds and releases nothing of
+its parent's. Recording waits for a fork in progress, so no descriptor slips through.
+
+Fencing tokens are ``max(last + 1, wall clock in microseconds)``, stored in the record;
+the file is never deleted, so the counter outlives every release.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import json
+import os
+import stat
+import struct
+import sys
+import tempfile
+import threading
+import time
+import weakref
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+from urllib.parse import unquote, urlsplit
+
+from celery_singleton_lock import _native
+from celery_singleton_lock.backends.base import Granted, LockBackend, Refused
+from celery_singleton_lock.backends.owner import Owner
+from celery_singleton_lock.errors import ConfigurationError, LockBackendUnavailable
+from celery_singleton_lock.lease import HeldLock, clock_drift
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - Windows
+    fcntl = None  # type: ignore[assignment]
+
+__all__ = ["NETWORK_FILESYSTEMS", "FileBackend", "default_directory", "filesystem_type"]
+
+OPTION = "singleton_lock_backend"
+
+#: Filesystems whose directory several hosts may share, where a lock taken on one host
+#: does not reliably exclude a process on another, or is freed only at a server-side
+#: lease expiry (NFS, SMB), or is not supported at all (9p, vboxsf).
+NETWORK_FILESYSTEMS = frozenset({
+    "nfs", "nfs4", "cifs", "smb3", "smbfs", "9p", "afs", "ncpfs", "coda", "ceph",
+    "glusterfs", "lustre", "gpfs", "beegfs", "orangefs", "vboxsf", "vmhgfs", "davfs",
+    "fuse.sshfs", "fuse.glusterfs", "fuse.cephfs", "fuse.s3fs", "fuse.rclone",
+    "fuse.vmhgfs-fuse", "fuse.davfs2", "fuse.gcsfuse", "fuse.juicefs",
+})
+
+_HOLD = 0
+_GUARD = 1
+# struct flock: l_type, l_whence, l_start, l_len, l_pid (0 for OFD locks), padded to the
+# alignment of off_t as the C struct is.
+_FLOCK = "hhqqi0q"
+#: The longest record we read (a 1 KiB key, a long task id and the owner fit many times).
+_MAX_RECORD = 1 << 20
+_OPEN_FLAGS = os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NOFOLLOW", 0)
+#: Times an attempt reopens a lock file that was replaced under it before giving up.
+_REOPENS = 5
+
+
+def _boot_id() -> str:
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:  # pragma: no cover - not Linux: markers then never outlive a reboot check
+        return ""
+
+
+#: This boot of the machine: a marker's expiry is on CLOCK_BOOTTIME, which restarts at boot.
+_BOOT = _boot_id()
+
+
+def _now() -> float:
+    """Seconds on the host-wide clock that markers expire by: never stepped, counts suspend."""
+    return time.clock_gettime(getattr(time, "CLOCK_BOOTTIME", time.CLOCK_MONOTONIC))
+
+
+def _supported() -> str | None:
+    """Why this platform cannot run the backend, or None."""
+    if fcntl is None or not hasattr(fcntl, "F_OFD_SETLK"):
+        return (
+            f"{OPTION}: file:// needs open file description locks (Linux 3.15 or later); "
+            f"this is {sys.platform}: use a lock server (redis://, etcd://, ...)"
+        )
+    return None
+
+
+def _is_marker(owner: Owner) -> bool:
+    """An owner that is a queued message, not a process (``Owner.of_message``): its lock
+    outlives the process that took it, so it is a record with a TTL, not a kernel lock."""
+    return owner.pid == 0 and not owner.host
+
+
+def _lock(fd: int, byte: int, kind: int, *, wait: bool) -> bool:
+    """Set an OFD lock of ``kind`` (F_WRLCK, F_RDLCK, F_UNLCK) on one byte; False if
+    another description holds a conflicting one and ``wait`` is False."""
+    arg = struct.pack(_FLOCK, kind, os.SEEK_SET, byte, 1, 0)
+    try:
+        fcntl.fcntl(fd, fcntl.F_OFD_SETLKW if wait else fcntl.F_OFD_SETLK, arg)
+    except OSError as exc:
+        if not wait and exc.errno in (errno.EAGAIN, errno.EACCES):
+            return False
+        raise
+    return True
+
+
+@contextlib.contextmanager
+def _guarded(fd: int, *, write: bool) -> Iterator[None]:
+    """Hold the record's guard byte for a few system calls. Only ever taken last (never
+    while waiting for HOLD), so holders of it never wait for anything."""
+    _lock(fd, _GUARD, fcntl.F_WRLCK if write else fcntl.F_RDLCK, wait=True)
+    try:
+        yield
+    finally:
+        _lock(fd, _GUARD, fcntl.F_UNLCK, wait=False)
+
+
+def _same_file(fd: int, path: str) -> bool:
+    """True if ``path`` still names the file ``fd`` is open on (not deleted or replaced)."""
+    try:
+        named = os.stat(path, follow_symlinks=False)
+    except FileNotFoundError:
+        return False
+    held = os.fstat(fd)
+    return (named.st_dev, named.st_ino) == (held.st_dev, held.st_ino)
+
+
+# -- the record ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Record:
+    """A lock file's content. ``value`` is ``owner.stored_with(token)``, or "" when free."""
+
+    key: str = ""
+    fence: int = 0
+    value: str = ""
+    ttl: float = 0.0
+    #: A message marker's expiry on ``_now()`` (None: the kernel holds it), of boot ``boot``.
+    expires: float | None = None
+    boot: str = ""
+
+    @property
+    def token(self) -> str:
+        return self.value.partition("\n")[0]
+
+    @property
+    def owner_json(self) -> str:
+        return self.value.partition("\n")[2]
+
+    @property
+    def task_id(self) -> str | None:
+        try:
+            task_id = json.loads(self.owner_json).get("task_id")
+        except (ValueError, AttributeError):
+            return None
+        return task_id if isinstance(task_id, str) else None
+
+    @property
+    def is_marker(self) -> bool:
+        return self.expires is not None
+
+    def marker_left(self) -> float:
+        """Seconds a marker has left (0 when expired, from another boot, or not a marker)."""
+        if self.expires is None or self.boot != _BOOT:
+            return 0.0
+        return max(0.0, self.expires - _now())
+
+    def cleared(self) -> _Record:
+        return replace(self, value="", expires=None, boot="")
+
+
+def _read(fd: int) -> _Record:
+    """The record in ``fd``'s file (call with the guard held). A file that is empty, or
+    unreadable after a crash of the machine, is a free lock whose counter starts again
+    (the clock floor of fencing tokens still keeps them rising)."""
+    data = os.pread(fd, _MAX_RECORD, 0)
+    try:
+        # raw_decode: a shorter record written over a longer one leaves nothing behind
+        # (we truncate), but a process killed between the write and the truncation would.
+        fields, _ = json.JSONDecoder().raw_decode(data.decode())
+        return _Record(
+            key=str(fields.get("key", "")),
+            fence=int(fields.get("fence", 0)),
+            value=str(fields.get("value", "")),
+            ttl=float(fields.get("ttl", 0.0)),
+            expires=None if fields.get("expires") is None else float(fields["expires"]),
+            boot=str(fields.get("boot", "")),
+        )
+    except (ValueError, TypeError, AttributeError, UnicodeDecodeError):
+        return _Record()
+
+
+def _write(fd: int, record: _Record) -> None:
+    """Replace the record (call with the guard held for writing)."""
+    fields = {
+        "key": record.key, "fence": record.fence, "value": record.value, "ttl": record.ttl,
+        "expires": record.expires, "boot": record.boot,
+    }
+    data = (json.dumps(fields, ensure_ascii=False, separators=(",", ":")) + "\n").encode()
+    os.pwrite(fd, data, 0)
+    os.ftruncate(fd, len(data))
+
+
+# -- descriptors, per process ----------------------------------------------------------------
+
+
+class _Descriptors:
+    """Every lock-file descriptor this process has open, and which of them hold a lock.
+
+    A fork closes all of them in the child (see the module docstring). Opening and
+    closing happen under ``guard``, which a fork waits for: a descriptor is never open
+    without being recorded.
+    """
+
+    def __init__(self) -> None:
+        self._start_empty()
+
+    def _start_empty(self) -> None:
+        self.guard = _native.allocate_lock()
+        self.open: set[int] = set()
+        #: (lock file path, token) -> the descriptor holding HOLD for that acquisition.
+        self.held: dict[tuple[str, str], int] = {}
+        #: lock file path -> the waiting room of this process for that lock.
+        self.rooms: dict[str, _Room] = {}
+
+    def open_file(self, path: str, *, create: bool = True) -> int:
+        flags = _OPEN_FLAGS if create else _OPEN_FLAGS & ~os.O_CREAT
+        with self.guard:
+            fd = os.open(path, flags, 0o666)
+            self.open.add(fd)
+        return fd
+
+    def close(self, fd: int) -> None:
+        with self.guard:
+            if fd in self.open:
+                self.open.discard(fd)
+                os.close(fd)
+
+    def keep(self, path: str, token: str, fd: int) -> None:
+        with self.guard:
+            self.held[(path, token)] = fd
+
+    def held_fd(self, path: str, token: str) -> int | None:
+        return self.held.get((path, token))
+
+    def pop_held(self, path: str, token: str) -> int | None:
+        with self.guard:
+            return self.held.pop((path, token), None)
+
+    def forget_in_child(self) -> None:
+        """After a fork, in the child: close every inherited descriptor (closing our copy
+        of a shared description leaves its locks to the parent), and start empty (the
+        rooms' threads are not in the child)."""
+        for fd in self.open:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self._start_empty()
+
+
+_process = _Descriptors()
+
+
+def _before_fork() -> None:
+    _process.guard.acquire()
+
+
+def _after_fork_in_parent() -> None:
+    _process.guard.release()
+
+
+os.register_at_fork(
+    before=_before_fork, after_in_parent=_after_fork_in_parent, after_in_child=_process.forget_in_child
+)
+
+
+def _drop(path: str, token: str) -> None:
+    """Close a dropped handle's descriptor: a lock nobody can release any more is free."""
+    fd = _process.pop_held(path, token)
+    if fd is not None:
+        _process.close(fd)
+
+
+# -- waiting ---------------------------------------------------------------------------------
+
+_WAITING, _CLAIMED, _DONE, _GONE = range(4)
+
+
+class _Waiter:
+    """One blocked ``wait``: woken by its room's thread, also under gevent (the thread is
+    an OS thread; a greenlet is woken through its hub)."""
+
+    def __init__(self, token: str, ttl: float, owner: Owner) -> None:
+        self.token = token
+        self.ttl = ttl
+        self.owner = owner
+        self.state = _WAITING
+        self.outcome: Granted | BaseException | None = None
+        self._post = _native.poster()
+        self._wakeup = _native.Wakeup() if self._post is None else None
+        self._event = threading.Event() if self._post is not None else None  # gevent's
+
+    def notify(self) -> None:
+        if self._wakeup is not None:
+            self._wakeup.set()
+        elif self._post is not None and self._event is not None:
+            self._post(self._event.set)
+
+    def wait(self, timeout: float | None) -> bool:
+        if self._wakeup is not None:
+            return self._wakeup.wait(timeout)
+        assert self._event is not None
+        return self._event.wait(timeout)
+
+
+class _Room:
+    """This process's waiters for one lock file, and the thread that waits for them."""
+
+    def __init__(self) -> None:
+        self.guard = _native.allocate_lock()
+        self.waiters: deque[_Waiter] = deque()
+        self.marker_wakeup = _native.Wakeup()
+
+
+# -- the backend -----------------------------------------------------------------------------
+
+
+def default_directory() -> Path:
+    """``file://``'s directory: one per user under the system temp dir."""
+    return Path(tempfile.gettempdir()) / f"celery-singleton-lock-{os.getuid()}"
+
+
+def _mountinfo_unescape(field: str) -> str:
+    # mountinfo writes space, tab, newline and backslash in octal (\040).
+    out, i = [], 0
+    while i < len(field):
+        if field[i] == "\\" and i + 3 < len(field) and field[i + 1:i + 4].isdigit():
+            out.append(chr(int(field[i + 1:i + 4], 8)))
+            i += 4
+        else:
+            out.append(field[i])
+            i += 1
+    return "".join(out)
+
+
+def filesystem_type(path: str | os.PathLike[str]) -> str | None:
+    """The type of the filesystem ``path`` is on (``ext4``, ``tmpfs``, ``nfs4``...), from
+    /proc/self/mountinfo; None where that cannot be read (then nothing is refused)."""
+    try:
+        lines = Path("/proc/self/mountinfo").read_text().splitlines()
+        device = os.stat(path).st_dev
+        real = os.path.realpath(path)
+    except OSError:
+        return None
+    wanted = f"{os.major(device)}:{os.minor(device)}"
+    by_device = None
+    best: tuple[int, str] | None = None
+    for line in lines:
+        before, _, after = line.partition(" - ")
+        fields, tail = before.split(), after.split()
+        if len(fields) < 5 or not tail:
+            continue
+        mount_point = _mountinfo_unescape(fields[4])
+        if fields[2] == wanted:
+            by_device = tail[0]  # the last mount of a device wins, as the kernel's does
+        inside = real == mount_point or real.startswith(mount_point.rstrip("/") + "/")
+        if inside and (best is None or len(mount_point) >= best[0]):
+            best = (len(mount_point), tail[0])
+    # The device names the mount exactly; a btrfs subvolume's own device is not listed,
+    # so the longest mount point containing the path decides then.
+    return by_device or (best[1] if best else None)
+
+
+def _directory_of(url: str) -> Path | None:
+    """The directory a ``file:`` URL names (None: ``file://`` alone, the default).
+
+    :raises ConfigurationError: for a host other than localhost, or a relative path.
+    """
+    parts = urlsplit(url)
+    if parts.netloc not in ("", "localhost"):
+        msg = (
+            f"{OPTION}: {url!r} names the host {parts.netloc!r}; a file:// lock directory is "
+            "on this host: write file:///absolute/path (three slashes), or file:// alone"
+        )
+        raise ConfigurationError(msg, option=OPTION)
+    if parts.query or parts.fragment:
+        msg = f"{OPTION}: a file:// URL takes no query or fragment, got {url!r}"
+        raise ConfigurationError(msg, option=OPTION)
+    path = unquote(parts.path)
+    if not path:
+        return None
+    if "\0" in path:
+        msg = f"{OPTION}: the path of {url!r} contains a NUL character"
+        raise ConfigurationError(msg, option=OPTION)
+    return Path(path)
+
+
+def _refuse_network(directory: Path) -> None:
+    kind = filesystem_type(directory)
+    if kind in NETWORK_FILESYSTEMS:
+        msg = (
+            f"{OPTION}: the lock directory {str(directory)!r} is on a {kind} filesystem, "
+            "where file locks do not reliably exclude processes (of other hosts sharing "
+            "it) and a crashed holder's lock is not freed at once; use a directory on a "
+            "local filesystem (all workers on this host), or a lock server (redis://, "
+            "etcd://, zookeeper://, postgresql://)"
+        )
+        raise ConfigurationError(msg, option=OPTION)
+
+
+def _check_default_directory(directory: Path) -> None:
+    """``file://``'s directory must be ours alone: anyone who can write in it can take or
+    fake our locks."""
+    info = os.lstat(directory)
+    problem = None
+    if stat.S_ISLNK(info.st_mode) or not stat.S_ISDIR(info.st_mode):
+        problem = "is not a directory (a symlink?)"
+    elif info.st_uid != os.getuid():
+        problem = f"belongs to uid {info.st_uid}, not to us (uid {os.getuid()})"
+    elif info.st_mode & 0o077:
+        problem = f"has mode {stat.S_IMODE(info.st_mode):04o}, open to other users (want 0700)"
+    if problem:
+        msg = (
+            f"{OPTION}: the default lock directory {str(directory)!r} {problem}: another "
+            "user could hold or fake our locks. Remove it, or set singleton_lock_backend "
+            "to file:///a/directory/of/yours"
+        )
+        raise ConfigurationError(msg, option=OPTION)
+
+
+class FileBackend(LockBackend):
+    """Locks for processes of one host, in files of one directory; no server.
+
+    :param url: ``file:///path/to/dir`` (created if missing), or ``file://`` for a
+        directory of this user's own under the system temp dir (created 0700; refused if
+        it exists and is not ours alone).
+    """
+
+    schemes = ("file",)
+
+    @classmethod
+    def check_url(cls, url: str | Sequence[str], *, option: str) -> None:
+        if not isinstance(url, str):
+            msg = f"{option}: file:// takes one URL, not a list"
+            raise ConfigurationError(msg, option=option)
+        reason = _supported()
+        if reason is not None:
+            raise ConfigurationError(reason, option=option)
+        directory = _directory_of(url)
+        if directory is not None and directory.exists():
+            _refuse_network(directory)
+
+    def __init__(
+        self,
+        url: str = "file://",
+        *,
+        prefix: str = "singleton-lock",
+        connect_timeout: float = 5.0,
+        clock: Callable[[], float] = time.monotonic,
+        **options: Any,
+    ) -> None:
+        super().__init__(url, prefix=prefix, connect_timeout=connect_timeout, clock=clock)
+        if options:
+            msg = f"the file:// backend takes no options, got {', '.join(sorted(options))}"
+            raise ConfigurationError(msg, option="singleton_lock_backend_options")
+        self.check_url(url, option=OPTION)
+        directory = _directory_of(url)
+        try:
+            if directory is None:
+                directory = default_directory()
+                with contextlib.suppress(FileExistsError):
+                    directory.mkdir(mode=0o700)
+                _check_default_directory(directory)
+            else:
+                directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+                if not directory.is_dir():
+                    msg = f"{OPTION}: {str(directory)!r} is not a directory"
+                    raise ConfigurationError(msg, option=OPTION)
+        except OSError as exc:
+            msg = f"{OPTION}: cannot use the lock directory {str(directory)!r}: {exc.strerror}"
+            raise ConfigurationError(msg, option=OPTION) from None
+        _refuse_network(directory)
+        if not os.access(directory, os.W_OK | os.X_OK):
+            msg = f"{OPTION}: the lock directory {str(directory)!r} is not writable by us"
+            raise ConfigurationError(msg, option=OPTION)
+        #: The directory the lock files are in.
+        self.directory = directory
+
+    def path_of(self, key: str) -> str:
+        """The file of ``key`` (unprefixed, as given to ``acquire``)."""
+        return self._path(self._full_key(key))
+
+    def _path(self, full_key: str) -> str:
+        name = hashlib.sha256(full_key.encode()).hexdigest()
+        return os.path.join(self.directory, f"{name}.lock")
+
+    def _unavailable(self, key: str, exc: OSError) -> LockBackendUnavailable:
+        msg = f"lock directory {str(self.directory)!r}: {exc.strerror or exc}"
+        return LockBackendUnavailable(msg, url=self.url, key=key)
+
+    # -- one attempt -------------------------------------------------------------------
+
+    def _try_acquire(self, key: str, token: str, ttl: float, owner: Owner) -> Granted | Refused:
+        path = self._path(key)
+        try:
+            for _ in range(_REOPENS):
+                fd = _process.open_file(path)
+                try:
+                    if not _lock(fd, _HOLD, fcntl.F_WRLCK, wait=False):
+                        with _guarded(fd, write=False):
+                            record = _read(fd)
+                        return Refused(record.marker_left() or None, record.task_id)
+                    if not _same_file(fd, path):
+                        continue  # deleted or replaced after our open: its lock means nothing
+                    outcome = self._take(fd, path, key, token, ttl, owner)
+                    if isinstance(outcome, Granted) and not _is_marker(owner):
+                        fd = -1  # kept: it holds the lock
+                    return outcome
+                finally:
+                    if fd != -1:
+                        _process.close(fd)
+        except OSError as exc:
+            raise self._unavailable(key, exc) from None
+        msg = f"lock file {path!r} kept being replaced under us"
+        raise LockBackendUnavailable(msg, url=self.url, key=key)
+
+    def _take(
+        self, fd: int, path: str, key: str, token: str, ttl: float, owner: Owner
+    ) -> Granted | Refused:
+        """With HOLD held on ``fd``: take the lock unless a live message marker has it.
+
+        A process's lock keeps ``fd`` (recorded as held); a marker's lock is the record
+        alone, and the caller closes ``fd``.
+        """
+        with _guarded(fd, write=True):
+            record = _read(fd)
+            left = record.marker_left()
+            if left > 0:
+                return Refused(left, record.task_id)
+            fence = max(record.fence + 1, time.time_ns() // 1000)
+            marker = _is_marker(owner)
+            _write(fd, _Record(
+                key=key, fence=fence, value=owner.stored_with(token), ttl=ttl,
+                expires=_now() + ttl if marker else None, boot=_BOOT if marker else "",
+            ))
+            if not marker:
+                _process.keep(path, token, fd)
+        return Granted(fence)
+
+    def _hold(
+        self,
+        key: str,
+        ttl: float,
+        owner: Owner,
+        token: str,
+        granted: Granted,
+        sent_at: float,
+        sender: Any,
+    ) -> HeldLock:
+        held = super()._hold(key, ttl, owner, token, granted, sent_at, sender)
+        path = self._path(self._full_key(key))
+        if _process.held_fd(path, held.token) is not None:
+            # A handle dropped without release can never be released: free the lock when it
+            # is collected, as a server's TTL frees a lock nobody renews.
+            weakref.finalize(held, _drop, path, held.token).atexit = False
+        return held
+
+    # -- renewal and release -------------------------------------------------------------
+
+    def _renew(self, items: Sequence[tuple[str, str, float]]) -> list[bool]:
+        results = []
+        for key, token, ttl in items:
+            path = self._path(key)
+            try:
+                fd = _process.held_fd(path, token)
+                if fd is None:
+                    results.append(self._renew_marker(path, token, ttl))
+                    continue
+                if not _same_file(fd, path):
+                    results.append(False)
+                    continue
+                with _guarded(fd, write=False):
+                    results.append(_read(fd).token == token)
+            except OSError as exc:
+                raise self._unavailable(key, exc) from None
+        return results
+
+    def _renew_marker(self, path: str, token: str, ttl: float) -> bool:
+        with self._existing(path) as fd:
+            if fd is None:
+                return False
+            with _guarded(fd, write=True):
+                record = _read(fd)
+                if record.token != token or record.marker_left() <= 0:
+                    return False
+                _write(fd, replace(record, expires=_now() + ttl, ttl=ttl))
+                return True
+
+    @contextlib.contextmanager
+    def _existing(self, path: str) -> Iterator[int | None]:
+        """A new descriptor of an existing lock file (None if there is none)."""
+        try:
+            fd = _process.open_file(path, create=False)
+        except FileNotFoundError:
+            yield None
+            return
+        try:
+            yield fd
+        finally:
+            _process.close(fd)
+
+    def _release(self, key: str, field: str, value: str) -> bool:
+        path = self._path(key)
+        try:
+            if field == "token":
+                fd = _process.pop_held(path, value)
+                if fd is not None:
+                    return self._release_fd(path, fd, lambda record: record.token == value)
+                return self._release_marker(path, lambda record: record.token == value)
+            return self._release_owner(path, value)
+        except OSError as exc:
+            raise self._unavailable(key, exc) from None
+
+    def _release_fd(self, path: str, fd: int, ours: Callable[[_Record], bool]) -> bool:
+        """Release the lock that ``fd`` (popped from the held table) holds: always its
+        descriptor; the record only if the path still names that file and the record us."""
+        try:
+            with _guarded(fd, write=True):
+                record = _read(fd)
+                matches = ours(record) and not record.is_marker and _same_file(fd, path)
+                if matches:
+                    _write(fd, record.cleared())
+            _lock(fd, _HOLD, fcntl.F_UNLCK, wait=False)
+        finally:
+            _process.close(fd)
+        return matches
+
+    def _release_marker(self, path: str, ours: Callable[[_Record], bool]) -> bool:
+        with self._existing(path) as fd:
+            if fd is None:
+                return False
+            with _guarded(fd, write=True):
+                record = _read(fd)
+                if not (ours(record) and record.marker_left() > 0):
+                    return False
+                _write(fd, record.cleared())
+        room = _process.rooms.get(path)
+        if room is not None:
+            room.marker_wakeup.set()
+        return True
+
+    def _release_owner(self, path: str, owner_json: str) -> bool:
+        """``release_owned``: the lock of exactly that owner, wherever it was taken.
+
+        From the worker's main process after a pool process died, the kernel has freed
+        that process's lock already; only its record is left, which we clear (so listings
+        stop showing it). A live holder in another process cannot be released from here:
+        its lock is its open descriptor.
+        """
+        with self._existing(path) as fd:
+            if fd is None:
+                return False
+            with _guarded(fd, write=True):
+                record = _read(fd)
+                if not record.value or record.owner_json != owner_json:
+                    return False
+                if record.is_marker:
+                    if record.marker_left() <= 0:
+                        return False
+                    _write(fd, record.cleared())
+                    return True
+                held = _process.pop_held(path, record.token)
+                if held is not None:  # held by this process: release it
+                    _write(fd, record.cleared())
+                    _lock(held, _HOLD, fcntl.F_UNLCK, wait=False)
+                    _process.close(held)
+                    return True
+                if not _lock(fd, _HOLD, fcntl.F_WRLCK, wait=False):
+                    return False  # its holder lives (or a new holder is writing its record)
+                try:
+                    _write(fd, record.cleared())  # the holder died: only its record was left
+                finally:
+                    _lock(fd, _HOLD, fcntl.F_UNLCK, wait=False)
+                return True
+
+    # -- waiting -------------------------------------------------------------------------
+
+    def _wait_turn(
+        self,
+        key: str,
+        token: str,
+        ttl: float,
+        owner: Owner,
+        deadline: float | None,
+        refused: Refused | None = None,
+    ) -> Granted | None:
+        path = self._path(key)
+        waiter = _Waiter(token, ttl, owner)
+        room, start = self._join(path, waiter)
+        if start:
+            _native.NativeThread(lambda: self._serve(path, key, room))
+        while True:
+            remaining = None if deadline is None else deadline - self.clock()
+            with room.guard:
+                if waiter.state == _DONE:
+                    break
+                if waiter.state == _WAITING and remaining is not None and remaining <= 0:
+                    waiter.state = _GONE
+                    return None
+                claimed = waiter.state == _CLAIMED
+            # Claimed, the outcome is a few system calls away (or it waits again: a message
+            # marker had the lock); the room wakes us either way, even past the deadline.
+            waiter.wait(None if claimed else remaining)
+        outcome = waiter.outcome
+        if isinstance(outcome, BaseException):
+            raise outcome
+        return outcome
+
+    def _join(self, path: str, waiter: _Waiter) -> tuple[_Room, bool]:
+        """Queue ``waiter`` in this process's room for ``path``; True if it needs a thread."""
+        with _process.guard:
+            room = _process.rooms.get(path)
+            start = room is None
+            if room is None:
+                room = _process.rooms[path] = _Room()
+            with room.guard:
+                room.waiters.append(waiter)
+        return room, start
+
+    def _next_waiter(self, path: str, room: _Room) -> _Waiter | None:
+        """The first waiter still waiting; None (and the room closed) when nobody waits."""
+        with _process.guard, room.guard:
+            while room.waiters and room.waiters[0].state == _GONE:
+                room.waiters.popleft()
+            if room.waiters:
+                return room.waiters[0]
+            if _process.rooms.get(path) is room:
+                del _process.rooms[path]
+            return None
+
+    def _serve(self, path: str, key: str, room: _Room) -> None:
+        """The room's thread: block in the kernel until the lock is free, hand it over."""
+        while self._next_waiter(path, room) is not None:
+            try:
+                fd = _process.open_file(path)
+            except OSError as exc:
+                self._fail_all(room, self._unavailable(key, exc))
+                continue
+            try:
+                _lock(fd, _HOLD, fcntl.F_WRLCK, wait=True)  # woken at release or death
+                if not _same_file(fd, path):
+                    continue
+                with room.guard:
+                    waiter = next((w for w in room.waiters if w.state == _WAITING), None)
+                    if waiter is None:
+                        continue  # they all timed out while we waited: let it go
+                    waiter.state = _CLAIMED
+                outcome = self._take(fd, path, key, waiter.token, waiter.ttl, waiter.owner)
+                if isinstance(outcome, Refused):  # a live message marker: it has a TTL
+                    with room.guard:
+                        waiter.state = _WAITING
+                    waiter.notify()  # past its deadline, it may leave now
+                    _process.close(fd)
+                    fd = -1
+                    room.marker_wakeup.wait(outcome.holder_ttl)
+                    continue
+                if not _is_marker(waiter.owner):
+                    fd = -1  # kept: it holds the lock now
+                valid_until = self.clock() + waiter.ttl - clock_drift(waiter.ttl)
+                self._finish(room, waiter, replace(outcome, valid_until=valid_until))
+            except OSError as exc:
+                self._fail_all(room, self._unavailable(key, exc))
+            except BaseException as exc:  # never die quietly: whoever waits gets it
+                self._fail_all(room, exc)
+                raise
+            finally:
+                if fd != -1:
+                    _process.close(fd)
+
+    def _finish(self, room: _Room, waiter: _Waiter, outcome: Granted | BaseException) -> None:
+        with room.guard:
+            waiter.outcome = outcome
+            waiter.state = _DONE
+            with contextlib.suppress(ValueError):
+                room.waiters.remove(waiter)
+        waiter.notify()
+
+    def _fail_all(self, room: _Room, error: BaseException) -> None:
+        with room.guard:
+            waiting = [w for w in room.waiters if w.state in (_WAITING, _CLAIMED)]
+        for waiter in waiting:
+            self._finish(room, waiter, error)
+

@@ -1,0 +1,392 @@
+"""The file:// backend: the contract suite on kernel file locks, and what the kernel adds
+(a dead holder's lock is free at once) or takes away (no lease expiry for a living one)."""
+
+from __future__ import annotations
+
+import gc
+import multiprocessing
+import os
+import signal
+import stat
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from celery import Celery
+
+from celery_singleton_lock import ConfigurationError, connect
+from celery_singleton_lock.backends import file as file_backend
+from celery_singleton_lock.backends.owner import HOST, Owner
+from celery_singleton_lock.config import read_settings
+from tests.conftest import wait_until
+from tests.contract import BackendContract
+
+#: The promise that replaces lease expiry: how soon a SIGKILLed holder's lock is free.
+FREE_AFTER_KILL = 0.05
+
+
+@pytest.fixture(scope="module")
+def lock_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("file-locks")
+
+
+@pytest.fixture(scope="module")
+def file_url(lock_dir) -> str:
+    return f"file://{lock_dir}"
+
+
+def _die_here(backend, key: str) -> None:
+    """Close this process's descriptors holding ``key``: what the kernel does at death."""
+    path = backend.path_of(key)
+    for held_path, token in list(file_backend._process.held):
+        if held_path == path:
+            file_backend._drop(held_path, token)
+
+
+class TestFileContract(BackendContract):
+    @pytest.fixture
+    def backend(self, file_url):
+        backend = connect(file_url)
+        yield backend
+        backend.close()
+
+    @pytest.fixture
+    def second_backend(self, file_url):
+        backend = connect(file_url)
+        yield backend
+        backend.close()
+
+    def expire(self, backend, key):
+        # The kernel is the lease: a lock ends when its holder's descriptor closes.
+        _die_here(backend, key)
+
+    def test_waiter_gets_the_lock_when_a_dead_holders_lease_expires(self, file_url, unique_key):
+        # Replaced: no lease to wait for, the kernel frees a dead holder's lock at once.
+        _sigkilled_holder_is_replaced_within(file_url, unique_key, FREE_AFTER_KILL)
+
+
+# -- processes ------------------------------------------------------------------------------
+
+def _hold(url: str, key: str, ttl: float, owner: Owner | None, report) -> None:
+    """In a spawned child: take ``key``, report (pid, fencing token), keep it until killed."""
+    backend = connect(url)
+    held = backend.acquire(key, ttl=ttl, owner=owner)
+    report.send((os.getpid(), held.fencing_token if held else None))
+    while True:
+        try:
+            command = report.recv()
+        except EOFError:  # the test is over
+            return
+        if command == "release":
+            report.send(backend.release(held))
+
+
+def _start_holder(url: str, key: str, ttl: float = 10, owner: Owner | None = None):
+    """A spawned holder of ``key``, its pipe (keep it: the holder ends when it closes) and
+    its fencing token."""
+    context = multiprocessing.get_context("spawn")
+    ours, theirs = context.Pipe()
+    holder = context.Process(target=_hold, args=(url, key, ttl, owner, theirs), daemon=True)
+    holder.start()
+    assert ours.poll(30), "the holder did not start"
+    _, token = ours.recv()
+    assert token is not None, "the holder did not get the lock"
+    return holder, ours, token
+
+
+def _sigkilled_holder_is_replaced_within(url: str, key: str, bound: float) -> None:
+    holder, _pipe, token = _start_holder(url, key)
+    backend = connect(url)
+    assert backend.acquire(key, ttl=10) is None
+    got: list = []
+    waiter = threading.Thread(
+        target=lambda: got.append((backend.acquire(key, ttl=10, blocking=True, timeout=10), time.monotonic()))
+    )
+    waiter.start()
+    path = backend.path_of(key)
+    wait_until(lambda: path in file_backend._process.rooms, 5, "the waiter to block in the kernel")
+    killed_at = time.monotonic()
+    os.kill(holder.pid, signal.SIGKILL)
+    waiter.join(10)
+    held, acquired_at = got[0]
+    assert held is not None
+    assert acquired_at - killed_at < bound, f"free {acquired_at - killed_at:.3f}s after the kill"
+    assert held.fencing_token > token
+    holder.join(5)
+    backend.release(held)
+
+
+def test_a_reaped_holders_lock_is_free_at_once(file_url, unique_key):
+    holder, _pipe, _ = _start_holder(file_url, unique_key)
+    backend = connect(file_url)
+    assert backend.acquire(unique_key, ttl=10) is None
+    os.kill(holder.pid, signal.SIGKILL)
+    holder.join(5)
+    held = backend.acquire(unique_key, ttl=10)  # no wait at all: the kernel freed it at exit
+    assert held is not None
+    backend.release(held)
+
+
+def test_a_living_holder_keeps_its_lock_past_any_ttl_even_stopped(file_url, unique_key):
+    # lock_ttl has no part in liveness: a stopped (or stuck) holder is not replaced.
+    holder, report, _ = _start_holder(file_url, unique_key, ttl=0.2)
+    backend = connect(file_url)
+    try:
+        os.kill(holder.pid, signal.SIGSTOP)
+        assert backend.acquire(unique_key, ttl=1, blocking=True, timeout=0.8) is None  # 4 TTLs
+        os.kill(holder.pid, signal.SIGCONT)
+        # (Its lease keeper, resumed past the validity deadline, tells it the lock is lost,
+        # as every backend's does: it cannot know that nobody took it meanwhile.)
+        report.send("release")
+        assert report.poll(10)
+        assert report.recv() is True
+        assert backend.acquire(unique_key, ttl=1) is not None
+    finally:
+        os.kill(holder.pid, signal.SIGCONT)
+        holder.kill()
+        holder.join(5)
+
+
+def test_release_owned_of_a_dead_process_clears_only_its_exact_record(file_url, unique_key):
+    # The worker's main process, after one of its pool processes died: the kernel freed the
+    # lock already; the record that still names it is cleared, and only for that owner.
+    holder, _pipe, _ = _start_holder(file_url, unique_key, owner=Owner(HOST, 4242, task_id="task-A"))
+    backend = connect(file_url)
+    path = backend.path_of(unique_key)
+    os.kill(holder.pid, signal.SIGKILL)
+    holder.join(5)
+    strangers = (Owner(HOST, 4242, "task-B"), Owner(HOST, 4243, "task-A"), Owner("other", 4242, "task-A"))
+    for stranger in strangers:
+        assert backend.release_owned(unique_key, stranger) is False
+    assert "task-A" in Path(path).read_text()
+    assert backend.release_owned(unique_key, Owner(HOST, 4242, task_id="task-A")) is True
+    assert "task-A" not in Path(path).read_text()
+    assert backend.release_owned(unique_key, Owner(HOST, 4242, task_id="task-A")) is False
+
+
+def test_release_owned_of_a_living_holder_elsewhere_frees_nothing(file_url, unique_key):
+    owner = Owner(HOST, 4343, task_id="task-live")
+    holder, _pipe, _ = _start_holder(file_url, unique_key, owner=owner)
+    backend = connect(file_url)
+    try:
+        assert backend.release_owned(unique_key, owner) is False  # its lock is its descriptor
+        assert backend.acquire(unique_key, ttl=5) is None
+    finally:
+        holder.kill()
+        holder.join(5)
+
+
+# -- fork -----------------------------------------------------------------------------------
+
+def _in_fork(child) -> int:
+    """Run ``child()`` in a forked child; its return value (0-255) is the exit status."""
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        status = 99
+        try:
+            status = child()
+        finally:
+            os._exit(status)
+    _, status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(status)
+
+
+def test_a_forked_child_neither_releases_renews_nor_keeps_its_parents_lock(file_url, unique_key):
+    backend = connect(file_url)
+    held = backend.acquire(unique_key, ttl=10)
+    fd = file_backend._process.held_fd(backend.path_of(unique_key), held.token)
+
+    def child() -> int:
+        try:
+            os.fstat(fd)
+        except OSError:
+            pass
+        else:
+            return 1  # the inherited descriptor is still open in the child
+        if file_backend._process.held or file_backend._process.open:
+            return 2
+        if backend.renew([held]) != [False]:
+            return 3
+        if backend.release(held) is not False:  # and it must not clear the record
+            return 4
+        if connect(file_url).acquire(unique_key, ttl=1) is not None:
+            return 5  # the child is not its parent: the lock is taken for it too
+        return 0
+
+    assert _in_fork(child) == 0
+    assert held.token in Path(backend.path_of(unique_key)).read_text()
+    assert backend.renew([held]) == [True]
+    assert connect(file_url).acquire(unique_key, ttl=1) is None  # still ours after the child closed
+    assert backend.release(held) is True
+
+
+def _hold_and_fork(url: str, key: str, report) -> None:
+    backend = connect(url)
+    held = backend.acquire(key, ttl=10)
+    grandchild = os.fork()
+    if grandchild == 0:  # outlives us, with a copy of every descriptor we had at the fork
+        time.sleep(60)
+        os._exit(0)
+    report.send((grandchild, held.fencing_token))
+    time.sleep(60)
+
+
+def test_a_forked_child_does_not_keep_the_lock_of_its_dead_parent(file_url, unique_key):
+    context = multiprocessing.get_context("spawn")
+    ours, theirs = context.Pipe()
+    parent = context.Process(target=_hold_and_fork, args=(file_url, unique_key, theirs), daemon=True)
+    parent.start()
+    assert ours.poll(30)
+    grandchild, _ = ours.recv()
+    backend = connect(file_url)
+    try:
+        assert backend.acquire(unique_key, ttl=5) is None
+        os.kill(parent.pid, signal.SIGKILL)
+        # (Not join(): the grandchild has a copy of the pipe join() waits to see closed.)
+        wait_until(lambda: parent.exitcode is not None, 5, "the parent to be reaped")
+        os.kill(grandchild, 0)  # alive
+        held = backend.acquire(unique_key, ttl=5)
+        assert held is not None
+        backend.release(held)
+    finally:
+        os.kill(grandchild, signal.SIGKILL)
+
+
+# -- files ----------------------------------------------------------------------------------
+
+def test_keys_are_hashed_into_the_directory(file_url, lock_dir, unique_key):
+    backend = connect(file_url)
+    key = f"../../{unique_key}/\x00/ünï"
+    held = backend.acquire(key, ttl=5)
+    path = Path(backend.path_of(key))
+    assert path.parent == lock_dir
+    assert len(path.stem) == 64
+    assert set(path.stem) <= set("0123456789abcdef")
+    record = path.read_text()
+    assert held.token in record
+    assert "ünï" in record  # the key is kept, for listing
+    backend.release(held)
+
+
+def test_fencing_tokens_rise_across_the_file_being_deleted(file_url, unique_key):
+    backend = connect(file_url)
+    first = backend.acquire(unique_key, ttl=5)
+    backend.release(first)
+    os.unlink(backend.path_of(unique_key))
+    second = backend.acquire(unique_key, ttl=5)
+    assert second.fencing_token > first.fencing_token  # the clock is the floor
+    backend.release(second)
+
+
+def test_a_lock_file_deleted_under_its_holder_is_lost_not_shared(file_url, unique_key):
+    backend = connect(file_url)
+    held = backend.acquire(unique_key, ttl=0.6)
+    os.unlink(backend.path_of(unique_key))  # a tmp cleaner, a person
+    other = connect(file_url).acquire(unique_key, ttl=5)
+    assert other is not None  # a new file, a new lock ...
+    wait_until(lambda: held.lost, 3, "the first holder to learn its file is gone")
+    assert held.release() is False
+    other.release()
+
+
+def test_a_dropped_handle_frees_its_lock(file_url, unique_key):
+    backend = connect(file_url)
+    assert backend.acquire(unique_key, ttl=5) is not None  # dropped at once
+    gc.collect()
+    held = backend.acquire(unique_key, ttl=5)
+    assert held is not None
+    backend.release(held)
+
+
+def test_a_timed_out_waiter_leaves_nothing_behind(file_url, unique_key):
+    backend = connect(file_url)
+    held = backend.acquire(unique_key, ttl=5)
+    assert backend.acquire(unique_key, ttl=5, blocking=True, timeout=0.2) is None
+    backend.release(held)
+    path = backend.path_of(unique_key)
+    wait_until(lambda: path not in file_backend._process.rooms, 2, "the room's thread to end")
+    again = connect(file_url).acquire(unique_key, ttl=5)
+    assert again is not None
+    again.release()
+
+
+def _mark(url: str, key: str, ttl: float, task_id: str) -> bool:
+    held = connect(url).acquire(key, ttl=ttl, owner=Owner.of_message(task_id))
+    return held is not None
+
+
+def test_a_message_marker_outlives_its_process_and_ends_at_its_ttl(file_url, unique_key):
+    # enqueue_once's queued marker, beat's slot claim: written by one process, cleared by
+    # another or by time.
+    context = multiprocessing.get_context("spawn")
+    with context.Pool(1) as pool:
+        assert pool.apply(_mark, (file_url, unique_key, 0.6, "queued-1"))
+        assert pool.apply(_mark, (file_url, unique_key + "-2", 30, "queued-2"))
+    backend = connect(file_url)
+    refused = backend.attempt(unique_key, ttl=5)
+    assert refused.holder_task_id == "queued-1"
+    assert 0 < refused.holder_ttl <= 0.6
+    waited_from = time.monotonic()
+    held = backend.acquire(unique_key, ttl=5, blocking=True, timeout=5)  # at its expiry
+    assert held is not None
+    assert 0.2 < time.monotonic() - waited_from < 1.2
+    backend.release(held)
+    assert backend.release_owned(unique_key + "-2", Owner.of_message("queued-2")) is True
+    assert backend.acquire(unique_key + "-2", ttl=5) is not None
+
+
+# -- configuration --------------------------------------------------------------------------
+
+def test_the_default_directory_is_ours_alone(tmp_path, monkeypatch, unique_key):
+    monkeypatch.setattr(file_backend.tempfile, "gettempdir", lambda: str(tmp_path))
+    backend = connect("file://")
+    directory = tmp_path / f"celery-singleton-lock-{os.getuid()}"
+    assert backend.directory == directory
+    assert stat.S_IMODE(directory.stat().st_mode) == 0o700
+    held = backend.acquire(unique_key, ttl=5)
+    backend.release(held)
+    directory.chmod(0o755)
+    with pytest.raises(ConfigurationError, match=r"mode 0755, open to other users") as info:
+        connect("file://")
+    assert info.value.option == "singleton_lock_backend"
+    directory.chmod(0o700)
+    os.chown(directory, os.getuid() + 1000, -1) if os.getuid() == 0 else None
+    if os.getuid() == 0:
+        with pytest.raises(ConfigurationError, match=r"belongs to uid"):
+            connect("file://")
+    directory.rename(tmp_path / "elsewhere")
+    directory.symlink_to(tmp_path / "elsewhere")
+    with pytest.raises(ConfigurationError, match=r"is not a directory \(a symlink\?\)"):
+        connect("file://")
+
+
+def test_a_network_filesystem_is_refused_naming_the_setting(lock_dir, monkeypatch):
+    assert file_backend.filesystem_type(lock_dir) not in file_backend.NETWORK_FILESYSTEMS
+    monkeypatch.setattr(file_backend, "filesystem_type", lambda path: "nfs4")
+    with pytest.raises(ConfigurationError, match=r"is on a nfs4 filesystem") as info:
+        connect(f"file://{lock_dir}")
+    assert info.value.option == "singleton_lock_backend"
+    app = Celery("nfs", broker="memory://", set_as_current=False)
+    app.conf.singleton_lock_backend = f"file://{lock_dir}"
+    with pytest.raises(ConfigurationError, match="singleton_lock_backend"):
+        read_settings(app.conf)  # already when the settings are read
+
+
+@pytest.mark.parametrize(
+    ("url", "words"),
+    [
+        ("file://otherhost/var/locks", "names the host 'otherhost'"),
+        ("file:///var/locks?mode=1", "no query"),
+    ],
+)
+def test_a_url_that_is_not_a_local_directory_is_refused(url, words):
+    with pytest.raises(ConfigurationError, match=words) as info:
+        connect(url)
+    assert info.value.option == "singleton_lock_backend"
+
+
+def test_unknown_options_name_the_options_setting(file_url):
+    with pytest.raises(ConfigurationError) as info:
+        connect(file_url, ssl=True)
+    assert info.value.option == "singleton_lock_backend_options"
