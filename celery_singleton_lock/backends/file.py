@@ -507,18 +507,26 @@ class FileBackend(LockBackend):
             msg = f"the file:// backend takes no options, got {', '.join(sorted(options))}"
             raise ConfigurationError(msg, option="singleton_lock_backend_options")
         self.check_url(url, option=OPTION)
-        directory = _directory_of(url)
+        named = _directory_of(url)
+        self._default = named is None
+        #: The directory the lock files are in.
+        self.directory = default_directory() if named is None else named
+        self._make_directory()
+
+    def _make_directory(self) -> None:
+        """Create the directory if it is missing (also when a cleaner removed it), and
+        check that we may use it.
+
+        :raises ConfigurationError: naming ``singleton_lock_backend``.
+        """
+        directory = self.directory
         try:
-            if directory is None:
-                directory = default_directory()
+            if self._default:
                 with contextlib.suppress(FileExistsError):
                     directory.mkdir(mode=0o700)
                 _check_default_directory(directory)
             else:
                 directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-                if not directory.is_dir():
-                    msg = f"{OPTION}: {str(directory)!r} is not a directory"
-                    raise ConfigurationError(msg, option=OPTION)
         except OSError as exc:
             msg = f"{OPTION}: cannot use the lock directory {str(directory)!r}: {exc.strerror}"
             raise ConfigurationError(msg, option=OPTION) from None
@@ -526,8 +534,18 @@ class FileBackend(LockBackend):
         if not os.access(directory, os.W_OK | os.X_OK):
             msg = f"{OPTION}: the lock directory {str(directory)!r} is not writable by us"
             raise ConfigurationError(msg, option=OPTION)
-        #: The directory the lock files are in.
-        self.directory = directory
+
+    def _open(self, path: str) -> int:
+        """A new descriptor (a description of its own) of ``path``, created if missing."""
+        try:
+            return _process.open_file(path)
+        except FileNotFoundError:
+            # The directory is gone (a temp cleaner, a person): make it again, once.
+            try:
+                self._make_directory()
+            except ConfigurationError as exc:
+                raise LockBackendUnavailable(str(exc), url=self.url) from None
+            return _process.open_file(path)
 
     def path_of(self, key: str) -> str:
         """The file of ``key`` (unprefixed, as given to ``acquire``)."""
@@ -547,7 +565,7 @@ class FileBackend(LockBackend):
         path = self._path(key)
         try:
             for _ in range(_REOPENS):
-                fd = _process.open_file(path)
+                fd = self._open(path)
                 try:
                     if not _lock(fd, _HOLD, fcntl.F_WRLCK, wait=False):
                         with _guarded(fd, write=False):
@@ -785,9 +803,12 @@ class FileBackend(LockBackend):
         """The room's thread: block in the kernel until the lock is free, hand it over."""
         while self._next_waiter(path, room) is not None:
             try:
-                fd = _process.open_file(path)
+                fd = self._open(path)
             except OSError as exc:
                 self._fail_all(room, self._unavailable(key, exc))
+                continue
+            except LockBackendUnavailable as exc:
+                self._fail_all(room, exc)
                 continue
             try:
                 _lock(fd, _HOLD, fcntl.F_WRLCK, wait=True)  # woken at release or death
