@@ -36,6 +36,7 @@ LABELS = {
     "pottery-redlock": "pottery Redlock (3 masters)",
     "zk-socket": "bare socket, jute create + delete (floor)",
     "zk-raw": "raw kazoo create-ephemeral-sequential + delete",
+    "zk-raw-line": "raw kazoo create | getChildren + delete",
     "ours-zk": "celery-singleton-lock ZooKeeper",
     "kazoo": "kazoo Lock recipe",
 }
@@ -52,6 +53,7 @@ WAIT_STYLE = {
     "pottery-redlock": "polls, random sleep 0-0.2 s (its retry delay)",
     "zk-socket": "n/a (no blocking mode)",
     "zk-raw": "n/a (no blocking mode)",
+    "zk-raw-line": "n/a (no blocking mode)",
     "ours-zk": "watch on the node just before its own",
     "kazoo": "watch on the node just before its own",
 }
@@ -454,6 +456,27 @@ class KazooRaw(_Kazoo):
         return True
 
 
+class KazooRawLine(KazooRaw):
+    """The least a correct sequential-node lock sends through kazoo: the create and a
+    read of the line sent together (one round trip; the lowest node holds the lock),
+    then the delete. Three requests, two of them writes; it checks nothing more."""
+
+    name = "zk-raw-line"
+
+    def try_acquire(self, key: str, ttl: float) -> str | None:
+        parent = zk_path(key)
+        if parent not in self._parents:
+            self.client.ensure_path(parent)
+            self._parents.add(parent)
+        create = self.client.create_async(parent + "/n-", ephemeral=True, sequence=True)
+        line = self.client.get_children_async(parent)
+        path = str(create.get())
+        if min(line.get()) != path.rpartition("/")[2]:
+            self.client.delete(path)
+            return None
+        return path
+
+
 class KazooLock(_Kazoo):
     """kazoo's ``client.Lock(path, identifier)`` recipe, as its docs show: one ``Lock``
     object per lock path, made once and acquired again and again. Its lifetime is the
@@ -505,6 +528,7 @@ ADAPTERS: dict[str, type] = {
     "pottery-redlock": PotteryRedlockMasters,
     "zk-socket": ZooKeeperSocket,
     "zk-raw": KazooRaw,
+    "zk-raw-line": KazooRawLine,
     "ours-zk": OursZooKeeper,
     "kazoo": KazooLock,
 }

@@ -5,10 +5,12 @@ Started here: one standalone ZooKeeper of the scenario's own
 enabled, so ``mntr`` can be read), with the server's default durability: every write
 waits for the transaction log's fsync. Three measurements, the libraries interleaved, medians:
 
-1. uncontended acquire+release cycles per second in one process, beside two floors: a
-   raw kazoo loop (create an ephemeral sequential node, delete it: two requests through
-   kazoo's connection thread) and a bare socket sending the same two requests in
-   ZooKeeper's jute encoding after a session handshake (the physical floor); requests
+1. uncontended acquire+release cycles per second in one process, beside floors: a raw
+   kazoo loop (create an ephemeral sequential node, delete it: two requests through
+   kazoo's connection thread), the same with the read of the line that any correct
+   sequential-node lock needs (create | getChildren, delete), and a bare socket sending
+   the two requests in ZooKeeper's jute encoding after a session handshake (the physical
+   floor); requests
    per cycle from the server's own ``zk_packets_received``, and by opcode from an untimed
    pass through :class:`RequestCounter`;
 2. 8 pool processes contending for one key (the loop and the analysis of scenario (b)):
@@ -51,7 +53,7 @@ from benchmarks.libs import KAZOO_SESSION_S, LABELS, WAIT_STYLE, make_adapter
 if TYPE_CHECKING:
     from celery_singleton_lock.testing import ZooKeeperEnsemble, ZooKeeperMember
 
-LIBS = ["zk-socket", "zk-raw", "ours-zk", "kazoo"]
+LIBS = ["zk-socket", "zk-raw", "zk-raw-line", "ours-zk", "kazoo"]
 CONTENDERS = ["ours-zk", "kazoo"]
 TTL = 30.0
 CHUNKS = 4
@@ -284,7 +286,7 @@ def uncontended(
                 rate[lib].append(done[lib] / elapsed[lib])
                 requests[lib].append(sent[lib] / done[lib])
     ratio: dict[str, dict[str, list[float]]] = {}
-    for floor in ("zk-raw", "zk-socket"):
+    for floor in ("zk-raw", "zk-raw-line", "zk-socket"):
         ratio[floor] = {
             lib: [r / f for r, f in zip(rate[lib], rate.get(floor, []), strict=False)]
             for lib in adapters
@@ -447,7 +449,7 @@ def run(env: Env, reps: int = 5) -> ScenarioResult:
         contended_ops = contended_by_opcode(
             env, counter, [lib for lib in contenders if lib not in errors], 1.0)
         _unbind(env, everyone, list(counted))
-        for lib in ("zk-socket", "zk-raw"):  # fewer idle sessions on the server
+        for lib in ("zk-socket", "zk-raw", "zk-raw-line"):  # fewer idle sessions on the server
             with contextlib.suppress(Exception):
                 adapters.pop(lib).close()
         _bind(env, waiters, counted, errors)
@@ -492,14 +494,15 @@ def _tables(
 ) -> None:
     rate, ratio = fast["rate"], fast["ratio"]
     t1 = Table("(i1) ZooKeeper uncontended acquire+release, one process",
-               ["library", "cycles/s", "min-max", "x raw kazoo", "x socket", "requests/cycle",
-                "requests sent per cycle"])
+               ["library", "cycles/s", "min-max", "x raw kazoo", "x raw + line read", "x socket",
+                "requests/cycle", "requests sent per cycle"])
     for lib in LIBS:
         if not rate.get(lib):
-            t1.add(LABELS[lib], "not run", "", "", "", "", errors.get(lib, "")[:80])
+            t1.add(LABELS[lib], "not run", "", "", "", "", "", errors.get(lib, "")[:80])
             continue
         t1.add(LABELS[lib], fmt(median(rate[lib]), 0), spread(rate[lib]),
-               fmt(median(ratio["zk-raw"][lib])), fmt(median(ratio["zk-socket"][lib])),
+               fmt(median(ratio["zk-raw"][lib])), fmt(median(ratio["zk-raw-line"][lib])),
+               fmt(median(ratio["zk-socket"][lib])),
                fmt(median(fast["requests_per_cycle"][lib])),
                fmt_cmds({k: round(v, 2) for k, v in by_opcode.get(lib, {}).items()}, limit=5))
     t1.notes += [
