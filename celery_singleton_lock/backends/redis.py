@@ -31,12 +31,14 @@ from __future__ import annotations
 import copy
 import logging
 import os
+import selectors
 import socket
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from types import TracebackType
 from typing import Any
 from urllib.parse import parse_qsl, unquote, urlsplit
 
@@ -48,12 +50,13 @@ try:
     import redis
     from redis.backoff import NoBackoff
     from redis.commands.core import Script
+    from redis.exceptions import NoScriptError
     from redis.retry import Retry
 except ImportError as exc:  # pragma: no cover - exercised only without the extra
     msg = "the Redis backend needs redis-py: pip install 'celery-singleton-lock[redis]'"
     raise ConfigurationError(msg, option="singleton_lock_backend") from exc
 
-__all__ = ["RedisBackend", "ScriptCall", "check_url"]
+__all__ = ["Line", "RedisBackend", "ScriptCall", "SignalWait", "milliseconds", "wait_for_first_signal"]
 
 logger = logging.getLogger("celery_singleton_lock.release")
 
@@ -73,31 +76,6 @@ MAX_BLOCK = 60.0
 #: A release of an acquisition whose outcome is unknown is retried after these pauses
 #: (doubling) until the server answers it or the lock's TTL has freed it anyway.
 LATE_RELEASE_PAUSE = (0.05, 1.0)
-
-
-def check_url(url: str, *, option: str = "singleton_lock_backend") -> None:
-    """Refuse, before any connection, a Redis URL whose port or database cannot work.
-
-    redis-py takes ``redis://h/abc`` for database 0 and fails on ``redis://h/-1`` only at
-    the first command; a database index above the server's ``databases`` is only known to
-    the server (the first command then raises ConfigurationError).
-
-    :raises ConfigurationError: naming ``option``, the password masked.
-    """
-    parts = urlsplit(url)
-    shown = mask_url(url)
-    try:
-        parts.port  # noqa: B018 - the property validates the port
-    except ValueError as exc:
-        msg = f"{option}: bad port in {shown!r}: {exc}"
-        raise ConfigurationError(msg, option=option) from None
-    databases = [value for name, value in parse_qsl(parts.query) if name == "db"]
-    if parts.scheme.lower() in ("redis", "rediss") and parts.path.strip("/"):
-        databases.append(unquote(parts.path).strip("/"))
-    for db in databases:
-        if not (db.isascii() and db.isdigit()):
-            msg = f"{option}: the database in {shown!r} must be a number (0, 1, 2...), got {db!r}"
-            raise ConfigurationError(msg, option=option)
 
 
 @dataclass(frozen=True)
@@ -200,7 +178,7 @@ class RedisBackend(LockBackend):
         **client_options: Any,
     ) -> None:
         super().__init__(url, prefix=prefix, connect_timeout=connect_timeout, clock=clock)
-        check_url(url)
+        self.check_url(url, option="singleton_lock_backend")
         options: dict[str, Any] = {
             "socket_connect_timeout": connect_timeout,
             "socket_timeout": connect_timeout,
@@ -226,10 +204,31 @@ class RedisBackend(LockBackend):
 
     @classmethod
     def check_url(cls, url: str | Sequence[str], *, option: str) -> None:
-        if isinstance(url, str):
-            check_url(url, option=option)
-        else:
+        """Refuse, before any connection, a Redis URL whose port or database cannot work.
+
+        redis-py takes ``redis://h/abc`` for database 0 and fails on ``redis://h/-1`` only at
+        the first command; a database index above the server's ``databases`` is only known to
+        the server (the first command then raises ConfigurationError).
+
+        :raises ConfigurationError: naming ``option``, the password masked.
+        """
+        if not isinstance(url, str):
             super().check_url(url, option=option)
+            return
+        parts = urlsplit(url)
+        shown = mask_url(url)
+        try:
+            parts.port  # noqa: B018 - the property validates the port
+        except ValueError as exc:
+            msg = f"{option}: bad port in {shown!r}: {exc}"
+            raise ConfigurationError(msg, option=option) from None
+        databases = [value for name, value in parse_qsl(parts.query) if name == "db"]
+        if parts.scheme.lower() in ("redis", "rediss") and parts.path.strip("/"):
+            databases.append(unquote(parts.path).strip("/"))
+        for db in databases:
+            if not (db.isascii() and db.isdigit()):
+                msg = f"{option}: the database in {shown!r} must be a number (0, 1, 2...), got {db!r}"
+                raise ConfigurationError(msg, option=option)
 
     def _register_scripts(self) -> None:
         self._acquire_script = self._client.register_script(self.LUA_ACQUIRE)
@@ -296,7 +295,7 @@ class RedisBackend(LockBackend):
         """
         return ScriptCall(
             self._acquire_script, [self._hashed(key), self.fence_key(key)],
-            [owner.stored_with(token), _ms(ttl), int(clock_floor)], key,
+            [owner.stored_with(token), milliseconds(ttl), int(clock_floor)], key,
         )
 
     @staticmethod
@@ -309,7 +308,7 @@ class RedisBackend(LockBackend):
         """The script call that replaces the TTL of every (key, token, ttl) still ours."""
         args: list[Any] = []
         for _, token, ttl in items:
-            args += [token, _ms(ttl)]
+            args += [token, milliseconds(ttl)]
         return ScriptCall(self._renew_script, [self._hashed(k) for k, _, _ in items], args, None)
 
     @staticmethod
@@ -336,9 +335,6 @@ class RedisBackend(LockBackend):
         """The list a release of ``key`` (fully prefixed) pushes one announcement onto."""
         return self._hashed(key) + ":signal"
 
-    def _run(self, call: ScriptCall) -> Any:
-        with self._answering(call.key):
-            return call.script(keys=call.keys, args=call.args)
 
     def _try_acquire(self, key: str, token: str, ttl: float, owner: Owner) -> Granted | Refused:
         call = self.acquire_call(key, token, ttl, owner)
@@ -354,36 +350,204 @@ class RedisBackend(LockBackend):
         return self.acquire_reply(reply)
 
     def _wait_for_release(self, key: str, timeout: float) -> None:
-        # BLPOP on a connection of the shared pool. Redis checks blocking timeouts only
-        # about every 100 ms, so the wait is timed here: when the socket has nothing by
-        # then, the connection (with its pending BLPOP) is dropped. The caller tries to
-        # acquire after every wait, so a release announced in that instant is not lost.
-        timeout = min(timeout, MAX_BLOCK)
-        signal = self.signal_key(key)
-        pool = self._waits.connection_pool
-        with self._answering(key):
-            connection = pool.get_connection()
-            try:
-                connection.send_command(  # type: ignore[no-untyped-call]
-                    "BLPOP", signal, f"{timeout + 1:.3f}"
-                )
-                if connection.can_read(timeout=timeout):
-                    connection.read_response(timeout=self.connect_timeout)
-                else:
-                    connection.disconnect()  # type: ignore[no-untyped-call]
-            finally:
-                pool.release(connection)
+        with self.signal_wait(key, timeout) as wait:
+            wait.wait()
 
     def _renew(self, items: Sequence[tuple[str, str, float]]) -> list[bool]:
-        return self.renew_reply(self._run(self.renew_call(items)))
+        return self.renew_reply(self.run(self.renew_call(items)))
 
     def _release(self, key: str, field: str, value: str) -> bool:
-        return self.release_reply(self._run(self.release_call(key, field, value)))
+        return self.release_reply(self.run(self.release_call(key, field, value)))
 
     def close(self) -> None:
         self.late_releases.stop()
         self._client.close()
         self._waits.close()
+
+    # -- the pieces the Redlock backend is built of (backends/redlock.py) ------------------
+
+    def run(self, call: ScriptCall) -> Any:
+        """Run ``call`` on this server; its reply.
+
+        :raises LockBackendUnavailable: the server did not answer within ``connect_timeout``.
+        """
+        with self._answering(call.key):
+            return call.script(keys=call.keys, args=call.args)
+
+    def script(self, lua: str) -> Script:
+        """A script of the caller's own, for :class:`ScriptCall` (Redlock's fence raise)."""
+        return self._client.register_script(lua)
+
+    def line(self) -> Line:
+        """A connection to this server outside the pool, for writing requests to many
+        servers before reading any reply; see :class:`Line`."""
+        return Line(self)
+
+    def signal_wait(self, key: str, timeout: float) -> SignalWait:
+        """Start waiting for the next release announcement of ``key`` (fully prefixed),
+        for at most ``timeout`` seconds (``MAX_BLOCK`` at most); see :class:`SignalWait`.
+
+        :raises LockBackendUnavailable: the wait could not be started.
+        """
+        return SignalWait(self, key, timeout)
+
+
+class Line:
+    """A connection to one Redis server of the caller's own, outside the backend's pool.
+
+    For a caller that writes a request to many servers before reading any reply (the
+    Redlock backend): :meth:`send` only writes, :meth:`receive` reads the reply by
+    ``connect_timeout`` after that send. One request at a time; not thread-safe.
+    Errors come as :class:`LockBackendUnavailable` with this server's message ("refused
+    the connection", "did not answer within ..."), the connection then closed.
+    """
+
+    __slots__ = ("_connection", "_due", "_node")
+
+    def __init__(self, node: RedisBackend) -> None:
+        pool = node._client.connection_pool
+        self._node = node
+        self._connection = pool.connection_class(**pool.connection_kwargs)
+        self._due = 0.0
+
+    def pack(self, call: ScriptCall) -> Any:
+        """``call`` as a request for :meth:`send`: the same for every server with the
+        same scripts, so a caller packs it once."""
+        return self._connection.pack_command(
+            "EVALSHA", call.script.sha, len(call.keys), *call.keys, *call.args
+        )
+
+    def send(self, request: Any, key: str | None) -> None:
+        """Write ``request`` (from :meth:`pack`), connecting first if need be.
+
+        :raises LockBackendUnavailable: it was not sent, so the server cannot apply it.
+        """
+        with self._failing(key):
+            self._connection.send_packed_command(request, check_health=False)
+        self._due = time.monotonic() + self._node.connect_timeout
+
+    def receive(self, call: ScriptCall) -> Any:
+        """The reply to ``call``, sent by :meth:`send`, read by ``connect_timeout`` after
+        the send. A server restarted empty has forgotten the script: it is loaded and
+        run again.
+
+        :raises LockBackendUnavailable: no reply; the server may have applied it.
+        """
+        connection = self._connection
+        with self._failing(call.key):
+            try:
+                return connection.read_response(timeout=max(self._due - time.monotonic(), 0.001))
+            except NoScriptError:
+                connection.send_command("SCRIPT", "LOAD", call.script.script)
+                connection.read_response()
+                connection.send_command(
+                    "EVALSHA", call.script.sha, len(call.keys), *call.keys, *call.args
+                )
+                return connection.read_response()
+
+    def close(self) -> None:
+        """Close the connection (a later :meth:`send` opens a new one)."""
+        self._connection.disconnect()
+
+    @contextmanager
+    def _failing(self, key: str | None) -> Iterator[None]:
+        try:
+            with self._node._answering(key):
+                yield
+        except LockBackendUnavailable:
+            self.close()
+            raise
+        except redis.RedisError as exc:  # a reply we cannot use: as if it had not come
+            self.close()
+            raise LockBackendUnavailable(str(exc), url=self._node.url, key=key) from None
+
+
+class SignalWait:
+    """A BLPOP sent on one server for the next release announcement of one key.
+
+    Made by :meth:`RedisBackend.signal_wait`; :meth:`wait` blocks on it alone,
+    :func:`wait_for_first_signal` on many at once. :meth:`close` (or the end of a
+    ``with`` block) gives its connection back: an announcement that came is read, so it
+    is not lost; a BLPOP still pending is dropped with its connection.
+
+    Redis checks blocking timeouts only about every 100 ms, so a wait is timed here,
+    not by the server; the caller tries to acquire after every wait, so a release
+    announced just as the wait ends is not lost.
+
+    :ivar timeout: how long the wait lasts, in seconds (``MAX_BLOCK`` at most).
+    """
+
+    __slots__ = ("_connection", "_node", "_pending", "_pool", "key", "timeout")
+
+    def __init__(self, node: RedisBackend, key: str, timeout: float) -> None:
+        self._node = node
+        self.key = key
+        self.timeout = min(timeout, MAX_BLOCK)
+        # Waiters block a connection each: they come from the unbounded pool of waits.
+        self._pool = node._waits.connection_pool
+        with node._answering(key):
+            self._connection = self._pool.get_connection()
+            try:
+                self._connection.send_command(  # type: ignore[no-untyped-call]
+                    "BLPOP", node.signal_key(key), f"{self.timeout + 1:.3f}"
+                )
+            except BaseException:
+                self._pool.release(self._connection)
+                raise
+        self._pending = True
+
+    def wait(self) -> bool:
+        """Block until the announcement comes (True) or ``timeout`` passes (False).
+
+        :raises LockBackendUnavailable: the server failed while we waited.
+        """
+        connection = self._connection
+        try:
+            with self._node._answering(self.key):
+                if not connection.can_read(timeout=self.timeout):
+                    return False
+                self._pending = False
+                connection.read_response(timeout=self._node.connect_timeout)
+        except BaseException:
+            self._pending = False  # nothing left to read: close must not touch the socket
+            connection.disconnect()  # type: ignore[no-untyped-call]
+            raise
+        return True
+
+    def close(self) -> None:
+        """Read the announcement if it came, else drop the pending BLPOP; give the
+        connection back to the pool. Never raises for the server's sake."""
+        connection = self._connection
+        try:
+            if self._pending:
+                self._pending = False
+                if connection.can_read(timeout=0):
+                    connection.read_response(timeout=self._node.connect_timeout)
+                else:
+                    connection.disconnect()  # type: ignore[no-untyped-call]
+        except redis.RedisError:
+            connection.disconnect()  # type: ignore[no-untyped-call]
+        finally:
+            self._pool.release(connection)
+
+    def __enter__(self) -> SignalWait:
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, error: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+
+def wait_for_first_signal(waits: Sequence[SignalWait]) -> None:
+    """Block until any of ``waits`` has its announcement, or the shortest of their
+    timeouts passes. Their announcements are read when they are closed."""
+    with selectors.DefaultSelector() as selector:
+        for wait in waits:
+            sock = wait._connection._sock  # redis-py has no public accessor for it
+            if sock is not None:
+                selector.register(sock, selectors.EVENT_READ)
+        selector.select(min((wait.timeout for wait in waits), default=0))
 
 
 class _LateReleases:
@@ -436,7 +600,7 @@ class _LateReleases:
             for key, token in due:
                 try:
                     deleted = self._node.release_reply(
-                        self._node._run(self._node.release_call(key, "token", token))
+                        self._node.run(self._node.release_call(key, "token", token))
                     )
                 except Exception:  # best effort, never a dead thread: the TTL frees it anyway
                     logger.debug("late release of %r failed; trying again", key, exc_info=True)
@@ -450,5 +614,6 @@ class _LateReleases:
             pause = min(pause * 2, LATE_RELEASE_PAUSE[1])
 
 
-def _ms(seconds: float) -> int:
+def milliseconds(seconds: float) -> int:
+    """``seconds`` as the whole milliseconds of a PX or PEXPIRE argument (1 at least)."""
     return max(1, round(seconds * 1000))

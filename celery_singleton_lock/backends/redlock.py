@@ -31,24 +31,24 @@ from __future__ import annotations
 import copy
 import os
 import random
-import selectors
 import time
 from collections.abc import Callable, Collection, Sequence
+from contextlib import ExitStack
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 from celery_singleton_lock.backends.base import Granted, LockBackend, Refused
 from celery_singleton_lock.backends.owner import Owner
-from celery_singleton_lock.backends.redis import MAX_BLOCK, RedisBackend, ScriptCall, _ms, check_url
+from celery_singleton_lock.backends.redis import (
+    Line,
+    RedisBackend,
+    ScriptCall,
+    SignalWait,
+    milliseconds,
+    wait_for_first_signal,
+)
 from celery_singleton_lock.errors import ConfigurationError, LockBackendUnavailable, mask_url
 from celery_singleton_lock.lease import clock_drift
-
-try:
-    import redis
-    from redis.exceptions import NoScriptError
-except ImportError as exc:  # pragma: no cover - exercised only without the extra
-    msg = "the Redlock backend needs redis-py: pip install 'celery-singleton-lock[redis]'"
-    raise ConfigurationError(msg, option="singleton_lock_backend") from exc
 
 __all__ = ["RedlockBackend", "node_urls"]
 
@@ -100,7 +100,7 @@ def node_urls(url: str | Sequence[str], *, option: str = "url") -> list[str]:
         raise ConfigurationError(msg, option=option)
     seen: set[tuple[str, ...]] = set()
     for each in urls:
-        check_url(each, option=option)
+        RedisBackend.check_url(each, option=option)
         parts = urlsplit(each)
         where = (parts.path,) if parts.scheme == "unix" else (parts.hostname or "", str(parts.port or 6379))
         if where in seen:
@@ -175,8 +175,8 @@ class RedlockBackend(LockBackend):
             for u in urls
         ]
         self.quorum = len(self.nodes) // 2 + 1
-        self._raise_fence = self.nodes[0]._client.register_script(self.LUA_RAISE_FENCE)
-        self._lanes: list[list[Any]] = []
+        self._raise_fence = self.nodes[0].script(self.LUA_RAISE_FENCE)
+        self._lanes: list[list[Line]] = []
         self._lanes_pid = os.getpid()
 
     @classmethod
@@ -188,14 +188,14 @@ class RedlockBackend(LockBackend):
         thread in a gevent worker (see :meth:`RedisBackend.for_native_thread`)."""
         clone = copy.copy(self)
         clone.nodes = [node.for_native_thread() for node in self.nodes]
-        clone._raise_fence = clone.nodes[0]._client.register_script(self.LUA_RAISE_FENCE)
+        clone._raise_fence = clone.nodes[0].script(self.LUA_RAISE_FENCE)
         clone._lanes = []
         return clone
 
     # -- sending one call to many masters at once --------------------------------------
 
-    def _lane(self) -> list[Any]:
-        """A connection to every master, for one call at a time.
+    def _lane(self) -> list[Line]:
+        """A :class:`Line` to every master, for one call at a time.
 
         Lanes are kept in a free list rather than taken from each master's pool: that is
         a third of the cost of a round (the pools' locking and bookkeeping, per master).
@@ -206,8 +206,7 @@ class RedlockBackend(LockBackend):
         try:
             return self._lanes.pop()
         except IndexError:
-            pools = [node._client.connection_pool for node in self.nodes]
-            return [pool.connection_class(**pool.connection_kwargs) for pool in pools]
+            return [node.line() for node in self.nodes]
 
     def _broadcast(self, call: ScriptCall, to: Collection[int] | None = None) -> list[Any]:
         """Send ``call`` to every master (or those in ``to``), every request before
@@ -217,49 +216,30 @@ class RedlockBackend(LockBackend):
         """
         lane = self._lane()
         results: list[Any] = [None] * len(self.nodes)
-        sent: list[tuple[int, float]] = []
-        request = lane[0].pack_command(
-            "EVALSHA", call.script.sha, len(call.keys), *call.keys, *call.args
-        )
+        sent: list[int] = []
+        request = lane[0].pack(call)
         try:
-            for i, node in enumerate(self.nodes):
+            for i, line in enumerate(lane):
                 if to is not None and i not in to:
                     continue
                 try:
-                    with node._answering(call.key):
-                        lane[i].send_packed_command(request, check_health=False)
-                except (LockBackendUnavailable, redis.RedisError) as exc:
-                    lane[i].disconnect()
+                    line.send(request, call.key)
+                except LockBackendUnavailable as exc:
                     results[i] = _Failed(str(exc), sent=False)
                     continue
-                sent.append((i, time.monotonic() + self.node_timeout))
-            for i, deadline in sent:
-                results[i] = self._receive(self.nodes[i], call, lane[i], deadline)
+                sent.append(i)
+            for i in sent:
+                try:
+                    results[i] = lane[i].receive(call)  # by node_timeout after its own send
+                except LockBackendUnavailable as exc:
+                    results[i] = _Failed(str(exc), sent=True)
         except BaseException:
-            for connection in lane:  # interrupted: replies may be pending on any of them
-                connection.disconnect()
+            for line in lane:  # interrupted: replies may be pending on any of them
+                line.close()
             raise
         finally:
             self._lanes.append(lane)
         return results
-
-    def _receive(self, node: RedisBackend, call: ScriptCall, connection: Any, deadline: float) -> Any:
-        """The reply to ``call``, read by ``deadline``; :class:`_Failed` if there is none."""
-        try:
-            with node._answering(call.key):
-                try:
-                    return connection.read_response(timeout=max(deadline - time.monotonic(), 0.001))
-                except NoScriptError:
-                    # A master restarted empty forgot the script: load it, run it again.
-                    connection.send_command("SCRIPT", "LOAD", call.script.script)
-                    connection.read_response()
-                    connection.send_command(
-                        "EVALSHA", call.script.sha, len(call.keys), *call.keys, *call.args
-                    )
-                    return connection.read_response()
-        except (LockBackendUnavailable, redis.RedisError) as exc:
-            connection.disconnect()
-            return _Failed(str(exc), sent=True)
 
     def _unavailable(self, results: Sequence[Any], key: str | None) -> LockBackendUnavailable:
         down = [
@@ -328,7 +308,9 @@ class RedlockBackend(LockBackend):
         behind = {i for i, fence in granted.items() if fence < top}
         if not behind:
             return top
-        call = ScriptCall(self._raise_fence, [self.nodes[0].fence_key(key)], [top, _ms(ttl)], key)
+        call = ScriptCall(
+            self._raise_fence, [self.nodes[0].fence_key(key)], [top, milliseconds(ttl)], key
+        )
         results = self._broadcast(call, to=behind)
         raised = sum(1 for i in behind if not isinstance(results[i], _Failed))
         return top if len(granted) - len(behind) + raised >= self.quorum else None
@@ -348,46 +330,20 @@ class RedlockBackend(LockBackend):
         # BLPOP on every master's announcement list at once; the first answer ends the
         # wait (the caller then tries to acquire). A release pushes one announcement on
         # every master and each master wakes its longest-blocked waiter, usually the same
-        # one: the others keep waiting. Connections still blocked are dropped, as the
-        # single-Redis backend does when its wait times out.
-        timeout = min(timeout, MAX_BLOCK)
-        waiting: list[tuple[RedisBackend, Any]] = []
+        # one: the others keep waiting.
         failed: list[_Failed | None] = []
-        try:
+        with ExitStack() as waiting:
+            waits: list[SignalWait] = []
             for node in self.nodes:
-                pool = node._waits.connection_pool
                 try:
-                    with node._answering(key):
-                        connection = pool.get_connection()
-                        try:
-                            connection.send_command(  # type: ignore[no-untyped-call]
-                                "BLPOP", node.signal_key(key), f"{timeout + 1:.3f}"
-                            )
-                        except BaseException:
-                            pool.release(connection)
-                            raise
+                    waits.append(waiting.enter_context(node.signal_wait(key, timeout)))
                 except LockBackendUnavailable as exc:
                     failed.append(_Failed(str(exc), sent=False))
                     continue
-                waiting.append((node, connection))
                 failed.append(None)
-            if len(self.nodes) - sum(f is not None for f in failed) < self.quorum:
+            if len(waits) < self.quorum:
                 raise self._unavailable(failed, key)
-            with selectors.DefaultSelector() as selector:
-                for _, connection in waiting:
-                    if connection._sock is not None:
-                        selector.register(connection._sock, selectors.EVENT_READ)
-                selector.select(timeout)
-        finally:
-            for node, connection in waiting:
-                try:
-                    if connection.can_read(timeout=0):
-                        connection.read_response(timeout=self.node_timeout)
-                    else:
-                        connection.disconnect()
-                except redis.RedisError:
-                    connection.disconnect()
-                node._waits.connection_pool.release(connection)
+            wait_for_first_signal(waits)
 
     def _renew(self, items: Sequence[tuple[str, str, float]]) -> list[bool]:
         started = self.clock()
@@ -406,8 +362,8 @@ class RedlockBackend(LockBackend):
 
     def close(self) -> None:
         for lane in self._lanes:
-            for connection in lane:
-                connection.disconnect()
+            for line in lane:
+                line.close()
         self._lanes = []
         for node in self.nodes:
             node.close()
