@@ -521,6 +521,9 @@ class ZooKeeperMember:
         self.config_path = os.path.join(workdir, f"zk{server_id}.cfg")
         self.log_path = os.path.join(workdir, f"zk{server_id}.log")
         self.process: subprocess.Popen[bytes] | None = None
+        #: Four-letter words this object sent that the server answered (it counts each
+        #: as a packet received).
+        self.words_answered = 0
 
     @property
     def endpoint(self) -> str:
@@ -549,7 +552,10 @@ class ZooKeeperMember:
         """This member's answer to a four-letter word, None if it does not answer."""
         if not self.running:
             return None
-        return zookeeper_command(("127.0.0.1", self.client_port), word)
+        answer = zookeeper_command(("127.0.0.1", self.client_port), word)
+        if answer is not None:
+            self.words_answered += 1
+        return answer
 
     def mode(self) -> str | None:
         """"standalone", "leader" or "follower" while it serves clients, else None."""
@@ -565,8 +571,10 @@ class ZooKeeperMember:
         return dict(line.split("\t", 1) for line in answer.splitlines() if "\t" in line)
 
     def packets_received(self) -> int:
-        """Packets this member received from clients (requests and pings) since it started."""
-        return int(self.metrics().get("zk_packets_received", "0"))
+        """Packets this member received from clients (requests and session pings) since
+        it started, the four-letter words sent through this object excluded."""
+        received = int(self.metrics().get("zk_packets_received", "0"))
+        return received - self.words_answered
 
     def kill(self) -> None:
         """SIGKILL the member and reap it (its data stays for :meth:`ZooKeeperEnsemble.restart`)."""

@@ -555,7 +555,7 @@ class ZooKeeperBackend(LockBackend):
                 return False
             try:
                 self._result(node.session, node.session.client.delete_async(node.path), deadline, key)
-            except NoNodeError:
+            except (NoNodeError, SessionExpiredError):  # gone, or gone with its session
                 return False
             except (LockError, KazooException) as exc:
                 self._defer(_Cleanup(node.session, key, value, node.path))

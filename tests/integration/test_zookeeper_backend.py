@@ -20,7 +20,7 @@ from celery_singleton_lock.backends.zookeeper import ZooKeeperBackend
 from celery_singleton_lock.signals import lock_lost
 from celery_singleton_lock.testing import ZooKeeperEnsemble
 from tests.conftest import wait_until
-from tests.contract import BackendContract
+from tests.contract import BackendSpec, CrossProcessContract, ServerOperations
 
 
 @pytest.fixture(scope="module")
@@ -38,27 +38,29 @@ def raw(zookeeper_server):
     client.close()
 
 
-def _line(backend, raw, key: str) -> list[str]:
-    directory = backend._full_key(key)
-    if not raw.exists(directory):
-        return []
-    return sorted(raw.get_children(directory), key=lambda name: name[-10:])
+@pytest.fixture(scope="module")
+def counted_server():
+    """A server of its own for counting requests: the count must not include other
+    clients of this process (renewals of other tests' locks)."""
+    with ZooKeeperEnsemble(size=1) as ensemble:
+        yield ensemble
 
 
-class TestZooKeeperContract(BackendContract):
+class TestZooKeeperContract(CrossProcessContract):
+    # A dead session is noticed on the next tick (50 ms here), its nodes deleted and the
+    # next waiter's watch fired at once.
     expiry_lateness = 0.5
 
     @pytest.fixture
-    def backend(self, zk_url):
-        backend = connect(zk_url)
-        yield backend
-        backend.close()
+    def backend_spec(self, zk_url):
+        return BackendSpec(zk_url)
 
     @pytest.fixture
-    def second_backend(self, zk_url):
-        backend = connect(zk_url)
-        yield backend
-        backend.close()
+    def server_operations(self, counted_server):
+        member = counted_server.members[0]
+        # Every packet a client sends, requests and session pings alike (the 4-letter
+        # word that reads the count is not one).
+        return ServerOperations(count=member.packets_received, spec=BackendSpec(counted_server.url))
 
     @pytest.fixture(autouse=True)
     def _raw(self, raw):
@@ -68,6 +70,26 @@ class TestZooKeeperContract(BackendContract):
         directory = backend._full_key(key)
         for name in self.raw.get_children(directory):
             self.raw.delete(f"{directory}/{name}")
+
+    def unreachable_url(self, hosts, password):
+        return f"zookeeper://app:{password}@{','.join(hosts)}/chroot"
+
+    def check_unreachable(self, kind, error, elapsed):
+        # kazoo keeps trying every member until connect_timeout (0.5 s) ends; the message
+        # says what the last try met.
+        assert elapsed >= 0.4
+        if kind == "refused":
+            assert "Connection refused" in str(error)
+
+    @pytest.mark.filterwarnings("ignore:This process .* is multi-threaded:DeprecationWarning")
+    def test_a_forked_child_cannot_release_its_parents_lock(
+        self, backend_spec, backend, second_backend, unique_key
+    ):
+        # Not a known bug here: a ZooKeeper backend's held nodes are per process, so the
+        # child's copy of the HeldLock names no node of the child's.
+        CrossProcessContract.test_a_forked_child_cannot_release_its_parents_lock(
+            self, backend_spec, backend, second_backend, unique_key
+        )
 
 
 @pytest.fixture
@@ -307,11 +329,11 @@ def test_a_suspended_connection_keeps_the_lock_only_while_it_is_proved(proxy, ba
 
 def test_a_connection_back_in_time_keeps_the_lock_and_renewal_goes_on(proxy, backends, unique_key):
     backend = backends(proxy.url(), connect_timeout=0.5)
-    held = backend.acquire(unique_key, ttl=3)
+    held = backend.acquire(unique_key, ttl=1.5)
     proxy.cut()  # a server restart or a fail-over: kazoo reconnects within the session
-    time.sleep(3.5)  # past the TTL: only renewals after the reconnection can keep it
+    time.sleep(2.0)  # past the TTL: only renewals after the reconnection can keep it
     assert not held.lost
-    assert backends().acquire(unique_key, ttl=3) is None
+    assert backends().acquire(unique_key, ttl=1.5) is None
     assert held.release() is True
 
 
@@ -390,7 +412,7 @@ def test_a_ttl_above_the_servers_maximum_session_is_kept_by_proving_the_session(
         try:
             held = backend.acquire(unique_key, ttl=6)
             assert "granted sessions of 1.5s, not the 6s asked for" in caplog.text
-            time.sleep(2.0)
+            time.sleep(1.6)  # past one session timeout
             assert not held.lost
             relay.mode = "blackhole"
             silent_from = time.monotonic()
@@ -434,41 +456,3 @@ def test_digest_credentials_protect_the_nodes(zookeeper_server, backends, unique
     assert "refused our credentials" in str(info.value)
     assert "wrong" not in str(info.value)
     assert owner.release(held) is True
-
-
-def _closed_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def test_an_unreachable_server_fails_within_the_connect_timeout_with_the_password_masked(caplog):
-    url = f"zookeeper://app:s3cret@127.0.0.1:{_closed_port()},127.0.0.1:{_closed_port()}"
-    backend = connect(url, connect_timeout=1)
-    caplog.set_level(logging.DEBUG)
-    try:
-        start = time.monotonic()
-        with pytest.raises(LockBackendUnavailable) as info:
-            backend.acquire("k", ttl=5)
-        assert 0.9 <= time.monotonic() - start < 1.5
-        assert "s3cret" not in str(info.value)
-        assert "s3cret" not in caplog.text
-        assert "refused" in str(info.value).lower()
-    finally:
-        backend.close()
-
-
-def test_a_silent_server_fails_within_the_connect_timeout():
-    with socket.socket() as listener:  # accepts connections and never answers
-        listener.bind(("127.0.0.1", 0))
-        listener.listen(16)
-        backend = connect(f"zookeeper://127.0.0.1:{listener.getsockname()[1]}", connect_timeout=0.5)
-        try:
-            start = time.monotonic()
-            with pytest.raises(LockBackendUnavailable):
-                backend.acquire("k", ttl=5)
-            assert 0.4 <= time.monotonic() - start < 1.0
-        finally:
-            start = time.monotonic()
-            backend.close()
-            assert time.monotonic() - start < 2.5
