@@ -81,16 +81,6 @@ class TestZooKeeperContract(CrossProcessContract):
         if kind == "refused":
             assert "Connection refused" in str(error)
 
-    @pytest.mark.filterwarnings("ignore:This process .* is multi-threaded:DeprecationWarning")
-    def test_a_forked_child_cannot_release_its_parents_lock(
-        self, backend_spec, backend, second_backend, unique_key
-    ):
-        # Not a known bug here: a ZooKeeper backend's held nodes are per process, so the
-        # child's copy of the HeldLock names no node of the child's.
-        CrossProcessContract.test_a_forked_child_cannot_release_its_parents_lock(
-            self, backend_spec, backend, second_backend, unique_key
-        )
-
 
 @pytest.fixture
 def backend(zk_url):
