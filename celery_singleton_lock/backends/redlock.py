@@ -285,15 +285,20 @@ class RedlockBackend(LockBackend):
         if fencing_token is not None and ttl - (self.clock() - started) - clock_drift(ttl) > 0:
             return Granted(fencing_token)
         # Not held: undo it wherever it may have been granted (a master that timed out
-        # may have granted it too), all at once, so others need not wait for our TTL.
-        undo = {i for i, r in enumerate(results) if not (isinstance(r, list) and r[0] == 0)}
-        undone = self._broadcast(self.nodes[0].release_call(key, "token", token), to=undo)
-        for i in undo:
-            # A master that got the request but answered neither it nor the undo (hung,
-            # or slow) may apply the acquire later: it releases the token once it answers.
-            failed = results[i]
-            if isinstance(failed, _Failed) and failed.sent and isinstance(undone[i], _Failed):
-                self.nodes[i].late_releases.add(key, token, ttl)
+        # may have granted it too), all at once, so others need not wait for our TTL. A
+        # master the request never reached has nothing to undo: trying would only spend
+        # another node_timeout on each one that does not answer.
+        undo = {
+            i for i, r in enumerate(results) if i in granted or (isinstance(r, _Failed) and r.sent)
+        }
+        if undo:
+            undone = self._broadcast(self.nodes[0].release_call(key, "token", token), to=undo)
+            for i in undo:
+                # A master that got the request but answered neither it nor the undo (hung,
+                # or slow) may apply the acquire later: it releases the token once it answers.
+                failed = results[i]
+                if isinstance(failed, _Failed) and failed.sent and isinstance(undone[i], _Failed):
+                    self.nodes[i].late_releases.add(key, token, ttl)
         if len(self.nodes) - sum(isinstance(r, _Failed) for r in results) < self.quorum:
             raise self._unavailable(results, key)
         return self._refusal(refused)

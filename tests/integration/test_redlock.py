@@ -96,13 +96,7 @@ class _Redlock:
 
 class TestRedlockContractOn3Masters(_Redlock, CrossProcessContract):
     unreachable_hosts = 3
-    known_bugs: ClassVar[dict[str, str]] = {
-        **FORKED_RELEASE_BUG,
-        "test_an_unreachable_server_fails_within_the_connect_timeout_with_the_password_masked[silent]": (
-            "bug: silent masters are connected to one after another, each spending twice "
-            "node_timeout: 3 take 1.5 s whatever connect_timeout (0.5 s here)"
-        ),
-    }
+    known_bugs: ClassVar[dict[str, str]] = FORKED_RELEASE_BUG
 
     @pytest.fixture
     def server_operations(self, shared_masters):
