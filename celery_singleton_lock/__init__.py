@@ -16,11 +16,12 @@ from celery_singleton_lock.errors import (
     LockLost,
 )
 from celery_singleton_lock.lease import HeldLock
-from celery_singleton_lock.policies import Raise, Retry, Skip, Wait
+from celery_singleton_lock.policies import Contention, Raise, Retry, Skip, Skipped, Wait
 from celery_singleton_lock.task import SingletonTask, current_lock, singleton_task
 
 __all__ = [
     "ConfigurationError",
+    "Contention",
     "HeldLock",
     "LockBackendUnavailable",
     "LockContended",
@@ -31,6 +32,7 @@ __all__ = [
     "Retry",
     "SingletonTask",
     "Skip",
+    "Skipped",
     "Wait",
     "connect",
     "current_lock",

@@ -36,13 +36,12 @@ from __future__ import annotations
 import datetime as dt
 import inspect
 import logging
-import random
 import sys
 import threading
 import time
 from contextvars import ContextVar
 from dataclasses import dataclass
-from typing import Any, ClassVar, NoReturn
+from typing import Any, ClassVar, NamedTuple, NoReturn
 
 from celery import Celery, Task, shared_task
 from celery.exceptions import Ignore
@@ -76,6 +75,7 @@ from celery_singleton_lock.policies import (
     Contention,
     Policy,
     Skipped,
+    backoff_delay,
     lock_retries,
     parse_policy,
 )
@@ -91,10 +91,18 @@ _TASK_OPTIONS = (
 #: call would silently drop its callbacks, its chain or its place in a group.
 _CALLBACK_OPTIONS = ("link", "link_error", "chain", "group_id", "chord")
 
-#: The locks held by the singleton tasks running in this context, innermost last.
-_running: ContextVar[tuple[tuple[Task, str | None, HeldLock], ...]] = ContextVar(
-    "celery_singleton_lock_running", default=()
-)
+
+class _LockedRun(NamedTuple):
+    """A singleton task's body running in this context, and the lock it runs under."""
+
+    task: Task
+    #: None for a direct call (``task()``).
+    task_id: str | None
+    held: HeldLock
+
+
+#: The singleton task bodies running in this context, innermost last.
+_running: ContextVar[tuple[_LockedRun, ...]] = ContextVar("celery_singleton_lock_running", default=())
 
 
 #: Locks whose task body has ended, released when Celery has stored the result.
@@ -105,7 +113,7 @@ _awaiting_postrun_guard = threading.Lock()
 def current_lock() -> HeldLock | None:
     """The :class:`HeldLock` of the singleton task running here, or None outside one."""
     running = _running.get()
-    return running[-1][2] if running else None
+    return running[-1].held if running else None
 
 
 @dataclass(frozen=True)
@@ -352,7 +360,7 @@ class SingletonTask(Task):  # type: ignore[misc]
         hard_limit = (getattr(request, "timelimit", None) or (None,))[0] or options.default_time_limit
         if hard_limit:
             held.stop_renewal_at(held.backend.clock() + float(hard_limit))
-        token = _running.set((*_running.get(), (self, request.id, held)))
+        token = _running.set((*_running.get(), _LockedRun(self, request.id, held)))
         try:
             result = super().__call__(*args, **kwargs)
         finally:
@@ -444,8 +452,11 @@ class SingletonTask(Task):  # type: ignore[misc]
             )
             raise LockBackendUnavailable(msg, url=exc.url, key=exc.key) from None
         tries = int(counts.get("unavailable", 0))
-        ceiling = min(2.0**tries, settings.outage_backoff_max)
-        countdown = min(ceiling * _jitter.uniform(0.5, 1.0), settings.outage_timeout - outage)
+        # 1, 2, 4 ... s up to outage_backoff_max, each drawn from its upper half.
+        delay = backoff_delay(
+            tries, first=1.0, factor=2.0, cap=settings.outage_backoff_max, spread=(0.5, 1.0)
+        )
+        countdown = min(delay, settings.outage_timeout - outage)
         logger.warning(
             "%s[%s]: %s; retry %d in %.1fs (unreachable for %.0fs of %gs)",
             self.name, request.id, exc, tries + 1, countdown, outage, settings.outage_timeout,
@@ -492,15 +503,11 @@ class SingletonTask(Task):  # type: ignore[misc]
         by our own lock.
         """
         task_id = self.request.id
-        for task, running_id, held in reversed(_running.get()):
-            if task is self and running_id == task_id:
-                held.release_quietly()
+        for run in reversed(_running.get()):
+            if run.task is self and run.task_id == task_id:
+                run.held.release_quietly()
                 break
         return super().retry(*args, **kwargs)
-
-
-#: Jitter of outage retries: the OS's source, so prefork children do not draw alike.
-_jitter = random.SystemRandom()
 
 
 def _is_redelivered(request: Any) -> bool:

@@ -1,4 +1,4 @@
-"""The public names: the contract of ARCHITECTURE.md ("Public contract") and LockKeyError."""
+"""The public names: the contract of ARCHITECTURE.md ("Public contract") and a few extras."""
 
 from __future__ import annotations
 
@@ -27,12 +27,14 @@ def test_every_exported_name_exists() -> None:
 
 
 #: Beyond the contract: LockKeyError, which the core issue asks for (an argument with no
-#: canonical form), is public too.
-EXTRA = {"LockKeyError"}
+#: canonical form), and what a policy of one's own takes and returns (README, "Writing your
+#: own policy"): Contention and Skipped.
+EXTRA = {"LockKeyError", "Contention", "Skipped"}
 
 
-def test_all_is_exactly_the_contract_plus_lock_key_error() -> None:
+def test_all_is_exactly_the_contract_plus_the_extras() -> None:
     assert set(celery_singleton_lock.__all__) == CONTRACT | EXTRA
+    assert celery_singleton_lock.__all__ == sorted(celery_singleton_lock.__all__)
 
 
 def test_the_exported_objects_are_the_implementations() -> None:
@@ -44,4 +46,6 @@ def test_the_exported_objects_are_the_implementations() -> None:
     assert celery_singleton_lock.connect is backends.connect
     assert celery_singleton_lock.HeldLock is lease.HeldLock
     assert celery_singleton_lock.Wait is policies.Wait
+    assert celery_singleton_lock.Contention is policies.Contention
+    assert celery_singleton_lock.Skipped is policies.Skipped
     assert celery_singleton_lock.LockError is errors.LockError

@@ -17,12 +17,14 @@ from celery.app.trace import build_tracer
 
 from celery_singleton_lock import (
     ConfigurationError,
+    Contention,
     HeldLock,
     LockContended,
     LockLost,
     Retry,
     SingletonTask,
     Skip,
+    Skipped,
     Wait,
     current_lock,
     singleton_task,
@@ -216,6 +218,70 @@ def test_wait_policy_that_times_out_applies_its_fallback(eager_app: Celery) -> N
     assert sync.delay(3).result == "synced"
 
 
+def test_retry_then_skip_retries_then_ends_as_skipped(eager_app: Celery, record_signal) -> None:
+    contended = record_signal(lock_contended)
+    skipped = record_signal(task_skipped)
+
+    @eager_app.task(base=SingletonTask, on_contention=Retry(countdown=0, max_retries=2) | Skip("gave up"))
+    def sync(account_id: int) -> str:
+        return "synced"
+
+    holder = hold(eager_app, sync, 3)
+    result = sync.delay(3)
+    assert (result.state, result.result) == ("SUCCESS", "gave up")
+    assert len(contended) == 3  # the first run and its two retries
+    assert len(skipped) == 1
+    holder.release()
+
+
+def test_a_chain_of_names_as_a_task_option(eager_app: Celery, record_signal) -> None:
+    contended = record_signal(lock_contended)
+
+    @eager_app.task(base=SingletonTask, on_contention="retry|raise", max_retries=1)
+    def sync(account_id: int) -> None: ...
+
+    holder = hold(eager_app, sync, 3)
+    result = sync.delay(3)
+    assert result.state == "FAILURE"
+    assert isinstance(result.result, LockContended)
+    assert "gave up" not in str(result.result)  # Raise() failed it, not Retry giving up
+    assert len(contended) == 2  # the task's max_retries=1: one retry
+    holder.release()
+
+
+def test_a_chain_of_names_as_the_app_setting(eager_app: Celery) -> None:
+    eager_app.conf.singleton_lock_on_contention = "wait|skip"
+    eager_app.conf.singleton_lock_wait_timeout = 0
+
+    @eager_app.task(base=SingletonTask)
+    def sync(account_id: int) -> str:
+        return "synced"
+
+    holder = hold(eager_app, sync, 3)
+    assert sync.delay(3).state == "SUCCESS"
+    assert sync.delay(3).result is None
+    holder.release()
+    assert sync.delay(3).result == "synced"
+
+
+class Busy:
+    """A user's policy class, given as the class."""
+
+    def __call__(self, contention: Contention) -> Skipped:
+        return Skipped(f"busy: {contention.key}")
+
+
+def test_a_users_policy_class_is_made_once_and_decides(eager_app: Celery) -> None:
+    @eager_app.task(base=SingletonTask, on_contention=Busy)
+    def sync(account_id: int) -> str:
+        return "synced"
+
+    assert isinstance(sync.lock_options().policy, Busy)
+    holder = hold(eager_app, sync, 3)
+    assert sync.delay(3).result == f"busy: {sync.lock_key_for((3,), {})}"
+    holder.release()
+
+
 # -- running with the lock -----------------------------------------------------------------
 
 
@@ -384,6 +450,8 @@ BAD_OPTIONS = [
     ("lock_ttl", "60"),
     ("on_contention", "sometimes"),
     ("on_contention", 42),
+    ("on_contention", "skip|retry"),
+    ("on_contention", LockKeyError),  # a class that is no policy: LockKeyError() needs a message
     ("on_lock_lost", "ignore"),
     ("lock_key", ("nope",)),
     ("lock_key", "invoice:{nope}"),
