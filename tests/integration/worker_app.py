@@ -17,7 +17,7 @@ import redis
 from celery import Celery
 from celery.exceptions import SoftTimeLimitExceeded
 
-from celery_singleton_lock import Retry, SingletonTask, Wait, current_lock, singleton_task
+from celery_singleton_lock import Retry, SingletonTask, Skip, Wait, current_lock, singleton_task
 from celery_singleton_lock.errors import LockLost
 from celery_singleton_lock.signals import lock_lost, task_skipped
 
@@ -81,6 +81,11 @@ def sleepy_retry(run: str, seconds: float) -> str:
 @app.task(base=SingletonTask, on_contention="raise")
 def sleepy_raise(run: str, seconds: float) -> str:
     return _body(run, seconds)
+
+
+@app.task(base=SingletonTask, on_contention=Retry(countdown=0.2, max_retries=1) | Skip("retried, skipped"))
+def retry_then_skip(run: str) -> str:
+    return _body(run, 0)
 
 
 @singleton_task(app)

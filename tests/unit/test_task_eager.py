@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import uuid
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -577,3 +578,18 @@ def test_class_based_task_with_a_bad_attribute_is_rejected_when_registered(eager
     with pytest.raises(ConfigurationError) as info:
         eager_app.register_task(Broken())
     assert info.value.option == "on_contention"
+
+
+# -- README ----------------------------------------------------------------------------------
+
+
+def test_the_readme_example_of_a_policy_of_ones_own_runs_and_prints_what_it_says(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    readme = (Path(__file__).parents[2] / "README.md").read_text()
+    section = readme[readme.index("### Writing your own policy"):]
+    code = section[section.index("```python\n") + len("```python\n"):]
+    code = code[: code.index("```")]
+    exec(compile(code, "README.md", "exec"), {"__name__": "readme_example"})
+    promised = [line.split("# ", 1)[1].strip() for line in code.splitlines() if line.startswith("print(")]
+    assert capsys.readouterr().out.splitlines() == promised
