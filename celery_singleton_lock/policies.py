@@ -350,7 +350,9 @@ class Retry(_Chainable):
         ran_out = not contention.can_retry or (limit is not None and done >= limit)
         if ran_out and self.then is not None:
             spent = done if limit is None else min(done, limit)
+            # The next link counts its retries from 0 (its own max_retries, its own backoff).
             return self.then(replace(contention, retries_spent=contention.retries_spent + spent))
+        # Alone and run out, this raises LockContended ("gave up", or "a direct call").
         contention.retry(self.countdown_for(done), self.max_retries)
 
 
