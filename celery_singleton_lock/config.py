@@ -10,7 +10,8 @@ setting                            meaning                                      
 ``singleton_lock_backend``         lock server URL, or a list of >= 3 Redis      broker URL
                                    URLs (Redlock: a quorum of masters)           if Redis
 ``singleton_lock_ttl``             lease seconds                                 60
-``singleton_lock_on_contention``   "skip", "retry", "wait", "raise" or a policy  "skip"
+``singleton_lock_on_contention``   "skip", "retry", "wait", "raise", a chain     "skip"
+                                   ("retry|skip"), a policy or policy class
 ``singleton_lock_on_lock_lost``    "log" or "raise"                              "log"
 ``singleton_lock_prefix``          namespace of every key                        "singleton-lock"
 ``singleton_lock_wait_timeout``    seconds ``Wait()`` waits by default           60

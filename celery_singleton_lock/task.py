@@ -168,7 +168,9 @@ class SingletonTask(Task):  # type: ignore[misc]
         a format string naming a shared resource (``"invoice:{invoice_id}"``), or a
         callable taking the task's arguments and returning the resource name.
     :ivar lock_ttl: lease seconds, renewed about every third of it while the body runs.
-    :ivar on_contention: "skip", "retry", "wait", "raise" or a policy object.
+    :ivar on_contention: "skip", "retry", "wait", "raise", a chain such as
+        ``"retry|skip"`` or ``Retry(max_retries=3) | Skip()``, a policy object, or a
+        policy class (made with no arguments).
     :ivar on_lock_lost: "log" (default): log at ERROR and send ``lock_lost``; "raise":
         also fail the task with :class:`LockLost` when the body returns, since its work
         was not exclusive. ``current_lock().ensure_held()`` raises in either case.
