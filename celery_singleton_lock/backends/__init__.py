@@ -42,6 +42,8 @@ BACKEND_ALIASES: dict[str, str] = {
     "zookeeper": "celery_singleton_lock.backends.zookeeper:ZooKeeperBackend",
     "zk": "celery_singleton_lock.backends.zookeeper:ZooKeeperBackend",
     "file": "celery_singleton_lock.backends.file:FileBackend",
+    "postgresql": "celery_singleton_lock.backends.postgres:PostgresBackend",
+    "postgres": "celery_singleton_lock.backends.postgres:PostgresBackend",
 }
 
 

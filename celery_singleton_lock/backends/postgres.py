@@ -1,0 +1,1001 @@
+"""PostgreSQL: ``postgresql://user:password@host:5432/dbname?sslmode=...`` (alias ``postgres://``).
+
+A lease table, not advisory locks: an advisory lock belongs to a session, so it breaks
+behind PgBouncer's transaction pooling, and a stranded one (a partitioned client, a
+recycled pooler connection) stays taken until the server notices the session is gone,
+which can take hours. A row of this table is a lease with an expiry on the server's
+clock, whatever happens to the connection that wrote it::
+
+    singleton_locks                          (the name is the ``table`` option)
+      key         text primary key           the full key (prefix included)
+      token       text                       this acquisition's random token; NULL: free
+      owner       text                       the owner JSON (host, pid, task id); NULL: free
+      fence       bigint                     the last fencing token given for the key
+      expires_at  timestamptz                end of the lease; for a free row, when it
+                                             became free (old free rows are deleted)
+    singleton_locks_fence                    the sequence every fencing token comes from
+
+Every time is the server's (``clock_timestamp()``), so client clocks do not matter. Each
+operation is one statement in autocommit, one round trip: an acquire is an upsert that
+takes the row only when it is free or expired and returns the new fencing token, or on
+refusal the holder's task id and remaining lease; the renewal of every lock of a backend
+is one UPDATE over arrays; a release is an UPDATE guarded by the exact token (or owner)
+that also sends ``NOTIFY``. The statements are the ``SQL_*`` class constants.
+
+Fencing tokens come from one sequence: ``nextval`` only rises, across a row's deletion and
+reuse and across server restarts (a sequence is WAL-logged ahead of use). A failover to an
+asynchronous standby that had not received the last grants can repeat tokens, as it loses
+those grants themselves; ``docs/postgres.md`` says exactly when.
+
+Waiting: one connection per process (and listening URL) runs ``LISTEN`` for the keys its
+waiters want, each key on a channel of its own, and wakes those waiters when a release
+of the key is announced; a waiter costs the server nothing while it waits. A crashed
+holder sends no ``NOTIFY``: its lease ends on the server's clock, and the base class
+bounds every wait by the holder's remaining lease. Behind PgBouncer in transaction mode
+``LISTEN`` does not work: give ``listen_url`` (a direct connection) or waits become timed
+(``poll_interval``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import hashlib
+import json
+import logging
+import os
+import random
+import re
+import select
+import selectors
+import sys
+import threading
+import time
+import weakref
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from celery_singleton_lock import _native
+from celery_singleton_lock.backends.base import Granted, LockBackend, Refused
+from celery_singleton_lock.backends.owner import Owner
+from celery_singleton_lock.errors import ConfigurationError, LockBackendUnavailable, LockKeyError, mask_url
+
+try:
+    import psycopg
+    from psycopg import errors as pg_errors
+    from psycopg import pq, sql, waiting
+    from psycopg.abc import PQGen
+    from psycopg.conninfo import conninfo_to_dict, make_conninfo
+except ImportError as exc:  # pragma: no cover - exercised only without the extra
+    msg = "the PostgreSQL backend needs psycopg 3: pip install 'celery-singleton-lock[postgres]'"
+    raise ConfigurationError(msg, option="singleton_lock_backend") from exc
+
+__all__ = ["PostgresBackend"]
+
+logger = logging.getLogger("celery_singleton_lock.postgres")
+
+RV = TypeVar("RV")
+
+#: A connection idle in the pool for longer than this is closed instead of reused
+#: (servers and poolers drop idle sessions; a fresh one costs one connect).
+MAX_IDLE = 300.0
+#: A key's channel stays LISTENed this long after its last waiter left: a waiter that
+#: tries again and waits again keeps its subscription instead of paying LISTEN again.
+#: The listening connection closes once no channel is left.
+LISTEN_LINGER = 30.0
+#: Pauses between reconnections of the listening connection (doubling).
+RELISTEN_PAUSE = (0.1, 2.0)
+#: A release of an acquisition whose outcome is unknown is retried after these pauses
+#: (doubling) until the server answers it, or the lock's TTL has freed it anyway.
+LATE_RELEASE_PAUSE = (0.05, 1.0)
+#: A renewal gets this share of the shortest TTL it renews, at most connect_timeout:
+#: the keeper retries a failed one, so a hung connection costs a short try, not the lease.
+RENEWAL_SHARE = 0.25
+MIN_TRY = 0.25
+#: At most this many old free rows are deleted by one clean-up statement.
+CLEANUP_BATCH = 1000
+#: A refusal whose holder the statement's snapshot could not show (a row written by a
+#: concurrent transaction after the statement began) is tried again this often.
+REFUSAL_RETRIES = 3
+#: PostgreSQL identifiers are at most 63 bytes; the sequence name adds "_fence".
+MAX_TABLE_NAME = 63 - len("_fence")
+_SQLSTATE_CONNECTION = ("08", "57P")  # connection exceptions, operator intervention
+_IDENTIFIER = re.compile(r"[^\x00.]+")
+
+#: Our own options; every other keyword goes to libpq as a connection parameter.
+_OWN_OPTIONS = (
+    "table", "pgbouncer", "listen_url", "poll_interval", "cleanup_after", "max_connections",
+)
+
+
+class _Connection(psycopg.Connection[tuple[Any, ...]]):
+    """A psycopg connection whose every wait ends by ``deadline`` (time.monotonic).
+
+    psycopg bounds the connection attempt (at whole seconds, 2 at least) but never a
+    statement: against a server that stopped answering, ``execute`` blocks forever. Every
+    wait psycopg does on the socket goes through :meth:`wait`, so this is the one place
+    where a deadline reaches them all; a statement cut short raises ``_WaitTimeout`` (an
+    ``OperationalError``) and the connection is closed, its state unknown.
+    """
+
+    deadline: float | None = None
+
+    def wait(self, gen: PQGen[RV], interval: float = 0.1, timeout: float | None = None) -> RV:
+        if timeout is None and self.deadline is not None:
+            timeout = max(0.0, self.deadline - time.monotonic())
+        return super().wait(gen, interval, timeout)
+
+
+class _Unreachable(Exception):
+    """No connection could be had: the server refused or did not answer, or this
+    process's connections are all busy. Nothing was sent."""
+
+
+def _connect(conninfo: str, deadline: float, *, prepare: bool) -> _Connection:
+    """A new autocommit connection, within ``deadline`` (time.monotonic).
+
+    psycopg's ``connect`` rounds ``connect_timeout`` to whole seconds of at least two, so
+    the connection is made the way it makes each attempt, with our own bound. libpq
+    itself moves on to the next host of a multi-host URL when one refuses.
+    """
+    gen = _Connection._connect_gen(conninfo)
+    try:
+        conn = waiting.wait_conn(gen, interval=0.1, timeout=max(0.0, deadline - time.monotonic()))
+    except pg_errors._WaitTimeout:
+        raise _Unreachable("no answer to the connection attempt") from None
+    except psycopg.Error as exc:
+        raise _Unreachable(_first_line(exc)) from None
+    conn.autocommit = True
+    # PgBouncer in transaction mode hands each transaction to any server connection: a
+    # statement prepared on one is missing on the next.
+    conn.prepare_threshold = 5 if prepare else None
+    return conn
+
+
+def _first_line(exc: BaseException) -> str:
+    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+
+
+def _has_input(fd: int) -> bool:
+    """True when the socket ``fd`` has something to read (or hung up) right now."""
+    # gevent removes select.poll; a poll that does not wait never blocks, so the
+    # original is safe in a greenlet too.
+    monkey = sys.modules.get("gevent.monkey")
+    poll = monkey.get_original("select", "poll") if monkey is not None else select.poll
+    poller = poll()
+    poller.register(fd, select.POLLIN | select.POLLPRI)
+    return bool(poller.poll(0))
+
+
+# -- connections -------------------------------------------------------------------------
+
+
+class _Pool:
+    """This process's connections to one server: taken for one statement, then given back.
+
+    At most ``size`` at a time; a caller finds an idle one or opens one, and waits (until
+    its deadline) only when ``size`` are busy. An idle connection that has input waiting
+    was told something while nobody used it: the server ending the session (a restart,
+    ``pg_terminate_backend``), so it is closed instead of used, before anything is sent.
+    """
+
+    def __init__(
+        self, conninfo: str, size: int, *, prepare: bool, guard: threading.Condition | None = None
+    ) -> None:
+        self._conninfo = conninfo
+        self._size = size
+        self._prepare = prepare
+        self._guard = guard or threading.Condition()
+        self._idle: list[tuple[_Connection, float]] = []
+        self._busy = 0
+        self._pid = os.getpid()
+        _pools.add(self)
+
+    def take(self, deadline: float) -> _Connection:
+        while True:
+            with self._guard:
+                while not self._idle and self._busy >= self._size:
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        msg = f"all {self._size} connections of this process are busy (max_connections)"
+                        raise _Unreachable(msg)
+                    self._guard.wait(remaining)
+                conn = self._idle.pop()[0] if self._idle else None
+                self._busy += 1
+            if conn is None:
+                try:
+                    return _connect(self._conninfo, deadline, prepare=self._prepare)
+                except BaseException:
+                    self._release_slot()
+                    raise
+            if conn.closed or conn.broken or _has_input(conn.pgconn.socket):
+                self._release_slot()
+                _close_quietly(conn)
+                continue
+            return conn
+
+    def give(self, conn: _Connection, *, reusable: bool = True) -> None:
+        conn.deadline = None
+        reusable = reusable and not conn.broken and (
+            conn.pgconn.transaction_status == pq.TransactionStatus.IDLE
+        )
+        now = time.monotonic()
+        with self._guard:
+            if os.getpid() != self._pid:  # taken before a fork: the parent's connection
+                return
+            self._busy -= 1
+            stale = [c for c, since in self._idle if now - since > MAX_IDLE]
+            self._idle = [(c, since) for c, since in self._idle if now - since <= MAX_IDLE]
+            if reusable:
+                self._idle.append((conn, now))
+            self._guard.notify()
+        for each in stale if reusable else [*stale, conn]:
+            _close_quietly(each)
+
+    def _release_slot(self) -> None:
+        with self._guard:
+            self._busy -= 1
+            self._guard.notify()
+
+    def close(self) -> None:
+        with self._guard:
+            idle, self._idle = self._idle, []
+        for conn, _ in idle:
+            _close_quietly(conn)
+
+    def _forget_after_fork(self) -> None:
+        # The child must never talk on its parent's sockets (closing a connection sends
+        # the server a goodbye for the parent's session): only its file descriptors go.
+        for conn, _ in self._idle:
+            _abandon(conn)
+        self._idle, self._busy, self._pid = [], 0, os.getpid()
+        self._guard = threading.Condition()
+
+
+def _close_quietly(conn: psycopg.Connection[Any]) -> None:
+    with contextlib.suppress(Exception):
+        conn.close()
+
+
+def _abandon(conn: psycopg.Connection[Any]) -> None:
+    """Close a connection inherited through fork on our side only. psycopg never sends
+    libpq's goodbye from a process other than the one that connected."""
+    with contextlib.suppress(Exception):
+        os.close(conn.pgconn.socket)
+
+
+_pools: weakref.WeakSet[_Pool] = weakref.WeakSet()
+
+
+# -- waiting -----------------------------------------------------------------------------
+
+
+@dataclass
+class _Channel:
+    """One key's channel on the listening connection."""
+
+    #: Rises with every release announced on it, and whenever one may have been missed
+    #: (each LISTEN, each reconnection): a waiter waits for it to change.
+    generation: int = 0
+    listening: bool = False
+    waiters: int = 0
+    last_waited: float = field(default_factory=time.monotonic)
+
+
+class _Listener:
+    """One LISTEN connection per process and URL, shared by every waiter of the process.
+
+    Its thread subscribes to the channels of the keys waited for, and turns each
+    notification into a new generation of its channel. A waiter notes the generation
+    before its attempt (``generation``) and waits for it to change (``wait``), so a
+    release announced between its refused attempt and its wait is not missed.
+    """
+
+    def __init__(self, conninfo: str, connect_timeout: float) -> None:
+        self._conninfo = conninfo
+        self._connect_timeout = connect_timeout
+        self._guard = threading.Lock()
+        self._changed = threading.Condition(self._guard)
+        self._channels: dict[str, _Channel] = {}
+        self._thread: threading.Thread | None = None
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)
+        self._conn: _Connection | None = None
+
+    def generation(self, channel: str) -> int | None:
+        """The channel's generation now, if it is subscribed (None: a wait must first
+        subscribe, and cannot know what was announced before)."""
+        with self._guard:
+            state = self._channels.get(channel)
+            return state.generation if state is not None and state.listening else None
+
+    def wait(self, channel: str, seen: int | None, timeout: float) -> None:
+        """Block until ``channel`` has a generation other than ``seen`` (an announcement,
+        or a subscription just made), or ``timeout`` seconds."""
+        deadline = time.monotonic() + timeout
+        with self._guard:
+            state = self._channels.setdefault(channel, _Channel())
+            state.waiters += 1
+            try:
+                if not state.listening:
+                    self._start()
+                while not (state.listening and (seen is None or state.generation != seen)):
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        return
+                    self._changed.wait(min(remaining, threading.TIMEOUT_MAX))
+            finally:
+                state.waiters -= 1
+                state.last_waited = time.monotonic()
+
+    def _start(self) -> None:
+        # Called with the guard held.
+        if self._thread is None:
+            self._thread = threading.Thread(
+                target=self._run, name="celery-singleton-lock-pg-listen", daemon=True
+            )
+            self._thread.start()
+        else:
+            self._poke()
+
+    def _poke(self) -> None:
+        with contextlib.suppress(BlockingIOError):  # full: a wake-up is pending anyway
+            os.write(self._wake_w, b"!")
+
+    def _run(self) -> None:
+        conn: _Connection | None = None
+        listened: set[str] = set()
+        pause = RELISTEN_PAUSE[0]
+        with selectors.DefaultSelector() as selector:
+            selector.register(self._wake_r, selectors.EVENT_READ)
+            try:
+                while True:
+                    wanted, timeout = self._wanted()
+                    if wanted is None:
+                        return
+                    try:
+                        if conn is None:
+                            conn = self._open()
+                            listened = set()
+                            selector.register(conn.pgconn.socket, selectors.EVENT_READ, conn)
+                        self._subscribe(conn, listened, wanted)
+                        pause = RELISTEN_PAUSE[0]
+                        for ready, _ in selector.select(timeout):
+                            if ready.data is None:  # a wake-up call: the wanted set changed
+                                with contextlib.suppress(BlockingIOError):
+                                    os.read(self._wake_r, 4096)
+                            else:
+                                conn.pgconn.consume_input()
+                                self._drain(conn)
+                    except (psycopg.Error, _Unreachable) as exc:
+                        logger.debug("listening connection failed (%s); reconnecting", _first_line(exc))
+                        if conn is not None:
+                            with contextlib.suppress(KeyError, ValueError, OSError):
+                                selector.unregister(conn.pgconn.socket)
+                            _close_quietly(conn)
+                        conn = self._conn = None
+                        self._lost()
+                        selector.select(pause)  # a wake-up call ends the pause early
+                        pause = min(pause * 2, RELISTEN_PAUSE[1])
+            finally:
+                self._conn = None
+                if conn is not None:
+                    _close_quietly(conn)
+
+    def _open(self) -> _Connection:
+        conn = _connect(self._conninfo, time.monotonic() + self._connect_timeout, prepare=False)
+        self._conn = conn  # only for a forked child to let go of
+        # Notifications that arrive while LISTEN runs come through psycopg's handler.
+        conn.add_notify_handler(self._on_notify)
+        return conn
+
+    def _subscribe(self, conn: _Connection, listened: set[str], wanted: set[str]) -> None:
+        """LISTEN to the channels wanted and not yet listened to, UNLISTEN the others."""
+        for name in sorted(wanted - listened):
+            conn.deadline = time.monotonic() + self._connect_timeout
+            conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(name)))
+            listened.add(name)
+            self._subscribed(name)
+        for name in sorted(listened - wanted):
+            conn.deadline = time.monotonic() + self._connect_timeout
+            conn.execute(sql.SQL("UNLISTEN {}").format(sql.Identifier(name)))
+            listened.discard(name)
+        conn.deadline = None
+        self._drain(conn)  # what libpq read along with the replies
+
+    def _wanted(self) -> tuple[set[str] | None, float | None]:
+        """The channels to subscribe to, and how long to sleep before looking again; None
+        when none is left (the thread then ends)."""
+        with self._guard:
+            now = time.monotonic()
+            for name, state in list(self._channels.items()):
+                if not state.waiters and now - state.last_waited >= LISTEN_LINGER:
+                    del self._channels[name]
+            if not self._channels:
+                self._thread = None
+                return None, None
+            lingering = [
+                state.last_waited + LISTEN_LINGER - now
+                for state in self._channels.values() if not state.waiters
+            ]
+            return set(self._channels), max(0.0, min(lingering)) if lingering else None
+
+    def _subscribed(self, name: str) -> None:
+        with self._guard:
+            state = self._channels.get(name)
+            if state is not None:
+                state.listening = True
+                state.generation += 1  # what was announced before is unknown to its waiters
+                self._changed.notify_all()
+
+    def _lost(self) -> None:
+        with self._guard:
+            for state in self._channels.values():
+                state.listening = False
+            self._changed.notify_all()
+
+    def _drain(self, conn: _Connection) -> None:
+        while (notify := conn.pgconn.notifies()) is not None:
+            self._announce(notify.relname.decode("ascii", "replace"))
+
+    def _on_notify(self, notify: psycopg.Notify) -> None:
+        self._announce(notify.channel)
+
+    def _announce(self, name: str) -> None:
+        with self._guard:
+            state = self._channels.get(name)
+            if state is not None:
+                state.generation += 1
+                self._changed.notify_all()
+
+    def _forget_after_fork(self) -> None:
+        for fd in (self._wake_r, self._wake_w):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        if self._conn is not None:
+            _abandon(self._conn)
+
+
+_listeners: dict[str, _Listener] = {}
+_listeners_guard = threading.Lock()
+
+
+def _listener_for(conninfo: str, connect_timeout: float) -> _Listener:
+    with _listeners_guard:
+        listener = _listeners.get(conninfo)
+        if listener is None:
+            listener = _listeners[conninfo] = _Listener(conninfo, connect_timeout)
+        return listener
+
+
+def _forget_after_fork() -> None:
+    # A forked child makes its own connections and listener; the parent's threads are
+    # not in it, and its sockets stay the parent's.
+    global _listeners_guard  # noqa: PLW0603 - the fork may have copied it held
+    _listeners_guard = threading.Lock()
+    for listener in _listeners.values():
+        listener._forget_after_fork()
+    _listeners.clear()
+    for pool in list(_pools):
+        pool._forget_after_fork()
+
+
+os.register_at_fork(after_in_child=_forget_after_fork)
+
+
+# -- the backend -------------------------------------------------------------------------
+
+
+class PostgresBackend(LockBackend):
+    """Locks in a table of a PostgreSQL database; see the module docstring.
+
+    :param table: the lease table, ``name`` or ``schema.name`` (created on first use,
+        with its sequence ``<name>_fence``).
+    :param pgbouncer: the URL leads to PgBouncer in transaction mode: no prepared
+        statements, and no LISTEN on it (see ``listen_url``).
+    :param listen_url: where the listening connection goes (a direct connection when the
+        URL is a pooler's); default: the URL itself, or none with ``pgbouncer``.
+    :param poll_interval: with no listening connection, a waiter tries again this often
+        (a timed wait, still bounded by the holder's lease).
+    :param cleanup_after: free rows unused for this many seconds are deleted (0: never).
+    :param max_connections: connections this process opens at most (idle ones are kept).
+    :param libpq_options: any other keyword is a libpq connection parameter (``password``,
+        ``sslmode``, ``sslrootcert``, ``application_name``...), as in the URL's query.
+    """
+
+    schemes = ("postgresql", "postgres")
+
+    # ``acquire``: take the row if free, expired, or ours already (a retry after a lost
+    # reply); else report the holder as the statement's snapshot shows it.
+    # %(key)s full key, %(token)s, %(owner)s owner JSON, %(ttl)s seconds (float)
+    # returns (fence, NULL, NULL) when granted; (NULL, owner, seconds left) when refused;
+    # no row, or a free or expired row, when a concurrent write hid the holder: try again
+    SQL_ACQUIRE = """
+    WITH taken AS (
+        INSERT INTO {table} AS held (key, token, owner, expires_at)
+        VALUES (%(key)s, %(token)s, %(owner)s, clock_timestamp() + %(ttl)s * interval '1 second')
+        ON CONFLICT (key) DO UPDATE
+            SET token = excluded.token, owner = excluded.owner, fence = nextval({sequence}),
+                expires_at = excluded.expires_at
+            WHERE held.token IS NULL OR held.expires_at <= clock_timestamp()
+               OR held.token = excluded.token
+        RETURNING held.fence
+    )
+    SELECT fence, NULL, NULL FROM taken
+    UNION ALL
+    SELECT NULL, owner, extract(epoch FROM expires_at - clock_timestamp())::float8
+      FROM {table} WHERE key = %(key)s AND NOT EXISTS (SELECT FROM taken)
+    """
+
+    # ``renew``: replace the lease of every (key, token) still held by that exact token.
+    # %s keys, %s tokens (text[]), %s ttls (float8[] seconds), in step
+    # returns (key, token) for each renewed lease
+    SQL_RENEW = """
+    UPDATE {table} AS held SET expires_at = clock_timestamp() + mine.ttl * interval '1 second'
+      FROM unnest(%s::text[], %s::text[], %s::float8[]) AS mine(key, token, ttl)
+     WHERE held.key = mine.key AND held.token = mine.token AND held.expires_at > clock_timestamp()
+    RETURNING held.key, held.token
+    """
+
+    # ``release``: free the row if its {column} ("token" or "owner") is exactly %(value)s,
+    # and announce it on the key's channel (sent at commit: before the reply).
+    # returns one row when released, none when it was not ours
+    SQL_RELEASE = """
+    WITH freed AS (
+        UPDATE {table} SET token = NULL, owner = NULL, expires_at = clock_timestamp()
+         WHERE key = %(key)s AND {column} = %(value)s AND expires_at > clock_timestamp()
+        RETURNING key
+    )
+    SELECT pg_notify(%(channel)s, '') FROM freed
+    """
+
+    # ``cleanup``: delete rows free or expired for %(age)s seconds, a batch at a time,
+    # skipping rows somebody is writing (a statement being taken right now is not old).
+    SQL_CLEANUP = """
+    DELETE FROM {table} WHERE key IN (
+        SELECT key FROM {table}
+         WHERE expires_at < clock_timestamp() - %(age)s * interval '1 second'
+         LIMIT %(batch)s FOR UPDATE SKIP LOCKED
+    ) AND expires_at < clock_timestamp() - %(age)s * interval '1 second'
+    """
+
+    # The table and its sequence, created on first use (``ddl`` shows them for a DBA).
+    SQL_CREATE = """
+    CREATE SEQUENCE IF NOT EXISTS {sequence_name};
+    CREATE TABLE IF NOT EXISTS {table} (
+        key         text PRIMARY KEY,
+        token       text,
+        owner       text,
+        fence       bigint NOT NULL DEFAULT nextval({sequence}),
+        expires_at  timestamptz NOT NULL
+    );
+    ALTER SEQUENCE {sequence_name} OWNED BY {table}.fence
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        prefix: str = "singleton-lock",
+        connect_timeout: float = 5.0,
+        clock: Callable[[], float] = time.monotonic,
+        table: str = "singleton_locks",
+        pgbouncer: bool = False,
+        listen_url: str | None = None,
+        poll_interval: float = 1.0,
+        cleanup_after: float = 3600.0,
+        max_connections: int = 10,
+        **libpq_options: Any,
+    ) -> None:
+        super().__init__(url, prefix=prefix, connect_timeout=connect_timeout, clock=clock)
+        self.check_url(url, option="singleton_lock_backend")
+        self.table = _check_table(table)
+        self.pgbouncer = bool(pgbouncer)
+        self.poll_interval = _positive(poll_interval, "poll_interval")
+        self.cleanup_after = _positive(cleanup_after, "cleanup_after", zero=True)
+        if isinstance(max_connections, bool) or not isinstance(max_connections, int) or max_connections < 1:
+            msg = (
+                "singleton_lock_backend_options: max_connections must be an int >= 1, "
+                f"got {max_connections!r}"
+            )
+            raise ConfigurationError(msg, option="singleton_lock_backend_options")
+        libpq_options.setdefault("application_name", "celery-singleton-lock")
+        self._conninfo = _conninfo(url, libpq_options, self.url)
+        if listen_url is not None:
+            self.check_url(listen_url, option="singleton_lock_backend_options")
+            self._listen_conninfo: str | None = _conninfo(listen_url, libpq_options, mask_url(listen_url))
+        else:
+            self._listen_conninfo = None if self.pgbouncer else self._conninfo
+        self._pool = _Pool(self._conninfo, max_connections, prepare=not self.pgbouncer)
+        self._local = threading.local()
+        self._sql = self._statements()
+        self._table_ready = False
+        self._next_cleanup = time.monotonic() + random.uniform(0, self.cleanup_after / 4)  # noqa: S311
+        self.late_releases = _LateReleases(self)
+
+    @classmethod
+    def check_url(cls, url: str | Sequence[str], *, option: str) -> None:
+        super().check_url(url, option=option)
+        if not isinstance(url, str):
+            msg = f"{option}: a PostgreSQL backend takes one URL (libpq lists several hosts in it)"
+            raise ConfigurationError(msg, option=option)
+        try:
+            conninfo_to_dict(url)
+        except psycopg.Error as exc:
+            text = _first_line(exc)
+            password = _password_of(url)
+            if password:
+                text = text.replace(password, "***")
+            msg = f"{option}: bad PostgreSQL URL {mask_url(url)!r}: {text}"
+            raise ConfigurationError(msg, option=option) from None
+
+    @property
+    def ddl(self) -> str:
+        """The statements that create the lease table, for a user without CREATE rights."""
+        text = self._sql["create"].as_string(None)
+        return "\n".join(line[4:] for line in text.strip("\n").splitlines()) + ";"
+
+    def for_native_thread(self) -> PostgresBackend:
+        """A copy with connections of its own, for the lease keeper's OS thread in a
+        gevent worker (see lease.ForNativeThread): the task greenlets' pool is guarded by
+        gevent's locks, which that thread must not wait on."""
+        clone = copy.copy(self)
+        clone._pool = _Pool(
+            self._conninfo, 1, prepare=not self.pgbouncer,
+            guard=threading.Condition(_native.allocate_lock()),
+        )
+        clone._local = threading.local()
+        return clone
+
+    def _statements(self) -> dict[str, sql.Composed]:
+        schema, _, name = self.table.rpartition(".")
+        parts = (schema, name) if schema else (name,)
+        sequence_parts = (*parts[:-1], f"{name}_fence")
+        names: dict[str, Any] = {
+            "table": sql.Identifier(*parts),
+            "sequence_name": sql.Identifier(*sequence_parts),
+            # nextval takes the name as text: a regclass literal, quoted as an identifier.
+            "sequence": sql.Literal(sql.Identifier(*sequence_parts).as_string(None)),
+        }
+        out = {
+            "acquire": sql.SQL(self.SQL_ACQUIRE).format(**names),
+            "renew": sql.SQL(self.SQL_RENEW).format(**names),
+            "cleanup": sql.SQL(self.SQL_CLEANUP).format(**names),
+            "create": sql.SQL(self.SQL_CREATE).format(**names),
+        }
+        for column in ("token", "owner"):
+            out[f"release_{column}"] = sql.SQL(self.SQL_RELEASE).format(
+                column=sql.Identifier(column), **names
+            )
+        return out
+
+    # -- the steps ------------------------------------------------------------------------
+
+    def _try_acquire(self, key: str, token: str, ttl: float, owner: Owner) -> Granted | Refused:
+        # Note what the listener has announced for this key so far: a wait that follows
+        # a refusal waits for anything after it (see _Listener).
+        listener = self._existing_listener()
+        self._local.seen = (key, None if listener is None else listener.generation(self._channel(key)))
+        params = {"key": key, "token": token, "owner": owner.as_json(), "ttl": ttl}
+        for _ in range(REFUSAL_RETRIES):
+            # An attempt whose reply was lost may have been applied: it is released by
+            # token once the server answers (a retry with the token is granted it again).
+            rows = self._execute(
+                self._sql["acquire"], params, key, unsure=lambda: self.late_releases.add(key, token, ttl)
+            )
+            if rows and rows[0][0] is not None:
+                return Granted(int(rows[0][0]))
+            if rows and rows[0][1] is not None and rows[0][2] > 0:
+                return Refused(float(rows[0][2]), _task_id(rows[0][1]))
+        return Refused(None)
+
+    def _wait_for_release(self, key: str, timeout: float) -> None:
+        last_key, seen = getattr(self._local, "seen", (None, None))
+        self._local.seen = (None, None)
+        if last_key != key:
+            seen = None
+        if self._listen_conninfo is None:
+            threading.Event().wait(min(timeout, self.poll_interval))
+            return
+        listener = _listener_for(self._listen_conninfo, self.connect_timeout)
+        listener.wait(self._channel(key), seen, timeout)
+
+    def _renew(self, items: Sequence[tuple[str, str, float]]) -> list[bool]:
+        keys = [key for key, _, _ in items]
+        tokens = [token for _, token, _ in items]
+        ttls = [float(ttl) for _, _, ttl in items]
+        budget = min(self.connect_timeout, max(min(ttls) * RENEWAL_SHARE, MIN_TRY))
+        rows = self._execute(self._sql["renew"], (keys, tokens, ttls), None, budget=budget)
+        renewed = {(row[0], row[1]) for row in rows}
+        return [(key, token) in renewed for key, token, _ in items]
+
+    def _release(self, key: str, field: str, value: str) -> bool:
+        params = {"key": key, "value": value, "channel": self._channel(key)}
+        rows = self._execute(self._sql[f"release_{'token' if field == 'token' else 'owner'}"], params, key)
+        self._maybe_clean_up()
+        return len(rows) == 1
+
+    def close(self) -> None:
+        self.late_releases.stop()
+        self._pool.close()
+
+    # -- helpers ------------------------------------------------------------------------
+
+    def _channel(self, key: str) -> str:
+        # One channel per table and key; a digest fits any key into the 63 bytes of a
+        # channel name.
+        digest = hashlib.md5(f"{self.table}\0{key}".encode(), usedforsecurity=False).hexdigest()
+        return f"csl_{digest}"
+
+    def _existing_listener(self) -> _Listener | None:
+        if self._listen_conninfo is None:
+            return None
+        return _listeners.get(self._listen_conninfo)
+
+    def _maybe_clean_up(self) -> None:
+        if not self.cleanup_after or time.monotonic() < self._next_cleanup:
+            return
+        self._next_cleanup = time.monotonic() + self.cleanup_after / 4 * random.uniform(0.5, 1.5)  # noqa: S311
+        try:
+            self._execute(self._sql["cleanup"], {"age": self.cleanup_after, "batch": CLEANUP_BATCH}, None)
+        except (LockBackendUnavailable, ConfigurationError) as exc:  # the next one tries again
+            logger.debug("clean-up of old free rows failed: %s", exc)
+
+    def _execute(
+        self,
+        query: sql.Composed,
+        params: Any,
+        key: str | None,
+        *,
+        budget: float | None = None,
+        unsure: Callable[[], None] | None = None,
+    ) -> list[tuple[Any, ...]]:
+        """Run one statement on a pooled connection within ``budget`` seconds (default
+        connect_timeout), and return its rows.
+
+        Every statement here may run twice (acquire counts a row holding its own token as
+        granted; renewals and releases compare tokens): a connection that breaks is
+        replaced and the statement sent again while the budget lasts.
+
+        :param unsure: called when it fails after it may have been applied.
+        :raises LockBackendUnavailable: the server did not answer within the budget.
+        """
+        deadline = time.monotonic() + (self.connect_timeout if budget is None else budget)
+        sent = False
+        created = False
+        while True:
+            try:
+                conn = self._pool.take(deadline)
+            except _Unreachable as exc:
+                if sent and unsure is not None:
+                    unsure()
+                raise self._unavailable(str(exc), key) from None
+            conn.deadline = deadline
+            try:
+                cursor = conn.execute(query, params)
+                rows = cursor.fetchall() if cursor.description else []
+            except (pg_errors.SerializationFailure, pg_errors.DeadlockDetected):
+                self._pool.give(conn)
+                continue  # nothing was applied: a concurrent write won; try again
+            except pg_errors.UndefinedTable as exc:
+                self._pool.give(conn)
+                if created:
+                    raise self._configuration(exc) from None
+                self._create_table(deadline, key)
+                created = True
+                continue
+            except psycopg.OperationalError as exc:
+                self._pool.give(conn, reusable=False)
+                if _is_connection_error(exc):
+                    sent = True
+                    if time.monotonic() < deadline and not isinstance(exc, pg_errors._WaitTimeout):
+                        continue
+                    if unsure is not None:
+                        unsure()
+                    raise self._unavailable(_first_line(exc), key) from None
+                raise self._refusal(exc, key) from None
+            except psycopg.Error as exc:
+                self._pool.give(conn)
+                raise self._refusal(exc, key) from None
+            except BaseException:
+                self._pool.give(conn, reusable=False)
+                raise
+            self._pool.give(conn)
+            return rows
+
+    def _create_table(self, deadline: float, key: str | None) -> None:
+        """Create the lease table and its sequence (once per backend; concurrent creators
+        take turns on a transaction-level advisory lock)."""
+        try:
+            conn = self._pool.take(deadline)
+        except _Unreachable as exc:
+            raise self._unavailable(str(exc), key) from None
+        conn.deadline = deadline
+        try:
+            with conn.transaction():
+                conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (f"csl-create:{self.table}",))
+                conn.execute(self._sql["create"])
+        except psycopg.Error as exc:
+            self._pool.give(conn, reusable=not _is_connection_error(exc))
+            if _is_connection_error(exc):
+                raise self._unavailable(_first_line(exc), key) from None
+            raise self._configuration(exc) from None
+        self._pool.give(conn)
+        logger.info("created the lock table %s in %s", self.table, self.url)
+
+    def _unavailable(self, reason: str, key: str | None) -> LockBackendUnavailable:
+        reason = self._masked(reason)
+        if "password authentication failed" in reason or "no password supplied" in reason:
+            msg = f"PostgreSQL at {self.url} refused our credentials: {reason}"
+        elif "Connection refused" in reason:
+            msg = f"PostgreSQL at {self.url} refused the connection (is it running?): {reason}"
+        else:
+            msg = f"PostgreSQL at {self.url} did not answer within {self.connect_timeout}s: {reason}"
+        return LockBackendUnavailable(msg, url=self.url, key=key)
+
+    def _refusal(self, exc: psycopg.Error, key: str | None) -> Exception:
+        """The error for the server refusing a statement (not an outage)."""
+        reason = self._masked(_first_line(exc))
+        if isinstance(exc, pg_errors.InsufficientPrivilege | pg_errors.UndefinedTable):
+            return self._configuration(exc)
+        if isinstance(exc, pg_errors.ReadOnlySqlTransaction):
+            msg = (
+                f"PostgreSQL at {self.url} is a read-only standby ({reason}); point "
+                "singleton_lock_backend at the primary (target_session_attrs=read-write "
+                "picks it among several hosts)"
+            )
+            return LockBackendUnavailable(msg, url=self.url, key=key)
+        if isinstance(exc, pg_errors.ProgramLimitExceeded | pg_errors.DataError):
+            msg = f"PostgreSQL refused the key {key!r:.80}: {reason}"
+            return LockKeyError(msg, argument="key", key=key)
+        if isinstance(exc, pg_errors.InvalidCatalogName | pg_errors.InvalidSchemaName):
+            msg = f"singleton_lock_backend: {reason} ({self.url})"
+            return ConfigurationError(msg, option="singleton_lock_backend")
+        msg = f"PostgreSQL at {self.url} failed the request: {reason}"
+        return LockBackendUnavailable(msg, url=self.url, key=key)
+
+    def _configuration(self, exc: psycopg.Error) -> ConfigurationError:
+        reason = self._masked(_first_line(exc))
+        msg = (
+            f"singleton_lock_backend: cannot use the lock table {self.table} in {self.url} "
+            f"({reason}). Have its owner create it and let this user use it:\n\n{self.ddl}\n"
+            f"GRANT SELECT, INSERT, UPDATE, DELETE ON {self.table} TO <user>;\n"
+            f"GRANT USAGE ON SEQUENCE {self.table}_fence TO <user>;\n"
+        )
+        return ConfigurationError(msg, option="singleton_lock_backend")
+
+    def _masked(self, text: str) -> str:
+        password = _password_of(self._conninfo)
+        return text.replace(password, "***") if password else text
+
+
+class _LateReleases:
+    """Releases, by token, of acquisitions whose outcome is unknown.
+
+    An acquire whose reply never came (a timeout, a broken connection) may have been
+    applied, or be applied later (a stopped server runs the statement when it resumes):
+    that row would stand unheld for a whole TTL. A thread of its own, started on demand,
+    releases each such token until the server answers or the TTL has freed it anyway.
+    Releasing by token frees that acquisition only; for one never applied it does nothing.
+    """
+
+    def __init__(self, backend: PostgresBackend) -> None:
+        self._backend = backend
+        self._pending: dict[tuple[str, str], float] = {}  # (full key, token) -> give up at
+        self._guard = threading.Lock()
+        self._stopped = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._pid = os.getpid()
+
+    def add(self, key: str, token: str, ttl: float) -> None:
+        with self._guard:
+            if self._pid != os.getpid():  # a forked child: the parent's thread is not here
+                self._pending, self._thread, self._pid = {}, None, os.getpid()
+            self._pending[(key, token)] = time.monotonic() + ttl
+            if self._thread is None and not self._stopped.is_set():
+                self._thread = threading.Thread(
+                    target=self._run, name="celery-singleton-lock-pg-late-release", daemon=True
+                )
+                self._thread.start()
+
+    def pending(self) -> set[tuple[str, str]]:
+        with self._guard:
+            return set(self._pending)
+
+    def stop(self) -> None:
+        self._stopped.set()
+
+    def _run(self) -> None:
+        pause = LATE_RELEASE_PAUSE[0]
+        while True:
+            with self._guard:
+                now = time.monotonic()
+                self._pending = {item: end for item, end in self._pending.items() if end > now}
+                if not self._pending or self._stopped.is_set():
+                    self._thread = None
+                    return
+                due = list(self._pending)
+            for key, token in due:
+                try:
+                    deleted = self._backend._release(key, "token", token)
+                except Exception:  # best effort, never a dead thread: the TTL frees it anyway
+                    logger.debug("late release of %r failed; trying again", key, exc_info=True)
+                    continue
+                with self._guard:
+                    self._pending.pop((key, token), None)
+                if deleted:
+                    logger.debug("released %r, taken by an attempt whose reply was lost", key)
+            if not self._stopped.wait(pause):
+                pause = min(pause * 2, LATE_RELEASE_PAUSE[1])
+
+
+# -- configuration -----------------------------------------------------------------------
+
+
+def _check_table(table: object) -> str:
+    option = "singleton_lock_backend_options"
+    parts = table.split(".") if isinstance(table, str) else []
+    if not (1 <= len(parts) <= 2 and all(_IDENTIFIER.fullmatch(p) for p in parts)):
+        msg = f"{option}: table must be 'name' or 'schema.name' (no dots or NUL in names), got {table!r}"
+        raise ConfigurationError(msg, option=option)
+    if any(len(p.encode()) > 63 for p in parts) or len(parts[-1].encode()) > MAX_TABLE_NAME:
+        msg = f"{option}: table names are at most {MAX_TABLE_NAME} bytes here, got {table!r}"
+        raise ConfigurationError(msg, option=option)
+    return str(table)
+
+
+def _positive(value: object, name: str, *, zero: bool = False) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not (
+        0 <= value < float("inf") if zero else 0 < value < float("inf")
+    ):
+        bound = ">= 0" if zero else "> 0"
+        msg = f"singleton_lock_backend_options: {name} must be a number of seconds {bound}, got {value!r}"
+        raise ConfigurationError(msg, option="singleton_lock_backend_options")
+    return float(value)
+
+
+def _conninfo(url: str, options: dict[str, Any], shown: str) -> str:
+    """The libpq connection string for ``url`` and the libpq options given beside it.
+
+    libpq gives up on a silent server only after its TCP retries (minutes); keepalives
+    make a listening connection to a vanished server fail within a minute instead.
+    """
+    defaults = {"keepalives": 1, "keepalives_idle": 30, "keepalives_interval": 10, "keepalives_count": 3}
+    params = {**defaults, **options}
+    try:
+        given = conninfo_to_dict(url)
+        return make_conninfo(url, **{k: v for k, v in params.items() if k not in given or k in options})
+    except psycopg.Error as exc:
+        option = "singleton_lock_backend_options"
+        msg = (
+            f"{option}: {_first_line(exc)} for {shown} (the PostgreSQL backend takes "
+            f"{', '.join(_OWN_OPTIONS)} and libpq connection parameters)"
+        )
+        raise ConfigurationError(msg, option=option) from None
+
+
+def _password_of(conninfo: str) -> str:
+    try:
+        return str(conninfo_to_dict(conninfo).get("password") or "")
+    except psycopg.Error:
+        return ""
+
+
+def _is_connection_error(exc: psycopg.Error) -> bool:
+    """True for errors of the connection itself (broken, timed out, terminated), as
+    opposed to the server refusing one statement."""
+    if isinstance(exc, pg_errors._WaitTimeout):
+        return True
+    state = exc.sqlstate
+    return state is None or state.startswith(_SQLSTATE_CONNECTION)
+
+
+def _task_id(owner_json: str) -> str | None:
+    try:
+        task_id = json.loads(owner_json).get("task_id")
+    except (ValueError, AttributeError):
+        return None
+    return task_id if isinstance(task_id, str) else None
+
