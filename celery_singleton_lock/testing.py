@@ -784,8 +784,9 @@ class PostgresServer:
 
     :param settings: extra server settings (``-c name=value``), e.g.
         ``{"shared_preload_libraries": "pg_stat_statements"}``.
-    :param fsync: False (the default) for speed: a test server loses nothing it needs
-        on a clean restart; benchmarks measure with it on.
+    :param fsync: False (the default) for speed: commits still reach the kernel before
+        they are acknowledged, so a crash of the server process (not of the machine) loses
+        nothing; benchmarks measure with it on.
     """
 
     def __init__(
@@ -833,6 +834,8 @@ class PostgresServer:
         return None if self._user is None else []
 
     def start(self) -> PostgresServer:
+        """Create the cluster and its ``test`` database on the first start; start the
+        server again on the same data after :meth:`halt`."""
         binaries = postgres_bin_dir()
         if self._dir is None:
             self._dir = tempfile.TemporaryDirectory(prefix="csl-postgres-")
@@ -859,7 +862,6 @@ class PostgresServer:
             "port": str(self.port),
             "unix_socket_directories": self._dir.name,
             "fsync": "on" if self.fsync else "off",
-            "synchronous_commit": "on" if self.fsync else "off",
             "full_page_writes": "on" if self.fsync else "off",
             "max_connections": "200",
             **self.settings,
@@ -915,13 +917,16 @@ class PostgresServer:
             cursor = conn.execute(statement.encode())
             return cursor.fetchall() if cursor.description else []
 
-    def restart(self, *, crash: bool = False) -> PostgresServer:
-        """Stop the server and start it again on the same port and data: a fast shutdown
-        (sessions terminated, a checkpoint), or with ``crash`` an immediate one (no
-        checkpoint: the start runs crash recovery)."""
+    def halt(self, *, crash: bool = False) -> None:
+        """Stop the server, keeping its data for :meth:`start`: a fast shutdown (sessions
+        terminated, a checkpoint), or with ``crash`` an immediate one (no checkpoint: the
+        next start runs crash recovery)."""
         self._shut_down(signal.SIGQUIT if crash else signal.SIGINT)
-        self._launch(postgres_bin_dir())
-        return self
+
+    def restart(self, *, crash: bool = False) -> PostgresServer:
+        """:meth:`halt` and :meth:`start` again, on the same port and data."""
+        self.halt(crash=crash)
+        return self.start()
 
     def pause(self) -> None:
         """SIGSTOP the postmaster (new connections hang; running sessions go on)."""

@@ -132,7 +132,17 @@ class _Unreachable(Exception):
     process's connections are all busy. Nothing was sent."""
 
 
-def _connect(conninfo: str, deadline: float, *, prepare: bool) -> _Connection:
+#: Run on each new connection that writes leases (not through PgBouncer, where a session
+#: setting would leak to other clients): a grant must be on disk before its holder hears
+#: of it, or a server crash could forget it while the holder runs on, and another
+#: client take it. Only raised, never lowered (remote_apply stays).
+SQL_DURABLE = (
+    "SELECT set_config('synchronous_commit', 'on', false) "
+    "WHERE current_setting('synchronous_commit') IN ('off', 'local')"
+)
+
+
+def _connect(conninfo: str, deadline: float, *, pgbouncer: bool, listening: bool = False) -> _Connection:
     """A new autocommit connection, within ``deadline`` (time.monotonic).
 
     psycopg's ``connect`` rounds ``connect_timeout`` to whole seconds of at least two, so
@@ -149,7 +159,15 @@ def _connect(conninfo: str, deadline: float, *, prepare: bool) -> _Connection:
     conn.autocommit = True
     # PgBouncer in transaction mode hands each transaction to any server connection: a
     # statement prepared on one is missing on the next.
-    conn.prepare_threshold = 5 if prepare else None
+    conn.prepare_threshold = None if pgbouncer or listening else 5
+    if not (pgbouncer or listening):
+        conn.deadline = deadline
+        try:
+            conn.execute(SQL_DURABLE)
+        except psycopg.Error as exc:
+            _close_quietly(conn)
+            raise _Unreachable(_first_line(exc)) from None
+        conn.deadline = None
     return conn
 
 
@@ -181,15 +199,18 @@ class _Pool:
     """
 
     def __init__(
-        self, conninfo: str, size: int, *, prepare: bool, guard: threading.Condition | None = None
+        self, conninfo: str, size: int, *, pgbouncer: bool, guard: threading.Condition | None = None
     ) -> None:
         self._conninfo = conninfo
         self._size = size
-        self._prepare = prepare
+        self._pgbouncer = pgbouncer
         self._guard = guard or threading.Condition()
         self._idle: list[tuple[_Connection, float]] = []
         self._busy = 0
         self._pid = os.getpid()
+        #: After close(), connections are closed when given back: a lock still tracked
+        #: by the lease keeper renews through a closed backend, one connection a time.
+        self._closed = False
         _pools.add(self)
 
     def take(self, deadline: float) -> _Connection:
@@ -205,11 +226,11 @@ class _Pool:
                 self._busy += 1
             if conn is None:
                 try:
-                    return _connect(self._conninfo, deadline, prepare=self._prepare)
+                    return _connect(self._conninfo, deadline, pgbouncer=self._pgbouncer)
                 except BaseException:
                     self._release_slot()
                     raise
-            if conn.closed or conn.broken or _has_input(conn.pgconn.socket):
+            if _stale(conn):
                 self._release_slot()
                 _close_quietly(conn)
                 continue
@@ -227,6 +248,7 @@ class _Pool:
             self._busy -= 1
             stale = [c for c, since in self._idle if now - since > MAX_IDLE]
             self._idle = [(c, since) for c, since in self._idle if now - since <= MAX_IDLE]
+            reusable = reusable and not self._closed
             if reusable:
                 self._idle.append((conn, now))
             self._guard.notify()
@@ -240,6 +262,7 @@ class _Pool:
 
     def close(self) -> None:
         with self._guard:
+            self._closed = True
             idle, self._idle = self._idle, []
         for conn, _ in idle:
             _close_quietly(conn)
@@ -251,6 +274,17 @@ class _Pool:
             _abandon(conn)
         self._idle, self._busy, self._pid = [], 0, os.getpid()
         self._guard = threading.Condition()
+
+
+def _stale(conn: _Connection) -> bool:
+    """True for a pooled connection that must not be used: closed, broken, or told
+    something while idle (the server ending the session)."""
+    if conn.closed or conn.broken:
+        return True
+    try:
+        return _has_input(conn.pgconn.socket)
+    except psycopg.Error:
+        return True
 
 
 def _close_quietly(conn: psycopg.Connection[Any]) -> None:
@@ -346,6 +380,7 @@ class _Listener:
 
     def _run(self) -> None:
         conn: _Connection | None = None
+        fd = -1
         listened: set[str] = set()
         pause = RELISTEN_PAUSE[0]
         with selectors.DefaultSelector() as selector:
@@ -359,7 +394,8 @@ class _Listener:
                         if conn is None:
                             conn = self._open()
                             listened = set()
-                            selector.register(conn.pgconn.socket, selectors.EVENT_READ, conn)
+                            fd = conn.pgconn.socket
+                            selector.register(fd, selectors.EVENT_READ, conn)
                         self._subscribe(conn, listened, wanted)
                         pause = RELISTEN_PAUSE[0]
                         for ready, _ in selector.select(timeout):
@@ -369,11 +405,14 @@ class _Listener:
                             else:
                                 conn.pgconn.consume_input()
                                 self._drain(conn)
-                    except (psycopg.Error, _Unreachable) as exc:
-                        logger.debug("listening connection failed (%s); reconnecting", _first_line(exc))
+                    except Exception as exc:  # the thread must outlive anything; it reconnects
+                        if isinstance(exc, psycopg.Error | _Unreachable):
+                            logger.debug("listening connection failed (%s); reconnecting", _first_line(exc))
+                        else:
+                            logger.exception("listening connection: unexpected error; reconnecting")
                         if conn is not None:
-                            with contextlib.suppress(KeyError, ValueError, OSError):
-                                selector.unregister(conn.pgconn.socket)
+                            with contextlib.suppress(KeyError, ValueError):
+                                selector.unregister(fd)
                             _close_quietly(conn)
                         conn = self._conn = None
                         self._lost()
@@ -385,7 +424,9 @@ class _Listener:
                     _close_quietly(conn)
 
     def _open(self) -> _Connection:
-        conn = _connect(self._conninfo, time.monotonic() + self._connect_timeout, prepare=False)
+        conn = _connect(
+            self._conninfo, time.monotonic() + self._connect_timeout, pgbouncer=False, listening=True
+        )
         self._conn = conn  # only for a forked child to let go of
         # Notifications that arrive while LISTEN runs come through psycopg's handler.
         conn.add_notify_handler(self._on_notify)
@@ -608,7 +649,7 @@ class PostgresBackend(LockBackend):
             self._listen_conninfo: str | None = _conninfo(listen_url, libpq_options, mask_url(listen_url))
         else:
             self._listen_conninfo = None if self.pgbouncer else self._conninfo
-        self._pool = _Pool(self._conninfo, max_connections, prepare=not self.pgbouncer)
+        self._pool = _Pool(self._conninfo, max_connections, pgbouncer=self.pgbouncer)
         self._local = threading.local()
         self._sql = self._statements()
         self._table_ready = False
@@ -643,7 +684,7 @@ class PostgresBackend(LockBackend):
         gevent's locks, which that thread must not wait on."""
         clone = copy.copy(self)
         clone._pool = _Pool(
-            self._conninfo, 1, prepare=not self.pgbouncer,
+            self._conninfo, 1, pgbouncer=self.pgbouncer,
             guard=threading.Condition(_native.allocate_lock()),
         )
         clone._local = threading.local()
@@ -683,7 +724,8 @@ class PostgresBackend(LockBackend):
             # An attempt whose reply was lost may have been applied: it is released by
             # token once the server answers (a retry with the token is granted it again).
             rows = self._execute(
-                self._sql["acquire"], params, key, unsure=lambda: self.late_releases.add(key, token, ttl)
+                self._sql["acquire"], params, key, create=True,
+                unsure=lambda: self.late_releases.add(key, token, ttl),
             )
             if rows and rows[0][0] is not None:
                 return Granted(int(rows[0][0]))
@@ -751,6 +793,7 @@ class PostgresBackend(LockBackend):
         *,
         budget: float | None = None,
         unsure: Callable[[], None] | None = None,
+        create: bool = False,
     ) -> list[tuple[Any, ...]]:
         """Run one statement on a pooled connection within ``budget`` seconds (default
         connect_timeout), and return its rows.
@@ -760,6 +803,8 @@ class PostgresBackend(LockBackend):
         replaced and the statement sent again while the budget lasts.
 
         :param unsure: called when it fails after it may have been applied.
+        :param create: create the table if it is missing, and run the statement again
+            (acquire); otherwise a missing table has no rows (nothing to renew or release).
         :raises LockBackendUnavailable: the server did not answer within the budget.
         """
         deadline = time.monotonic() + (self.connect_timeout if budget is None else budget)
@@ -781,6 +826,8 @@ class PostgresBackend(LockBackend):
                 continue  # nothing was applied: a concurrent write won; try again
             except pg_errors.UndefinedTable as exc:
                 self._pool.give(conn)
+                if not create:
+                    return []
                 if created:
                     raise self._configuration(exc) from None
                 self._create_table(deadline, key)
