@@ -60,6 +60,7 @@ from celery_singleton_lock import _native
 from celery_singleton_lock.backends.base import Granted, LockBackend, Refused
 from celery_singleton_lock.backends.owner import Owner
 from celery_singleton_lock.errors import ConfigurationError, LockBackendUnavailable, LockKeyError, mask_url
+from celery_singleton_lock.lease import HeldLock
 
 try:
     import psycopg
@@ -719,6 +720,9 @@ class PostgresBackend(LockBackend):
         # a refusal waits for anything after it (see _Listener).
         listener = self._existing_listener()
         self._local.seen = (key, None if listener is None else listener.generation(self._channel(key)))
+        # The token names this process: a forked child holding a copy of the HeldLock can
+        # neither renew nor release it (_ours), without a table of our tokens to keep.
+        token = f"{token}.{os.getpid()}"
         params = {"key": key, "token": token, "owner": owner.as_json(), "ttl": ttl}
         for _ in range(REFUSAL_RETRIES):
             # An attempt whose reply was lost may have been applied: it is released by
@@ -728,7 +732,7 @@ class PostgresBackend(LockBackend):
                 unsure=lambda: self.late_releases.add(key, token, ttl),
             )
             if rows and rows[0][0] is not None:
-                return Granted(int(rows[0][0]))
+                return Granted(int(rows[0][0]), token=token)
             if rows and rows[0][1] is not None and rows[0][2] > 0:
                 return Refused(float(rows[0][2]), _task_id(rows[0][1]))
         return Refused(None)
@@ -745,6 +749,10 @@ class PostgresBackend(LockBackend):
         listener.wait(self._channel(key), seen, timeout)
 
     def _renew(self, items: Sequence[tuple[str, str, float]]) -> list[bool]:
+        if not all(_ours(token) for _, token, _ in items):
+            mine = [item for item in items if _ours(item[1])]
+            outcomes = iter(self._renew(mine) if mine else [])
+            return [_ours(token) and next(outcomes) for _, token, _ in items]
         keys = [key for key, _, _ in items]
         tokens = [token for _, token, _ in items]
         ttls = [float(ttl) for _, _, ttl in items]
@@ -752,6 +760,9 @@ class PostgresBackend(LockBackend):
         rows = self._execute(self._sql["renew"], (keys, tokens, ttls), None, budget=budget)
         renewed = {(row[0], row[1]) for row in rows}
         return [(key, token) in renewed for key, token, _ in items]
+
+    def _release_held(self, held: HeldLock) -> bool:
+        return _ours(held.token) and super()._release_held(held)
 
     def _release(self, key: str, field: str, value: str) -> bool:
         params = {"key": key, "value": value, "channel": self._channel(key)}
@@ -1037,6 +1048,11 @@ def _is_connection_error(exc: psycopg.Error) -> bool:
         return True
     state = exc.sqlstate
     return state is None or state.startswith(_SQLSTATE_CONNECTION)
+
+
+def _ours(token: str) -> bool:
+    """True for a token this process drew (see _try_acquire)."""
+    return token.rpartition(".")[2] == str(os.getpid())
 
 
 def _task_id(owner_json: str) -> str | None:
