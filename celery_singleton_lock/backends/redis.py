@@ -44,7 +44,7 @@ from urllib.parse import parse_qsl, unquote, urlsplit
 
 from celery_singleton_lock.backends.base import Granted, LockBackend, Refused
 from celery_singleton_lock.backends.owner import Owner, stored_task_id
-from celery_singleton_lock.errors import ConfigurationError, LockBackendUnavailable, mask_url
+from celery_singleton_lock.errors import ConfigurationError, LockBackendUnavailable, LockError, mask_url
 
 try:
     import redis
@@ -254,29 +254,39 @@ class RedisBackend(LockBackend):
         """Turn "the server did not answer" into LockBackendUnavailable, URL masked."""
         try:
             yield
-        except _POOL_EXHAUSTED as exc:
+        except redis.RedisError as exc:
+            error = self._meaning(exc, key)
+            if error is None:
+                raise
+            raise error from None
+
+    def _meaning(self, exc: redis.RedisError, key: str | None) -> LockError | None:
+        """What a redis-py error means to a caller: LockBackendUnavailable (the server
+        did not answer, refused us, or the pool is exhausted), ConfigurationError (no
+        such database), or None (a reply error the caller's command earned)."""
+        if isinstance(exc, _POOL_EXHAUSTED):
             msg = f"the connection pool for {self.url} is exhausted ({exc}); raise max_connections"
-            raise LockBackendUnavailable(msg, url=self.url, key=key) from None
-        except redis.TimeoutError as exc:
+            return LockBackendUnavailable(msg, url=self.url, key=key)
+        if isinstance(exc, redis.TimeoutError):
             msg = f"Redis at {self.url} did not answer within {self.connect_timeout}s: {exc}"
-            raise LockBackendUnavailable(msg, url=self.url, key=key) from None
-        except redis.ConnectionError as exc:
+            return LockBackendUnavailable(msg, url=self.url, key=key)
+        if isinstance(exc, redis.ConnectionError):
             if isinstance(exc.__context__, ConnectionRefusedError):
                 msg = f"Redis at {self.url} refused the connection (is it running?): {exc}"
             else:
                 msg = f"cannot reach Redis at {self.url}: {exc}"
-            raise LockBackendUnavailable(msg, url=self.url, key=key) from None
-        except redis.ResponseError as exc:
+            return LockBackendUnavailable(msg, url=self.url, key=key)
+        if isinstance(exc, redis.ResponseError):
             if "NOAUTH" in str(exc) or "WRONGPASS" in str(exc):
                 msg = f"Redis at {self.url} refused our credentials: {exc}"
-                raise LockBackendUnavailable(msg, url=self.url, key=key) from None
+                return LockBackendUnavailable(msg, url=self.url, key=key)
             if "DB index is out of range" in str(exc):
                 msg = (
                     f"singleton_lock_backend: Redis at {self.url} has no database {self.db} "
                     f"({exc}); use one below its 'databases' setting"
                 )
-                raise ConfigurationError(msg, option="singleton_lock_backend") from None
-            raise
+                return ConfigurationError(msg, option="singleton_lock_backend")
+        return None
 
     def _hashed(self, key: str) -> str:
         return "{" + key + "}"
@@ -422,8 +432,10 @@ class Line:
 
         :raises LockBackendUnavailable: it was not sent, so the server cannot apply it.
         """
-        with self._failing(key):
+        try:
             self._connection.send_packed_command(request, check_health=False)
+        except redis.RedisError as exc:
+            raise self._failed(exc, key) from None
         self._due = time.monotonic() + self._node.connect_timeout
 
     def receive(self, call: ScriptCall) -> Any:
@@ -434,7 +446,7 @@ class Line:
         :raises LockBackendUnavailable: no reply; the server may have applied it.
         """
         connection = self._connection
-        with self._failing(call.key):
+        try:
             try:
                 return connection.read_response(timeout=max(self._due - time.monotonic(), 0.001))
             except NoScriptError:
@@ -444,23 +456,19 @@ class Line:
                     "EVALSHA", call.script.sha, len(call.keys), *call.keys, *call.args
                 )
                 return connection.read_response()
+        except redis.RedisError as exc:
+            raise self._failed(exc, call.key) from None
 
     def close(self) -> None:
         """Close the connection (a later :meth:`send` opens a new one)."""
         self._connection.disconnect()
 
-    @contextmanager
-    def _failing(self, key: str | None) -> Iterator[None]:
-        try:
-            with self._node._answering(key):
-                yield
-        except LockBackendUnavailable:
-            self.close()
-            raise
-        except redis.RedisError as exc:  # a reply we cannot use: as if it had not come
-            self.close()
-            raise LockBackendUnavailable(str(exc), url=self._node.url, key=key) from None
-
+    def _failed(self, exc: redis.RedisError, key: str | None) -> LockError:
+        """The error to raise for ``exc``, the connection closed: any reply we cannot
+        use counts as no reply (ConfigurationError aside: no such database)."""
+        self.close()
+        error = self._node._meaning(exc, key)
+        return LockBackendUnavailable(str(exc), url=self._node.url, key=key) if error is None else error
 
 class SignalWait:
     """A BLPOP sent on one server for the next release announcement of one key.
