@@ -32,6 +32,11 @@ servers:
 	    (apt-get install -y -qq zookeeper >/dev/null 2>&1 || \
 	     (apt-get update -qq && apt-get install -y -qq zookeeper)); \
 	  else echo "ZooKeeper is missing: install it (Debian: apt-get install zookeeper) or set ZOOKEEPER_HOME"; exit 1; fi; }
+	@{ [ -n "$$CSL_POSTGRES_URL" ] || ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || command -v initdb >/dev/null 2>&1; } || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    (DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null 2>&1 || \
+	     (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql)); \
+	  else echo "PostgreSQL is missing: install it (Debian: apt-get install postgresql) or set CSL_POSTGRES_URL"; exit 1; fi; }
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check celery_singleton_lock tests benchmarks examples
