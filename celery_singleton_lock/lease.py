@@ -114,6 +114,9 @@ class HeldLock:
         #: The sender of this lock's signals: the backend, or the task that took it.
         self.sender: Any = backend
         self._state = _native.allocate_lock()  # also taken by the keeper's OS thread
+        #: The process that took the lock: only it may release it. A forked child
+        #: inherits this object, and its token would match on the server.
+        self.taken_by = os.getpid()
         self._valid_until = valid_until
         self._next_renewal = valid_until - ttl + ttl * RENEW_FRACTION
         self._renew_until: float | None = None

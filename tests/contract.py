@@ -37,9 +37,6 @@ backend provides asserts anything: the promises live here, once.
 ``holder_ttl``              optional class attribute: the TTL of the holders in other
                             processes (1.0 s; each such test waits it out once or twice).
 
-Both classes also take ``known_bugs``: ``{test name with its parameters: the bug}``; those
-tests run as strict xfails, so a fix is noticed (prefer fixing; report it first).
-
 A new backend (ZooKeeper, PostgreSQL, file://) needs nothing else::
 
     class TestZooKeeperContract(CrossProcessContract):
@@ -92,7 +89,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
-from typing import Any, ClassVar
+from typing import Any
 
 import pytest
 
@@ -112,22 +109,12 @@ from tests.conftest import wait_until
 from tests.contract_processes import BackendSpec, lease_started_at
 
 __all__ = [
-    "FORKED_RELEASE_BUG",
     "BackendContract",
     "BackendSpec",
     "CrossProcessContract",
     "ServerOperations",
     "clean_context",
 ]
-
-#: Known to Redis, Redlock and etcd (ZooKeeper refuses, its nodes know their process).
-FORKED_RELEASE_BUG = {
-    "test_a_forked_child_cannot_release_its_parents_lock": (
-        "bug: LockBackend.release() in a forked child releases the parent's lock (the "
-        "inherited HeldLock's token matches); HeldLock does not know its process"
-    ),
-}
-
 
 @dataclass(frozen=True)
 class ServerOperations:
@@ -145,16 +132,6 @@ class ServerOperations:
 class BackendContract:
     #: How late after its TTL the server may free a dead holder's lock (seconds).
     expiry_lateness = 0.5
-    #: Tests of this contract the backend is known to fail, by test name (with its
-    #: parameters) -> the bug. They run as strict xfails, so that a fix is noticed.
-    known_bugs: ClassVar[dict[str, str]] = {}
-
-    @pytest.fixture(autouse=True)
-    def _known_bug(self, request: pytest.FixtureRequest) -> None:
-        reason = self.known_bugs.get(request.node.name)
-        if reason is not None:
-            request.applymarker(pytest.mark.xfail(strict=True, reason=reason))
-
     def expire(self, backend: LockBackend, key: str) -> None:
         raise NotImplementedError
 

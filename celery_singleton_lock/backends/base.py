@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import secrets
 import time
 from abc import ABC, abstractmethod
@@ -207,8 +208,15 @@ class LockBackend(ABC):
     def release(self, held: HeldLock) -> bool:
         """Release ``held`` if it is still ours; wake one waiter.
 
-        :returns: False when it was no longer ours (lost, expired, or released before).
+        :returns: False when it was no longer ours (lost, expired, or released before),
+            and in a forked child, which inherited the handle but not the lock.
         """
+        if held.taken_by != os.getpid():
+            release_logger.warning(
+                "lock %r was taken by process %s: process %s (a forked child) does not "
+                "release it", held.key, held.taken_by, os.getpid(),
+            )
+            return False
         LeaseKeeper.for_process().untrack(held)
         if not held._mark_released():
             return False

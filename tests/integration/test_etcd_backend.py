@@ -9,7 +9,6 @@ import os
 import subprocess
 import threading
 import time
-from typing import ClassVar
 
 import pytest
 from pyetcd import etcdrpc
@@ -23,7 +22,7 @@ from celery_singleton_lock import (
 )
 from celery_singleton_lock.testing import EtcdCluster, etcd_binary
 from tests.conftest import wait_until
-from tests.contract import FORKED_RELEASE_BUG, BackendSpec, CrossProcessContract, ServerOperations
+from tests.contract import BackendSpec, CrossProcessContract, ServerOperations
 from tests.integration.etcd_helpers import entries
 
 
@@ -40,7 +39,6 @@ def counted_member():
 
 
 class TestEtcdContract(CrossProcessContract):
-    known_bugs: ClassVar[dict[str, str]] = FORKED_RELEASE_BUG
     # etcd's leader looks for expired leases every 500 ms, then commits their revocation.
     expiry_lateness = 1.0
     unreachable_hosts = 2

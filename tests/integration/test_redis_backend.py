@@ -8,7 +8,6 @@ import os
 import threading
 import time
 from collections.abc import Iterator
-from typing import ClassVar
 
 import pytest
 import redis
@@ -18,11 +17,10 @@ from celery_singleton_lock.backends.base import LockBackend
 from celery_singleton_lock.lease import LeaseKeeper
 from celery_singleton_lock.testing import RedisServer
 from tests.conftest import wait_until
-from tests.contract import FORKED_RELEASE_BUG, BackendSpec, CrossProcessContract, ServerOperations
+from tests.contract import BackendSpec, CrossProcessContract, ServerOperations
 
 
 class TestRedisContract(CrossProcessContract):
-    known_bugs: ClassVar[dict[str, str]] = FORKED_RELEASE_BUG
     @pytest.fixture
     def backend_spec(self, redis_url):
         return BackendSpec(redis_url + "/0")

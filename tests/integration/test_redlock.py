@@ -7,7 +7,6 @@ import math
 import threading
 import time
 from collections.abc import Iterator
-from typing import ClassVar
 
 import pytest
 import redis
@@ -21,7 +20,6 @@ from celery_singleton_lock.lease import LeaseKeeper
 from celery_singleton_lock.testing import RedisServer, redis_servers
 from tests.conftest import wait_until
 from tests.contract import (
-    FORKED_RELEASE_BUG,
     BackendContract,
     BackendSpec,
     CrossProcessContract,
@@ -96,7 +94,6 @@ class _Redlock:
 
 class TestRedlockContractOn3Masters(_Redlock, CrossProcessContract):
     unreachable_hosts = 3
-    known_bugs: ClassVar[dict[str, str]] = FORKED_RELEASE_BUG
 
     @pytest.fixture
     def server_operations(self, shared_masters):
