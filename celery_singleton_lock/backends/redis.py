@@ -470,6 +470,7 @@ class Line:
         error = self._node._meaning(exc, key)
         return LockBackendUnavailable(str(exc), url=self._node.url, key=key) if error is None else error
 
+
 class SignalWait:
     """A BLPOP sent on one server for the next release announcement of one key.
 
