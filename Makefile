@@ -47,8 +47,11 @@ typecheck: $(STAMP)
 test: $(STAMP) servers lint typecheck
 	$(PY) -m pytest -q
 
-demo: $(STAMP) servers
-	$(PY) examples/duplicate_jobs.py
+# `make demo` needs no server (filesystem broker, file:// locks: the default for it);
+# `make demo BACKEND=redis|etcd|zookeeper|postgres` runs the same table on that server.
+BACKEND ?= file
+demo: $(STAMP) $(if $(filter file,$(BACKEND)),,servers)
+	$(PY) examples/duplicate_jobs.py --backend $(BACKEND)
 
 bench: $(BENCH_STAMP) servers
 	$(PY) -m benchmarks

@@ -7,8 +7,8 @@ their lower-case names, so Django-style ``CELERY_SINGLETON_LOCK_TTL`` works with
 =================================  ============================================  =========
 setting                            meaning                                       default
 =================================  ============================================  =========
-``singleton_lock_backend``         lock server URL, or a list of >= 3 Redis      broker URL
-                                   URLs (Redlock: a quorum of masters)           if Redis
+``singleton_lock_backend``         lock server URL, or a list of >= 3 Redis      see below
+                                   URLs (Redlock: a quorum of masters)
 ``singleton_lock_ttl``             lease seconds                                 60
 ``singleton_lock_on_contention``   "skip", "retry", "wait", "raise", a chain     "skip"
                                    ("retry|skip"), a policy or policy class
@@ -26,6 +26,9 @@ setting                            meaning                                      
 ``singleton_lock_beat_slot_grace`` a slot claim outlives its entry's next slot   60
                                    by this many seconds (clock skew, pauses)
 =================================  ============================================  =========
+
+Without ``singleton_lock_backend`` the broker decides (``_default_backend_url``): a Redis
+broker's server, ``file://`` for a broker that serves one host, else an error.
 """
 
 from __future__ import annotations
@@ -154,16 +157,37 @@ def _setting(conf: Any, name: str) -> Any:
     return conf.get(name.upper()) if value is None else value
 
 
+#: Brokers that serve one host only: every worker that takes their tasks runs on this
+#: machine, so kernel file locks (file://) exclude them all.
+_SINGLE_HOST_BROKERS = ("memory://", "filesystem://", "sqla+sqlite://")
+
+
 def _default_backend_url(conf: Any) -> str:
-    broker = conf.get("broker_url") or conf.get("BROKER_URL")
+    """The lock backend when ``singleton_lock_backend`` is not set, from the broker URL.
+
+    A Redis broker: that server. A broker that serves one host (``memory://``,
+    ``filesystem://``, ``sqla+sqlite://``): ``file://``, the embedded backend, except
+    ``memory://`` with ``task_always_eager``, where every task runs in the calling process
+    and ``memory://`` excludes it without touching the disk (unit tests). Any other
+    broker may be shared by several hosts, where no single-host default would be safe.
+
+    :raises ConfigurationError: naming ``singleton_lock_backend``, with the choices.
+    """
+    broker = _setting(conf, "broker_url")
     if isinstance(broker, str) and broker.startswith(_REDIS_SCHEMES):
         return broker.split(";")[0]
-    if isinstance(broker, str) and broker.startswith("memory://"):
-        return "memory://"
-    shown = broker if isinstance(broker, str) else "(none)"
+    if isinstance(broker, str) and broker.startswith(_SINGLE_HOST_BROKERS):
+        if broker.startswith("memory://") and _setting(conf, "task_always_eager"):
+            return "memory://"
+        return "file://"
+    shown = f"{broker.split('://')[0]}://..." if isinstance(broker, str) else "not set"
     msg = (
-        "singleton_lock_backend is not set and the broker URL is not a Redis URL "
-        f"({shown.split('://')[0]}://...): set app.conf.singleton_lock_backend"
+        f"singleton_lock_backend is not set, and the broker ({shown}) is not Redis and may "
+        "serve several hosts, so no lock server can be assumed: set "
+        "app.conf.singleton_lock_backend to redis://host:6379/0, "
+        "redlock://h1:6379,h2:6379,h3:6379/0, etcd://h1:2379,h2:2379,h3:2379, "
+        "zookeeper://h1:2181,h2:2181,h3:2181, postgresql://user@host:5432/db, or "
+        "file:///a/local/directory (only when every worker runs on this one host)"
     )
     raise ConfigurationError(msg, option="singleton_lock_backend")
 

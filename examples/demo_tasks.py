@@ -1,56 +1,73 @@
 """The Celery app and tasks behind ``duplicate_jobs.py``.
 
 One task per contention policy. Every task does the same fake work (sleep ~0.4 s) and
-keeps score in Redis, so the demo can check from outside what happened inside the
+keeps score in a SQLite file, so the demo can check from outside what happened inside the
 worker:
 
-* ``executed``        how many times a task body ran,
-* ``running:<key>``   how many bodies run *right now* for one key (INCR at start,
-                      DECR at the end), and ``max_concurrent``, the highest value
-                      it ever reached (must stay 1: that is the whole point),
+* ``executed``          how many times a task body ran,
+* ``running:<key>``     how many bodies run *right now* for one key (one more at start,
+                        one less at the end), and ``max_concurrent``, the highest value it
+                        ever reached (must stay 1: that is the whole point),
 * ``skipped``, ``retried``, ``waited``, counted by signal handlers.
 
-The worker finds its Redis through two environment variables that
-``duplicate_jobs.py`` sets: ``DEMO_REDIS_URL`` (a server URL without a db number)
-and ``DEMO_RUN_ID`` (a prefix for this run's score keys).
+No server is needed: the broker is kombu's ``filesystem://`` transport and results are
+files, all in ``DEMO_DIR``. The app sets no ``singleton_lock_backend``, so the locks take
+the default for a broker that serves one host: ``file://``, kernel file locks. With
+``DEMO_LOCK_URL`` set (``make demo BACKEND=redis``...), the locks live on that server.
 """
 
 from __future__ import annotations
 
 import os
+import sqlite3
 import time
-from urllib.parse import urlsplit
+import uuid
+from pathlib import Path
 
-import redis
 from celery import Celery
 from celery.signals import task_prerun, task_retry
+from kombu.transport import filesystem
+from kombu.utils.json import dumps
 
 from celery_singleton_lock import Raise, Retry, SingletonTask, Wait, singleton_task
 from celery_singleton_lock.signals import lock_acquired, lock_contended, task_skipped
 
 WORK_SECONDS = 0.4
 
-REDIS_URL = os.environ.get("DEMO_REDIS_URL", "redis://127.0.0.1:6379")
+DIRECTORY = Path(os.environ.get("DEMO_DIR", "/tmp/csl-demo"))
 RUN_ID = os.environ.get("DEMO_RUN_ID", "manual")
-
-# Four databases on one server, so the demo's keys never mix.
-BROKER_DB, RESULTS_DB, LOCKS_DB, SCORE_DB = 0, 1, 2, 3
+SCORE = DIRECTORY / "score.sqlite"
 
 
-def redis_db_url(db: int) -> str:
-    """``REDIS_URL`` pointing at database ``db``."""
-    return urlsplit(REDIS_URL)._replace(path=f"/{db}").geturl()
+
+def _put_atomically(self: filesystem.Channel, queue: str, payload: object, **_: object) -> None:
+    """kombu's ``_put`` creates the message file, then writes it: a worker polling the
+    folder in between reads it empty and dies (celery/kombu#1551). Write it under a name
+    no queue matches, then rename it in: a rename is atomic."""
+    name = f"{round(time.monotonic() * 1000)}_{uuid.uuid4()}.{queue}.msg"
+    partial = os.path.join(self.data_folder_out, f".{name}.partial")
+    with open(partial, "wb") as out:
+        out.write(dumps(payload).encode())
+    os.rename(partial, os.path.join(self.data_folder_out, name))
 
 
-app = Celery("demo_tasks")
+filesystem.Channel._put = _put_atomically
+
+app = Celery("demo_tasks", broker="filesystem://")
 app.conf.update(
-    broker_url=redis_db_url(BROKER_DB),
-    result_backend=redis_db_url(RESULTS_DB),
-    singleton_lock_backend=redis_db_url(LOCKS_DB),  # where the leases live
+    broker_transport_options={
+        "data_folder_in": str(DIRECTORY / "queue"),
+        "data_folder_out": str(DIRECTORY / "queue"),
+        "control_folder": str(DIRECTORY / "control"),
+        "polling_interval": 0.05,  # kombu's default (1 s) would make every retry slow
+    },
+    result_backend=f"file://{DIRECTORY / 'results'}",
     task_default_queue=f"csl-demo-{RUN_ID}",  # this run's worker takes this run's calls only
     broker_connection_retry_on_startup=True,
-    result_expires=600,
+    worker_prefetch_multiplier=1,
 )
+if os.environ.get("DEMO_LOCK_URL"):
+    app.conf.singleton_lock_backend = os.environ["DEMO_LOCK_URL"]
 
 
 # --- the tasks: same body, one contention policy each ---------------------------------
@@ -81,42 +98,65 @@ TASKS = {"skip": skip_job, "retry": retry_job, "wait": wait_job, "raise": raise_
 POLICY_OF_TASK = {task.name: policy for policy, task in TASKS.items()}
 
 
-# --- the score kept in Redis ------------------------------------------------------------
+# --- the score, in SQLite ---------------------------------------------------------------
 
-score = redis.Redis.from_url(redis_db_url(SCORE_DB))
-
-
-def score_key(policy: str, *parts: str) -> str:
-    """``csl-demo:<run>:<policy>[:part...]``: the stats hash, or a per-key counter."""
-    return ":".join(["csl-demo", RUN_ID, policy, *parts])
+def create_score() -> None:
+    """Make the score table (the demo does it once, before the worker starts)."""
+    with sqlite3.connect(SCORE) as db:
+        db.execute("CREATE TABLE IF NOT EXISTS score (name TEXT PRIMARY KEY, value INTEGER)")
 
 
-# Atomically: one more body running for this key; count the run; remember the maximum.
-# KEYS[1] = the key's "running now" counter, KEYS[2] = the policy's stats hash.
-_enter = score.register_script("""
-local now = redis.call('INCR', KEYS[1])
-redis.call('HINCRBY', KEYS[2], 'executed', 1)
-local max = tonumber(redis.call('HGET', KEYS[2], 'max_concurrent') or '0')
-if now > max then redis.call('HSET', KEYS[2], 'max_concurrent', now) end
-return now
-""")
+def _add(db: sqlite3.Connection, name: str, by: int) -> int:
+    db.execute(
+        "INSERT INTO score VALUES (?, ?) ON CONFLICT(name) DO UPDATE SET value = value + ?",
+        (name, by, by),
+    )
+    return int(db.execute("SELECT value FROM score WHERE name = ?", (name,)).fetchone()[0])
+
+
+def add(name: str, by: int = 1) -> int:
+    """Add ``by`` to the counter ``name`` (across processes: one SQLite transaction)."""
+    with sqlite3.connect(SCORE, timeout=30, isolation_level=None) as db:
+        db.execute("BEGIN IMMEDIATE")  # the write lock first: read-modify-write is atomic
+        try:
+            value = _add(db, name, by)
+        finally:
+            db.execute("COMMIT")
+    return value
+
+
+def stats(policy: str) -> dict[str, int]:
+    """The counters of ``policy`` (``executed``, ``max_concurrent``...)."""
+    with sqlite3.connect(SCORE, timeout=30) as db:
+        rows = db.execute("SELECT name, value FROM score WHERE name LIKE ?", (f"{policy}:%",))
+        return {name.split(":", 1)[1]: value for name, value in rows}
 
 
 def do_work(policy: str, key: str) -> str:
-    running = score_key(policy, "running", key)
-    _enter(keys=[running, score_key(policy)])
+    with sqlite3.connect(SCORE, timeout=30, isolation_level=None) as db:
+        # Atomically: one more body running for this key; count the run; keep the maximum.
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            now = _add(db, f"{policy}:running:{key}", 1)
+            _add(db, f"{policy}:executed", 1)
+            db.execute(
+                "INSERT INTO score VALUES (?, ?) ON CONFLICT(name) DO UPDATE SET value = max(value, ?)",
+                (f"{policy}:max_concurrent", now, now),
+            )
+        finally:
+            db.execute("COMMIT")
     try:
         time.sleep(WORK_SECONDS)  # the "work"
     finally:
-        score.decr(running)
+        add(f"{policy}:running:{key}", -1)
     return f"done {key}"
 
 
 def count(sender: object, field: str) -> None:
-    """Add one to ``field`` in the stats of the policy whose task sent a signal."""
+    """Add one to ``field`` in the score of the policy whose task sent a signal."""
     policy = POLICY_OF_TASK.get(getattr(sender, "name", ""))
     if policy is not None:
-        score.hincrby(score_key(policy), field, 1)
+        add(f"{policy}:{field}")
 
 
 # --- signal handlers: they run in the worker's child processes --------------------------

@@ -2,12 +2,20 @@
 
 Run it from the repository root (``make demo`` does exactly this)::
 
-    .venv/bin/python examples/duplicate_jobs.py
+    .venv/bin/python examples/duplicate_jobs.py                  # no server at all
+    .venv/bin/python examples/duplicate_jobs.py --backend redis  # or etcd, zookeeper, postgres
 
-It starts a throw-away ``redis-server`` (or uses ``REDIS_URL`` when set) and one real
-Celery worker with four processes, then fires a burst of identical calls: 8 copies for
-each of 3 keys, for each policy in ``demo_tasks.py`` (skip, retry, wait, raise). Each
-task body sleeps ~0.4 s and records in Redis how many bodies run at once for its key.
+It starts one real Celery worker with four processes on kombu's ``filesystem://`` broker
+(messages and results are files in a temporary directory), then fires a burst of identical
+calls: 8 copies for each of 3 keys, for each policy in ``demo_tasks.py`` (skip, retry,
+wait, raise). Each task body sleeps ~0.4 s and records in a SQLite file how many bodies
+run at once for its key.
+
+The locks: by default the app sets no ``singleton_lock_backend``, and a broker that
+serves one host makes ``file://`` (kernel file locks, docs/file.md) the default, so the
+demo needs no server. ``--backend redis|etcd|zookeeper|postgres`` runs the same table with
+the locks on a throw-away server of that kind (its binary must be installed; ``make
+servers`` installs them on Debian).
 
 The table shows what happened to the copies. The column that matters is *max per key*:
 however many duplicates arrive together, it must be 1. The demo exits non-zero when it
@@ -16,7 +24,9 @@ is not, when a burst does not finish in time, or when the counts do not add up.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
+import importlib
 import os
 import shutil
 import signal
@@ -26,10 +36,12 @@ import tempfile
 import time
 import uuid
 from collections import Counter
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from celery_singleton_lock.testing import RedisServer
+from celery_singleton_lock import testing
+from celery_singleton_lock.backends import registered_schemes
 
 EXAMPLES = Path(__file__).resolve().parent
 REPO = EXAMPLES.parent
@@ -38,7 +50,11 @@ KEYS = ("report-eu", "report-us", "report-asia")
 COPIES = 8  # identical calls per key, per policy
 BURST_TIMEOUT = 15.0  # seconds for one policy's burst to finish before we call it hung
 WORKER_START_TIMEOUT = 20.0
-WORKER_STOP_GRACE = 5.0  # warm shutdown (SIGTERM) gets this long, then SIGKILL
+# Warm shutdown (SIGTERM) gets this long, then SIGKILL: Celery's loop on the filesystem
+# transport takes ~5 s to stop, and nothing runs any more when the demo stops it (a killed
+# holder's file locks are freed by the kernel anyway).
+WORKER_STOP_GRACE = 3.0
+BACKENDS = ("file", "redis", "etcd", "zookeeper", "postgres")
 
 WHAT_HAPPENS = {
     "skip": "copies that find the lock taken finish at once (SUCCESS, result None)",
@@ -160,10 +176,10 @@ def run_burst(demo_tasks, worker: Worker, policy: str) -> Row:
             row.failed += 1
             row.errors[type(result.result).__name__] += 1
 
-    stats = demo_tasks.score.hgetall(demo_tasks.score_key(policy))
+    stats = demo_tasks.stats(policy)
     for name in ("executed", "skipped", "retried", "waited"):
-        setattr(row, name, int(stats.get(name.encode(), 0)))
-    row.max_per_key = int(stats.get(b"max_concurrent", 0))
+        setattr(row, name, stats.get(name, 0))
+    row.max_per_key = stats.get("max_concurrent", 0)
     return row
 
 
@@ -197,31 +213,80 @@ def print_table(rows: list[Row]) -> None:
     print()
 
 
+# --- the lock server ----------------------------------------------------------------------
+
+@contextlib.contextmanager
+def lock_server(backend: str) -> Iterator[str | None]:
+    """A throw-away server for ``backend``, as the URL of its locks (None: file://, the
+    default, needs none).
+
+    :raises DemoError: when the server cannot be had (its binary missing, say).
+    """
+    if backend == "file":
+        yield None
+        return
+    if backend == "postgres":
+        with postgres_server() as url:
+            yield url
+        return
+    servers: dict[str, Callable[[], contextlib.AbstractContextManager[object]]] = {
+        "redis": testing.RedisServer,
+        "etcd": testing.EtcdCluster,
+        "zookeeper": testing.ZooKeeperEnsemble,
+    }
+    try:
+        with servers[backend]() as server:
+            url = server.url  # type: ignore[attr-defined]
+            yield url + "/0" if backend == "redis" else url
+    except (OSError, RuntimeError, TimeoutError) as error:
+        msg = f"cannot start a {backend} server for the locks ({error}); `make servers` installs it"
+        raise DemoError(msg) from error
+
+
+@contextlib.contextmanager
+def postgres_server() -> Iterator[str]:
+    """``CSL_POSTGRES_URL``, or a PostgreSQL server of our own."""
+    if "postgresql" not in registered_schemes() or not hasattr(testing, "PostgresServer"):
+        msg = "BACKEND=postgres: this version has no PostgreSQL backend yet (postgresql://)"
+        raise DemoError(msg)
+    if os.environ.get("CSL_POSTGRES_URL"):
+        yield os.environ["CSL_POSTGRES_URL"]
+        return
+    with testing.PostgresServer() as server:
+        yield server.url
+
+
 # --- main ----------------------------------------------------------------------------------
 
 def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument(
+        "--backend", choices=BACKENDS, default=os.environ.get("BACKEND") or "file",
+        help="where the locks live (default: file, the embedded default; no server)",
+    )
+    backend = parser.parse_args().backend
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # `kill` cleans up like Ctrl-C
-    log_dir = Path(tempfile.mkdtemp(prefix="csl-demo-"))
-    worker_log = log_dir / "worker.log"
+    demo_dir = Path(tempfile.mkdtemp(prefix="csl-demo-"))
+    for folder in ("queue", "control", "results"):
+        (demo_dir / folder).mkdir()
+    worker_log = demo_dir / "worker.log"
     run_id = uuid.uuid4().hex[:8]
     rows: list[Row] = []
     failure = None  # or why the demo stopped early
     try:
-        with contextlib.ExitStack() as stack:  # on the way out: stop the worker, then Redis
-            redis_url = users_redis = os.environ.get("REDIS_URL")
-            if users_redis:
-                print(f"using Redis at {redis_url}")
-            else:
-                redis_url = stack.enter_context(RedisServer()).url
-                print(f"started redis-server at {redis_url}")
-
+        with contextlib.ExitStack() as stack:  # on the way out: stop the worker, then the server
+            lock_url = stack.enter_context(lock_server(backend))
             # demo_tasks reads these when imported, here and in the worker.
-            os.environ["DEMO_REDIS_URL"] = redis_url
-            os.environ["DEMO_RUN_ID"] = run_id
-            import demo_tasks  # here, not at the top: it reads the two variables above
-
-            if users_redis:  # not our own server: tidy up after ourselves
-                stack.callback(delete_keys, demo_tasks.score, demo_tasks.score_key("*"))
+            os.environ.update(DEMO_DIR=str(demo_dir), DEMO_RUN_ID=run_id)
+            if lock_url is None:
+                os.environ.pop("DEMO_LOCK_URL", None)
+            else:
+                os.environ["DEMO_LOCK_URL"] = lock_url
+            demo_tasks = importlib.import_module("demo_tasks")  # reads the variables above
+            demo_tasks.create_score()
+            print(f"broker: filesystem:// (files in {demo_dir}); locks: "
+                  + (f"{backend} at {lock_url}" if lock_url else
+                     "file://, the default for a one-host broker (kernel file locks, no server)"))
             worker = stack.enter_context(Worker(f"csl-demo-{run_id}@localhost", worker_log))
             took = worker.wait_until_ready(demo_tasks.app)
             print(f"worker ready after {took:.1f} s (4 processes); "
@@ -240,21 +305,13 @@ def main() -> int:
     if rows:
         print_table(rows)
     if failure is None and len(rows) == len(WHAT_HAPPENS) and not any(r.problems() for r in rows):
-        shutil.rmtree(log_dir, ignore_errors=True)
+        shutil.rmtree(demo_dir, ignore_errors=True)
         print("OK: never more than one copy of a task ran at once for the same key")
         return 0
     if failure is not None:
         print(f"{failure}: worker and server stopped", file=sys.stderr)
     print(f"FAILED (worker log kept at {worker_log})", file=sys.stderr)
     return 130 if failure == "interrupted" else 1
-
-
-def delete_keys(client, pattern: str) -> None:
-    """Remove this run's counters."""
-    with contextlib.suppress(Exception):
-        keys = list(client.scan_iter(match=pattern))
-        if keys:
-            client.delete(*keys)
 
 
 if __name__ == "__main__":

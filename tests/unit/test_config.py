@@ -32,7 +32,7 @@ def app_with(broker: str | None = "memory://", **settings: Any) -> Celery:
 
 
 def test_defaults() -> None:
-    settings = read_settings(app_with().conf)
+    settings = read_settings(app_with(task_always_eager=True).conf)
     assert settings == Settings(
         backend_url="memory://",
         ttl=60.0,
@@ -91,12 +91,29 @@ def test_the_lock_backend_setting_wins_over_the_broker() -> None:
     assert read_settings(conf).backend_url == "memory://"
 
 
-@pytest.mark.parametrize("broker", ["amqp://guest@localhost//", "sqs://", None])
-def test_a_non_redis_broker_without_lock_backend_is_a_configuration_error(broker: str | None) -> None:
+@pytest.mark.parametrize(
+    "broker", ["filesystem://", "sqla+sqlite:///celery.db", "memory://", "memory://localhost/"]
+)
+def test_a_broker_that_serves_one_host_makes_the_embedded_file_backend_the_default(broker: str) -> None:
+    assert read_settings(app_with(broker).conf).backend_url == "file://"
+
+
+def test_eager_tasks_on_a_memory_broker_keep_the_memory_backend() -> None:
+    # Every task runs in the calling process: memory:// excludes it, with nothing on disk.
+    assert read_settings(app_with("memory://", task_always_eager=True).conf).backend_url == "memory://"
+    eager_elsewhere = app_with("filesystem://", task_always_eager=True)
+    assert read_settings(eager_elsewhere.conf).backend_url == "file://"
+
+
+@pytest.mark.parametrize("broker", ["amqp://guest@localhost//", "sqs://", "sqla+postgresql://db/x", None])
+def test_a_broker_that_may_serve_several_hosts_needs_the_lock_backend_set(broker: str | None) -> None:
     with pytest.raises(ConfigurationError) as info:
         read_settings(app_with(broker).conf)
     assert info.value.option == "singleton_lock_backend"
-    assert "singleton_lock_backend" in str(info.value)
+    message = str(info.value)
+    assert "singleton_lock_backend is not set" in message
+    for choice in ("redis://", "etcd://", "zookeeper://", "postgresql://", "file:///"):
+        assert choice in message
 
 
 def test_a_non_redis_broker_password_is_not_in_the_error() -> None:
@@ -148,6 +165,7 @@ def test_a_bad_setting_is_a_configuration_error_naming_it(setting: str, value: A
 def test_django_style_namespaced_settings_are_read() -> None:
     class DjangoSettings:
         CELERY_BROKER_URL = "memory://"
+        CELERY_TASK_ALWAYS_EAGER = True
         CELERY_SINGLETON_LOCK_TTL = 17
         CELERY_SINGLETON_LOCK_ON_CONTENTION = "raise"
 

@@ -1,0 +1,185 @@
+"""Every contention policy on real prefork and threads workers whose locks are kernel
+file locks (file://), a killed task's lock free at once, and the default backend: a
+worker on kombu's filesystem broker with no lock setting needs no server at all."""
+
+from __future__ import annotations
+
+import importlib
+import os
+import subprocess
+import sys
+import time
+import uuid
+
+import pytest
+
+from celery_singleton_lock import connect
+from tests.conftest import wait_until
+from tests.integration.processes import ROOT, Worker
+from tests.integration.test_worker import count, events_of, max_overlap
+
+POOLS = ("prefork", "threads")
+
+
+@pytest.fixture(scope="module")
+def lock_url(tmp_path_factory) -> str:
+    return f"file://{tmp_path_factory.mktemp('worker-file-locks')}"
+
+
+@pytest.fixture(scope="module")
+def worker_app(redis_url):
+    os.environ["CSL_WORKER_REDIS_URL"] = redis_url
+    return importlib.import_module("tests.integration.worker_app")
+
+
+@pytest.fixture(scope="module", params=POOLS)
+def pool_worker(request, worker_app, redis_url, lock_url, tmp_path_factory):
+    pool = request.param
+    worker = Worker(
+        redis_url, tmp_path_factory.mktemp(f"worker-file-{pool}"), queues=f"file-{pool}",
+        pool=pool, concurrency=4, CSL_WORKER_LOCK_URL=lock_url,
+    )
+    try:
+        worker.wait_ready(worker_app.app)
+        yield pool, worker
+    finally:
+        worker.stop()
+
+
+def _send(task, pool: str, *args):
+    return task.apply_async(args, queue=f"file-{pool}")
+
+
+def _free(backend, key: str) -> bool:
+    held = backend.acquire(key, ttl=5)
+    if held is None:
+        return False
+    backend.release(held)
+    return True
+
+
+def test_duplicates_are_skipped(pool_worker, worker_app):
+    pool, _ = pool_worker
+    run = uuid.uuid4().hex[:12]
+    results = [_send(worker_app.sleepy_skip, pool, run, 1.5) for _ in range(4)]
+    values = [r.get(timeout=30) for r in results]
+    events = events_of(worker_app, run)
+    assert count(events, "start") == 1
+    assert count(events, "skipped") == 3
+    assert sorted(values, key=str) == sorted(["ran", None, None, None], key=str)
+
+
+@pytest.mark.parametrize("task_name", ["sleepy_wait", "sleepy_retry"])
+def test_wait_and_retry_run_every_duplicate_one_after_another(pool_worker, worker_app, task_name):
+    pool, _ = pool_worker
+    run = uuid.uuid4().hex[:12]
+    results = [_send(getattr(worker_app, task_name), pool, run, 0.3) for _ in range(4)]
+    assert [r.get(timeout=60) for r in results] == ["ran"] * 4
+    events = events_of(worker_app, run)
+    assert count(events, "start") == 4
+    assert max_overlap(events) == 1
+    if pool == "threads":
+        assert len({e[2] for e in events}) == 1  # threads of one process excluded each other
+
+
+def test_raise_fails_the_duplicate_with_lock_contended(pool_worker, worker_app):
+    pool, _ = pool_worker
+    run = uuid.uuid4().hex[:12]
+    first = _send(worker_app.sleepy_raise, pool, run, 1.5)
+    wait_until(lambda: count(events_of(worker_app, run), "start") == 1, 20, "the first run to start")
+    second = _send(worker_app.sleepy_raise, pool, run, 1.5)
+    with pytest.raises(Exception) as info:
+        second.get(timeout=30)
+    assert type(info.value).__name__ == "LockContended"
+    assert first.get(timeout=30) == "ran"
+
+
+def test_a_killed_task_frees_its_lock_at_once_and_the_pool_still_locks(pool_worker, worker_app, lock_url):
+    pool, worker = pool_worker
+    if pool != "prefork":
+        pytest.skip("revoke(terminate=True) kills pool processes: prefork only")
+    run = uuid.uuid4().hex[:12]
+    result = _send(worker_app.killable, pool, run)  # lock_ttl=30
+    wait_until(lambda: count(events_of(worker_app, run), "start") == 1, 20, "the task to start")
+    key = worker_app.killable.lock_key_for((run,), {})
+    observer = connect(lock_url)
+    assert observer.acquire(key, ttl=5) is None
+    worker_app.app.control.revoke(result.id, terminate=True, signal="SIGKILL")
+    killed_at = time.monotonic()
+    wait_until(lambda: _free(observer, key), 5, "the killed task's lock to be free")
+    assert time.monotonic() - killed_at < 2  # the kernel, not its 30 s TTL (a revoke's hops)
+    # The main process clears the record that still names the dead process.
+    worker.wait_for_log(f"released the lock of {worker_app.killable.name}[{result.id}]", 10)
+    after = uuid.uuid4().hex[:12]
+    results = [_send(worker_app.sleepy_wait, pool, after, 0.2) for _ in range(4)]
+    assert [r.get(timeout=60) for r in results] == ["ran"] * 4
+    assert max_overlap(events_of(worker_app, after)) == 1
+
+
+def test_a_sigkilled_worker_frees_its_lock_at_once(worker_app, redis_url, lock_url, tmp_path):
+    crashing = Worker(redis_url, tmp_path, queues="file-crash", concurrency=1, CSL_WORKER_LOCK_URL=lock_url)
+    run = uuid.uuid4().hex[:12]
+    try:
+        crashing.wait_ready(worker_app.app)
+        worker_app.crashable.apply_async((run,), queue="file-crash")  # lock_ttl=3
+        wait_until(lambda: count(events_of(worker_app, run), "start") == 1, 20, "the task to start")
+        key = worker_app.crashable.lock_key_for((run,), {})
+        backend = connect(lock_url)
+        assert backend.acquire(key, ttl=5) is None
+        crashing.kill()  # the whole process group, reaped
+        held = backend.acquire(key, ttl=5)  # no wait: the kernel freed it with the process
+        assert held is not None
+        backend.release(held)
+    finally:
+        crashing.stop()
+
+
+# -- the default backend ---------------------------------------------------------------------
+
+def _default_worker(directory, broker: str) -> Worker:
+    return Worker(
+        "redis://unused", directory, queues="celery", pool="prefork", concurrency=4,
+        app="tests.integration.default_app", CSL_DEFAULT_DIR=str(directory), CSL_DEFAULT_BROKER=broker,
+    )
+
+
+def test_a_filesystem_broker_needs_no_lock_server(tmp_path, monkeypatch):
+    monkeypatch.setenv("CSL_DEFAULT_DIR", str(tmp_path))
+    monkeypatch.setenv("CSL_DEFAULT_BROKER", "filesystem://")
+    for name in ("queue", "control", "results"):
+        (tmp_path / name).mkdir()
+    default_app = importlib.import_module("tests.integration.default_app")
+    worker = _default_worker(tmp_path, "filesystem://")
+    try:
+        worker.wait_ready()
+        run = uuid.uuid4().hex[:12]
+        results = [default_app.sleepy.delay(run, 1.5) for _ in range(4)]
+        values = [r.get(timeout=30) for r in results]
+        assert sorted(values, key=str) == sorted(["ran", None, None, None], key=str)
+        events = default_app.events(run)
+        assert [e[0] for e in events] == ["start", "end"]  # four processes, one run
+        key = default_app.sleepy.lock_key_for((run, 1.5), {})
+        assert os.path.exists(connect("file://").path_of(key))  # the embedded default held it
+    finally:
+        worker.kill()  # (a warm shutdown on the filesystem transport takes Celery ~6-15 s)
+    assert default_app.app.conf.get("singleton_lock_backend") is None
+
+
+def test_a_broker_that_may_serve_several_hosts_stops_the_worker_at_start(tmp_path):
+    # Not a silent single-host default: RabbitMQ may feed workers on many hosts.
+    env = {
+        **os.environ, "PYTHONPATH": str(ROOT), "CSL_DEFAULT_DIR": str(tmp_path),
+        "CSL_DEFAULT_BROKER": "amqp://guest@127.0.0.1:1//",
+    }
+    started = time.monotonic()
+    worker = subprocess.run(
+        [sys.executable, "-m", "celery", "-A", "tests.integration.default_app", "worker", "-P", "solo"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=60, check=False,
+    )
+    assert worker.returncode != 0
+    assert time.monotonic() - started < 30  # before it ever tries the broker
+    error = worker.stderr.strip().splitlines()[-1]  # raised while the tasks are bound
+    assert error.startswith(
+        "celery_singleton_lock.errors.ConfigurationError: singleton_lock_backend is not set"
+    )
+    assert "file:///" in error
