@@ -323,10 +323,13 @@ def test_a_forked_child_neither_releases_renews_nor_keeps_its_parents_lock(file_
 def _hold_and_fork(url: str, key: str, report) -> None:
     backend = connect(url)
     held = backend.acquire(key, ttl=10)
+    ready_r, ready_w = os.pipe()
     grandchild = os.fork()
     if grandchild == 0:  # outlives us, with a copy of every descriptor we had at the fork
+        os.write(ready_w, b"!")  # fork() returned here: the at-fork hooks have run
         time.sleep(60)
         os._exit(0)
+    os.read(ready_r, 1)
     report.send((grandchild, held.fencing_token))
     time.sleep(60)
 

@@ -126,9 +126,11 @@ def test_a_sigkilled_worker_frees_its_lock_at_once(worker_app, redis_url, lock_u
         key = worker_app.crashable.lock_key_for((run,), {})
         backend = connect(lock_url)
         assert backend.acquire(key, ttl=5) is None
-        crashing.kill()  # the whole process group, reaped
-        held = backend.acquire(key, ttl=5)  # no wait: the kernel freed it with the process
+        crashing.kill()  # the whole process group (the main process reaped, the child dying)
+        killed_at = time.monotonic()
+        held = backend.acquire(key, ttl=5, blocking=True, timeout=3)
         assert held is not None
+        assert time.monotonic() - killed_at < 0.5  # the kernel freed it, not its 3 s TTL
         backend.release(held)
     finally:
         crashing.stop()
