@@ -142,16 +142,6 @@ class TestFileContract(CrossProcessContract):
         _release_owned_clears_only_the_exact_record(backend_spec.url, unique_key)
 
     @pytest.mark.filterwarnings("ignore:This process .* is multi-threaded:DeprecationWarning")
-    def test_a_forked_child_cannot_release_its_parents_lock(
-        self, backend_spec, backend, second_backend, unique_key
-    ):
-        # Not the base's known bug here: a forked child's descriptors are closed at the
-        # fork, so what it was given is not in its hands to release.
-        CrossProcessContract.test_a_forked_child_cannot_release_its_parents_lock(
-            self, backend_spec, backend, second_backend, unique_key
-        )
-
-    @pytest.mark.filterwarnings("ignore:This process .* is multi-threaded:DeprecationWarning")
     def test_a_forked_child_neither_renews_its_parents_lock_nor_frees_it_by_exiting(
         self, backend_spec, backend, second_backend, unique_key
     ):
