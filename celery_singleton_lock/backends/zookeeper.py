@@ -31,12 +31,21 @@ per session for all its locks (a ``sync`` and an ``exists`` per lock, pipelined)
 
 from __future__ import annotations
 
+import _socket
+import collections
 import contextlib
+import importlib
 import logging
 import math
 import os
+import queue
+import random
 import re
+import select
+import socket
+import sys
 import time
+import types
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -64,7 +73,8 @@ try:
         NoNodeError,
         SessionExpiredError,
     )
-    from kazoo.handlers.threading import SequentialThreadingHandler
+    from kazoo.handlers import utils as kazoo_utils
+    from kazoo.handlers.threading import KazooTimeoutError, SequentialThreadingHandler
     from kazoo.protocol.serialization import Connect, Create2
     from kazoo.protocol.states import KazooState, KeeperState
     from kazoo.retry import KazooRetry
@@ -101,6 +111,258 @@ _CLIENT_OPTIONS = (
     "user", "password", "use_ssl", "ca", "certfile", "keyfile", "keyfile_password",
     "verify_certs", "check_hostname",
 )
+
+
+# -- kazoo on threads of the operating system, also under gevent -------------------------
+#
+# In a gevent worker (``celery worker -P gevent``) the process is monkey-patched: kazoo's
+# threading handler would run its connection in a greenlet, which does not run while a task
+# body computes without yielding, so pings stop and the session (the lease) expires under
+# the body (measured: a 2 s lock taken by another client 2.5 s into a 6 s busy loop). And
+# the lease keeper, an OS thread (see _native.py), cannot wait on gevent primitives of the
+# hub's thread. So in a patched process kazoo gets a handler made of the originals: OS
+# threads, locks, sockets, poll. Greenlets then wait on its replies cooperatively
+# (:class:`_Signal`), never blocking the hub.
+
+
+def _original(module: str, name: str) -> Any:
+    monkey = sys.modules.get("gevent.monkey")
+    if monkey is not None:
+        return monkey.get_original(module, name)
+    return getattr(importlib.import_module(module), name)
+
+
+class _NativeCondition:
+    """A condition variable of OS locks (``threading.Condition`` takes gevent's when
+    patched)."""
+
+    def __init__(self) -> None:
+        self._lock = _native.allocate_lock()
+        self._waiters: collections.deque[Any] = collections.deque()
+
+    def __enter__(self) -> bool:
+        return bool(self._lock.acquire())
+
+    def __exit__(self, *exc: object) -> None:
+        self._lock.release()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        waiter = _native.allocate_lock()
+        waiter.acquire()
+        self._waiters.append(waiter)
+        self._lock.release()
+        try:
+            woken = bool(waiter.acquire(True, -1 if timeout is None else max(timeout, 0.0)))
+        finally:
+            self._lock.acquire()
+        if not woken:
+            with contextlib.suppress(ValueError):
+                self._waiters.remove(waiter)
+        return woken
+
+    def notify_all(self) -> None:
+        while self._waiters:
+            self._waiters.popleft().release()
+
+
+class _NativeEvent:
+    def __init__(self) -> None:
+        self._condition = _NativeCondition()
+        self._flag = False
+
+    def is_set(self) -> bool:
+        return self._flag
+
+    def set(self) -> None:
+        with self._condition:
+            self._flag = True
+            self._condition.notify_all()
+
+    def clear(self) -> None:
+        with self._condition:
+            self._flag = False
+
+    def wait(self, timeout: float | None = None) -> bool:
+        with self._condition:
+            if not self._flag:
+                self._condition.wait(timeout)
+            return self._flag
+
+
+class _NativeQueue:
+    """The part of ``queue.Queue`` that kazoo's handler uses, on OS locks."""
+
+    def __init__(self) -> None:
+        self._condition = _NativeCondition()
+        self._items: collections.deque[Any] = collections.deque()
+
+    def put(self, item: Any) -> None:
+        with self._condition:
+            self._items.append(item)
+            self._condition.notify_all()
+
+    def get(self) -> Any:
+        with self._condition:
+            while not self._items:
+                self._condition.wait()
+            return self._items.popleft()
+
+    def task_done(self) -> None:
+        pass
+
+
+class _NativeWorker:
+    """A daemon OS thread that kazoo can join."""
+
+    def __init__(self, target: Callable[..., object], args: Any, kwargs: Any) -> None:
+        self._done = _NativeEvent()
+
+        def run() -> None:
+            try:
+                target(*args, **kwargs)
+            finally:
+                self._done.set()
+
+        _native.NativeThread(run)
+
+    def join(self, timeout: float | None = None) -> None:
+        self._done.wait(timeout)
+
+
+def _native_create_connection(address: tuple[str, int], timeout: float | None = None) -> socket.socket:
+    """``socket.create_connection`` on the original socket class and resolver (the
+    original function would look up gevent's through its module)."""
+    host, port = address
+    error: OSError | None = None
+    for family, kind, proto, _, peer in _socket.getaddrinfo(host, port, 0, _socket.SOCK_STREAM):
+        sock = _original("socket", "socket")(family, kind, proto)
+        try:
+            sock.settimeout(timeout)
+            sock.connect(peer)
+        except OSError as exc:
+            sock.close()
+            error = exc
+            continue
+        return sock  # type: ignore[no-any-return]
+    raise error or OSError(f"cannot resolve {host!r}")
+
+
+def _native_socket_module() -> types.SimpleNamespace:
+    """What kazoo's socket helpers use of the socket module, unpatched."""
+    names = (
+        "IPPROTO_TCP", "TCP_NODELAY", "SOCK_STREAM", "AF_INET", "SOCK_CLOEXEC", "error", "getdefaulttimeout",
+    )
+    module = types.SimpleNamespace(**{n: getattr(socket, n) for n in names if hasattr(socket, n)})
+    module.socket = _original("socket", "socket")
+    module.socketpair = _original("socket", "socketpair")
+    module.create_connection = _native_create_connection
+    return module
+
+
+class _NativeHandler(SequentialThreadingHandler):  # type: ignore[misc]  # kazoo is untyped
+    """kazoo's threading handler on the originals of a gevent-patched process."""
+
+    name = "celery_singleton_lock_native_handler"
+    timeout_exception = KazooTimeoutError
+    queue_impl = _NativeQueue
+    queue_empty = queue.Empty
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._state_change = _native.allocate_lock()
+        self._sockets = _native_socket_module()
+        self._poll = _original("select", "poll")
+
+    @staticmethod
+    def sleep_func(seconds: float) -> None:
+        _original("time", "sleep")(seconds)
+
+    def select(
+        self, rlist: list[Any], wlist: list[Any], xlist: list[Any], timeout: float | None = None
+    ) -> Any:
+        poller = self._poll()
+        objects: dict[int, list[Any]] = {}
+        for each, mask in [(r, select.POLLIN) for r in rlist] + [(w, select.POLLOUT) for w in wlist]:
+            fd = kazoo_utils.fileobj_to_fd(each)
+            objects.setdefault(fd, []).append((each, mask))
+            poller.register(fd, sum({m for _, m in objects[fd]}))
+        ready_r, ready_w = [], []
+        for fd, events in poller.poll(None if timeout is None else timeout * 1000):
+            for each, mask in objects[fd]:
+                if mask == select.POLLIN and events & (select.POLLIN | select.POLLHUP | select.POLLERR):
+                    ready_r.append(each)
+                elif mask == select.POLLOUT and events & (select.POLLOUT | select.POLLHUP | select.POLLERR):
+                    ready_w.append(each)
+        return ready_r, ready_w, []
+
+    def socket(self) -> Any:
+        return kazoo_utils.create_tcp_socket(self._sockets)
+
+    def create_connection(self, *args: Any, **kwargs: Any) -> Any:
+        return kazoo_utils.create_tcp_connection(self._sockets, *args, **kwargs)
+
+    def create_socket_pair(self) -> Any:
+        return kazoo_utils.create_socket_pair(self._sockets)
+
+    def event_object(self) -> _NativeEvent:
+        return _NativeEvent()
+
+    def lock_object(self) -> Any:
+        return _native.allocate_lock()
+
+    def async_result(self) -> Any:
+        return kazoo_utils.AsyncResult(self, _NativeCondition, KazooTimeoutError)
+
+    def spawn(self, func: Callable[..., object], *args: Any, **kwargs: Any) -> _NativeWorker:
+        return _NativeWorker(func, args, kwargs)
+
+
+def _handler_for_process() -> Any:
+    """kazoo's threading handler, or in a gevent-patched process the native one."""
+    return _NativeHandler() if _native.patched() else SequentialThreadingHandler()
+
+
+def _cooperative() -> bool:
+    """True in a thread whose gevent hub must keep running while we wait (a greenlet of
+    a gevent worker); False in an OS thread of ours or without gevent."""
+    if not _native.patched():
+        return False
+    hub = importlib.import_module("gevent.hub")
+    return hub._get_hub() is not None  # gevent's get_hub_if_exists
+
+
+class _Signal:
+    """A wake-up that any thread may set and its creator waits on: an OS lock, or in a
+    greenlet a gevent event set on its hub (an OS wait would stop every greenlet)."""
+
+    def __init__(self) -> None:
+        self._post = _native.poster() if _cooperative() else None
+        if self._post is None:
+            self._wakeup = _native.Wakeup()
+        else:
+            self._event = importlib.import_module("gevent.event").Event()
+
+    def set(self) -> None:
+        if self._post is None:
+            self._wakeup.set()
+        else:
+            self._post(self._event.set)
+
+    def wait(self, timeout: float | None) -> bool:
+        if self._post is None:
+            return self._wakeup.wait(timeout)
+        return bool(self._event.wait(timeout))
+
+
+def _wait(result: Any, timeout: float) -> bool:
+    """Wait for a kazoo async result at most ``timeout`` seconds; True once it is ready."""
+    if result.ready():
+        return True
+    if not _cooperative():
+        return bool(result.wait(timeout))
+    signal = _Signal()
+    result.rawlink(lambda _: signal.set())
+    return signal.wait(timeout) or bool(result.ready())
 
 
 class _CreateContainer(Create2):  # type: ignore[misc]  # kazoo is untyped
@@ -155,15 +417,19 @@ class _Session:
         self._backend = backend
         self._guard = _native.allocate_lock()
         options = backend._client_options
+        handler = _handler_for_process()
         self.client = KazooClient(
             hosts=backend._hosts,
             timeout=timeout,
-            handler=SequentialThreadingHandler(),
+            handler=handler,
             auth_data=options["auth_data"],
             default_acl=options["acl"],
             # A server that comes back is reconnected to within half a second, never
             # after kazoo's default back-off of up to a minute.
-            connection_retry=KazooRetry(max_tries=-1, delay=0.05, backoff=1.5, max_delay=0.5, max_jitter=0.2),
+            connection_retry=KazooRetry(
+                max_tries=-1, delay=0.05, backoff=1.5, max_delay=0.5, max_jitter=0.2,
+                sleep_func=handler.sleep_func,
+            ),
             use_ssl=options["use_ssl"],
             ca=options["ca"],
             certfile=options["certfile"],
@@ -198,6 +464,20 @@ class _Session:
 
         connection._invoke = recording_invoke
         connection._connect = recording_connect
+        if isinstance(self.client.handler, _NativeHandler):
+            connection._expand_client_hosts = self._expand_hosts
+
+    def _expand_hosts(self) -> list[tuple[str, str, int]]:
+        """kazoo's host list, resolved by the C resolver (kazoo asks the socket module's
+        getaddrinfo, which is gevent's in a patched process)."""
+        found: list[tuple[str, str, int]] = []
+        for host, port in self.client.hosts:
+            with contextlib.suppress(OSError):
+                for info in _socket.getaddrinfo(host.strip(), port, 0, 0, _socket.IPPROTO_TCP):
+                    found.append((host.strip(), str(info[4][0]), int(info[4][1])))
+        if self.client.randomize_hosts:
+            random.shuffle(found)
+        return found
 
     def _on_state(self, state: str) -> None:
         # Called on kazoo's connection thread: it must not block.
@@ -222,8 +502,24 @@ class _Session:
         remaining = deadline - clock()
         if remaining <= 0 or self.auth_failed:
             return False
-        # kazoo's own event, set while the connection is up (any number of waiters).
-        return bool(self.client._live.wait(remaining))
+        if not _cooperative():
+            # kazoo's own event, set while the connection is up (any number of waiters).
+            return bool(self.client._live.wait(remaining))
+        signal = _Signal()
+
+        def connected(state: str) -> bool:
+            if state == KazooState.CONNECTED:
+                signal.set()
+                return True  # kazoo removes a listener that returns True
+            return False
+
+        self.client.add_listener(connected)
+        try:
+            if not self.client.connected:
+                signal.wait(remaining)
+        finally:
+            self.client.remove_listener(connected)
+        return bool(self.client.connected)
 
     def proved(self, sent_at: float) -> None:
         """A reply to a request sent at ``sent_at`` came back: the server had not expired
@@ -362,7 +658,7 @@ class ZooKeeperBackend(LockBackend):
             children = session.client.get_children_async(key)
             # One session's replies come in order: once the read is answered, so is the
             # create (one wake-up for both).
-            children.wait(max(0.0, deadline - self.clock()))
+            _wait(children, max(0.0, deadline - self.clock()))
             try:
                 path, stat = self._result(session, create, deadline, key)
             except NoNodeError:
@@ -478,9 +774,9 @@ class ZooKeeperBackend(LockBackend):
             place = line.index(ours)
             if place == 0:
                 return read_at
-            woken = _native.Wakeup()
+            woken = _Signal()
 
-            def watch(event: Any, woken: _native.Wakeup = woken) -> None:
+            def watch(event: Any, woken: _Signal = woken) -> None:
                 woken.set()
 
             budget = self.clock() + self.connect_timeout
@@ -680,7 +976,7 @@ class ZooKeeperBackend(LockBackend):
             the server refused the request (credentials).
         """
         remaining = deadline - self.clock()
-        if not result.wait(max(remaining, 0.0)):
+        if not _wait(result, max(remaining, 0.0)):
             raise self._unavailable(key, f"no answer in time ({session.last_error})")
         if result.successful():
             return result.value

@@ -446,3 +446,32 @@ def test_digest_credentials_protect_the_nodes(zookeeper_server, backends, unique
     assert "refused our credentials" in str(info.value)
     assert "wrong" not in str(info.value)
     assert owner.release(held) is True
+
+
+def test_the_handler_of_os_threads_for_gevent_workers_locks_waits_and_renews(
+    zk_url, unique_key, monkeypatch
+):
+    # What a gevent-patched process uses (its originals are the plain ones here).
+    from celery_singleton_lock.backends import zookeeper
+
+    monkeypatch.setattr(zookeeper, "_handler_for_process", zookeeper._NativeHandler)
+    backend, other = connect(zk_url), connect(zk_url)
+    try:
+        held = backend.acquire(unique_key, ttl=0.9)
+        assert isinstance(_session_of(backend, 0.9).client.handler, zookeeper._NativeHandler)
+        assert other.acquire(unique_key, ttl=5, blocking=True, timeout=0.3) is None
+        got: list = []
+        waiter = threading.Thread(
+            target=lambda: got.append(other.acquire(unique_key, ttl=5, blocking=True, timeout=10))
+        )
+        waiter.start()
+        time.sleep(1.5)  # renewed past its TTL meanwhile
+        assert not held.lost
+        assert held.release() is True
+        waiter.join(5)
+        assert got[0] is not None
+        assert got[0].fencing_token > held.fencing_token
+        assert other.release(got[0]) is True
+    finally:
+        backend.close()
+        other.close()
