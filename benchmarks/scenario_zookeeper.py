@@ -374,10 +374,13 @@ def idle(
     waiters = list(range(WAITERS))
     runs: dict[str, list[dict[str, Any]]] = {lib: [] for lib in holders}
     for rep, lib in interleaved(list(holders), reps, skip=errors):
+        # this library's waiters only: the relay then sees no other client's heartbeats
+        _bind(env, waiters, {lib + COUNTED: [lib, counter.url]}, errors)
         key = f"bench:i:c:{lib}:{rep}"
         held = holders[lib].try_acquire(key, TTL)
         if held is None:
             errors[lib] = f"rep {rep}: the holder could not take the free key"
+            _unbind(env, waiters, [lib + COUNTED])
             continue
         for i in waiters:
             pool.submit(i, "benchmarks.scenario_waiters:wait_once", lib=lib + COUNTED, key=key,
@@ -396,6 +399,8 @@ def idle(
         except WorkerError as exc:
             errors[lib] = f"rep {rep}: {str(exc)[:300]}"
             continue
+        finally:
+            _unbind(env, waiters, [lib + COUNTED])
         runs[lib].append({
             "server_requests": requests, "window": elapsed,
             "waiter_requests": dict(counts), "lock_requests": lock_requests(counts),
@@ -436,7 +441,7 @@ def run(env: Env, reps: int = 5) -> ScenarioResult:
         # The pool's clients connect only now, so their heartbeats stay out of the counts
         # above; each phase binds the clients it needs and closes them after, so that the
         # relay sees only the sessions of the processes it measures.
-        everyone, waiters = list(range(len(env.pool))), list(range(WAITERS))
+        everyone = list(range(len(env.pool)))
         contenders = [lib for lib in CONTENDERS if lib in adapters and lib not in errors]
         direct = {lib: [lib, server.url] for lib in contenders}
         counted = {lib + COUNTED: [lib, counter.url] for lib in contenders}
@@ -452,7 +457,6 @@ def run(env: Env, reps: int = 5) -> ScenarioResult:
         for lib in ("zk-socket", "zk-raw", "zk-raw-line"):  # fewer idle sessions on the server
             with contextlib.suppress(Exception):
                 adapters.pop(lib).close()
-        _bind(env, waiters, counted, errors)
         waiting = idle(env, packets, counter, {lib: adapters[lib] for lib in contenders},
                        env.reps(2), window, errors)
     finally:
