@@ -217,10 +217,10 @@ def _read(fd: int) -> _Record:
     """The record in ``fd``'s file (call with the guard held). A file that is empty, or
     unreadable after a crash of the machine, is a free lock whose counter starts again
     (the clock floor of fencing tokens still keeps them rising)."""
-    data = os.pread(fd, _MAX_RECORD, 0)
+    data = os.pread(fd, min(os.fstat(fd).st_size, _MAX_RECORD), 0)
     try:
-        # raw_decode: a shorter record written over a longer one leaves nothing behind
-        # (we truncate), but a process killed between the write and the truncation would.
+        # raw_decode: the first JSON object; blanks after it are what is left of a longer
+        # record written before (see _write).
         fields, _ = json.JSONDecoder().raw_decode(data.decode())
         return _Record(
             key=str(fields.get("key", "")),
@@ -241,8 +241,10 @@ def _write(fd: int, record: _Record) -> None:
         "expires": record.expires, "boot": record.boot,
     }
     data = (json.dumps(fields, ensure_ascii=False, separators=(",", ":")) + "\n").encode()
+    # Over a longer record, blanks fill the rest: no truncation (a metadata write), and a
+    # process killed halfway leaves JSON that still reads (_read takes the first object).
+    data += b" " * (os.fstat(fd).st_size - len(data))
     os.pwrite(fd, data, 0)
-    os.ftruncate(fd, len(data))
 
 
 # -- descriptors, per process ----------------------------------------------------------------
@@ -511,6 +513,7 @@ class FileBackend(LockBackend):
         self._default = named is None
         #: The directory the lock files are in.
         self.directory = default_directory() if named is None else named
+        self._directory = str(self.directory)
         self._make_directory()
 
     def _make_directory(self) -> None:
@@ -553,7 +556,7 @@ class FileBackend(LockBackend):
 
     def _path(self, full_key: str) -> str:
         name = hashlib.sha256(full_key.encode()).hexdigest()
-        return os.path.join(self.directory, f"{name}.lock")
+        return f"{self._directory}/{name}.lock"
 
     def _unavailable(self, key: str, exc: OSError) -> LockBackendUnavailable:
         msg = f"lock directory {str(self.directory)!r}: {exc.strerror or exc}"
