@@ -96,6 +96,8 @@ MIN_SESSION = 1.0
 #: it reconnects, so a longer one would stall a fail-over; locks with a longer TTL are kept
 #: by proving the session every third of its timeout instead (see _Janitor).
 MAX_SESSION = 600.0
+#: The session of a process that only releases on behalf of others (release_owned).
+OWNER_SESSION = 30.0
 #: A renewal gets this share of the lock's TTL, and never more than connect_timeout: the
 #: lease keeper renews after a third of the TTL and retries on failure.
 RENEWAL_SHARE = 0.25
@@ -862,7 +864,11 @@ class ZooKeeperBackend(LockBackend):
         # By owner (the worker's main process, once a pool process is dead): remove the
         # nodes whose stored owner is exactly that one, holder or queued; True if one was
         # the holder. Any session may delete any node (ACLs allowing).
-        session = self._session(MIN_SESSION, key, deadline)
+        with state.guard:
+            sessions = list(state.sessions.values())
+        # Any session of ours will do (none of them owns those nodes); a process that
+        # holds no locks (the worker's main process) gets one that pings seldom.
+        session = self._session(sessions[0].requested if sessions else OWNER_SESSION, key, deadline)
         try:
             line = _line(self._result(session, session.client.get_children_async(key), deadline, key))
         except NoNodeError:
