@@ -34,6 +34,7 @@ from __future__ import annotations
 import _socket
 import collections
 import contextlib
+import functools
 import importlib
 import logging
 import math
@@ -371,6 +372,10 @@ class _CreateContainer(Create2):  # type: ignore[misc]  # kazoo is untyped
     """A create2 request whose node is a container (kazoo has no call for it)."""
 
     type = _CREATE_CONTAINER
+
+
+class _Dropped(LockBackendUnavailable):
+    """The connection failed while a request was out: its outcome is unknown."""
 
 
 @dataclass
@@ -783,7 +788,10 @@ class ZooKeeperBackend(LockBackend):
 
             budget = self.clock() + self.connect_timeout
             predecessor = f"{key}/{line[place - 1]}"
-            if self._result(session, session.client.exists_async(predecessor, watch=watch), budget, key):
+            exists, _ = self._read(
+                session, functools.partial(session.client.exists_async, predecessor, watch=watch), budget, key
+            )
+            if exists:
                 remaining = None if deadline is None else deadline - self.clock()
                 if remaining is not None and remaining <= 0:
                     return None
@@ -792,9 +800,10 @@ class ZooKeeperBackend(LockBackend):
                 self.wakeups += 1
             # Re-read the line: the node before us may have been a waiter that gave up, and
             # ours must still exist (a wake-up alone proves nothing).
-            read_at = self.clock()
-            budget = read_at + self.connect_timeout
-            children = self._result(session, session.client.get_children_async(key), budget, key)
+            budget = self.clock() + self.connect_timeout
+            children, read_at = self._read(
+                session, lambda: session.client.get_children_async(key), budget, key
+            )
             session.proved(read_at)
 
     # -- renewal and release ---------------------------------------------------------------
@@ -851,16 +860,23 @@ class ZooKeeperBackend(LockBackend):
                 node = state.held.pop((key, value), None)
             if node is None:
                 return False
-            try:
-                self._result(node.session, node.session.client.delete_async(node.path), deadline, key)
-            except (NoNodeError, SessionExpiredError):  # gone, or gone with its session
-                return False
-            except (LockError, KazooException) as exc:
-                self._defer(_Cleanup(node.session, key, value, node.path))
-                if isinstance(exc, LockError):
+            while True:
+                try:
+                    self._result(node.session, node.session.client.delete_async(node.path), deadline, key)
+                except (NoNodeError, SessionExpiredError):  # gone, or gone with its session
+                    return False
+                except _Dropped:
+                    # Sent, then the connection failed (it had, say, outlived a pause): a
+                    # delete may be sent again, and once kazoo reconnects the server says
+                    # whether the node or its session is still there.
+                    if self.clock() < deadline:
+                        continue
+                    self._defer(_Cleanup(node.session, key, value, node.path))
                     raise
-                raise self._unavailable(key, f"{type(exc).__name__}") from None
-            return True
+                except LockError:
+                    self._defer(_Cleanup(node.session, key, value, node.path))
+                    raise
+                return True
         # By owner (the worker's main process, once a pool process is dead): remove the
         # nodes whose stored owner is exactly that one, holder or queued; True if one was
         # the holder. Any session may delete any node (ACLs allowing).
@@ -992,7 +1008,23 @@ class ZooKeeperBackend(LockBackend):
         if isinstance(error, NoAuthError | AuthFailedError):
             msg = f"ZooKeeper at {self.url} refused our credentials for {key!r}: {type(error).__name__}"
             raise LockBackendUnavailable(msg, url=self.url, key=key)
+        if type(error).__name__ in ("ConnectionLoss", "ConnectionClosedError"):
+            msg = f"ZooKeeper at {self.url}: the connection dropped ({session.last_error})"
+            raise _Dropped(msg, url=self.url, key=key)
         raise self._unavailable(key, f"{type(error).__name__} {error}".strip())
+
+    def _read(
+        self, session: _Session, send: Callable[[], Any], deadline: float, key: str | None
+    ) -> tuple[Any, float]:
+        """A read's value and when it was sent, sending it again if the connection dropped
+        under it (kazoo queues it until it reconnects), until ``deadline``."""
+        while True:
+            sent_at = self.clock()
+            try:
+                return self._result(session, send(), deadline, key), sent_at
+            except _Dropped:
+                if self.clock() >= deadline:
+                    raise
 
     def _unavailable(self, key: str | None, why: str) -> LockBackendUnavailable:
         msg = f"ZooKeeper at {self.url} did not answer within {self.connect_timeout}s: {why}"
