@@ -50,6 +50,7 @@ import contextlib
 import errno
 import hashlib
 import json
+import logging
 import os
 import stat
 import struct
@@ -77,6 +78,8 @@ except ImportError:  # pragma: no cover - Windows
     fcntl = None  # type: ignore[assignment]
 
 __all__ = ["NETWORK_FILESYSTEMS", "FileBackend", "default_directory", "filesystem_type"]
+
+logger = logging.getLogger("celery_singleton_lock.acquire")
 
 OPTION = "singleton_lock_backend"
 
@@ -341,6 +344,9 @@ class _Waiter:
         self.owner = owner
         self.state = _WAITING
         self.outcome: Granted | BaseException | None = None
+        #: Its thread left while the lock was being handed to it (an exception, such as a
+        #: soft time limit, interrupted the wait): the lock is released as soon as granted.
+        self.abandoned = False
         self._post = _native.poster()
         self._wakeup = _native.Wakeup() if self._post is None else None
         self._event = threading.Event() if self._post is not None else None  # gevent's
@@ -763,22 +769,43 @@ class FileBackend(LockBackend):
         room, start = self._join(path, waiter)
         if start:
             _native.NativeThread(lambda: self._serve(path, key, room))
-        while True:
-            remaining = None if deadline is None else deadline - self.clock()
-            with room.guard:
-                if waiter.state == _DONE:
-                    break
-                if waiter.state == _WAITING and remaining is not None and remaining <= 0:
-                    waiter.state = _GONE
-                    return None
-                claimed = waiter.state == _CLAIMED
-            # Claimed, the outcome is a few system calls away (or it waits again: a message
-            # marker had the lock); the room wakes us either way, even past the deadline.
-            waiter.wait(None if claimed else remaining)
+        try:
+            while True:
+                remaining = None if deadline is None else deadline - self.clock()
+                with room.guard:
+                    if waiter.state == _DONE:
+                        break
+                    if waiter.state == _WAITING and remaining is not None and remaining <= 0:
+                        waiter.state = _GONE
+                        return None
+                    claimed = waiter.state == _CLAIMED
+                # Claimed, the outcome is a few system calls away (or it waits again: a
+                # message marker had the lock); the room wakes us either way.
+                waiter.wait(None if claimed else remaining)
+        except BaseException:
+            self._abandon(key, room, waiter)
+            raise
         outcome = waiter.outcome
         if isinstance(outcome, BaseException):
             raise outcome
         return outcome
+
+    def _abandon(self, key: str, room: _Room, waiter: _Waiter) -> None:
+        """The waiter's thread is leaving by an exception: leave nothing behind."""
+        with room.guard:
+            if waiter.state == _WAITING:
+                waiter.state = _GONE
+                return
+            waiter.abandoned = True
+            granted = waiter.state == _DONE and isinstance(waiter.outcome, Granted)
+        if granted:  # else the room releases it when it is granted (_finish)
+            self._release_quietly(key, waiter.token)
+
+    def _release_quietly(self, key: str, token: str) -> None:
+        try:
+            self._release(key, "token", token)
+        except LockBackendUnavailable as exc:  # its descriptor is closed all the same
+            logger.warning("could not clear the record of an abandoned wait for %r: %s", key, exc)
 
     def _join(self, path: str, waiter: _Waiter) -> tuple[_Room, bool]:
         """Queue ``waiter`` in this process's room for ``path``; True if it needs a thread."""
@@ -804,52 +831,71 @@ class FileBackend(LockBackend):
 
     def _serve(self, path: str, key: str, room: _Room) -> None:
         """The room's thread: block in the kernel until the lock is free, hand it over."""
-        while self._next_waiter(path, room) is not None:
-            try:
-                fd = self._open(path)
-            except OSError as exc:
-                self._fail_all(room, self._unavailable(key, exc))
-                continue
-            except LockBackendUnavailable as exc:
-                self._fail_all(room, exc)
-                continue
-            try:
-                _lock(fd, _HOLD, fcntl.F_WRLCK, wait=True)  # woken at release or death
-                if not _same_file(fd, path):
-                    continue
-                with room.guard:
-                    waiter = next((w for w in room.waiters if w.state == _WAITING), None)
-                    if waiter is None:
-                        continue  # they all timed out while we waited: let it go
-                    waiter.state = _CLAIMED
-                outcome = self._take(fd, path, key, waiter.token, waiter.ttl, waiter.owner)
-                if isinstance(outcome, Refused):  # a live message marker: it has a TTL
-                    with room.guard:
-                        waiter.state = _WAITING
-                    waiter.notify()  # past its deadline, it may leave now
-                    _process.close(fd)
-                    fd = -1
-                    room.marker_wakeup.wait(outcome.holder_ttl)
-                    continue
-                if not _is_marker(waiter.owner):
-                    fd = -1  # kept: it holds the lock now
-                valid_until = self.clock() + waiter.ttl - clock_drift(waiter.ttl)
-                self._finish(room, waiter, replace(outcome, valid_until=valid_until))
-            except OSError as exc:
-                self._fail_all(room, self._unavailable(key, exc))
-            except BaseException as exc:  # never die quietly: whoever waits gets it
-                self._fail_all(room, exc)
-                raise
-            finally:
-                if fd != -1:
-                    _process.close(fd)
+        try:
+            while self._next_waiter(path, room) is not None:
+                self._serve_one(path, key, room)
+        finally:
+            # Normally nobody waits any more; after a bug, nobody may wait on a room that
+            # has no thread.
+            with _process.guard:
+                if _process.rooms.get(path) is room:
+                    del _process.rooms[path]
+            self._fail_all(room, LockBackendUnavailable(
+                f"the wait for {key!r} ended unexpectedly", url=self.url, key=key
+            ))
 
-    def _finish(self, room: _Room, waiter: _Waiter, outcome: Granted | BaseException) -> None:
+    def _serve_one(self, path: str, key: str, room: _Room) -> None:
+        """Wait once for HOLD, and hand it to the first waiter still waiting."""
+        try:
+            fd = self._open(path)
+        except OSError as exc:
+            self._fail_all(room, self._unavailable(key, exc))
+            return
+        except LockBackendUnavailable as exc:
+            self._fail_all(room, exc)
+            return
+        try:
+            _lock(fd, _HOLD, fcntl.F_WRLCK, wait=True)  # woken at release or death
+            if not _same_file(fd, path):
+                return
+            with room.guard:
+                waiter = next((w for w in room.waiters if w.state == _WAITING), None)
+                if waiter is None:
+                    return  # they all timed out while we waited: let it go
+                waiter.state = _CLAIMED
+            outcome = self._take(fd, path, key, waiter.token, waiter.ttl, waiter.owner)
+            if isinstance(outcome, Refused):  # a live message marker: it has a TTL
+                with room.guard:
+                    waiter.state = _WAITING
+                waiter.notify()  # past its deadline, it may leave now
+                _process.close(fd)
+                fd = -1
+                room.marker_wakeup.wait(outcome.holder_ttl)
+                return
+            if not _is_marker(waiter.owner):
+                fd = -1  # kept: it holds the lock now
+            valid_until = self.clock() + waiter.ttl - clock_drift(waiter.ttl)
+            self._finish(room, waiter, replace(outcome, valid_until=valid_until), key)
+        except OSError as exc:
+            self._fail_all(room, self._unavailable(key, exc))
+        except BaseException as exc:  # never die quietly: whoever waits gets it
+            self._fail_all(room, exc)
+            raise
+        finally:
+            if fd != -1:
+                _process.close(fd)
+
+    def _finish(
+        self, room: _Room, waiter: _Waiter, outcome: Granted | BaseException, key: str = ""
+    ) -> None:
         with room.guard:
             waiter.outcome = outcome
             waiter.state = _DONE
+            abandoned = waiter.abandoned
             with contextlib.suppress(ValueError):
                 room.waiters.remove(waiter)
+        if abandoned and isinstance(outcome, Granted):
+            self._release_quietly(key, waiter.token)
         waiter.notify()
 
     def _fail_all(self, room: _Room, error: BaseException) -> None:

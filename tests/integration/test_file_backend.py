@@ -112,7 +112,8 @@ class TestFileContract(CrossProcessContract):
             pipe.send("release")
             assert pipe.poll(10)
             assert pipe.recv() is True  # nobody had taken it
-            assert backend.acquire(unique_key, ttl=1) is not None
+            # (Blocking: the thread of the wait that timed out takes it for a moment.)
+            assert backend.acquire(unique_key, ttl=1, blocking=True, timeout=2) is not None
         finally:
             os.kill(holder.pid, signal.SIGCONT)
             holder.kill()
@@ -496,3 +497,28 @@ def test_a_removed_directory_is_made_again(tmp_path, unique_key):
     assert again is not None
     assert again.fencing_token > held.fencing_token
     backend.release(again)
+
+
+def test_a_wait_interrupted_by_an_exception_leaves_no_lock_behind(file_url, unique_key, monkeypatch):
+    # A soft time limit (an exception raised into the waiting thread) can end a wait at
+    # any moment, also while the room hands it the lock: that lock must not stay held.
+    backend = connect(file_url)
+    held = backend.acquire(unique_key, ttl=5)
+    original = file_backend._Waiter.wait
+    calls = []
+
+    def interrupted(self, timeout):
+        calls.append(timeout)
+        if len(calls) == 1:
+            threading.Timer(0.1, lambda: backend.release(held)).start()
+            original(self, timeout)  # woken: the room handed it the lock ...
+            raise KeyboardInterrupt  # ... and the exception lands before it returns
+        return original(self, timeout)
+
+    monkeypatch.setattr(file_backend._Waiter, "wait", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        backend.acquire(unique_key, ttl=5, blocking=True, timeout=5)
+    monkeypatch.undo()
+    again = connect(file_url).acquire(unique_key, ttl=5)
+    assert again is not None
+    again.release()
