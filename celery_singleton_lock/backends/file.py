@@ -326,6 +326,8 @@ def _drop(path: str, token: str) -> None:
     """Close a dropped handle's descriptor: a lock nobody can release any more is free."""
     fd = _process.pop_held(path, token)
     if fd is not None:
+        with contextlib.suppress(OSError):  # unlocked, not only closed: see _release_fd
+            _lock(fd, _HOLD, fcntl.F_UNLCK, wait=False)
         _process.close(fd)
 
 
@@ -613,8 +615,8 @@ class FileBackend(LockBackend):
                 key=key, fence=fence, value=owner.stored_with(token), ttl=ttl,
                 expires=_now() + ttl if marker else None, boot=_BOOT if marker else "",
             ))
-            if not marker:
-                _process.keep(path, token, fd)
+        if not marker:
+            _process.keep(path, token, fd)
         return Granted(fence)
 
     def _hold(
@@ -700,6 +702,8 @@ class FileBackend(LockBackend):
                 matches = ours(record) and not record.is_marker and _same_file(fd, path)
                 if matches:
                     _write(fd, record.cleared())
+            # Unlocked, not only closed: a child forked a moment ago may not have closed
+            # its copy of the description yet, and must not keep the lock for us.
             _lock(fd, _HOLD, fcntl.F_UNLCK, wait=False)
         finally:
             _process.close(fd)
