@@ -7,8 +7,8 @@ prefork    one keeper thread per pool process (re-created after the fork)
 solo       one keeper thread beside the body
 threads    one keeper thread for every task thread of the process
 gevent     one keeper thread of the operating system, not a greenlet, so a body
-           that never yields keeps its lock (see _native.py); Redis and Redlock
-           only: the etcd client (gRPC) cannot renew while the hub is busy
+           that never yields keeps its lock (see _native.py); every backend but
+           etcd, whose client (gRPC) cannot renew while the hub is busy
 eventlet   refused: the worker does not start (Celery is deprecating the pool)
 ========== ======================================================================
 
