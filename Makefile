@@ -17,26 +17,22 @@ $(BENCH_STAMP): $(STAMP)
 	$(PY) -m pip install --quiet -e '.[dev,bench]'
 	touch $(BENCH_STAMP)
 
-# redis-server and ZooKeeper (with a Java runtime) come from Debian when they are missing
+# $(call need,TEST,PACKAGE,HINT): when the shell test TEST fails, install the Debian
+# PACKAGE if we are root with apt-get, else print HINT and stop.
+need = @{ $(1); } >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    (DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(2) >/dev/null 2>&1 || \
+	     (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(2))); \
+	  else echo "$(3)"; exit 1; fi; }
+
+# redis-server, ZooKeeper (with a Java runtime) and PostgreSQL come from Debian when they are missing
 # and we may install them; the suite starts its own servers on free loopback ports, so a
 # running system Redis or ZooKeeper is never used. ZOOKEEPER_HOME (an Apache release)
 # stands in for Debian's package.
 servers:
-	@command -v redis-server >/dev/null 2>&1 || { \
-	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
-	    (apt-get install -y -qq redis-server >/dev/null 2>&1 || \
-	     (apt-get update -qq && apt-get install -y -qq redis-server)); \
-	  else echo "redis-server is missing: install it (Debian: apt-get install redis-server)"; exit 1; fi; }
-	@{ [ -n "$$ZOOKEEPER_HOME" ] || [ -d /usr/share/zookeeper ]; } || { \
-	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
-	    (apt-get install -y -qq zookeeper >/dev/null 2>&1 || \
-	     (apt-get update -qq && apt-get install -y -qq zookeeper)); \
-	  else echo "ZooKeeper is missing: install it (Debian: apt-get install zookeeper) or set ZOOKEEPER_HOME"; exit 1; fi; }
-	@{ [ -n "$$CSL_POSTGRES_URL" ] || ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || command -v initdb >/dev/null 2>&1; } || { \
-	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
-	    (DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null 2>&1 || \
-	     (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql)); \
-	  else echo "PostgreSQL is missing: install it (Debian: apt-get install postgresql) or set CSL_POSTGRES_URL"; exit 1; fi; }
+	$(call need,command -v redis-server,redis-server,redis-server is missing: install it (Debian: apt-get install redis-server))
+	$(call need,[ -n "$$ZOOKEEPER_HOME" ] || [ -d /usr/share/zookeeper ],zookeeper,ZooKeeper is missing: install it (Debian: apt-get install zookeeper) or set ZOOKEEPER_HOME)
+	$(call need,[ -n "$$CSL_POSTGRES_URL" ] || ls /usr/lib/postgresql/*/bin/initdb || command -v initdb,postgresql,PostgreSQL is missing: install it (Debian: apt-get install postgresql) or set CSL_POSTGRES_URL)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check celery_singleton_lock tests benchmarks examples
