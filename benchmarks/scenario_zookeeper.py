@@ -428,6 +428,7 @@ def run(env: Env, reps: int = 5) -> ScenarioResult:
     adapters: dict[str, Any] = {}
     try:
         packets = Packets(server.members[0])
+        server_version = server.members[0].metrics().get("zk_version", "?").split("-")[0]
         rtt = round_trip(server)
         for lib in LIBS:
             try:
@@ -468,13 +469,14 @@ def run(env: Env, reps: int = 5) -> ScenarioResult:
         counter.close()
         server.stop()
 
+    versions = {**_versions(), "zookeeper": server_version}
     _tables(res, reps, seconds, window, rtt, fast, by_opcode, handoffs, contended_ops, waiting,
-            errors)
+            errors, versions)
     res.raw = {
         "reps": reps, "seconds": seconds, "window": window, "round_trip_ms": rtt,
         "uncontended": fast, "requests_by_opcode_per_cycle": by_opcode, "contended": handoffs,
         "contended_requests_by_opcode_per_acq": contended_ops,
-        "idle": waiting, "errors": errors, "versions": _versions(),
+        "idle": waiting, "errors": errors, "versions": versions,
     }
     return res
 
@@ -494,7 +496,7 @@ def _tables(
     res: ScenarioResult, reps: int, seconds: float, window: float, rtt: dict[str, float],
     fast: dict[str, Any], by_opcode: dict[str, dict[str, float]],
     handoffs: dict[str, list[dict[str, Any]]], contended_ops: dict[str, dict[str, float]],
-    waiting: dict[str, list[dict[str, Any]]], errors: dict[str, str],
+    waiting: dict[str, list[dict[str, Any]]], errors: dict[str, str], versions: dict[str, str],
 ) -> None:
     rate, ratio = fast["rate"], fast["ratio"]
     t1 = Table("(i1) ZooKeeper uncontended acquire+release, one process",
@@ -521,7 +523,8 @@ def _tables(
         f"of {COUNTED_CYCLES} cycles.",
         f"peers: one KazooClient each (session timeout {KAZOO_SESSION_S:.0f} s, kazoo's "
         "default); kazoo's Lock is one object per lock path, acquired again and again as its "
-        f"docs show; ours: connect(url), ttl {TTL:.0f} s.",
+        f"docs show; ours: connect(url), ttl {TTL:.0f} s. ZooKeeper {versions['zookeeper']} "
+        f"(standalone, forceSync=yes), kazoo {versions['kazoo']}.",
     ]
     res.tables.append(t1)
 
