@@ -272,6 +272,10 @@ class LeaseKeeper:
             if self._thread is None or not self._thread.is_alive():
                 self._thread = _native.NativeThread(self._run)
             due_in = held._next_renewal - held.backend.clock()
+            # Learnt here, not by the thread: a lock held only briefly is gone before the
+            # thread looks. Idle, the thread then sleeps this long, and a lock like this
+            # one taken later is due later: a loop of brief locks needs no wake-up calls.
+            self._idle_interval = min(self._idle_interval or math.inf, max(due_in, 0.0))
             if time.monotonic() + due_in < self._wakes_at:
                 self._wakeup.set()
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import gc
 import logging
+import time
 import weakref
 from collections.abc import Callable, Sequence
 
@@ -379,6 +380,22 @@ def test_an_idle_keeper_sleeps_one_more_interval_then_until_called(backend: Memo
     backend.release(held)
     assert keeper._seconds_to_next() == pytest.approx(1.0)  # no wake-up call needed
     assert keeper._seconds_to_next() is None
+
+
+def test_a_loop_of_brief_locks_never_wakes_the_idle_keeper(backend: MemoryBackend, keeper, clock) -> None:
+    # The thread never sees these locks held: it must learn the interval from track, or
+    # every acquisition would cost a wake-up call (a thread switch).
+    wakeups = []
+    keeper._wakeup.set = lambda: wakeups.append(1)  # type: ignore[method-assign]
+    backend.release(backend.acquire("brief", ttl=3))
+    assert len(wakeups) == 1  # the first lock of a sleeping-until-called keeper wakes it
+    delay = keeper._seconds_to_next()  # the thread, finding nothing held
+    assert delay == pytest.approx(1.0, abs=0.05)
+    keeper._wakes_at = time.monotonic() + delay  # as the thread sets it
+    for _ in range(50):
+        clock.advance(0.01)
+        backend.release(backend.acquire("brief", ttl=3))
+    assert len(wakeups) == 1
 
 
 # -- settling at the end of a body, and the keeper's OS thread -----------------------------
