@@ -31,6 +31,7 @@ SCENARIOS = {
     "g": ("benchmarks.scenario_redlock", "(g) Redlock on 3 local masters vs pottery"),
     "h": ("benchmarks.scenario_etcd", "(h) etcd: one member, beside pyetcd's lock"),
     "i": ("benchmarks.scenario_zookeeper", "(i) ZooKeeper: one server, beside kazoo's Lock"),
+    "j": ("benchmarks.scenario_postgres", "(j) PostgreSQL: one server, beside raw upserts, advisory locks"),
 }
 
 RESULTS = Path(__file__).resolve().parent / "results"

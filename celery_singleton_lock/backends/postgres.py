@@ -121,6 +121,18 @@ class _Connection(psycopg.Connection[tuple[Any, ...]]):
     """
 
     deadline: float | None = None
+    _rows: psycopg.Cursor[tuple[Any, ...]] | None = None
+
+    def run(self, query: bytes, params: Any) -> list[tuple[Any, ...]]:
+        """Execute one statement and return its rows (none for a command), on a cursor
+        kept for the connection's life: each statement is one of a handful, and a new
+        cursor per call costs more than the rest of our side of a round trip."""
+        cursor = self._rows
+        if cursor is None:
+            cursor = self._rows = self.cursor()
+        cursor.execute(query, params)
+        result = cursor.pgresult
+        return cursor.fetchall() if result is not None and result.status == pq.ExecStatus.TUPLES_OK else []
 
     def wait(self, gen: PQGen[RV], interval: float = 0.1, timeout: float | None = None) -> RV:
         if timeout is None and self.deadline is not None:
@@ -176,13 +188,19 @@ def _first_line(exc: BaseException) -> str:
     return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
 
 
-def _has_input(fd: int) -> bool:
-    """True when the socket ``fd`` has something to read (or hung up) right now."""
+def _original_poll() -> Callable[[], Any]:
     # gevent removes select.poll; a poll that does not wait never blocks, so the
     # original is safe in a greenlet too.
     monkey = sys.modules.get("gevent.monkey")
-    poll = monkey.get_original("select", "poll") if monkey is not None else select.poll
-    poller = poll()
+    return monkey.get_original("select", "poll") if monkey is not None else select.poll
+
+
+_poll = _original_poll()
+
+
+def _has_input(fd: int) -> bool:
+    """True when the socket ``fd`` has something to read (or hung up) right now."""
+    poller = _poll()
     poller.register(fd, select.POLLIN | select.POLLPRI)
     return bool(poller.poll(0))
 
@@ -550,14 +568,26 @@ class PostgresBackend(LockBackend):
     schemes = ("postgresql", "postgres")
 
     # ``acquire``: take the row if free, expired, or ours already (a retry after a lost
-    # reply); else report the holder as the statement's snapshot shows it.
+    # reply); else report the holder.
     # %(key)s full key, %(token)s, %(owner)s owner JSON, %(ttl)s seconds (float)
-    # returns (fence, NULL, NULL) when granted; (NULL, owner, seconds left) when refused;
-    # no row, or a free or expired row, when a concurrent write hid the holder: try again
+    # returns (fence, ...) when granted; (NULL, owner, seconds left, ...) when refused;
+    # no row, or a free or expired row, when a concurrent write hid the holder: try again.
+    # A holder seen in the statement's snapshot (``live``) is a refusal that writes
+    # nothing: no row lock, no transaction id, no WAL (duplicates of a running task are
+    # refused by the thousand). Only a row that looked free is upserted; if a concurrent
+    # acquirer took it first, ON CONFLICT still locks the row to look at it: that refusal
+    # then commits without waiting for the WAL flush (there is nothing worth keeping), or
+    # a crowd of waiters woken by one release would queue one flush each on the row lock,
+    # ahead of the next release. A grant always waits for the flush.
     SQL_ACQUIRE = """
-    WITH taken AS (
+    WITH live AS MATERIALIZED (
+        SELECT owner, expires_at FROM {table}
+         WHERE key = %(key)s AND token IS NOT NULL AND token <> %(token)s
+           AND expires_at > clock_timestamp()
+    ), taken AS (
         INSERT INTO {table} AS held (key, token, owner, expires_at)
-        VALUES (%(key)s, %(token)s, %(owner)s, clock_timestamp() + %(ttl)s * interval '1 second')
+        SELECT %(key)s, %(token)s, %(owner)s, clock_timestamp() + %(ttl)s * interval '1 second'
+         WHERE NOT EXISTS (SELECT FROM live)
         ON CONFLICT (key) DO UPDATE
             SET token = excluded.token, owner = excluded.owner, fence = nextval({sequence}),
                 expires_at = excluded.expires_at
@@ -565,10 +595,14 @@ class PostgresBackend(LockBackend):
                OR held.token = excluded.token
         RETURNING held.fence
     )
-    SELECT fence, NULL, NULL FROM taken
+    SELECT fence, NULL, NULL, NULL FROM taken
     UNION ALL
-    SELECT NULL, owner, extract(epoch FROM expires_at - clock_timestamp())::float8
-      FROM {table} WHERE key = %(key)s AND NOT EXISTS (SELECT FROM taken)
+    SELECT NULL, owner, extract(epoch FROM expires_at - clock_timestamp())::float8, NULL FROM live
+    UNION ALL
+    SELECT NULL, owner, extract(epoch FROM expires_at - clock_timestamp())::float8,
+           set_config('synchronous_commit', 'off', true)  -- in the select list: this row only
+      FROM {table}
+     WHERE key = %(key)s AND NOT EXISTS (SELECT FROM taken) AND NOT EXISTS (SELECT FROM live)
     """
 
     # ``renew``: replace the lease of every (key, token) still held by that exact token.
@@ -583,14 +617,18 @@ class PostgresBackend(LockBackend):
 
     # ``release``: free the row if its {column} ("token" or "owner") is exactly %(value)s,
     # and announce it on the key's channel (sent at commit: before the reply).
-    # returns one row when released, none when it was not ours
+    # returns one row when released, none when it was not ours.
+    # A release commits without waiting for the WAL flush: one that a server crash
+    # forgets leaves the lease to end by its TTL, which is what happens to any release
+    # that fails, and the next grant's flush writes it out anyway (the WAL is one stream).
+    # A handoff then waits for one flush, the grant's, not two.
     SQL_RELEASE = """
     WITH freed AS (
         UPDATE {table} SET token = NULL, owner = NULL, expires_at = clock_timestamp()
          WHERE key = %(key)s AND {column} = %(value)s AND expires_at > clock_timestamp()
         RETURNING key
     )
-    SELECT pg_notify(%(channel)s, '') FROM freed
+    SELECT pg_notify(%(channel)s, ''), set_config('synchronous_commit', 'off', true) FROM freed
     """
 
     # ``cleanup``: delete rows free or expired for %(age)s seconds, a batch at a time,
@@ -676,7 +714,7 @@ class PostgresBackend(LockBackend):
     @property
     def ddl(self) -> str:
         """The statements that create the lease table, for a user without CREATE rights."""
-        text = self._sql["create"].as_string(None)
+        text = self._sql["create"].decode()
         return "\n".join(line[4:] for line in text.strip("\n").splitlines()) + ";"
 
     def for_native_thread(self) -> PostgresBackend:
@@ -691,7 +729,9 @@ class PostgresBackend(LockBackend):
         clone._local = threading.local()
         return clone
 
-    def _statements(self) -> dict[str, sql.Composed]:
+    def _statements(self) -> dict[str, bytes]:
+        """The statements with this backend's table in them, rendered once: psycopg would
+        compose a ``sql.Composed`` again at every call (a third of a cycle's CPU time)."""
         schema, _, name = self.table.rpartition(".")
         parts = (schema, name) if schema else (name,)
         sequence_parts = (*parts[:-1], f"{name}_fence")
@@ -711,7 +751,7 @@ class PostgresBackend(LockBackend):
             out[f"release_{column}"] = sql.SQL(self.SQL_RELEASE).format(
                 column=sql.Identifier(column), **names
             )
-        return out
+        return {name: query.as_bytes(None) for name, query in out.items()}
 
     # -- the steps ------------------------------------------------------------------------
 
@@ -798,7 +838,7 @@ class PostgresBackend(LockBackend):
 
     def _execute(
         self,
-        query: sql.Composed,
+        query: bytes,
         params: Any,
         key: str | None,
         *,
@@ -830,8 +870,7 @@ class PostgresBackend(LockBackend):
                 raise self._unavailable(str(exc), key) from None
             conn.deadline = deadline
             try:
-                cursor = conn.execute(query, params)
-                rows = cursor.fetchall() if cursor.description else []
+                rows = conn.run(query, params)
             except (pg_errors.SerializationFailure, pg_errors.DeadlockDetected):
                 self._pool.give(conn)
                 continue  # nothing was applied: a concurrent write won; try again
