@@ -103,6 +103,7 @@ REFUSAL_RETRIES = 3
 MAX_TABLE_NAME = 63 - len("_fence")
 _SQLSTATE_CONNECTION = ("08", "57P")  # connection exceptions, operator intervention
 _IDENTIFIER = re.compile(r"[^\x00.]+")
+_NO_DATABASE = re.compile(r'database ".*" does not exist')
 
 #: Our own options; every other keyword goes to libpq as a connection parameter.
 _OWN_OPTIONS = (
@@ -922,8 +923,11 @@ class PostgresBackend(LockBackend):
         self._pool.give(conn)
         logger.info("created the lock table %s in %s", self.table, self.url)
 
-    def _unavailable(self, reason: str, key: str | None) -> LockBackendUnavailable:
+    def _unavailable(self, reason: str, key: str | None) -> LockBackendUnavailable | ConfigurationError:
         reason = self._masked(reason)
+        if _NO_DATABASE.search(reason):  # the server answered: no outage, a wrong URL
+            msg = f"singleton_lock_backend: {reason.rpartition('FATAL:')[2].strip()} ({self.url})"
+            return ConfigurationError(msg, option="singleton_lock_backend")
         if "password authentication failed" in reason or "no password supplied" in reason:
             msg = f"PostgreSQL at {self.url} refused our credentials: {reason}"
         elif "Connection refused" in reason:

@@ -224,6 +224,14 @@ def test_a_bad_url_is_refused_before_connecting_with_the_password_masked():
         assert "***" in str(info.value)
 
 
+def test_a_missing_database_is_a_configuration_error_not_an_outage(postgres_url):
+    backend = connect(postgres_url.rpartition("/")[0] + "/csl_no_such_database")
+    with pytest.raises(ConfigurationError) as info:
+        backend.acquire("k", ttl=5)
+    assert 'database "csl_no_such_database" does not exist' in str(info.value)
+    backend.close()
+
+
 def test_a_key_postgres_cannot_store_is_a_key_error(backend):
     with pytest.raises(LockKeyError):
         backend.acquire("nul\x00inside", ttl=5)
