@@ -41,6 +41,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import hashlib
+import itertools
 import json
 import logging
 import os
@@ -352,11 +353,17 @@ class _Listener:
         self._guard = threading.Lock()
         self._changed = threading.Condition(self._guard)
         self._channels: dict[str, _Channel] = {}
+        # Generations come from one counter, so a channel dropped and subscribed again
+        # never shows a generation that a waiter noted before.
+        self._events = itertools.count(1)
         self._thread: threading.Thread | None = None
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
         self._conn: _Connection | None = None
+
+    def _next(self) -> int:
+        return next(self._events)
 
     def generation(self, channel: str) -> int | None:
         """The channel's generation now, if it is subscribed (None: a wait must first
@@ -488,7 +495,7 @@ class _Listener:
             state = self._channels.get(name)
             if state is not None:
                 state.listening = True
-                state.generation += 1  # what was announced before is unknown to its waiters
+                state.generation = self._next()  # what was announced before is unknown to its waiters
                 self._changed.notify_all()
 
     def _lost(self) -> None:
@@ -508,7 +515,7 @@ class _Listener:
         with self._guard:
             state = self._channels.get(name)
             if state is not None:
-                state.generation += 1
+                state.generation = self._next()
                 self._changed.notify_all()
 
     def _forget_after_fork(self) -> None:
