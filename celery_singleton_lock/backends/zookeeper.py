@@ -1052,12 +1052,20 @@ class _Janitor:
         self._wakeup = _native.Wakeup()
         self._wakes_at = math.inf
         self._idle_for: float | None = None
+        #: Wake-up calls made for a new due time (benchmarks count them per acquire).
+        self.wake_calls = 0
         self._stopped = False
         self._thread = _native.NativeThread(self._run)
 
     def due(self, at: float) -> None:
         """Something is due at ``at`` (on the backend's clock): wake up if that is sooner."""
+        due_in = max(at - self._backend.clock(), 0.0)
+        # Learnt here, not by the thread: a lock held only briefly is gone before the
+        # thread looks. Idle, the thread then sleeps this long, and a lock like this one
+        # taken later is due later: a loop of brief locks needs no wake-up calls.
+        self._idle_for = due_in if self._idle_for is None else min(self._idle_for, due_in)
         if at < self._wakes_at:
+            self.wake_calls += 1
             self._wakeup.set()
 
     def wake(self) -> None:
@@ -1069,6 +1077,9 @@ class _Janitor:
 
     def _run(self) -> None:
         while not self._stopped:
+            # Busy: whatever becomes due during the round leaves a wake-up call, which the
+            # wait below then returns at once for (the round may have looked before it).
+            self._wakes_at = -math.inf
             try:
                 delay = self._round()
             except Exception:  # it must outlive any bug: log it and go on
