@@ -475,3 +475,18 @@ def test_the_handler_of_os_threads_for_gevent_workers_locks_waits_and_renews(
     finally:
         backend.close()
         other.close()
+
+
+def test_a_loop_of_brief_locks_never_wakes_the_idle_janitor(backend, unique_key):
+    # The janitor never sees these locks held: it must learn its idle interval from the
+    # lock it is told about, or every acquisition costs a wake-up call (a thread switch).
+    backend.release(backend.acquire(unique_key, ttl=30))
+    janitor = backend._state.get().janitor
+    before = janitor.wake_calls
+    for _ in range(50):
+        held = backend.acquire(unique_key, ttl=30)
+        assert held is not None
+        backend.release(held)
+    # One call may wake a janitor that went on to sleep until called; then it sleeps
+    # about a TTL, past every lock of the loop.
+    assert janitor.wake_calls - before <= 1
