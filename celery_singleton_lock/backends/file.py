@@ -271,19 +271,36 @@ class _Descriptors:
         self.held: dict[tuple[str, str], int] = {}
         #: lock file path -> the waiting room of this process for that lock.
         self.rooms: dict[str, _Room] = {}
+        #: (path, token) of dropped handles, left by their finalizers (see _drop).
+        self.dropped: deque[tuple[str, str]] = deque()
 
     def open_file(self, path: str, *, create: bool = True) -> int:
         flags = _OPEN_FLAGS if create else _OPEN_FLAGS & ~os.O_CREAT
         with self.guard:
+            self.close_dropped()
             fd = os.open(path, flags, 0o666)
             self.open.add(fd)
         return fd
 
     def close(self, fd: int) -> None:
         with self.guard:
-            if fd in self.open:
-                self.open.discard(fd)
-                os.close(fd)
+            self.close_dropped()
+            self._close(fd)
+
+    def _close(self, fd: int) -> None:
+        if fd in self.open:
+            self.open.discard(fd)
+            os.close(fd)
+
+    def close_dropped(self) -> None:
+        """Free the locks of dropped handles (``guard`` held): a lock nobody can release
+        any more is free."""
+        while self.dropped:
+            fd = self.held.pop(self.dropped.popleft(), None)
+            if fd is not None:
+                with contextlib.suppress(OSError):  # unlocked, not only closed: see _release_fd
+                    _lock(fd, _HOLD, fcntl.F_UNLCK, wait=False)
+                self._close(fd)
 
     def keep(self, path: str, token: str, fd: int) -> None:
         with self.guard:
@@ -323,12 +340,16 @@ os.register_at_fork(
 
 
 def _drop(path: str, token: str) -> None:
-    """Close a dropped handle's descriptor: a lock nobody can release any more is free."""
-    fd = _process.pop_held(path, token)
-    if fd is not None:
-        with contextlib.suppress(OSError):  # unlocked, not only closed: see _release_fd
-            _lock(fd, _HOLD, fcntl.F_UNLCK, wait=False)
-        _process.close(fd)
+    """A dropped handle's finalizer: its descriptor is closed now if the guard is free,
+    else by the next open or close. A finalizer runs in whatever thread the garbage
+    collector interrupts, maybe one that holds the guard: waiting for it would deadlock
+    that thread (seen in CI)."""
+    _process.dropped.append((path, token))  # deque.append is atomic
+    if _process.guard.acquire(blocking=False):
+        try:
+            _process.close_dropped()
+        finally:
+            _process.guard.release()
 
 
 # -- waiting ---------------------------------------------------------------------------------

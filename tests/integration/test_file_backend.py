@@ -392,6 +392,31 @@ def test_a_dropped_handle_frees_its_lock(file_url, unique_key):
     backend.release(held)
 
 
+def test_a_handle_dropped_while_its_thread_holds_the_guard_is_freed_without_a_deadlock(
+    file_url, unique_key
+):
+    # The garbage collector runs finalizers in whatever thread it interrupts, maybe one
+    # inside the descriptors' guard (a CI run hung so, in a waiting room's set-up).
+    backend = connect(file_url)
+    held = backend.acquire(unique_key, ttl=5)
+    assert held is not None
+    path = backend.path_of(unique_key)
+    done = threading.Event()
+
+    def finalize_inside_the_guard() -> None:
+        with file_backend._process.guard:
+            file_backend._drop(path, held.token)
+        done.set()
+
+    thread = threading.Thread(target=finalize_inside_the_guard, daemon=True)
+    thread.start()
+    assert done.wait(5), "the finalizer waited for the guard its own thread held"
+    # Freed by the next open of this process: the lock is free again.
+    other = backend.acquire(unique_key, ttl=5)
+    assert other is not None
+    backend.release(other)
+
+
 def test_a_timed_out_waiter_leaves_nothing_behind(file_url, unique_key):
     backend = connect(file_url)
     held = backend.acquire(unique_key, ttl=5)
