@@ -100,13 +100,13 @@ class LockBackend(ABC):
     #: then refuses to start with this message); None: it can (see _native.py).
     gevent_refusal: ClassVar[str | None] = None
 
+    #: A queue store (it overrides ``_wait_turn``); set for each class when it is made.
+    queues_waiters: ClassVar[bool] = False
+
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
-        waits = (
-            cls._wait_turn is not LockBackend._wait_turn
-            or cls._wait_for_release is not LockBackend._wait_for_release
-        )
-        if not waits:
+        cls.queues_waiters = cls._wait_turn is not LockBackend._wait_turn
+        if not cls.queues_waiters and cls._wait_for_release is LockBackend._wait_for_release:
             msg = (
                 f"{cls.__name__} must implement _wait_for_release (a TTL store) or "
                 "_wait_turn (a queue store): see celery_singleton_lock.backends.base"
@@ -174,7 +174,7 @@ class LockBackend(ABC):
             ``MAX_TTL``, ``MAX_KEY_BYTES``); ``timeout=math.inf`` is the same as None.
         """
         timeout = _check_timeout(timeout)
-        if blocking and type(self)._wait_turn is not LockBackend._wait_turn:
+        if blocking and self.queues_waiters:
             # A queue store's wait begins with a place in line, which is granted at once
             # when the line is empty. Trying first would queue twice: a refused attempt
             # writes and deletes an entry of its own, then the wait queues another behind
