@@ -4,8 +4,10 @@ worker on kombu's filesystem broker with no lock setting needs no server at all.
 
 from __future__ import annotations
 
+import fcntl
 import importlib
 import os
+import struct
 import subprocess
 import sys
 import time
@@ -14,6 +16,7 @@ import uuid
 import pytest
 
 from celery_singleton_lock import connect
+from celery_singleton_lock.backends import file as file_backend
 from tests.conftest import wait_until
 from tests.integration.processes import ROOT, Worker
 from tests.integration.test_worker import count, events_of, max_overlap
@@ -56,6 +59,19 @@ def _free(backend, key: str) -> bool:
         return False
     backend.release(held)
     return True
+
+
+def _hold_is_free(backend, key: str) -> bool:
+    """Whether the kernel holds no lock on the key's HOLD byte, asked without taking it
+    (``F_OFD_GETLK``): a probe that took the lock would rewrite the record, which the
+    worker's main process must still find naming the dead process."""
+    fd = os.open(backend.path_of(key), os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        asked = struct.pack(file_backend._FLOCK, fcntl.F_WRLCK, os.SEEK_SET, file_backend._HOLD, 1, 0)
+        answer = fcntl.fcntl(fd, fcntl.F_OFD_GETLK, asked)
+    finally:
+        os.close(fd)
+    return bool(struct.unpack(file_backend._FLOCK, answer)[0] == fcntl.F_UNLCK)
 
 
 def test_duplicates_are_skipped(pool_worker, worker_app):
@@ -106,10 +122,11 @@ def test_a_killed_task_frees_its_lock_at_once_and_the_pool_still_locks(pool_work
     assert observer.acquire(key, ttl=5) is None
     worker_app.app.control.revoke(result.id, terminate=True, signal="SIGKILL")
     killed_at = time.monotonic()
-    wait_until(lambda: _free(observer, key), 5, "the killed task's lock to be free")
+    wait_until(lambda: _hold_is_free(observer, key), 5, "the killed task's lock to be free")
     assert time.monotonic() - killed_at < 2  # the kernel, not its 30 s TTL (a revoke's hops)
     # The main process clears the record that still names the dead process.
     worker.wait_for_log(f"released the lock of {worker_app.killable.name}[{result.id}]", 10)
+    assert _free(observer, key)
     after = uuid.uuid4().hex[:12]
     results = [_send(worker_app.sleepy_wait, pool, after, 0.2) for _ in range(4)]
     assert [r.get(timeout=60) for r in results] == ["ran"] * 4
