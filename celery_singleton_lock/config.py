@@ -34,6 +34,7 @@ broker's server, ``file://`` for a broker that serves one host, else an error.
 from __future__ import annotations
 
 import logging
+import os
 import re
 import threading
 import weakref
@@ -129,6 +130,10 @@ class Settings:
     beat_slot_grace: float = 60.0
     outage_timeout: float = 900.0
     outage_backoff_max: float = 60.0
+    #: This process's backend per namespace, as ``(pid, backend)``: every task call asks.
+    _backends: dict[str | None, tuple[int, LockBackend]] = field(
+        default_factory=dict, init=False, repr=False, compare=False
+    )
 
     def backend(self, namespace: str | None = None) -> LockBackend:
         """This process's backend (one connection pool per process, made on first use).
@@ -138,12 +143,18 @@ class Settings:
             ``lock_key`` a user can write (they all land under ``singleton-lock:``) can
             collide with it.
         """
-        return shared_backend(
+        pid = os.getpid()
+        cached = self._backends.get(namespace)
+        if cached is not None and cached[0] == pid:
+            return cached[1]
+        backend = shared_backend(
             self.backend_url,
             prefix=self.prefix if namespace is None else f"{self.prefix}.{namespace}",
             connect_timeout=self.connect_timeout,
             **self.backend_options,
         )
+        self._backends[namespace] = (pid, backend)
+        return backend
 
     def __repr__(self) -> str:
         # The dataclass repr would show the backend URL's password.

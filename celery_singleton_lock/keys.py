@@ -53,7 +53,15 @@ from typing import Any, TypeAlias
 
 from celery_singleton_lock.errors import ConfigurationError, LockKeyError
 
-__all__ = ["KeySpec", "canonical_json", "derive_key", "resource_name", "validate_key_spec"]
+__all__ = [
+    "KeyDeriver",
+    "KeySpec",
+    "canonical_json",
+    "derive_key",
+    "key_deriver",
+    "resource_name",
+    "validate_key_spec",
+]
 
 KeySpec: TypeAlias = "tuple[str, ...] | str | Callable[..., str] | None"
 
@@ -126,14 +134,25 @@ def _argument_of(where: str) -> str:
     return re.split(r"[.\[]", where, maxsplit=1)[0]
 
 
+#: One encoder for every key: ``json.dumps`` with these options builds a new one per call.
+_encode_json = json.JSONEncoder(sort_keys=True, separators=(",", ":"), allow_nan=False).encode
+#: Types that :func:`_normalise` returns as they are (exactly these: a subclass such as
+#: an ``IntEnum`` member goes through it).
+_PLAIN_TYPES = frozenset({str, int, bool, type(None)})
+
+
 def canonical_json(value: Any) -> str:
     """The one JSON text of already-normalised data: sorted keys, no spaces."""
-    return json.dumps(value, sort_keys=True, separators=(",", ":"), allow_nan=False)
+    return _encode_json(value)
 
 
 def _fingerprint(arguments: Mapping[str, Any]) -> str:
-    normalised = {name: _normalise(value, name) for name, value in arguments.items()}
-    return _digest(canonical_json(normalised))
+    plain = _PLAIN_TYPES
+    normalised = {
+        name: value if type(value) in plain else _normalise(value, name)
+        for name, value in arguments.items()
+    }
+    return _digest(_encode_json(normalised))
 
 
 def _bind(
@@ -146,6 +165,53 @@ def _bind(
         raise LockKeyError(msg) from None
     bound.apply_defaults()
     return bound
+
+
+class _Binder:
+    """Binds a call's arguments to names, defaults applied, like ``Signature.bind``
+    followed by ``apply_defaults``, without its generality: it runs on every task call.
+
+    Only for a signature of plain parameters (no positional-only ones, no ``*args`` or
+    ``**kwargs``). A call that does not fit it exactly (too many arguments, an unknown or
+    repeated name, a missing one) goes to ``Signature.bind``, which gives the error.
+    The mapping it returns may list the names in another order than the signature; keys
+    never depend on that order (canonical JSON sorts them, templates look names up).
+    """
+
+    __slots__ = ("defaults", "names", "positional", "signature")
+
+    def __init__(self, signature: inspect.Signature) -> None:
+        self.signature = signature
+        parameters = signature.parameters.values()
+        self.positional = tuple(
+            p.name for p in parameters if p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD
+        )
+        self.names = frozenset(signature.parameters)
+        self.defaults = tuple(
+            (p.name, p.default) for p in parameters if p.default is not inspect.Parameter.empty
+        )
+
+    @staticmethod
+    def fits(signature: inspect.Signature) -> bool:
+        plain = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+        return all(p.kind in plain for p in signature.parameters.values())
+
+    def __call__(self, args: Sequence[Any], kwargs: Mapping[str, Any]) -> Mapping[str, Any]:
+        positional = self.positional
+        if len(args) > len(positional):
+            return _bind(self.signature, args, kwargs).arguments
+        arguments = dict(zip(positional, args, strict=False))  # fewer args: the rest by name
+        if kwargs:
+            for name in kwargs:
+                if name in arguments or name not in self.names:
+                    return _bind(self.signature, args, kwargs).arguments
+            arguments.update(kwargs)
+        if len(arguments) < len(self.names):
+            for name, default in self.defaults:
+                arguments.setdefault(name, default)
+            if len(arguments) < len(self.names):  # a required argument is missing
+                return _bind(self.signature, args, kwargs).arguments
+        return arguments
 
 
 class _Field:
@@ -198,8 +264,8 @@ def _render_field(field: _Field, arguments: Mapping[str, Any]) -> str:
     return "~" + _digest(f"{field.conversion or ''}:{field.format_spec}:{normalised}", "value")
 
 
-def _render_template(template: str, arguments: Mapping[str, Any]) -> str:
-    pieces = _parse_template(template)
+def _render_template(pieces: Sequence[str | _Field], arguments: Mapping[str, Any]) -> str:
+    """A template (parsed by :func:`_parse_template`) filled from ``arguments``."""
     text = "".join(
         piece if isinstance(piece, str) else _render_field(piece, arguments) for piece in pieces
     )
@@ -243,23 +309,74 @@ def derive_key(
     :raises LockKeyError: when the arguments do not bind or cannot be canonicalised, or
         the ``lock_key`` callable fails.
     """
-    bound = _bind(signature, args, kwargs)
-    arguments = bound.arguments
+    return key_deriver(signature, spec)(task_name, args, kwargs)
+
+
+#: ``deriver(task_name, args, kwargs) -> key``, see :func:`key_deriver`.
+KeyDeriver: TypeAlias = "Callable[[str, Sequence[Any], Mapping[str, Any]], str]"
+
+
+def key_deriver(signature: inspect.Signature, spec: KeySpec) -> KeyDeriver:
+    """:func:`derive_key` for one signature and ``lock_key``, prepared once.
+
+    A task makes it when its options are resolved; each call then pays only for its own
+    arguments.
+    """
+    if callable(spec):  # gets the bound positional and keyword arguments as they are
+        return lambda task_name, args, kwargs: _callable_key(task_name, signature, spec, args, kwargs)
+    if _Binder.fits(signature):
+        arguments_of: Callable[[Sequence[Any], Mapping[str, Any]], Mapping[str, Any]] = (
+            _Binder(signature)
+        )
+    else:
+        def arguments_of(args: Sequence[Any], kwargs: Mapping[str, Any]) -> Mapping[str, Any]:
+            return _bind(signature, args, kwargs).arguments
+
     if spec is None:
-        return f"{TASK_NAMESPACE}{task_name}:{_fingerprint(arguments)}"
+        def task_key(task_name: str, args: Sequence[Any], kwargs: Mapping[str, Any]) -> str:
+            return f"{TASK_NAMESPACE}{task_name}:{_fingerprint(arguments_of(args, kwargs))}"
+
+        return task_key
     if isinstance(spec, tuple):
-        return f"{TASK_NAMESPACE}{task_name}:{_fingerprint({name: arguments[name] for name in spec})}"
-    if isinstance(spec, str):
+        names = spec
+
+        def named_key(task_name: str, args: Sequence[Any], kwargs: Mapping[str, Any]) -> str:
+            arguments = arguments_of(args, kwargs)
+            named = {name: arguments[name] for name in names}
+            return f"{TASK_NAMESPACE}{task_name}:{_fingerprint(named)}"
+
+        return named_key
+    template = spec
+    try:
+        parsed: list[str | _Field] | None = _parse_template(template)
+    except ValueError:  # not validated (validate_key_spec refuses it): each call reports it
+        parsed = None
+
+    def template_key(task_name: str, args: Sequence[Any], kwargs: Mapping[str, Any]) -> str:
+        arguments = arguments_of(args, kwargs)
         try:
-            return RESOURCE_NAMESPACE + _render_template(spec, arguments)
+            pieces = _parse_template(template) if parsed is None else parsed
+            return RESOURCE_NAMESPACE + _render_template(pieces, arguments)
         except (KeyError, AttributeError, IndexError, TypeError, ValueError) as exc:
             if isinstance(exc, LockKeyError):
                 raise
             msg = (
-                f"lock_key template {spec!r} of task {task_name!r} cannot be filled from the "
-                f"arguments: {exc!r}"
+                f"lock_key template {template!r} of task {task_name!r} cannot be filled "
+                f"from the arguments: {exc!r}"
             )
             raise LockKeyError(msg) from None
+
+    return template_key
+
+
+def _callable_key(
+    task_name: str,
+    signature: inspect.Signature,
+    spec: Callable[..., Any],
+    args: Sequence[Any],
+    kwargs: Mapping[str, Any],
+) -> str:
+    bound = _bind(signature, args, kwargs)
     try:
         name = spec(*bound.args, **bound.kwargs)
     except Exception as exc:

@@ -50,6 +50,10 @@ BATCH_FRACTION = 1 / 6
 RETRY_AFTER = 0.5
 #: The longest the thread sleeps at once (huge TTLs must not overflow a timed wait).
 MAX_SLEEP = 60.0
+#: The thread sleeps at most this much less than the renewal interval it learnt from
+#: the locks tracked while it slept, so that the next such lock, whose round trip may
+#: have been a little slower, is still due after the thread wakes (see ``track``).
+LEARNT_MARGIN = 1 / 8
 
 
 def clock_drift(ttl: float) -> float:
@@ -258,9 +262,12 @@ class LeaseKeeper:
         # When the thread will wake up by itself (time.monotonic); a new lock due later
         # needs no wake-up call, which keeps acquire free of thread switches.
         self._wakes_at = math.inf
-        self._idle_interval: float | None = None
-        #: Round trips sent, for tests and benchmarks.
+        # The longest the thread sleeps next time: learnt from the locks tracked since it
+        # last woke (held or released by now) and from the locks it holds.
+        self._learnt_interval: float | None = None
+        #: Round trips sent, and wake-up calls made by ``track``, for tests and benchmarks.
         self.renewal_calls = 0
+        self.wakeup_calls = 0
 
     @classmethod
     def for_process(cls) -> LeaseKeeper:
@@ -273,10 +280,13 @@ class LeaseKeeper:
                 self._thread = _native.NativeThread(self._run)
             due_in = held._next_renewal - held.backend.clock()
             # Learnt here, not by the thread: a lock held only briefly is gone before the
-            # thread looks. Idle, the thread then sleeps this long, and a lock like this
-            # one taken later is due later: a loop of brief locks needs no wake-up calls.
-            self._idle_interval = min(self._idle_interval or math.inf, max(due_in, 0.0))
+            # thread looks. The thread then sleeps no longer than this (held locks or
+            # not), so a lock like this one taken later is due after the thread wakes: a
+            # loop of brief locks needs no wake-up calls, even beside a long-held lock.
+            learnt = max(due_in, 0.0) * (1 - LEARNT_MARGIN)
+            self._learnt_interval = min(self._learnt_interval or math.inf, learnt)
             if time.monotonic() + due_in < self._wakes_at:
+                self.wakeup_calls += 1
                 self._wakeup.set()
 
     def untrack(self, held: HeldLock) -> None:
@@ -304,16 +314,20 @@ class LeaseKeeper:
                 self._wakeup.wait(RETRY_AFTER)
 
     def _seconds_to_next(self) -> float | None:
+        """How long the thread sleeps now (None: until called); under the guard.
+
+        Never longer than the interval learnt since the last wake-up. A process taking and
+        releasing locks in a loop then never needs a wake-up call (a thread switch per
+        acquire); once it stops, the thread sleeps one more such interval, then until
+        its held locks are due (or until called, when it holds none).
+        """
+        learnt, self._learnt_interval = self._learnt_interval, None
         locks = list(self._locks)
         if not locks:
-            # Idle: sleep one more renewal interval before sleeping until called. A process
-            # taking and releasing locks in a loop then never needs a wake-up call (which
-            # would cost a thread switch per acquire).
-            delay, self._idle_interval = self._idle_interval, None
-            return delay
-        self._idle_interval = min(h.ttl for h in locks) * RENEW_FRACTION
+            return learnt
+        self._learnt_interval = min(h.ttl for h in locks) * RENEW_FRACTION
         soonest = min(min(h._next_renewal, h._valid_until) - h.backend.clock() for h in locks)
-        return min(max(0.0, soonest), MAX_SLEEP)
+        return min(max(0.0, soonest), learnt or math.inf, MAX_SLEEP)
 
     def renew_due(self) -> None:
         """One round: renew every due lock, one backend call per backend."""

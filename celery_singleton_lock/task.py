@@ -68,7 +68,7 @@ from celery_singleton_lock.errors import (
     LockError,
     LockLost,
 )
-from celery_singleton_lock.keys import KeySpec, derive_key, validate_key_spec
+from celery_singleton_lock.keys import KeyDeriver, KeySpec, key_deriver, validate_key_spec
 from celery_singleton_lock.lease import HeldLock, LeaseKeeper
 from celery_singleton_lock.policies import (
     RETRIES_HEADER,
@@ -128,6 +128,9 @@ class TaskLockOptions:
     on_lock_lost: str
     #: The task's own or the app's hard time limit; a request's own limit comes first.
     default_time_limit: float | None
+    #: ``(task name, args, kwargs) -> lock key``, and the ``enqueue_once`` marker's key.
+    key_for: KeyDeriver
+    marker_key_for: KeyDeriver
     enqueue_once: bool = False
     enqueue_once_ttl: float = 3600.0
 
@@ -216,10 +219,11 @@ class SingletonTask(Task):  # type: ignore[misc]
             raw = {name: getattr(cls, name) for name in _TASK_OPTIONS}
             _check_task_options(raw, signature)
             settings = settings_for(cls._get_app())
+            key_spec = validate_key_spec(raw["lock_key"], signature)
             options = TaskLockOptions(
                 settings=settings,
                 signature=signature,
-                key_spec=validate_key_spec(raw["lock_key"], signature),
+                key_spec=key_spec,
                 ttl=settings.ttl if raw["lock_ttl"] is None else float(raw["lock_ttl"]),
                 policy=(
                     settings.on_contention
@@ -234,6 +238,8 @@ class SingletonTask(Task):  # type: ignore[misc]
                     if raw["enqueue_once_ttl"] is None
                     else float(raw["enqueue_once_ttl"])
                 ),
+                key_for=key_deriver(signature, key_spec),
+                marker_key_for=key_deriver(signature, None),
             )
             if raw["lock_ttl"] is not None:
                 warn_if_connect_timeout_exceeds(
@@ -244,8 +250,7 @@ class SingletonTask(Task):  # type: ignore[misc]
 
     def lock_key_for(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
         """The lock key a call with ``args``/``kwargs`` takes."""
-        options = self.lock_options()
-        return derive_key(self.name, options.signature, options.key_spec, args, kwargs)
+        return self.lock_options().key_for(self.name, args, kwargs)
 
     def queued_marker_key_for(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
         """The ``enqueue_once`` marker key of a call: task name + all bound arguments.
@@ -255,7 +260,7 @@ class SingletonTask(Task):  # type: ignore[misc]
         may also make different jobs exclude each other (``sync(1)`` and
         ``sync(1, full=True)``), and must not make one of them vanish.
         """
-        return derive_key(self.name, self.lock_options().signature, None, args, kwargs)
+        return self.lock_options().marker_key_for(self.name, args, kwargs)
 
     def apply_async(
         self,
@@ -362,9 +367,15 @@ class SingletonTask(Task):  # type: ignore[misc]
         hard_limit = (getattr(request, "timelimit", None) or (None,))[0] or options.default_time_limit
         if hard_limit:
             held.stop_renewal_at(held.backend.clock() + float(hard_limit))
-        token = _running.set((*_running.get(), _LockedRun(self, request.id, held)))
+        running = _running.get()
+        token = _running.set((*running, _LockedRun(self, request.id, held)))
         try:
-            result = super().__call__(*args, **kwargs)
+            if request.called_directly or running:
+                result = super().__call__(*args, **kwargs)  # pushes a request, as Celery does
+            else:
+                # Celery's tracer pushed this run's request and task already; like its own
+                # fast path for a task without __call__, run the body at once.
+                result = self.run(*args, **kwargs)
         finally:
             # Whatever ended the body: a loss not announced yet is announced now.
             lost_during_run = held.settle()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import decimal
+import enum
 import hashlib
 import inspect
 import json
@@ -521,3 +522,47 @@ def test_a_callable_of_a_task_with_varargs_failing_at_run_time_is_a_lock_key_err
         key_of(many, first_two, 1, 2, 3, name="shop.many")
     assert "'shop.many'" in str(info.value)
     assert "lock_key" in str(info.value)
+
+
+# -- the keys themselves stay the same across releases ------------------------------------
+
+
+def keyword_only(a: Any, b: Any = 2, *, c: Any = None) -> None: ...
+
+
+def variadic(x: Any, *rest: Any, **extra: Any) -> None: ...
+
+
+class _Colour(enum.IntEnum):
+    RED = 1
+
+
+@pytest.mark.parametrize(
+    ("fun", "spec", "args", "kwargs", "expected"),
+    [
+        (keyword_only, None, (1,), {}, "task:shop.f:446678994da7bf39b57e736d037187f6"),
+        (keyword_only, None, (), {"a": 1, "b": 2, "c": None}, "task:shop.f:446678994da7bf39b57e736d037187f6"),
+        (
+            keyword_only, None, ("x", [1.5, True, None]), {"c": {"k": _Colour.RED, 2: b"\0"}},
+            "task:shop.f:c22315307d4d5a4dec51dd51016e11d6",
+        ),
+        (keyword_only, ("a",), (7, "ignored"), {}, "task:shop.f:906162c307d04d1b08bacae28759f8c0"),
+        (variadic, None, (1, 2, 3), {"z": "w"}, "task:shop.f:489e598eb1c60f51a9a36b0e2213b78e"),
+        (
+            keyword_only, None, (decimal.Decimal("1.50"), uuid.UUID(int=5)), {"c": dt.date(2024, 1, 2)},
+            "task:shop.f:9c1801ea1d4411dd3de7e05d983bca3f",
+        ),
+    ],
+)
+def test_keys_are_those_earlier_releases_derived(
+    fun: Any, spec: Any, args: tuple[Any, ...], kwargs: dict[str, Any], expected: str
+) -> None:
+    # Workers of two releases run side by side during a deploy: a key that changed would
+    # let both run the same call at once. (Values derived before the fast binding path.)
+    assert key_of(fun, spec, *args, name="shop.f", **kwargs) == expected
+
+
+def test_a_call_that_does_not_fit_the_signature_is_refused_by_the_fast_path_too() -> None:
+    for args, kwargs in [((1, 2, 3), {}), ((1,), {"a": 1}), ((), {"b": 1}), ((1,), {"d": 1})]:
+        with pytest.raises(LockKeyError):
+            key_of(keyword_only, None, *args, name="shop.f", **kwargs)

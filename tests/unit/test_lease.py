@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import gc
 import logging
+import math
 import time
 import weakref
 from collections.abc import Callable, Sequence
@@ -18,7 +19,7 @@ import pytest
 from celery_singleton_lock import HeldLock, LockContended, LockLost
 from celery_singleton_lock.backends.memory import MemoryBackend
 from celery_singleton_lock.errors import LockBackendUnavailable
-from celery_singleton_lock.lease import LeaseKeeper, clock_drift
+from celery_singleton_lock.lease import LEARNT_MARGIN, LeaseKeeper, clock_drift
 from celery_singleton_lock.signals import lock_lost, lock_released
 
 TTL = 30.0
@@ -376,26 +377,76 @@ def test_a_huge_ttl_never_makes_the_keeper_sleep_past_its_cap(backend: MemoryBac
 
 def test_an_idle_keeper_sleeps_one_more_interval_then_until_called(backend: MemoryBackend, keeper) -> None:
     held = backend.acquire("brief", ttl=3)
-    assert keeper._seconds_to_next() == pytest.approx(1.0, abs=0.05)  # a third of the TTL
+    # A third of the TTL, less the margin for a next lock's slower round trip.
+    assert keeper._seconds_to_next() == pytest.approx(_learnt(3))
     backend.release(held)
-    assert keeper._seconds_to_next() == pytest.approx(1.0)  # no wake-up call needed
+    assert keeper._seconds_to_next() == pytest.approx(1.0)  # no wake-up call needed (held: ttl / 3)
     assert keeper._seconds_to_next() is None
 
 
-def test_a_loop_of_brief_locks_never_wakes_the_idle_keeper(backend: MemoryBackend, keeper, clock) -> None:
+def _learnt(ttl: float) -> float:
+    """The interval the keeper learns from a lock of ``ttl`` just taken: it is due a third
+    of the TTL after it was sent, less the drift margin; less the keeper's own margin."""
+    return (ttl / 3 - clock_drift(ttl)) * (1 - LEARNT_MARGIN)
+
+
+def _sleep_as_the_thread(keeper: LeaseKeeper) -> float | None:
+    """One look of the keeper's thread before it sleeps, as ``_run`` takes it."""
+    delay = keeper._seconds_to_next()
+    keeper._wakes_at = math.inf if delay is None else time.monotonic() + delay
+    return delay
+
+
+@pytest.fixture
+def wakeups(keeper: LeaseKeeper) -> list[int]:
+    """The wake-up calls ``track`` makes (the thread never runs in unit tests)."""
+    calls: list[int] = []
+    keeper._wakeup.set = lambda: calls.append(1)  # type: ignore[method-assign]
+    return calls
+
+
+def test_a_loop_of_brief_locks_never_wakes_the_idle_keeper(
+    backend: MemoryBackend, keeper, clock, wakeups
+) -> None:
     # The thread never sees these locks held: it must learn the interval from track, or
     # every acquisition would cost a wake-up call (a thread switch).
-    wakeups = []
-    keeper._wakeup.set = lambda: wakeups.append(1)  # type: ignore[method-assign]
     backend.release(backend.acquire("brief", ttl=3))
-    assert len(wakeups) == 1  # the first lock of a sleeping-until-called keeper wakes it
-    delay = keeper._seconds_to_next()  # the thread, finding nothing held
-    assert delay == pytest.approx(1.0, abs=0.05)
-    keeper._wakes_at = time.monotonic() + delay  # as the thread sets it
+    assert len(wakeups) == keeper.wakeup_calls == 1  # the first lock of a sleeping-until-called keeper
+    assert _sleep_as_the_thread(keeper) == pytest.approx(_learnt(3))
     for _ in range(50):
         clock.advance(0.01)
         backend.release(backend.acquire("brief", ttl=3))
-    assert len(wakeups) == 1
+    assert len(wakeups) == keeper.wakeup_calls == 1
+
+
+def test_brief_locks_beside_a_long_held_one_never_wake_the_keeper(
+    backend: MemoryBackend, keeper, clock, wakeups
+) -> None:
+    # The thread sleeps until the long lock is due (in 50 s); each brief lock is due in 1 s.
+    # Without the learnt interval, every brief acquisition would wake it.
+    long_held = backend.acquire("long", ttl=150)
+    assert long_held is not None
+    assert keeper.wakeup_calls == 1  # the first lock of a sleeping-until-called keeper
+    assert _sleep_as_the_thread(keeper) == pytest.approx(_learnt(150))
+    backend.release(backend.acquire("brief", ttl=3))
+    assert keeper.wakeup_calls == 2  # the first brief one: the thread learns its interval
+    for _ in range(5):  # five wake-ups of the thread, by itself
+        delay = _sleep_as_the_thread(keeper)
+        assert delay is not None
+        assert delay <= 1.0
+        for _ in range(100):
+            clock.advance(delay / 100)
+            backend.release(backend.acquire("brief", ttl=3))
+        keeper.renew_due()
+    assert keeper.wakeup_calls == len(wakeups) == 2
+    assert not long_held.lost
+    # Once the brief locks stop, it sleeps one more short interval, then until the long
+    # lock is due again.
+    assert _sleep_as_the_thread(keeper) == pytest.approx(_learnt(3))
+    assert _sleep_as_the_thread(keeper) == pytest.approx(
+        long_held._next_renewal - clock(), abs=0.5
+    )
+    backend.release(long_held)
 
 
 # -- settling at the end of a body, and the keeper's OS thread -----------------------------
