@@ -227,10 +227,15 @@ class SingletonRequest(Request):  # type: ignore[misc]
         if not pid or pid == os.getpid():  # never started, or solo/threads: nothing was killed
             return None
         label = f"{self.task.name}[{self.id}]"
+        args, kwargs = tuple(self.args or ()), dict(self.kwargs or {})
         try:
-            key = self.task.lock_key_for(tuple(self.args or ()), dict(self.kwargs or {}))
+            key = self.task.lock_key_for(args, kwargs)
             backend = self.task.lock_options().settings.backend()
         except LockError as exc:
             logger.warning("cannot release the lock of killed %s: %s", label, exc)
             return None
-        return backend, key, Owner.here(self.id, pid=pid), label
+        from celery_singleton_lock.task import lock_signature  # task.py names this module
+
+        # The owner exactly as the pool process stored it (release_owned compares it all).
+        signature = lock_signature(self.task.name, self, args, kwargs)
+        return backend, key, Owner.here(self.id, pid=pid, signature=signature), label

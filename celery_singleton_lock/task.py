@@ -49,11 +49,12 @@ from celery.exceptions import Retry as CeleryRetry
 from celery.signals import task_postrun, worker_ready
 from celery.states import READY_STATES
 from celery.utils import uuid
+from celery.utils.saferepr import saferepr
 
 import celery_singleton_lock.pools  # noqa: F401 - connects the worker-start check of the pool
 from celery_singleton_lock import signals
 from celery_singleton_lock.backends.base import MAX_TTL, LockBackend, Refused
-from celery_singleton_lock.backends.owner import Owner
+from celery_singleton_lock.backends.owner import Owner, call_signature
 from celery_singleton_lock.config import (
     Settings,
     check_on_lock_lost,
@@ -324,7 +325,7 @@ class SingletonTask(Task):  # type: ignore[misc]
         request = self.request
         if options.enqueue_once and request.id and not request.called_directly:
             self._clear_queued_marker(args, kwargs, request.id)
-        owner = Owner.here(request.id)
+        owner = Owner.here(request.id, signature=lock_signature(self.name, request, args, kwargs))
         try:
             backend = options.settings.backend()
             outcome = backend.attempt(key, options.ttl, owner=owner, sender=self)
@@ -521,6 +522,18 @@ class SingletonTask(Task):  # type: ignore[misc]
                 run.held.release_quietly()
                 break
         return super().retry(*args, **kwargs)
+
+
+def lock_signature(task_name: str, request: Any, args: Any, kwargs: Any) -> str:
+    """The call as ``celery locks`` shows it, stored with the owner: the message's
+    ``argsrepr``/``kwargsrepr`` (a caller sets them to hide secrets; Celery's own logs use
+    them too), else a bounded repr. The worker's main process builds the same text from the
+    same message for ``release_owned`` (request.py)."""
+    return call_signature(
+        task_name,
+        getattr(request, "argsrepr", None) or saferepr(tuple(args or ())),
+        getattr(request, "kwargsrepr", None) or saferepr(dict(kwargs or {})),
+    )
 
 
 def _is_redelivered(request: Any) -> bool:

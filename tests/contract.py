@@ -72,7 +72,13 @@ The cross-process promises (``CrossProcessContract``), and what each child proce
    LockBackendUnavailable, whose URL (and the log) masks the password;
 6. ``release_owned`` from another process frees a dead holder's lock only for its host,
    pid and task id all equal;
-7. a forked child neither releases nor renews its parent's lock.
+7. a forked child neither releases nor renews its parent's lock;
+8. what an operator sees (``celery locks``): a lock held in another process is listed with
+   that process's owner and broken from here; that holder then sees ``lost``.
+
+Every backend also lists its held locks (``held_locks``, ``lock_info``) with the holder's
+owner, token and fencing token, breaks one (``break_lock``) so that its holder learns it
+lost it, and answers ``ping``.
 """
 
 from __future__ import annotations
@@ -100,7 +106,7 @@ from celery_singleton_lock import (
     LockContended,
     LockLost,
 )
-from celery_singleton_lock.backends.base import MAX_KEY_BYTES, MAX_TTL, MIN_TTL, LockBackend
+from celery_singleton_lock.backends.base import MAX_KEY_BYTES, MAX_TTL, MIN_TTL, PING_KEY, LockBackend
 from celery_singleton_lock.backends.owner import Owner
 from celery_singleton_lock.lease import LeaseKeeper, clock_drift
 from celery_singleton_lock.signals import lock_lost
@@ -383,6 +389,54 @@ class BackendContract:
         assert backend.release(held) is True
 
 
+    # -- what operators see (celery locks) ---------------------------------------------
+
+    def test_held_locks_show_each_holder_with_its_owner_token_fencing_token_and_ttl(
+        self, backend, second_backend, unique_key
+    ):
+        key = f"{unique_key}/a%2F b.c"  # characters that stores escape in their names
+        owner = Owner.here("task-L", signature="demo.report(42,) {'full': True}")
+        held = backend.acquire(key, ttl=30, owner=owner)
+        plain = backend.acquire(unique_key, ttl=30)
+        try:
+            shown = {info.key: info for info in second_backend.held_locks()}
+            info = shown[key]
+            assert info.owner == owner
+            assert info.token == held.token
+            assert info.fencing_token == held.fencing_token
+            assert info.ttl is None or 20 < info.ttl <= 30
+            assert info.held_since is None or abs(info.held_since - time.time()) < 5
+            assert shown[unique_key].token == plain.token
+            assert [i.token for i in second_backend.lock_info(key)] == [held.token]
+        finally:
+            backend.release(held)
+            backend.release(plain)
+        assert second_backend.lock_info(key) == []
+        assert not {key, unique_key} & {info.key for info in second_backend.held_locks()}
+
+    def test_a_broken_lock_is_free_and_its_holder_learns_it_lost(self, backend, second_backend, unique_key):
+        held = backend.acquire(unique_key, ttl=0.9)
+        [info] = second_backend.lock_info(unique_key)
+        assert second_backend.break_lock(info) is True
+        wait_until(lambda: held.lost, 3, "the holder's renewal to find its lock broken")
+        again = second_backend.acquire(unique_key, ttl=10)
+        assert again is not None
+        assert second_backend.break_lock(info) is False  # that acquisition is gone ...
+        assert backend.acquire(unique_key, ttl=10) is None  # ... and the new one stands
+        assert held.release() is False
+        assert second_backend.release(again) is True
+
+    def test_ping_reaches_every_node_and_takes_a_lock(self, backend):
+        report = backend.ping()
+        assert report.can_grant, report.grant_error
+        assert len(report.nodes) >= report.needed >= 1
+        for node in report.nodes:
+            assert node.error is None, node
+            assert node.round_trip is not None, node
+            assert node.round_trip >= 0, node
+        assert not [info for info in backend.held_locks() if info.key.startswith(PING_KEY)]
+
+
 class CrossProcessContract(BackendContract):
     """The promises that need other processes and a real server (see the module docstring)."""
 
@@ -558,6 +612,21 @@ class CrossProcessContract(BackendContract):
             assert "s3cret" not in text
         self.check_unreachable(kind, error, elapsed)
 
+    def test_ping_of_an_unreachable_server_fails_in_bounded_time_with_the_password_masked(self):
+        connect_timeout = 0.5
+        with ExitStack() as cleanup:
+            hosts = [_unreachable_address("refused", cleanup) for _ in range(self.unreachable_hosts)]
+            url = self.unreachable_url(hosts, "s3cret")
+            backend = BackendSpec(url).connect(connect_timeout=connect_timeout)
+            cleanup.callback(backend.close)
+            start = time.monotonic()
+            report = backend.ping()
+            elapsed = time.monotonic() - start
+        assert not report.can_grant
+        assert any(node.error for node in report.nodes)
+        assert elapsed < connect_timeout + 0.5, elapsed
+        assert "s3cret" not in repr(report)
+
     # -- 6. release on behalf of a dead process -----------------------------------------
 
     def test_release_owned_from_another_process_needs_the_holders_host_pid_and_task_id(
@@ -583,6 +652,30 @@ class CrossProcessContract(BackendContract):
         assert again is not None  # free at once, not at the end of its 10 s lease
         assert backend.release_owned(unique_key, Owner.here("task-A", pid=holder_pid)) is False
         assert second_backend.release(again) is True  # the new holder's lock was not touched
+
+    # -- 8. an operator breaks a lock held by another process ----------------------------
+
+    def test_a_lock_of_another_process_is_listed_with_its_owner_and_broken_from_here(
+        self, backend_spec, backend, unique_key
+    ):
+        args = (backend_spec, unique_key, self.holder_ttl, "task-X")
+        with _child("clean", contract_processes.hold, *args) as (holder, pipe):
+            _, fencing_token, holder_pid, _ = _receive(pipe, 60, "held")
+            [info] = backend.lock_info(unique_key)
+            assert (info.owner.pid, info.owner.task_id, info.fencing_token) == (
+                holder_pid, "task-X", fencing_token
+            )
+            self.break_from_another_process(backend, info)
+            pipe.send("check")
+            _, lost, raised, released = _receive(pipe, 15, "checked")
+            assert (lost, raised, released) == (True, True, False)
+            pipe.send("exit")
+            holder.join(10)
+        assert backend.lock_info(unique_key) == []
+
+    def break_from_another_process(self, backend: LockBackend, info: Any) -> None:
+        """Break ``info``'s lock, held by another process (file:// replaces it)."""
+        assert backend.break_lock(info) is True
 
     # -- 7. fork safety -----------------------------------------------------------------
 

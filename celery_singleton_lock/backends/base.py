@@ -9,6 +9,9 @@ guide for writing one.
 ``_renew(items)``                           replace the TTL of many locks in one round trip
 ``_release(key, field, value)``             delete if the stored ``field`` equals ``value``
 
+``_held(key)``                              every lock held under the prefix (key None), or
+                                            the holders of one key, as :class:`LockInfo`
+
 and one way to wait, by the kind of store it is:
 
 ``_wait_for_release(key, timeout)``         a TTL store (Redis): block until a release is
@@ -28,6 +31,8 @@ The duties that come with them, which the contract suite (tests/contract.py) che
   its parent's locks (the keeper is per process; connections must be too);
 - a scheme is registered through the entry point group ``celery_singleton_lock.backends``
   (``scheme = "module:Class"``); the class names its schemes in ``schemes``;
+- ``_held`` reads without writing, within ``connect_timeout``, and shows only what a
+  holder could renew (no expired lease, no waiter, no free record);
 - constructor keywords: ``url``, then ``prefix``, ``connect_timeout`` and ``clock`` passed
   on to this class, then the backend's own options (unknown ones are a
   :class:`ConfigurationError` naming ``singleton_lock_backend_options``).
@@ -41,21 +46,24 @@ import os
 import secrets
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar
 from urllib.parse import urlsplit
 
 from celery_singleton_lock import signals
-from celery_singleton_lock.backends.owner import Owner
-from celery_singleton_lock.errors import ConfigurationError, LockContended, mask_url
+from celery_singleton_lock.backends.owner import HOST, Owner
+from celery_singleton_lock.errors import ConfigurationError, LockContended, LockError, mask_url
 from celery_singleton_lock.lease import HeldLock, LeaseKeeper, clock_drift
 
-__all__ = ["Granted", "LockBackend", "Refused"]
+__all__ = ["Granted", "LockBackend", "LockInfo", "NodeStatus", "Reachability", "Refused"]
 
 logger = logging.getLogger("celery_singleton_lock.acquire")
 release_logger = logging.getLogger("celery_singleton_lock.release")
+
+#: The key that :meth:`LockBackend.ping` takes and releases to prove locks are granted.
+PING_KEY = "celery-locks-ping"
 
 @dataclass(frozen=True)
 class Granted:
@@ -82,6 +90,72 @@ class Refused:
 
     holder_ttl: float | None
     holder_task_id: str | None = None
+
+
+@dataclass(frozen=True)
+class LockInfo:
+    """One held lock as the server shows it to people (``celery locks``).
+
+    A lock of ``lock_limit`` N > 1 (a semaphore) shows one :class:`LockInfo` per slot held,
+    each with its ``slot`` (0 to N-1) and ``limit``; an exclusive lock has slot None.
+
+    :ivar key: the key as given to ``acquire`` (without the backend's prefix).
+    :ivar owner: who holds it (None: a value that is not ours, shown as unknown).
+    :ivar token: the holder's token, which :meth:`LockBackend.break_lock` compares; it
+        renews and releases the lock, so it is never printed.
+    :ivar fencing_token: the holder's fencing token (None where the store cannot tell).
+    :ivar ttl: seconds left on the lease; None: the server keeps no expiry while the
+        holder lives (file://: its open descriptor; ZooKeeper: its session).
+    :ivar held_since: when it was granted (Unix time, the server's clock), where the store
+        records it; None elsewhere.
+    :ivar waiting: acquisitions queued behind the holder (queue stores); None: unknown.
+    :ivar location: where the lock lives on the server (a Redis key, a node path, a
+        file), for an operator who looks with the store's own tools.
+    """
+
+    key: str
+    owner: Owner | None
+    token: str = field(repr=False)
+    fencing_token: int | None
+    ttl: float | None
+    held_since: float | None = None
+    waiting: int | None = None
+    slot: int | None = None
+    limit: int = 1
+    location: str = ""
+
+
+@dataclass(frozen=True)
+class NodeStatus:
+    """One server of a backend as :meth:`LockBackend.ping` saw it.
+
+    :ivar url: the node's URL, password masked.
+    :ivar round_trip: seconds one request took (None: it did not answer).
+    :ivar clock_offset: the server's clock minus ours, in seconds, where the server tells
+        its time (Redis TIME); None elsewhere.
+    :ivar error: why it did not answer.
+    """
+
+    url: str
+    round_trip: float | None
+    clock_offset: float | None = None
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class Reachability:
+    """What :meth:`LockBackend.ping` found: every node, how many must answer, and
+    whether a lock was granted and released."""
+
+    nodes: list[NodeStatus]
+    #: How many nodes must answer for locks to be granted (Redlock: a majority).
+    needed: int
+    #: None when the lock could be taken and released; else why not.
+    grant_error: str | None
+
+    @property
+    def can_grant(self) -> bool:
+        return self.grant_error is None
 
 
 class LockBackend(ABC):
@@ -250,6 +324,72 @@ class LockBackend(ABC):
     def close(self) -> None:  # noqa: B027 - a backend without resources has nothing to close
         """Close connections. Held locks are left to their TTL."""
 
+    # -- looking at locks, for operators (``celery locks``) ------------------------------
+
+    def held_locks(self) -> list[LockInfo]:
+        """Every lock held under this backend's prefix, sorted by key (then slot).
+
+        Reads only; a lease that expired is not shown. Costs a scan of the namespace: for
+        people and tools, not for a task's hot path.
+
+        :raises LockBackendUnavailable: the server did not answer within ``connect_timeout``.
+        """
+        return sorted(self._held(None), key=lambda info: (info.key, info.slot or 0))
+
+    def lock_info(self, key: str) -> list[LockInfo]:
+        """Who holds ``key`` now: empty when nobody does (one entry per slot of a
+        semaphore).
+
+        :raises LockBackendUnavailable: the server did not answer within ``connect_timeout``.
+        """
+        _check_key(key)
+        return sorted(self._held(key), key=lambda info: info.slot or 0)
+
+    def break_lock(self, info: LockInfo) -> bool:
+        """Release the lock that ``info`` shows, whoever holds it: for a lock left by a
+        stuck holder. Only that acquisition (its token) is released, so a lock taken again
+        since is left alone. A holder that is alive learns at its next renewal that the
+        lock is lost (``lock_lost``); one waiter is woken.
+
+        :returns: False when that acquisition no longer holds it.
+        :raises LockError: where the store cannot release another process's lock (file://).
+        """
+        _check_key(info.key)
+        broken = self._break(info)
+        if broken:
+            release_logger.warning(
+                "broke lock %r (fencing token %s) held by %s", info.key, info.fencing_token,
+                info.owner.as_json() if info.owner else "an unknown owner",
+            )
+        return broken
+
+    def ping(self) -> Reachability:
+        """Reach every node of the backend, then, if enough answered, take and release a
+        lock (``PING_KEY``, this host and process; one second at most).
+
+        Never raises for the server's sake: what failed is in the result.
+        """
+        nodes = self._ping()
+        needed = self._nodes_needed(len(nodes))
+        answered = sum(node.error is None for node in nodes)
+        if answered < needed:  # no lock can be granted: no need to wait for a probe to say so
+            errors = "; ".join(f"{node.url}: {node.error}" for node in nodes if node.error)
+            why = f"{answered} of {len(nodes)} nodes answered, {needed} needed: {errors}"
+            return Reachability(nodes, needed, why)
+        grant_error: str | None = None
+        try:
+            held = self.acquire(f"{PING_KEY}:{HOST}:{os.getpid()}", ttl=1.0)
+            if held is None:
+                grant_error = "the probe lock of this process was held by somebody else"
+            else:
+                LeaseKeeper.for_process().untrack(held)  # released at once, never renewed
+                self.release(held)
+        except LockError as exc:
+            grant_error = str(exc)
+        return Reachability(nodes, needed, grant_error)
+
+    # -- shared steps, also used by the Celery task ------------------------------------
+
     # -- shared steps, also used by the Celery task ------------------------------------
 
     def attempt(
@@ -326,7 +466,35 @@ class LockBackend(ABC):
         """Release one acquisition of ours (a backend with per-lock resources extends it)."""
         return self._release(self._full_key(held.key), "token", held.token)
 
+    def _break(self, info: LockInfo) -> bool:
+        """Release the acquisition ``info`` shows, from any process: by its token. A
+        backend whose release by token works only in the holder's process overrides it."""
+        return self._release(self._full_key(info.key), "token", info.token)
+
+    def _ping(self) -> list[NodeStatus]:
+        """Every node's status: here one node, timed on a release that finds nothing (one
+        round trip that writes nothing). A backend of many nodes, or one whose server
+        tells its clock, overrides it."""
+        started = time.perf_counter()
+        try:
+            self._release(self._full_key(PING_KEY), "owner", Owner.of_message(PING_KEY).as_json())
+        except LockError as exc:
+            return [NodeStatus(self.url, None, error=str(exc))]
+        return [NodeStatus(self.url, time.perf_counter() - started)]
+
+    def _nodes_needed(self, nodes: int) -> int:
+        """How many of ``nodes`` must answer for a lock to be granted (all, by default)."""
+        return nodes
+
     # -- what a backend implements -------------------------------------------------------
+
+    def _held(self, key: str | None) -> Iterable[LockInfo]:
+        """The locks held now: every one under ``self.prefix`` when ``key`` is None, else
+        the holders of ``key`` (unprefixed). Each :class:`LockInfo` names its key without
+        the prefix. Reads only, within ``connect_timeout``; no expired lease, no waiter.
+        """
+        msg = f"{type(self).__name__} cannot list its locks (it implements no _held)"
+        raise LockError(msg, key=key)
 
     @abstractmethod
     def _try_acquire(self, key: str, token: str, ttl: float, owner: Owner) -> Granted | Refused:

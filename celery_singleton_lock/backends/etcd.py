@@ -34,7 +34,7 @@ import re
 import secrets
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qsl, unquote, urlsplit
@@ -42,9 +42,10 @@ from urllib.parse import parse_qsl, unquote, urlsplit
 from celery_singleton_lock.backends.base import (
     Granted,
     LockBackend,
+    LockInfo,
     Refused,
 )
-from celery_singleton_lock.backends.owner import Owner, stored_task_id
+from celery_singleton_lock.backends.owner import Owner, split_stored, stored_task_id
 from celery_singleton_lock.errors import (
     ConfigurationError,
     LockBackendUnavailable,
@@ -828,6 +829,37 @@ class EtcdBackend(LockBackend):
                 raise
             raise refusal from None
 
+    # -- for operators (celery locks) -------------------------------------------------------
+
+    def _held(self, key: str | None) -> Iterable[LockInfo]:
+        """One read of every entry under the prefix (or the key's directory), in create
+        revision order: each directory's first entry is its holder, the rest its line.
+        Then each holder's lease, for the TTL left (whole seconds: etcd counts them)."""
+        directory = f"{self.prefix}/".encode() if key is None else self._full_key(key).encode()
+        reply = self._call("KV", "Range", _range(directory).request_range, key)
+        lines: dict[bytes, list[Any]] = {}
+        start = len(f"{self.prefix}/")
+        for kv in reply.kvs:
+            cut = kv.key.rindex(b"/") + 1
+            if b"/" in kv.key[start : cut - 1] or not _TOKEN.fullmatch(kv.key[cut:].decode(errors="replace")):
+                continue  # not an entry of a lock's line
+            lines.setdefault(kv.key[:cut], []).append(kv)
+        found = []
+        for path, line in lines.items():
+            holder = line[0]
+            name = path[start:-1].decode()
+            asked = etcdrpc.LeaseTimeToLiveRequest(ID=holder.lease)
+            left = self._call("Lease", "LeaseTimeToLive", asked, name)
+            if left.TTL < 0:
+                continue  # its lease ended: etcd deletes the entry now (0: under a second)
+            token, owner = split_stored(holder.value)
+            found.append(LockInfo(
+                key=_unescaped(name), owner=owner, token=token, fencing_token=holder.create_revision,
+                ttl=float(left.TTL), waiting=len(line) - 1,
+                location=f"{self.url} {holder.key.decode(errors='replace')}",
+            ))
+        return found
+
     def close(self) -> None:
         self._reaper.close()
         with self._spares_guard:
@@ -837,6 +869,11 @@ class EtcdBackend(LockBackend):
             with contextlib.suppress(LockBackendUnavailable, grpc.RpcError):  # else it expires
                 self._revoke(lease.id, None)
         self._cluster.close()
+
+
+def _unescaped(name: str) -> str:
+    """A key from its directory name (see ``EtcdBackend._full_key``)."""
+    return re.sub("%(25|2F)", lambda m: "%" if m[1] == "25" else "/", name)
 
 
 def _lease_of(token: str) -> int | None:

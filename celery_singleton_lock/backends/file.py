@@ -60,16 +60,16 @@ import threading
 import time
 import weakref
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
 from celery_singleton_lock import _native
-from celery_singleton_lock.backends.base import Granted, LockBackend, Refused
-from celery_singleton_lock.backends.owner import Owner
-from celery_singleton_lock.errors import ConfigurationError, LockBackendUnavailable
+from celery_singleton_lock.backends.base import Granted, LockBackend, LockInfo, Refused
+from celery_singleton_lock.backends.owner import Owner, split_stored
+from celery_singleton_lock.errors import ConfigurationError, LockBackendUnavailable, LockError
 from celery_singleton_lock.lease import HeldLock, clock_drift
 
 try:
@@ -159,6 +159,13 @@ def _guarded(fd: int, *, write: bool) -> Iterator[None]:
         yield
     finally:
         _lock(fd, _GUARD, fcntl.F_UNLCK, wait=False)
+
+
+def _hold_taken(fd: int) -> bool:
+    """Whether any open file description holds HOLD, asked without taking it."""
+    asked = struct.pack(_FLOCK, fcntl.F_WRLCK, os.SEEK_SET, _HOLD, 1, 0)
+    answer = fcntl.fcntl(fd, fcntl.F_OFD_GETLK, asked)
+    return bool(struct.unpack(_FLOCK, answer)[0] != fcntl.F_UNLCK)
 
 
 def _same_file(fd: int, path: str) -> bool:
@@ -777,6 +784,70 @@ class FileBackend(LockBackend):
                 finally:
                     _lock(fd, _HOLD, fcntl.F_UNLCK, wait=False)
                 return True
+
+    # -- for operators (celery locks) -----------------------------------------------------
+
+    def _held(self, key: str | None) -> Iterable[LockInfo]:
+        """Every lock file's record (or the key's), shown when the kernel says a process
+        holds its HOLD byte (asked with ``F_OFD_GETLK``, which takes nothing), or when it is
+        a message marker with time left. A record whose holder died is not shown."""
+        start = f"{self.prefix}:"
+        try:
+            if key is None:
+                paths = sorted(
+                    entry.path for entry in os.scandir(self._directory) if entry.name.endswith(".lock")
+                )
+            else:
+                paths = [self._path(self._full_key(key))]
+            found = []
+            for path in paths:
+                with self._existing(path) as fd:
+                    if fd is None:
+                        continue
+                    with _guarded(fd, write=False):
+                        record = _read(fd)
+                    if not record.value or not record.key.startswith(start):
+                        continue
+                    if record.is_marker:
+                        ttl: float | None = record.marker_left()
+                        if not ttl:
+                            continue
+                    elif _hold_taken(fd):
+                        ttl = None  # held for as long as its holder's descriptor is open
+                    else:
+                        continue
+                token, owner = split_stored(record.value)
+                found.append(LockInfo(
+                    key=record.key[len(start):], owner=owner, token=token, fencing_token=record.fence,
+                    ttl=ttl, held_since=record.fence / 1e6 if record.fence > 10**15 else None,
+                    location=path,
+                ))
+        except OSError as exc:
+            raise self._unavailable(key or self._directory, exc) from None
+        return found
+
+    def _break(self, info: LockInfo) -> bool:
+        """A message marker, or a lock of this process: released. Another process's lock is
+        its open descriptor, which only that process (or its death) can let go of."""
+        path = self._path(self._full_key(info.key))
+        try:
+            fd = _process.pop_held(path, info.token)
+            if fd is not None:
+                return self._release_fd(path, fd, lambda record: record.token == info.token)
+            if self._release_marker(path, lambda record: record.token == info.token):
+                return True
+            if not any(held.token == info.token for held in self._held(info.key)):
+                return False
+        except OSError as exc:
+            raise self._unavailable(info.key, exc) from None
+        pid = info.owner.pid if info.owner else "?"
+        host = info.owner.host if info.owner else "this host"
+        msg = (
+            f"lock {info.key!r} is held by the kernel for process {pid} on {host} (file://): no "
+            f"other process can release it; stop that process (kill {pid}) and the kernel "
+            "frees the lock at once"
+        )
+        raise LockError(msg, key=info.key)
 
     # -- waiting -------------------------------------------------------------------------
 

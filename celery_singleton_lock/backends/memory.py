@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from celery_singleton_lock.backends.base import Granted, LockBackend, Refused
+from celery_singleton_lock.backends.base import Granted, LockBackend, LockInfo, Refused
 from celery_singleton_lock.backends.owner import Owner
 
 __all__ = ["MemoryBackend"]
@@ -24,6 +24,8 @@ class _Entry:
     token: str
     owner: Owner
     expires_at: float
+    fence: int = 0
+    granted_at: float = 0.0  # Unix time
 
 
 @dataclass
@@ -77,7 +79,7 @@ class MemoryBackend(LockBackend):
                 return Refused(holder.expires_at - self.clock(), holder.owner.task_id or None)
             fence = self._store.fences.get(key, 0) + 1
             self._store.fences[key] = fence
-            self._store.entries[key] = _Entry(token, owner, self.clock() + ttl)
+            self._store.entries[key] = _Entry(token, owner, self.clock() + ttl, fence, time.time())
             return Granted(fence)
 
     def _wait_for_release(self, key: str, timeout: float) -> None:
@@ -105,6 +107,23 @@ class MemoryBackend(LockBackend):
             del self._store.entries[key]
             self._store.guard.notify_all()
             return True
+
+    def _held(self, key: str | None) -> Iterable[LockInfo]:
+        start = f"{self.prefix}:"
+        with self._store.guard:
+            keys = [self._full_key(key)] if key is not None else [
+                k for k in self._store.entries if k.startswith(start)
+            ]
+            live = [(k, entry) for k in keys if (entry := self._live(k)) is not None]
+            now = self.clock()
+        return [
+            LockInfo(
+                key=k[len(start):], owner=entry.owner, token=entry.token,
+                fencing_token=entry.fence, ttl=entry.expires_at - now,
+                held_since=entry.granted_at, location=f"{self.url} {k}",
+            )
+            for k, entry in live
+        ]
 
     def expire_now(self, key: str) -> None:
         """Drop ``key`` as if its lease had expired (tests of loss)."""

@@ -53,12 +53,12 @@ import sys
 import threading
 import time
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from celery_singleton_lock import _native
-from celery_singleton_lock.backends.base import Granted, LockBackend, Refused
+from celery_singleton_lock.backends.base import Granted, LockBackend, LockInfo, NodeStatus, Refused
 from celery_singleton_lock.backends.owner import Owner
 from celery_singleton_lock.errors import ConfigurationError, LockBackendUnavailable, LockKeyError, mask_url
 from celery_singleton_lock.lease import HeldLock
@@ -649,6 +649,20 @@ class PostgresBackend(LockBackend):
     ) AND expires_at < clock_timestamp() - %(age)s * interval '1 second'
     """
 
+    # ``held`` (celery locks): the live leases under %(start)s (the prefix and ':'), or the
+    # one of %(key)s when it is not NULL; reads only.
+    # returns (key, token, owner, fence, seconds left) per lease, by key
+    SQL_HELD = """
+    SELECT key, token, owner, fence, extract(epoch FROM expires_at - clock_timestamp())::float8
+      FROM {table}
+     WHERE left(key, length(%(start)s)) = %(start)s AND token IS NOT NULL
+       AND expires_at > clock_timestamp() AND (%(key)s::text IS NULL OR key = %(key)s::text)
+     ORDER BY key
+    """
+
+    # ``ping``: the server's clock (Unix time), for its offset from ours.
+    SQL_NOW = "SELECT extract(epoch FROM clock_timestamp())::float8"
+
     # The table and its sequence, created on first use (``ddl`` shows them for a DBA).
     SQL_CREATE = """
     CREATE SEQUENCE IF NOT EXISTS {sequence_name};
@@ -754,6 +768,8 @@ class PostgresBackend(LockBackend):
             "renew": sql.SQL(self.SQL_RENEW).format(**names),
             "cleanup": sql.SQL(self.SQL_CLEANUP).format(**names),
             "create": sql.SQL(self.SQL_CREATE).format(**names),
+            "held": sql.SQL(self.SQL_HELD).format(**names),
+            "now": sql.SQL(self.SQL_NOW),
         }
         for column in ("token", "owner"):
             out[f"release_{column}"] = sql.SQL(self.SQL_RELEASE).format(
@@ -821,6 +837,32 @@ class PostgresBackend(LockBackend):
     def close(self) -> None:
         self.late_releases.stop()
         self._pool.close()
+
+    # -- for operators (celery locks) -----------------------------------------------------
+
+    def _held(self, key: str | None) -> Iterable[LockInfo]:
+        start = f"{self.prefix}:"
+        params = {"start": start, "key": None if key is None else self._full_key(key)}
+        rows = self._execute(self._sql["held"], params, key)
+        return [
+            LockInfo(
+                key=full_key[len(start):], owner=Owner.from_json(owner or ""), token=token,
+                fencing_token=int(fence), ttl=float(left),
+                location=f"{self.url} table {self.table} key {full_key!r}",
+            )
+            for full_key, token, owner, fence, left in rows
+        ]
+
+    def _ping(self) -> list[NodeStatus]:
+        """One ``clock_timestamp()``: the round trip, and the server's clock against ours."""
+        try:
+            sent = time.time()
+            started = time.perf_counter()
+            rows = self._execute(self._sql["now"], None, None)
+            round_trip = time.perf_counter() - started
+        except (LockBackendUnavailable, ConfigurationError) as exc:
+            return [NodeStatus(self.url, None, error=str(exc))]
+        return [NodeStatus(self.url, round_trip, clock_offset=float(rows[0][0]) - (sent + round_trip / 2))]
 
     # -- helpers ------------------------------------------------------------------------
 

@@ -35,15 +35,15 @@ import selectors
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
 from urllib.parse import parse_qsl, unquote, urlsplit
 
-from celery_singleton_lock.backends.base import Granted, LockBackend, Refused
-from celery_singleton_lock.backends.owner import Owner, stored_task_id
+from celery_singleton_lock.backends.base import Granted, LockBackend, LockInfo, NodeStatus, Refused
+from celery_singleton_lock.backends.owner import Owner, split_stored, stored_task_id
 from celery_singleton_lock.errors import ConfigurationError, LockBackendUnavailable, LockError, mask_url
 
 try:
@@ -374,6 +374,53 @@ class RedisBackend(LockBackend):
         self._client.close()
         self._waits.close()
 
+    # -- for operators (celery locks) ------------------------------------------------------
+
+    def _held(self, key: str | None) -> Iterable[LockInfo]:
+        """SCAN for ``{prefix:*}`` (a fencing counter or a signal list ends in ``:fence`` or
+        ``:signal``, a lock in ``}``), then each lock's value, PTTL and counter in one
+        MULTI, so the three belong to one holder."""
+        start = f"{self.prefix}:"
+        with self._answering(key):
+            if key is not None:
+                names = [self._hashed(self._full_key(key))]
+            else:
+                pattern = "{" + _glob_escaped(start) + "*}"
+                names = sorted({
+                    name.decode() if isinstance(name, bytes) else name
+                    for name in self._client.scan_iter(match=pattern, count=1000)
+                })
+            found: list[LockInfo] = []
+            for name in names:
+                with self._client.pipeline(transaction=True) as pipe:
+                    pipe.get(name)
+                    pipe.pttl(name)
+                    pipe.get(name + ":fence")
+                    value, pttl, fence = pipe.execute()
+                if value is None or pttl is None or pttl < 0:
+                    continue  # released or expired since the scan
+                token, owner = split_stored(value)
+                fencing_token = None if fence is None else int(fence)
+                found.append(LockInfo(
+                    key=name[len(start) + 1:-1], owner=owner, token=token,
+                    fencing_token=fencing_token, ttl=pttl / 1000,
+                    held_since=_granted_at(fencing_token), location=f"{self.url} {name}",
+                ))
+        return found
+
+    def _ping(self) -> list[NodeStatus]:
+        """One TIME: the round trip, and the server's clock against ours."""
+        try:
+            with self._answering(None):
+                sent = time.time()
+                started = time.perf_counter()
+                seconds, micros = self._client.time()
+                round_trip = time.perf_counter() - started
+        except LockError as exc:
+            return [NodeStatus(self.url, None, error=str(exc))]
+        offset = seconds + micros / 1e6 - (sent + round_trip / 2)
+        return [NodeStatus(self.url, round_trip, clock_offset=offset)]
+
     # -- the pieces the Redlock backend is built of (backends/redlock.py) ------------------
 
     def run(self, call: ScriptCall) -> Any:
@@ -621,6 +668,20 @@ class _LateReleases:
             if self._stopped.wait(pause):
                 continue
             pause = min(pause * 2, LATE_RELEASE_PAUSE[1])
+
+
+def _glob_escaped(text: str) -> str:
+    """``text`` as a literal in a SCAN MATCH pattern."""
+    return "".join("\\" + c if c in "*?[]\\" else c for c in text)
+
+
+def _granted_at(fencing_token: int | None) -> float | None:
+    """When a lock was granted, read from its fencing token: on one Redis a grant's token
+    is the server's clock in microseconds (unless the last token was higher, which only
+    a clock stepped back makes happen). None for a token that is not a time."""
+    if fencing_token is None or not 10**15 < fencing_token < 10**17:
+        return None
+    return fencing_token / 1e6
 
 
 def milliseconds(seconds: float) -> int:

@@ -32,12 +32,13 @@ import copy
 import os
 import random
 import time
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from contextlib import ExitStack
+from dataclasses import replace
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
-from celery_singleton_lock.backends.base import Granted, LockBackend, Refused
+from celery_singleton_lock.backends.base import Granted, LockBackend, LockInfo, NodeStatus, Refused
 from celery_singleton_lock.backends.owner import Owner
 from celery_singleton_lock.backends.redis import (
     Line,
@@ -364,6 +365,43 @@ class RedlockBackend(LockBackend):
         results = self._broadcast(self.nodes[0].release_call(key, field, value))
         deleted = [RedisBackend.release_reply(r) for r in self._answered(results, key)]
         return sum(deleted) >= self.quorum
+
+    def _held(self, key: str | None) -> Iterable[LockInfo]:
+        """A quorum view: an acquisition (key and token) is shown when a quorum of all the
+        masters hold it, with the shortest of their TTLs and the highest fencing token."""
+        seen: dict[tuple[str, str], list[LockInfo]] = {}
+        failed: list[Any] = []
+        for node in self.nodes:
+            try:
+                infos = list(node._held(key))
+            except LockBackendUnavailable as exc:
+                failed.append(_Failed(str(exc), sent=True))
+                continue
+            failed.append(None)
+            for info in infos:
+                seen.setdefault((info.key, info.token), []).append(info)
+        if len(self.nodes) - sum(f is not None for f in failed) < self.quorum:
+            raise self._unavailable(failed, key)
+        held = []
+        for copies in seen.values():
+            if len(copies) < self.quorum:
+                continue
+            fences = [c.fencing_token for c in copies if c.fencing_token is not None]
+            ttls = [c.ttl for c in copies if c.ttl is not None]
+            held.append(replace(
+                copies[0],
+                fencing_token=max(fences) if fences else None,
+                ttl=min(ttls) if ttls else None,
+                held_since=None,  # Redlock's tokens count on: they are not times
+                location=f"on {len(copies)} of {len(self.nodes)} masters",
+            ))
+        return held
+
+    def _ping(self) -> list[NodeStatus]:
+        return [status for node in self.nodes for status in node._ping()]
+
+    def _nodes_needed(self, nodes: int) -> int:
+        return self.quorum
 
     def close(self) -> None:
         for lane in self._lanes:

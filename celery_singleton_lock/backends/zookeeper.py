@@ -47,15 +47,15 @@ import socket
 import sys
 import time
 import types
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qsl, quote, unquote, urlsplit
 
 from celery_singleton_lock import _native
 from celery_singleton_lock._per_process import PerProcess
-from celery_singleton_lock.backends.base import Granted, LockBackend, Refused
-from celery_singleton_lock.backends.owner import Owner, stored_task_id
+from celery_singleton_lock.backends.base import Granted, LockBackend, LockInfo, Refused
+from celery_singleton_lock.backends.owner import Owner, split_stored, stored_task_id
 from celery_singleton_lock.errors import (
     ConfigurationError,
     LockBackendUnavailable,
@@ -909,6 +909,81 @@ class ZooKeeperBackend(LockBackend):
                 state.held.pop((key, data.split(b"\n", 1)[0].decode()), None)
             released = released or place == 0
         return released
+
+    # -- for operators (celery locks) -------------------------------------------------------
+
+    def _reader(self, key: str | None, deadline: float) -> _Session:
+        """A session for reads and deletes on behalf of others: any of this process's, or
+        one that pings seldom in a process that holds no locks (the command line)."""
+        state = self._state.get()
+        with state.guard:
+            sessions = list(state.sessions.values())
+        ttl = sessions[0].requested if sessions else OWNER_SESSION
+        return self._session(ttl, key or self._root, deadline)
+
+    def _held(self, key: str | None) -> Iterable[LockInfo]:
+        """The lines of every lock container (or of one), read pipelined, then each first
+        node's data and stat: its czxid is the fencing token, its ctime when it was made.
+        A node lives as long as its holder's session: no TTL is kept on the server."""
+        deadline = self.clock() + self.connect_timeout
+        session = self._reader(key, deadline)
+        if key is None:
+            try:
+                names, _ = self._read(
+                    session, lambda: session.client.get_children_async(self._root), deadline, None
+                )
+            except NoNodeError:
+                return []
+            containers = [f"{self._root}/{name}" for name in sorted(names)]
+        else:
+            containers = [self._full_key(key)]
+        reads = [(container, session.client.get_children_async(container)) for container in containers]
+        firsts = []
+        for container, read in reads:
+            try:
+                line = _line(self._result(session, read, deadline, key))
+            except NoNodeError:
+                continue
+            if line:
+                firsts.append((container, line, session.client.get_async(f"{container}/{line[0]}")))
+        found = []
+        for container, line, read in firsts:
+            try:
+                data, stat = self._result(session, read, deadline, key)
+            except NoNodeError:
+                continue  # released since we read the line
+            token, owner = split_stored(data)
+            found.append(LockInfo(
+                key=unquote(_basename(container)), owner=owner, token=token, fencing_token=stat.czxid,
+                ttl=None, held_since=stat.ctime / 1000, waiting=len(line) - 1,
+                location=f"{self.url} {container}/{line[0]}",
+            ))
+        return found
+
+    def _break(self, info: LockInfo) -> bool:
+        """Delete the node named by ``info.token`` from any session (a node belongs to its
+        creator's session, but any session may delete it, ACLs allowing); the holder's
+        next renewal finds it gone."""
+        key = self._full_key(info.key)
+        state = self._state.get()
+        with state.guard:
+            ours = (key, info.token) in state.held
+        if ours:
+            return self._release(key, "token", info.token)
+        deadline = self.clock() + self.connect_timeout
+        session = self._reader(key, deadline)
+        try:
+            line = _line(self._result(session, session.client.get_children_async(key), deadline, key))
+        except NoNodeError:
+            return False
+        for name in line:
+            if _NODE.fullmatch(name) and name.startswith(f"{info.token}-"):
+                try:
+                    self._result(session, session.client.delete_async(f"{key}/{name}"), deadline, key)
+                except NoNodeError:
+                    return False
+                return True
+        return False
 
     def close(self) -> None:
         """End this process's sessions: the server deletes their nodes at once, so locks

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from celery import Celery
 
-from celery_singleton_lock import ConfigurationError, LockBackendUnavailable, connect
+from celery_singleton_lock import ConfigurationError, LockBackendUnavailable, LockError, connect
 from celery_singleton_lock.backends import file as file_backend
 from celery_singleton_lock.backends.owner import HOST, Owner
 from celery_singleton_lock.config import read_settings
@@ -134,6 +134,36 @@ class TestFileContract(CrossProcessContract):
         assert time.monotonic() - start < 0.5
         assert info.value.url == f"file://{directory}"
         assert str(directory) in str(info.value)
+
+    def test_ping_of_an_unreachable_server_fails_in_bounded_time_with_the_password_masked(
+        self, tmp_path
+    ):
+        # Replaced: no server; a lock directory that became unusable fails the probe at once.
+        directory = tmp_path / "locks"
+        backend = connect(f"file://{directory}")
+        directory.rmdir()
+        directory.write_text("not a directory")
+        report = backend.ping()
+        assert not report.can_grant
+        assert str(directory) in (report.grant_error or "")
+
+    def test_a_lock_of_another_process_is_listed_with_its_owner_and_broken_from_here(
+        self, backend_spec, backend, unique_key
+    ):
+        # Replaced: the kernel holds a live process's lock for it; breaking it is refused,
+        # naming the process to stop, and its death frees it at once.
+        owner = Owner(HOST, 4545, task_id="task-X")
+        holder, _pipe, fencing_token = _start_holder(backend_spec.url, unique_key, owner=owner)
+        try:
+            [info] = backend.lock_info(unique_key)
+            assert (info.owner, info.fencing_token, info.ttl) == (owner, fencing_token, None)
+            with pytest.raises(LockError, match="kill 4545"):
+                backend.break_lock(info)
+            assert backend.acquire(unique_key, ttl=1) is None
+        finally:
+            holder.kill()
+            holder.join(5)
+        assert backend.lock_info(unique_key) == []
 
     def test_release_owned_from_another_process_needs_the_holders_host_pid_and_task_id(
         self, backend_spec, unique_key
