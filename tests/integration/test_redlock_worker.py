@@ -6,16 +6,17 @@ The worker, its app and the helpers are the ones of test_worker.py and processes
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Iterator
 
 import pytest
 import redis
 
 from celery_singleton_lock.testing import RedisServer, redis_servers
-from tests.integration.processes import Worker
-from tests.integration.test_worker import count, events_of, max_overlap, run, worker_app
+from tests.integration.test_worker import worker_app
+from tests.integration.worker_contract import PolicyWorker, WorkerPolicyContract, policy_worker_on
 
-__all__ = ["run", "worker_app"]  # fixtures shared with test_worker.py
+__all__ = ["worker_app"]  # a fixture shared with test_worker.py
 
 QUEUE = "redlock"
 
@@ -27,40 +28,25 @@ def masters() -> Iterator[list[RedisServer]]:
 
 
 @pytest.fixture(scope="module")
-def redlock_worker(worker_app, redis_url, masters, tmp_path_factory) -> Iterator[Worker]:
-    worker = None
-    try:
-        url = "redlock://" + ",".join(f"127.0.0.1:{m.port}" for m in masters) + "/3"
-        worker = Worker(redis_url, tmp_path_factory.mktemp("redlock-worker"), queues=QUEUE,
-                        CSL_WORKER_LOCK_URL=url)
-        worker.wait_ready(worker_app.app)
-        yield worker
-    finally:
-        if worker is not None:
-            worker.stop()
+def lock_url(masters) -> str:
+    return "redlock://" + ",".join(f"127.0.0.1:{m.port}" for m in masters) + "/3"
 
 
-def test_duplicates_are_skipped(redlock_worker, worker_app, run, masters):
-    results = [worker_app.sleepy_skip.apply_async((run, 2), queue=QUEUE) for _ in range(4)]
-    values = [r.get(timeout=30) for r in results]
-    events = events_of(worker_app, run)
-    assert count(events, "start") == 1
-    assert count(events, "skipped") == 3
-    assert sorted(values, key=str) == sorted(["ran", None, None, None], key=str)
-    key = worker_app.sleepy_skip.lock_key_for((run, 2), {})
-    for master in masters:  # the lock went through every master
+@pytest.fixture(scope="module")
+def policy_worker(redis_url, lock_url, tmp_path_factory) -> Iterator[PolicyWorker]:
+    with policy_worker_on(lock_url, redis_url, tmp_path_factory.mktemp("redlock-worker"), QUEUE) as running:
+        yield running
+
+
+class TestRedlockWorker(WorkerPolicyContract):
+    """Every policy, each lock taken on a quorum of the three masters."""
+
+
+def test_a_lock_goes_through_every_master(policy_worker, masters):
+    run = uuid.uuid4().hex[:12]
+    assert policy_worker.send("sleepy_skip", run, 0.1).get(timeout=30) == "ran"
+    key = policy_worker.app.sleepy_skip.lock_key_for((run, 0.1), {})
+    for master in masters:
         client = redis.Redis.from_url(master.url + "/3")
         assert client.exists("{singleton-lock:" + key + "}:fence")
         client.close()
-
-
-@pytest.mark.parametrize("task_name", ["sleepy_wait", "sleepy_retry"])
-def test_wait_and_retry_run_every_duplicate_one_after_another(
-    redlock_worker, worker_app, run, task_name
-):
-    task = getattr(worker_app, task_name)
-    results = [task.apply_async((run, 0.5), queue=QUEUE) for _ in range(4)]
-    assert [r.get(timeout=60) for r in results] == ["ran"] * 4
-    events = events_of(worker_app, run)
-    assert count(events, "start") == 4
-    assert max_overlap(events) == 1

@@ -20,6 +20,7 @@ from celery_singleton_lock.backends import file as file_backend
 from tests.conftest import wait_until
 from tests.integration.processes import ROOT, Worker
 from tests.integration.test_worker import count, events_of, max_overlap
+from tests.integration.worker_contract import WorkerPolicyContract, policy_worker_on, take_and_release
 
 POOLS = ("prefork", "threads")
 
@@ -36,29 +37,11 @@ def worker_app(redis_url):
 
 
 @pytest.fixture(scope="module", params=POOLS)
-def pool_worker(request, worker_app, redis_url, lock_url, tmp_path_factory):
+def policy_worker(request, redis_url, lock_url, tmp_path_factory):
     pool = request.param
-    worker = Worker(
-        redis_url, tmp_path_factory.mktemp(f"worker-file-{pool}"), queues=f"file-{pool}",
-        pool=pool, concurrency=4, CSL_WORKER_LOCK_URL=lock_url,
-    )
-    try:
-        worker.wait_ready(worker_app.app)
-        yield pool, worker
-    finally:
-        worker.stop()
-
-
-def _send(task, pool: str, *args):
-    return task.apply_async(args, queue=f"file-{pool}")
-
-
-def _free(backend, key: str) -> bool:
-    held = backend.acquire(key, ttl=5)
-    if held is None:
-        return False
-    backend.release(held)
-    return True
+    directory = tmp_path_factory.mktemp(f"worker-file-{pool}")
+    with policy_worker_on(lock_url, redis_url, directory, f"file-{pool}", pool=pool) as running:
+        yield running
 
 
 def _hold_is_free(backend, key: str) -> bool:
@@ -74,63 +57,31 @@ def _hold_is_free(backend, key: str) -> bool:
     return bool(struct.unpack(file_backend._FLOCK, answer)[0] == fcntl.F_UNLCK)
 
 
-def test_duplicates_are_skipped(pool_worker, worker_app):
-    pool, _ = pool_worker
-    run = uuid.uuid4().hex[:12]
-    results = [_send(worker_app.sleepy_skip, pool, run, 1.5) for _ in range(4)]
-    values = [r.get(timeout=30) for r in results]
-    events = events_of(worker_app, run)
-    assert count(events, "start") == 1
-    assert count(events, "skipped") == 3
-    assert sorted(values, key=str) == sorted(["ran", None, None, None], key=str)
+class TestFileWorker(WorkerPolicyContract):
+    """Every policy on prefork and threads workers (threads of one process exclude each
+    other: each attempt opens its own open file description)."""
 
-
-@pytest.mark.parametrize("task_name", ["sleepy_wait", "sleepy_retry"])
-def test_wait_and_retry_run_every_duplicate_one_after_another(pool_worker, worker_app, task_name):
-    pool, _ = pool_worker
-    run = uuid.uuid4().hex[:12]
-    results = [_send(getattr(worker_app, task_name), pool, run, 0.3) for _ in range(4)]
-    assert [r.get(timeout=60) for r in results] == ["ran"] * 4
-    events = events_of(worker_app, run)
-    assert count(events, "start") == 4
-    assert max_overlap(events) == 1
-    if pool == "threads":
-        assert len({e[2] for e in events}) == 1  # threads of one process excluded each other
-
-
-def test_raise_fails_the_duplicate_with_lock_contended(pool_worker, worker_app):
-    pool, _ = pool_worker
-    run = uuid.uuid4().hex[:12]
-    first = _send(worker_app.sleepy_raise, pool, run, 1.5)
-    wait_until(lambda: count(events_of(worker_app, run), "start") == 1, 20, "the first run to start")
-    second = _send(worker_app.sleepy_raise, pool, run, 1.5)
-    with pytest.raises(Exception) as info:
-        second.get(timeout=30)
-    assert type(info.value).__name__ == "LockContended"
-    assert first.get(timeout=30) == "ran"
-
-
-def test_a_killed_task_frees_its_lock_at_once_and_the_pool_still_locks(pool_worker, worker_app, lock_url):
-    pool, worker = pool_worker
-    if pool != "prefork":
-        pytest.skip("revoke(terminate=True) kills pool processes: prefork only")
-    run = uuid.uuid4().hex[:12]
-    result = _send(worker_app.killable, pool, run)  # lock_ttl=30
-    wait_until(lambda: count(events_of(worker_app, run), "start") == 1, 20, "the task to start")
-    key = worker_app.killable.lock_key_for((run,), {})
-    observer = connect(lock_url)
-    assert observer.acquire(key, ttl=5) is None
-    worker_app.app.control.revoke(result.id, terminate=True, signal="SIGKILL")
-    killed_at = time.monotonic()
-    wait_until(lambda: _hold_is_free(observer, key), 5, "the killed task's lock to be free")
-    assert time.monotonic() - killed_at < 2  # the kernel, not its 30 s TTL (a revoke's hops)
-    # The main process clears the record that still names the dead process.
-    worker.wait_for_log(f"released the lock of {worker_app.killable.name}[{result.id}]", 10)
-    assert _free(observer, key)
-    after = uuid.uuid4().hex[:12]
-    results = [_send(worker_app.sleepy_wait, pool, after, 0.2) for _ in range(4)]
-    assert [r.get(timeout=60) for r in results] == ["ran"] * 4
-    assert max_overlap(events_of(worker_app, after)) == 1
+    def test_revoke_terminate_frees_the_lock_and_the_new_child_still_locks(self, policy_worker, observer):
+        # Stronger than elsewhere: the kernel frees the lock the moment the child dies,
+        # then the main process clears the record that still names the dead process.
+        if policy_worker.pool != "prefork":
+            pytest.skip("revoke(terminate=True) kills pool processes: prefork only")
+        app = policy_worker.app
+        run = uuid.uuid4().hex[:12]
+        result = policy_worker.send("killable", run)  # lock_ttl=30
+        wait_until(lambda: count(policy_worker.events(run), "start") == 1, 20, "the task to start")
+        key = app.killable.lock_key_for((run,), {})
+        assert observer.acquire(key, ttl=5) is None
+        app.app.control.revoke(result.id, terminate=True, signal="SIGKILL")
+        killed_at = time.monotonic()
+        wait_until(lambda: _hold_is_free(observer, key), 5, "the killed task's lock to be free")
+        assert time.monotonic() - killed_at < 2  # the kernel, not its 30 s TTL (a revoke's hops)
+        policy_worker.worker.wait_for_log(f"released the lock of {app.killable.name}[{result.id}]", 10)
+        assert take_and_release(observer, key)
+        after = uuid.uuid4().hex[:12]
+        results = [policy_worker.send("sleepy_wait", after, 0.2) for _ in range(4)]
+        assert [r.get(timeout=60) for r in results] == ["ran"] * 4
+        assert max_overlap(policy_worker.events(after)) == 1
 
 
 def test_a_sigkilled_worker_frees_its_lock_at_once(worker_app, redis_url, lock_url, tmp_path):

@@ -17,7 +17,8 @@ import pytest
 from celery_singleton_lock import connect
 from tests.conftest import wait_until
 from tests.integration.processes import Worker
-from tests.integration.test_worker import count, events_of, max_overlap
+from tests.integration.test_worker import count, events_of
+from tests.integration.worker_contract import WorkerPolicyContract, policy_worker_on
 
 QUEUE = "postgres"
 
@@ -36,17 +37,9 @@ def lock_url(postgres_url):
 
 
 @pytest.fixture(scope="module")
-def pg_worker(redis_url, lock_url, tmp_path_factory):
-    os.environ["CSL_WORKER_REDIS_URL"] = redis_url
-    app_module = importlib.import_module("tests.integration.worker_app")
-    worker = Worker(
-        redis_url, tmp_path_factory.mktemp("worker-postgres"), queues=QUEUE, CSL_WORKER_LOCK_URL=lock_url
-    )
-    try:
-        worker.wait_ready(app_module.app)
-        yield app_module, worker
-    finally:
-        worker.stop()
+def policy_worker(redis_url, lock_url, tmp_path_factory):
+    with policy_worker_on(lock_url, redis_url, tmp_path_factory.mktemp("worker-postgres"), QUEUE) as running:
+        yield running
 
 
 @pytest.fixture
@@ -56,68 +49,12 @@ def observer(lock_url):
     backend.close()
 
 
-def test_duplicates_are_skipped(pg_worker):
-    app, _ = pg_worker
-    run = uuid.uuid4().hex[:12]
-    results = [app.sleepy_skip.apply_async((run, 1.5), queue=QUEUE) for _ in range(4)]
-    values = [r.get(timeout=30) for r in results]
-    events = events_of(app, run)
-    assert count(events, "start") == 1
-    assert count(events, "skipped") == 3
-    assert sorted(values, key=str) == sorted(["ran", None, None, None], key=str)
+class TestPostgresWorker(WorkerPolicyContract):
+    """Every policy, and a revoked run's lock freed by the main process's own connection."""
 
 
-@pytest.mark.parametrize("task_name", ["sleepy_wait", "sleepy_retry"])
-def test_wait_and_retry_run_every_duplicate_one_after_another(pg_worker, task_name):
-    app, _ = pg_worker
-    run = uuid.uuid4().hex[:12]
-    task = getattr(app, task_name)
-    results = [task.apply_async((run, 0.4), queue=QUEUE) for _ in range(4)]
-    assert [r.get(timeout=60) for r in results] == ["ran"] * 4
-    events = events_of(app, run)
-    assert count(events, "start") == 4
-    assert max_overlap(events) == 1
-
-
-def test_raise_fails_the_duplicate_with_lock_contended(pg_worker):
-    app, _ = pg_worker
-    run = uuid.uuid4().hex[:12]
-    first = app.sleepy_raise.apply_async((run, 1.5), queue=QUEUE)
-    wait_until(lambda: count(events_of(app, run), "start") == 1, 20, "the first run to start")
-    second = app.sleepy_raise.apply_async((run, 1.5), queue=QUEUE)
-    with pytest.raises(Exception) as info:
-        second.get(timeout=30)
-    assert type(info.value).__name__ == "LockContended"
-    assert first.get(timeout=30) == "ran"
-
-
-def _free(backend, key: str) -> bool:
-    held = backend.acquire(key, ttl=5)
-    if held is None:
-        return False
-    backend.release(held)
-    return True
-
-
-def test_revoke_terminate_frees_the_lock_and_the_new_child_still_locks(pg_worker, observer):
-    # The main process releases the killed task's lock over connections of its own, then
-    # forks a replacement child, which must open its own (never its parent's sockets).
-    app, _ = pg_worker
-    run = uuid.uuid4().hex[:12]
-    result = app.killable.apply_async((run,), queue=QUEUE)
-    wait_until(lambda: count(events_of(app, run), "start") == 1, 20, "the task to start")
-    key = app.killable.lock_key_for((run,), {})
-    assert observer.acquire(key, ttl=5) is None
-    app.app.control.revoke(result.id, terminate=True, signal="SIGKILL")
-    wait_until(lambda: _free(observer, key), 5, "the killed task's lock to be free (its TTL is 30 s)")
-    after = uuid.uuid4().hex[:12]
-    results = [app.sleepy_wait.apply_async((after, 0.2), queue=QUEUE) for _ in range(6)]
-    assert [r.get(timeout=60) for r in results] == ["ran"] * 6
-    assert max_overlap(events_of(app, after)) == 1
-
-
-def test_a_task_whose_row_is_freed_by_an_operator_sees_the_loss(pg_worker, observer, lock_url):
-    app, worker = pg_worker
+def test_a_task_whose_row_is_freed_by_an_operator_sees_the_loss(policy_worker, observer, lock_url):
+    app, worker = policy_worker.app, policy_worker.worker
     run = uuid.uuid4().hex[:12]
     result = app.watch_loss.apply_async((run,), queue=QUEUE)
     wait_until(lambda: count(events_of(app, run), "start") == 1, 20, "the task to start")

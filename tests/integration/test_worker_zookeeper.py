@@ -15,6 +15,7 @@ from celery_singleton_lock import connect
 from tests.conftest import wait_until
 from tests.integration.processes import Worker
 from tests.integration.test_worker import count, events_of, max_overlap
+from tests.integration.worker_contract import WorkerPolicyContract, policy_worker_on
 
 QUEUE = "zookeeper"
 GEVENT_APP = "tests.integration.gevent_app"
@@ -22,18 +23,14 @@ GEVENT_QUEUE = "zookeeper-gevent"
 
 
 @pytest.fixture(scope="module")
-def zk_worker(redis_url, zookeeper_server, tmp_path_factory):
-    os.environ["CSL_WORKER_REDIS_URL"] = redis_url
-    app_module = importlib.import_module("tests.integration.worker_app")
-    worker = Worker(
-        redis_url, tmp_path_factory.mktemp("worker-zookeeper"), queues=QUEUE,
-        CSL_WORKER_LOCK_URL=zookeeper_server.url,
-    )
-    try:
-        worker.wait_ready(app_module.app)
-        yield app_module, worker
-    finally:
-        worker.stop()
+def lock_url(zookeeper_server):
+    return zookeeper_server.url
+
+
+@pytest.fixture(scope="module")
+def policy_worker(redis_url, lock_url, tmp_path_factory):
+    with policy_worker_on(lock_url, redis_url, tmp_path_factory.mktemp("worker-zookeeper"), QUEUE) as running:
+        yield running
 
 
 @pytest.fixture
@@ -43,69 +40,14 @@ def observer(zookeeper_server):
     backend.close()
 
 
-def test_duplicates_are_skipped(zk_worker):
-    app, _ = zk_worker
-    run = uuid.uuid4().hex[:12]
-    results = [app.sleepy_skip.apply_async((run, 1.5), queue=QUEUE) for _ in range(4)]
-    values = [r.get(timeout=30) for r in results]
-    events = events_of(app, run)
-    assert count(events, "start") == 1
-    assert count(events, "skipped") == 3
-    assert sorted(values, key=str) == sorted(["ran", None, None, None], key=str)
+class TestZooKeeperWorker(WorkerPolicyContract):
+    """Every policy; the main process releases a killed run's lock with a session of its
+    own, and the replacement child still reaches ZooKeeper (a kazoo client inherited
+    through a fork hangs)."""
 
 
-@pytest.mark.parametrize("task_name", ["sleepy_wait", "sleepy_retry"])
-def test_wait_and_retry_run_every_duplicate_one_after_another(zk_worker, task_name):
-    app, _ = zk_worker
-    run = uuid.uuid4().hex[:12]
-    task = getattr(app, task_name)
-    results = [task.apply_async((run, 0.4), queue=QUEUE) for _ in range(4)]
-    assert [r.get(timeout=60) for r in results] == ["ran"] * 4
-    events = events_of(app, run)
-    assert count(events, "start") == 4
-    assert max_overlap(events) == 1
-
-
-def test_raise_fails_the_duplicate_with_lock_contended(zk_worker):
-    app, _ = zk_worker
-    run = uuid.uuid4().hex[:12]
-    first = app.sleepy_raise.apply_async((run, 1.5), queue=QUEUE)
-    wait_until(lambda: count(events_of(app, run), "start") == 1, 20, "the first run to start")
-    second = app.sleepy_raise.apply_async((run, 1.5), queue=QUEUE)
-    with pytest.raises(Exception) as info:
-        second.get(timeout=30)
-    assert type(info.value).__name__ == "LockContended"
-    assert first.get(timeout=30) == "ran"
-
-
-def _free(backend, key: str) -> bool:
-    held = backend.acquire(key, ttl=5)
-    if held is None:
-        return False
-    backend.release(held)
-    return True
-
-
-def test_revoke_terminate_frees_the_lock_and_the_new_child_still_locks(zk_worker, observer):
-    # The main process releases the killed task's lock with a kazoo client (a session) of
-    # its own, then forks a replacement child: that child must still reach ZooKeeper (a
-    # kazoo client inherited through a fork hangs).
-    app, _ = zk_worker
-    run = uuid.uuid4().hex[:12]
-    result = app.killable.apply_async((run,), queue=QUEUE)
-    wait_until(lambda: count(events_of(app, run), "start") == 1, 20, "the task to start")
-    key = app.killable.lock_key_for((run,), {})
-    assert observer.acquire(key, ttl=5) is None
-    app.app.control.revoke(result.id, terminate=True, signal="SIGKILL")
-    wait_until(lambda: _free(observer, key), 5, "the killed task's lock to be free (its TTL is 30 s)")
-    after = uuid.uuid4().hex[:12]
-    results = [app.sleepy_wait.apply_async((after, 0.2), queue=QUEUE) for _ in range(6)]
-    assert [r.get(timeout=60) for r in results] == ["ran"] * 6
-    assert max_overlap(events_of(app, after)) == 1
-
-
-def test_a_task_whose_node_is_deleted_sees_the_loss(zk_worker, observer, zookeeper_server):
-    app, worker = zk_worker
+def test_a_task_whose_node_is_deleted_sees_the_loss(policy_worker, observer, zookeeper_server):
+    app, worker = policy_worker.app, policy_worker.worker
     run = uuid.uuid4().hex[:12]
     result = app.watch_loss.apply_async((run,), queue=QUEUE)
     wait_until(lambda: count(events_of(app, run), "start") == 1, 20, "the task to start")
