@@ -29,7 +29,7 @@ import time
 import weakref
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
-from celery_singleton_lock import _native, signals
+from celery_singleton_lock import _native, _observe, signals
 from celery_singleton_lock._per_process import PerProcess
 from celery_singleton_lock.errors import LockError, LockLost
 
@@ -179,6 +179,10 @@ class HeldLock:
         try:
             return self.release()
         except LockError as exc:
+            if _observe.observer is not None:
+                _observe.observer.backend_error(
+                    self.sender, getattr(exc, "url", None) or getattr(self.backend, "url", None), "release"
+                )
             logger.error("could not release %r: %s; it expires within %ss", self.key, exc, self.ttl)
             return False
 
@@ -352,9 +356,14 @@ class LeaseKeeper:
     def _renew_batch(self, backend: LeaseBackend, due: list[HeldLock]) -> None:
         sent_at = backend.clock()
         self.renewal_calls += 1
+        observer = _observe.observer
+        started = time.perf_counter()
         try:
             still_ours = self._renewer(backend).renew(due)
         except LockError as exc:
+            if observer is not None:
+                url = getattr(exc, "url", None) or getattr(backend, "url", None)
+                observer.backend_error(None, url, "renew")
             for held in due:
                 if backend.clock() >= held._valid_until:
                     self.declare_lost(held, f"renewal kept failing until its deadline: {exc}")
@@ -364,6 +373,8 @@ class LeaseKeeper:
                         sent_at + RETRY_AFTER, (sent_at + held._valid_until) / 2
                     )
             return
+        if observer is not None:
+            observer.renewed(backend, time.perf_counter() - started)
         for held, ours in zip(due, still_ours, strict=True):
             if ours:
                 held._confirm(sent_at)

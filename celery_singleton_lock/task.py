@@ -51,8 +51,10 @@ from celery.states import READY_STATES
 from celery.utils import uuid
 from celery.utils.saferepr import saferepr
 
+import celery_singleton_lock.events  # connects the worker-start switch of the lock events
+import celery_singleton_lock.metrics  # connects the worker-start of the metrics server
 import celery_singleton_lock.pools  # noqa: F401 - connects the worker-start check of the pool
-from celery_singleton_lock import signals
+from celery_singleton_lock import _observe, signals
 from celery_singleton_lock.backends.base import MAX_TTL, LockBackend, Refused
 from celery_singleton_lock.backends.owner import Owner, call_signature
 from celery_singleton_lock.config import (
@@ -80,6 +82,7 @@ from celery_singleton_lock.policies import (
     lock_retries,
     parse_policy,
 )
+from celery_singleton_lock.results import mark_skipped
 
 __all__ = ["SingletonTask", "current_lock", "singleton_task"]
 
@@ -338,6 +341,8 @@ class SingletonTask(Task):  # type: ignore[misc]
             self._on_backend_unavailable(exc)
         if isinstance(decided, Skipped):
             return decided.result
+        if _observe.observer is not None:
+            _observe.observer.acquired(self, decided)
         if _is_redelivered(request) and self._already_finished(request.id):
             # The first delivery finished (and stored its result before releasing).
             decided.release_quietly()
@@ -410,16 +415,38 @@ class SingletonTask(Task):  # type: ignore[misc]
         signals.lock_contended.send(
             sender=self, key=key, task_id=request.id, policy=options.policy
         )
-        outcome = options.policy(contention)
+        observer = _observe.observer
+        started = time.perf_counter()
+        if observer is not None:
+            observer.contended(self, contention)
+        try:
+            outcome = options.policy(contention)
+        except CeleryRetry:
+            if observer is not None:
+                observer.contention_ended(self, contention, "retried", time.perf_counter() - started)
+            raise
+        except LockBackendUnavailable:
+            raise  # an outage, not an outcome of the contention: __call__ reports it
+        except BaseException:
+            if observer is not None:
+                observer.contention_ended(self, contention, "raised", time.perf_counter() - started)
+            raise
         if isinstance(outcome, Skipped):
+            holder = refused.holder_task_id
             logger.info(
-                "skipped %s[%s]: lock %r is held by another task", self.name, request.id, key
+                "skipped %s[%s]: lock %r is held by %s",
+                self.name, request.id, key, f"task {holder}" if holder else "another task",
             )
+            mark_skipped(self, request, key, holder)
             signals.task_skipped.send(sender=self, key=key, task_id=request.id)
+            if observer is not None:
+                observer.contention_ended(self, contention, "skipped", time.perf_counter() - started)
             return outcome
         if not isinstance(outcome, HeldLock):
             msg = f"contention policy {options.policy!r} returned {outcome!r}, not a lock or Skipped"
             raise ConfigurationError(msg, option="on_contention")
+        if observer is not None:
+            observer.contention_ended(self, contention, "waited", time.perf_counter() - started)
         return outcome
 
     def _on_redelivered(self, contention: Contention) -> HeldLock:
@@ -453,6 +480,8 @@ class SingletonTask(Task):  # type: ignore[misc]
         # Fail closed: the body never runs without the lock. A worker retries, with a
         # budget of its own (time, not count), so an outage of minutes costs no task.
         request = self.request
+        if _observe.observer is not None:
+            _observe.observer.backend_error(self, exc.url, "acquire")
         if request.called_directly or request.is_eager:
             raise exc
         settings = self.lock_options().settings
