@@ -60,6 +60,7 @@ __all__ = [
     "Settings",
     "check_on_lock_lost",
     "check_ttl",
+    "forget_settings",
     "settings_for",
     "warn_if_connect_timeout_exceeds",
 ]
@@ -354,6 +355,12 @@ def read_settings(conf: Any) -> Settings:
 
 _cache: weakref.WeakKeyDictionary[Any, Settings] = weakref.WeakKeyDictionary()
 _cache_guard = threading.Lock()
+
+
+def forget_settings(app: Celery) -> None:
+    """Read ``app``'s settings again at their next use (a test changed ``app.conf``)."""
+    with _cache_guard:
+        _cache.pop(app, None)
 
 
 def settings_for(app: Celery) -> Settings:

@@ -109,6 +109,11 @@ class _LockedRun(NamedTuple):
 _running: ContextVar[tuple[_LockedRun, ...]] = ContextVar("celery_singleton_lock_running", default=())
 
 
+#: Apps whose singleton tasks run their bodies without any lock, with how many
+#: ``testing.locking_disabled()`` blocks asked for it; the key None stands for every app.
+unlocked_apps: dict[Celery | None, int] = {}
+
+
 #: Locks whose task body has ended, released when Celery has stored the result.
 _awaiting_postrun: dict[str, HeldLock] = {}
 _awaiting_postrun_guard = threading.Lock()
@@ -286,7 +291,7 @@ class SingletonTask(Task):  # type: ignore[misc]
                 args, kwargs, task_id, producer, link, link_error, shadow, **options
             )
 
-        if not self.enqueue_once or self.app.conf.task_always_eager:
+        if not self.enqueue_once or self.app.conf.task_always_eager or self._runs_unlocked():
             return publish(task_id)
         lock_options = self.lock_options()
         # Celery's retry republishes the running task under its own id: it must go out.
@@ -322,7 +327,12 @@ class SingletonTask(Task):  # type: ignore[misc]
         )
         return self.AsyncResult(outcome.holder_task_id)
 
+    def _runs_unlocked(self) -> bool:
+        return bool(unlocked_apps) and (None in unlocked_apps or self._get_app() in unlocked_apps)
+
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if unlocked_apps and self._runs_unlocked():
+            return super().__call__(*args, **kwargs)
         options = self.lock_options()
         key = self.lock_key_for(args, kwargs)
         request = self.request

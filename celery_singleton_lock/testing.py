@@ -8,7 +8,15 @@ package, or ``ZOOKEEPER_HOME``, on a Java runtime), and :class:`PostgresServer` 
 PostgreSQL server (Debian's ``postgresql`` binaries, run as a non-root user). Installed as
 a pytest plugin, this module also offers the ``redis_server``, ``etcd_server``,
 ``zookeeper_server`` and ``postgres_server`` fixtures (one server per test session) and
-``memory_lock_backend`` (a fresh in-process backend per test).
+``memory_lock_backend`` (the shared ``memory://`` store, emptied for each test).
+
+For tests of singleton tasks (``docs/testing.md``): :func:`use_lock_backend`,
+:func:`hold_lock`, :func:`locking_disabled`, :func:`record_lock_events` and
+:func:`lock_server`, and the fixtures ``configure_lock_backend``, ``lock_events``,
+``no_singleton_locks`` and ``redis_lock_url``, ``etcd_lock_url``, ``zookeeper_lock_url``,
+``postgres_lock_url`` (our launchers, else testcontainers when a Docker daemon answers,
+else a skip with the reason; ``CSL_REQUIRE_DOCKER=1``: containers, or a failure). They
+import Celery only when used, so this plugin costs a test session nothing until then.
 """
 
 from __future__ import annotations
@@ -22,19 +30,51 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from types import TracebackType
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from celery import Celery
+
+    from celery_singleton_lock._testkit import (
+        HOLD_LOCK_TASK_ID,
+        LockEvent,
+        LockEvents,
+        LockServerUnavailable,
+        docker_unavailable_reason,
+        hold_lock,
+        lock_server,
+        locking_disabled,
+        record_lock_events,
+        use_lock_backend,
+    )
+    from celery_singleton_lock.backends.base import LockBackend
     from celery_singleton_lock.backends.memory import MemoryBackend
 
+#: The helpers for tests of singleton tasks, imported on first use (they import Celery).
+_TESTKIT_NAMES = frozenset({
+    "HOLD_LOCK_TASK_ID", "LockEvent", "LockEvents", "LockServerUnavailable", "docker_unavailable_reason",
+    "hold_lock", "lock_server", "locking_disabled", "record_lock_events", "use_lock_backend",
+})
+
 __all__ = [
-    "EtcdCluster", "EtcdMember", "PostgresServer", "RedisServer", "ZooKeeperEnsemble", "ZooKeeperMember",
-    "etcd_binary", "free_port", "java_binary", "postgres_bin_dir", "redis_servers", "zookeeper_classpath",
+    "HOLD_LOCK_TASK_ID", "EtcdCluster", "EtcdMember", "LockEvent", "LockEvents", "LockServerUnavailable",
+    "PostgresServer", "RedisServer", "ZooKeeperEnsemble", "ZooKeeperMember", "docker_unavailable_reason",
+    "etcd_binary", "free_port", "hold_lock", "java_binary", "lock_server", "locking_disabled",
+    "postgres_bin_dir", "record_lock_events", "redis_servers", "use_lock_backend", "zookeeper_classpath",
     "zookeeper_command",
 ]
+
+
+def __getattr__(name: str) -> object:
+    if name in _TESTKIT_NAMES:
+        from celery_singleton_lock import _testkit
+
+        return getattr(_testkit, name)
+    msg = f"module {__name__!r} has no attribute {name!r}"
+    raise AttributeError(msg)
 
 
 def free_port() -> int:
@@ -445,14 +485,99 @@ else:
 
     @pytest.fixture
     def memory_lock_backend() -> Iterator[MemoryBackend]:
-        """A fresh in-process lock backend (no server), closed after the test."""
+        """The ``memory://`` store that tasks with ``singleton_lock_backend="memory://"``
+        use (default prefix), emptied before and after the test."""
+        from celery_singleton_lock.backends import connect
         from celery_singleton_lock.backends.memory import MemoryBackend
 
-        backend = MemoryBackend()
+        MemoryBackend.reset()
+        backend = connect("memory://")
+        assert isinstance(backend, MemoryBackend)
         try:
             yield backend
         finally:
-            backend.close()
+            MemoryBackend.reset()
+
+    @pytest.fixture
+    def configure_lock_backend() -> Iterator[Callable[..., LockBackend]]:
+        """``configure_lock_backend(app, url="memory://", **settings)``: point the app's
+        singleton tasks at ``url`` for this test (``use_lock_backend``); returns the backend
+        they use. Undone, and a ``memory://`` store emptied, when the test ends."""
+        from contextlib import ExitStack
+
+        from celery_singleton_lock._testkit import use_lock_backend
+
+        with ExitStack() as stack:
+
+            def configure(app: Celery, url: str = "memory://", **settings: object) -> LockBackend:
+                return stack.enter_context(use_lock_backend(app, url, **settings))
+
+            yield configure
+
+    @pytest.fixture
+    def lock_events() -> Iterator[LockEvents]:
+        """The lock events of this test (``record_lock_events``): ``lock_events.skipped``,
+        ``lock_events.assert_skipped(result)``, ``assert_not_skipped``, ``assert_ran_locked``."""
+        from celery_singleton_lock._testkit import record_lock_events
+
+        with record_lock_events() as events:
+            yield events
+
+    @pytest.fixture
+    def no_singleton_locks() -> Iterator[None]:
+        """Every singleton task of the process runs without a lock in this test."""
+        from celery_singleton_lock._testkit import locking_disabled
+
+        with locking_disabled():
+            yield
+
+    def _print_past_capture(config: pytest.Config, line: str) -> None:
+        """Print ``line`` on the terminal now, whatever pytest captures."""
+        reporter = config.pluginmanager.get_plugin("terminalreporter")
+        capture = config.pluginmanager.get_plugin("capturemanager")
+        if reporter is None:
+            return
+        if capture is None:
+            reporter.write_line(line)
+            return
+        with capture.global_and_fixture_disabled():
+            reporter.ensure_newline()
+            reporter.write_line(line)
+
+    def _serve_lock_server(kind: str, config: pytest.Config) -> Iterator[str]:
+        from contextlib import ExitStack
+
+        from celery_singleton_lock._testkit import LockServerUnavailable, lock_server, require_docker
+
+        with ExitStack() as stack:
+            try:
+                url = stack.enter_context(lock_server(kind))
+            except LockServerUnavailable as exc:
+                _print_past_capture(config, f"celery-singleton-lock: {exc}")
+                if require_docker():
+                    pytest.fail(str(exc), pytrace=False)
+                pytest.skip(str(exc))
+            yield url
+
+    @pytest.fixture(scope="session")
+    def redis_lock_url(pytestconfig: pytest.Config) -> Iterator[str]:
+        """A throw-away Redis for the session: its lock URL (see ``lock_server``)."""
+        yield from _serve_lock_server("redis", pytestconfig)
+
+    @pytest.fixture(scope="session")
+    def etcd_lock_url(pytestconfig: pytest.Config) -> Iterator[str]:
+        """A throw-away one-member etcd for the session: its lock URL."""
+        yield from _serve_lock_server("etcd", pytestconfig)
+
+    @pytest.fixture(scope="session")
+    def zookeeper_lock_url(pytestconfig: pytest.Config) -> Iterator[str]:
+        """A throw-away standalone ZooKeeper for the session: its lock URL."""
+        yield from _serve_lock_server("zookeeper", pytestconfig)
+
+    @pytest.fixture(scope="session")
+    def postgres_lock_url(pytestconfig: pytest.Config) -> Iterator[str]:
+        """A throw-away PostgreSQL for the session: its lock URL."""
+        yield from _serve_lock_server("postgres", pytestconfig)
 
 
 # -- ZooKeeper ---------------------------------------------------------------------------

@@ -125,6 +125,21 @@ class MemoryBackend(LockBackend):
             for k, entry in live
         ]
 
+    @classmethod
+    def reset(cls, url: str = "memory://") -> None:
+        """Empty the shared store of ``url``: no lock is held any more.
+
+        Between tests: a waiter is woken and finds the lock free; a holder's next renewal
+        finds its lease gone (``lock_lost``). Fencing tokens go on rising, as on a server.
+        """
+        with cls._stores_guard:
+            store = cls._stores.get(url)
+        if store is None:
+            return
+        with store.guard:
+            store.entries.clear()
+            store.guard.notify_all()
+
     def expire_now(self, key: str) -> None:
         """Drop ``key`` as if its lease had expired (tests of loss)."""
         with self._store.guard:
