@@ -981,6 +981,10 @@ class PostgresBackend(LockBackend):
             msg = f"PostgreSQL at {self.url} refused our credentials: {reason}"
         elif "Connection refused" in reason:
             msg = f"PostgreSQL at {self.url} refused the connection (is it running?): {reason}"
+        elif "certificate verify failed" in reason:
+            msg = f"PostgreSQL at {self.url}: its TLS certificate did not verify (sslrootcert?): {reason}"
+        elif "FATAL:" in reason:  # it answered, and turned us away (pg_hba.conf, too many clients)
+            msg = f"PostgreSQL at {self.url} turned the connection away: {reason}"
         else:
             msg = f"PostgreSQL at {self.url} did not answer within {self.connect_timeout}s: {reason}"
         return LockBackendUnavailable(msg, url=self.url, key=key)
