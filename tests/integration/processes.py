@@ -78,13 +78,16 @@ class Worker(_Process):
         concurrency: int = 4,
         pool: str = "prefork",
         app: str = "tests.integration.worker_app",
+        options: tuple[str, ...] = (),
         **env_extra: str,
     ):
+        """:param options: more `celery worker` options (``("-E",)``)."""
         self.name = f"{queues.replace(',', '-')}-{uuid.uuid4().hex[:6]}@{os.uname().nodename}"
         super().__init__(
             [
                 "-A", app, "worker", "-P", pool, "-c", str(concurrency), "-Q", queues,
                 "--without-gossip", "--without-mingle", "--without-heartbeat", "-n", self.name,
+                *options,
             ],
             log_dir / f"worker-{self.name.split('@')[0]}.log", redis_url, env_extra,
         )
