@@ -357,7 +357,7 @@ class LockBackend(ABC):
         _check_key(info.key)
         broken = self._break(info)
         if broken:
-            release_logger.warning(
+            release_logger.info(
                 "broke lock %r (fencing token %s) held by %s", info.key, info.fencing_token,
                 info.owner.as_json() if info.owner else "an unknown owner",
             )
