@@ -22,6 +22,7 @@ would not run while a task body computes; see _native.py for what that takes.
 
 from __future__ import annotations
 
+import _thread
 import logging
 import math
 import os
@@ -272,6 +273,8 @@ class LeaseKeeper:
         #: Round trips sent, and wake-up calls made by ``track``, for tests and benchmarks.
         self.renewal_calls = 0
         self.wakeup_calls = 0
+        #: The thread's id in the kernel once it runs (its CPU time: /proc/self/task/<id>).
+        self.native_id: int | None = None
 
     @classmethod
     def for_process(cls) -> LeaseKeeper:
@@ -302,6 +305,7 @@ class LeaseKeeper:
             return list(self._locks)
 
     def _run(self) -> None:
+        self.native_id = _thread.get_native_id()
         while True:
             try:
                 with self._guard:
@@ -364,14 +368,16 @@ class LeaseKeeper:
             if observer is not None:
                 url = getattr(exc, "url", None) or getattr(backend, "url", None)
                 observer.backend_error(None, url, "renew")
+            now = backend.clock()
+            retried = [held for held in due if now < held._valid_until]
             for held in due:
-                if backend.clock() >= held._valid_until:
+                if now >= held._valid_until:
                     self.declare_lost(held, f"renewal kept failing until its deadline: {exc}")
-                else:
-                    logger.warning("renewal of %r failed (%s); retrying", held.key, exc)
-                    held._next_renewal = min(
-                        sent_at + RETRY_AFTER, (sent_at + held._valid_until) / 2
-                    )
+            for held in retried:
+                held._next_renewal = min(sent_at + RETRY_AFTER, (sent_at + held._valid_until) / 2)
+            if retried:  # one line per round trip, not per lock (there may be thousands)
+                others = f" and {len(retried) - 1} more" if len(retried) > 1 else ""
+                logger.warning("renewal of %r%s failed (%s); retrying", retried[0].key, others, exc)
             return
         if observer is not None:
             observer.renewed(backend, time.perf_counter() - started)

@@ -280,6 +280,27 @@ def test_transient_renewal_failures_keep_the_lock_until_its_validity_deadline(
     assert held not in keeper.tracked()
 
 
+def test_a_failed_renewal_of_many_locks_is_one_warning_line(
+    backend: MemoryBackend, clock, keeper: LeaseKeeper, monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # One round trip failed, not 1,000 renewals: a process holding many locks must not
+    # write a line per lock every retry while the server is away.
+    held = [take(backend, f"bulk:{i}") for i in range(1000)]
+
+    def failing(items: Sequence[tuple[str, str, float]]) -> list[bool]:
+        raise LockBackendUnavailable("the server did not answer", url="memory://")
+
+    monkeypatch.setattr(backend, "_renew", failing)
+    clock.advance(TTL / 3)
+    with caplog.at_level(logging.WARNING, logger="celery_singleton_lock.lease"):
+        keeper.renew_due()
+    lines = [r.getMessage() for r in caplog.records if r.name == "celery_singleton_lock.lease"]
+    assert len(lines) == 1
+    assert "and 999 more failed (the server did not answer" in lines[0]
+    assert not any(h.lost for h in held)
+
+
 def test_a_lock_past_its_deadline_stays_lost_even_if_the_server_still_has_it(
     backend: MemoryBackend, clock, keeper: LeaseKeeper, renew_calls: list[list[str]], record_signal
 ) -> None:
