@@ -16,8 +16,10 @@ from celery import Celery
 
 from celery_singleton_lock import SingletonTask, current_lock
 
-#: The lock TTL of the tasks: short, so that a holder sees a release within half a second.
-LOCK_TTL = 1.5
+#: The lock TTL of the tasks: short, so that a holder sees a release within 1.4 s (a
+#: third of it), and longer than a command's start, so that Redis still has the grant's
+#: fencing counter when the command looks (it lives one TTL after the grant).
+LOCK_TTL = 4.0
 
 
 def make_app(backend_url: str, connect_timeout: float = 5.0) -> Celery:
