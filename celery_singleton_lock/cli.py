@@ -132,9 +132,6 @@ def _log_to_stderr() -> None:
         logger.addHandler(handler)
     if logger.getEffectiveLevel() > logging.WARNING:
         logger.setLevel(logging.WARNING)
-    # Reading the tasks' options logs what ``ping`` reports itself (a connect timeout not
-    # below a TTL), once per task and without a format: here it would only be noise.
-    logging.getLogger("celery_singleton_lock.config").setLevel(logging.ERROR)
 
 
 def _bare_key(text: str, prefix: str) -> str:
