@@ -384,8 +384,8 @@ class LockBackend(ABC):
             else:
                 LeaseKeeper.for_process().untrack(held)  # released at once, never renewed
                 self.release(held)
-        except LockError as exc:
-            grant_error = str(exc)
+        except Exception as exc:  # a reply error too (a Redis replica's READONLY): it grants nothing
+            grant_error = str(exc) if isinstance(exc, LockError) else f"{type(exc).__name__}: {exc}"
         return Reachability(nodes, needed, grant_error)
 
     # -- shared steps, also used by the Celery task ------------------------------------
