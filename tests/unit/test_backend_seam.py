@@ -6,7 +6,6 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
-import tomllib
 
 from celery_singleton_lock import ConfigurationError, connect
 from celery_singleton_lock.backends import (
@@ -22,6 +21,7 @@ from celery_singleton_lock.config import read_settings
 
 
 def test_our_schemes_are_registered_as_entry_points_exactly_as_the_built_in_table():
+    tomllib = pytest.importorskip("tomllib", reason="reading pyproject.toml needs Python 3.11's tomllib")
     pyproject = tomllib.loads((Path(__file__).parents[2] / "pyproject.toml").read_text())
     assert pyproject["project"]["entry-points"][ENTRY_POINT_GROUP] == BACKEND_ALIASES
 
