@@ -195,8 +195,11 @@ def test_a_broken_lock_is_counted_lost_and_sent_as_an_event(
     wait_until(lambda: pids_of(worker_app, run), 20, "watch_loss to start")
     operator = connect(worker_app.app.conf.singleton_lock_backend)
     key = worker_app.watch_loss.lock_key_for((run,), {})
-    (info,) = operator.lock_info(key)
-    assert operator.break_lock(info)
+    try:
+        (info,) = operator.lock_info(key)
+        assert operator.break_lock(info)
+    finally:
+        operator.close()
     assert result.get(timeout=30) == "LockLost"
 
     wait_until(
