@@ -28,7 +28,8 @@ setting                            meaning                                      
 =================================  ============================================  =========
 
 Without ``singleton_lock_backend`` the broker decides (``_default_backend_url``): a Redis
-broker's server, ``file://`` for a broker that serves one host, else an error.
+broker's server (a Sentinel broker's master, by ``broker_transport_options["master_name"]``),
+``file://`` for a broker that serves one host, else an error.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ import threading
 import weakref
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
-from urllib.parse import parse_qsl, urlsplit
+from urllib.parse import parse_qsl, quote, urlsplit
 
 from celery import signals
 from celery.app.utils import filter_hidden_settings
@@ -177,7 +178,8 @@ _SINGLE_HOST_BROKERS = ("memory://", "filesystem://", "sqla+sqlite://")
 def _default_backend_url(conf: Any) -> str:
     """The lock backend when ``singleton_lock_backend`` is not set, from the broker URL.
 
-    A Redis broker: that server. A broker that serves one host (``memory://``,
+    A Redis broker: that server; a Sentinel broker: the master its Sentinels name. A
+    broker that serves one host (``memory://``,
     ``filesystem://``, ``sqla+sqlite://``): ``file://``, the embedded backend, except
     ``memory://`` with ``task_always_eager``, where every task runs in the calling process
     and ``memory://`` excludes it without touching the disk (unit tests). Any other
@@ -188,6 +190,8 @@ def _default_backend_url(conf: Any) -> str:
     broker = _setting(conf, "broker_url")
     if isinstance(broker, str) and broker.startswith(_REDIS_SCHEMES):
         return broker.split(";")[0]
+    if isinstance(broker, str) and broker.startswith("sentinel://"):
+        return _sentinel_url_of_broker(broker, _setting(conf, "broker_transport_options") or {})
     if isinstance(broker, str) and broker.startswith(_SINGLE_HOST_BROKERS):
         if broker.startswith("memory://") and _setting(conf, "task_always_eager"):
             return "memory://"
@@ -202,6 +206,29 @@ def _default_backend_url(conf: Any) -> str:
         "file:///a/local/directory (only when every worker runs on this one host)"
     )
     raise ConfigurationError(msg, option="singleton_lock_backend")
+
+
+def _sentinel_url_of_broker(broker: str, transport_options: Any) -> str:
+    """Our ``sentinel://`` URL for kombu's Sentinel broker URL: ``sentinel://[:pw@]h1:26379;
+    sentinel://h2:26379`` (the first one's password and database count, as in kombu) with
+    ``broker_transport_options["master_name"]``.
+
+    :raises ConfigurationError: naming ``broker_transport_options`` without a master name.
+    """
+    master_name = transport_options.get("master_name") if isinstance(transport_options, dict) else None
+    if not isinstance(master_name, str) or not master_name:
+        msg = (
+            "singleton_lock_backend is not set and the broker is Redis Sentinel, but "
+            "broker_transport_options has no 'master_name' to find the master by: set it "
+            "(as kombu needs too), or set singleton_lock_backend to "
+            "sentinel://h1:26379,h2:26379,h3:26379/<master name>/0"
+        )
+        raise ConfigurationError(msg, option="broker_transport_options")
+    nodes = [urlsplit(part.strip()) for part in broker.split(";") if part.strip()]
+    userinfo, at, _ = nodes[0].netloc.rpartition("@")
+    hosts = ",".join(node.netloc.rpartition("@")[2] for node in nodes)
+    db = nodes[0].path.strip("/") or "0"
+    return f"sentinel://{userinfo}{at}{hosts}/{quote(master_name, safe='')}/{db}"
 
 
 #: Query parameters that carry secrets: ``celery report`` shows a URL's query as written.

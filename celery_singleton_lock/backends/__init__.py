@@ -44,6 +44,7 @@ BACKEND_ALIASES: dict[str, str] = {
     "file": "celery_singleton_lock.backends.file:FileBackend",
     "postgresql": "celery_singleton_lock.backends.postgres:PostgresBackend",
     "postgres": "celery_singleton_lock.backends.postgres:PostgresBackend",
+    "sentinel": "celery_singleton_lock.backends.sentinel:SentinelBackend",
 }
 
 

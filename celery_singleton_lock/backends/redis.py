@@ -188,10 +188,12 @@ class RedisBackend(LockBackend):
             **client_options,
         }
         try:
-            self._client = redis.Redis.from_url(url, **options)
+            self._client = redis.Redis.from_pool(self._connection_pool(url, dict(options)))
             # Waiters block a connection each; they get a pool of their own, unbounded,
             # so a crowd of waiters can never starve the releases that would wake them.
-            self._waits = redis.Redis.from_url(url, **{**options, "max_connections": 2**31})
+            self._waits = redis.Redis.from_pool(
+                self._connection_pool(url, {**options, "max_connections": 2**31})
+            )
         except ValueError as exc:
             msg = f"bad Redis URL {self.url}: {exc}"
             raise ConfigurationError(msg, option="singleton_lock_backend") from None
@@ -229,6 +231,12 @@ class RedisBackend(LockBackend):
             if not (db.isascii() and db.isdigit()):
                 msg = f"{option}: the database in {shown!r} must be a number (0, 1, 2...), got {db!r}"
                 raise ConfigurationError(msg, option=option)
+
+    def _connection_pool(self, url: str, options: dict[str, Any]) -> redis.ConnectionPool:
+        """The pool through which every connection to this backend's server is made:
+        the seam where the Sentinel backend (backends/sentinel.py) puts a pool whose
+        connections go to the master the Sentinels name."""
+        return redis.ConnectionPool.from_url(url, **options)
 
     def _register_scripts(self) -> None:
         self._acquire_script = self._client.register_script(self.LUA_ACQUIRE)

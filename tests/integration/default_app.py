@@ -1,7 +1,8 @@
 """A Celery app that sets no ``singleton_lock_backend``: its broker decides the default.
 
-``CSL_DEFAULT_BROKER`` is the broker URL; with ``filesystem://`` the messages live in
-``CSL_DEFAULT_DIR`` (results too), so the worker needs no server at all. Task bodies append
+``CSL_DEFAULT_BROKER`` is the broker URL (``CSL_DEFAULT_TRANSPORT_OPTIONS``, JSON, adds
+to its transport options); with ``filesystem://`` the messages live in ``CSL_DEFAULT_DIR``
+(results always do), so the worker needs no server at all. Task bodies append
 ``["start" | "end", time, pid]`` lines to ``CSL_DEFAULT_DIR/events-<run>``.
 """
 
@@ -17,7 +18,7 @@ from celery import Celery
 from kombu.transport import filesystem
 from kombu.utils.json import dumps
 
-from celery_singleton_lock import SingletonTask
+from celery_singleton_lock import Retry, SingletonTask, Wait
 
 DIRECTORY = Path(os.environ["CSL_DEFAULT_DIR"])
 
@@ -42,6 +43,8 @@ app.conf.update(
         "data_folder_out": str(DIRECTORY / "queue"),
         "control_folder": str(DIRECTORY / "control"),
         "polling_interval": 0.05,
+        # more for other brokers: a Sentinel broker's {"master_name": ...}
+        **json.loads(os.environ.get("CSL_DEFAULT_TRANSPORT_OPTIONS", "{}")),
     },
     result_backend=f"file://{DIRECTORY / 'results'}",
     broker_connection_retry_on_startup=True,
@@ -60,9 +63,23 @@ def _record(run: str, event: str) -> None:
         out.write(json.dumps([event, time.time(), os.getpid()]) + "\n")
 
 
-@app.task(base=SingletonTask)
-def sleepy(run: str, seconds: float) -> str:
+def _body(run: str, seconds: float) -> str:
     _record(run, "start")
     time.sleep(seconds)
     _record(run, "end")
     return "ran"
+
+
+@app.task(base=SingletonTask)
+def sleepy(run: str, seconds: float) -> str:
+    return _body(run, seconds)
+
+
+@app.task(base=SingletonTask, on_contention=Wait(timeout=30))
+def sleepy_wait(run: str, seconds: float) -> str:
+    return _body(run, seconds)
+
+
+@app.task(base=SingletonTask, on_contention=Retry(countdown=0.2, max_retries=200, jitter=0.5))
+def sleepy_retry(run: str, seconds: float) -> str:
+    return _body(run, seconds)
