@@ -63,10 +63,10 @@ _TESTKIT_NAMES = frozenset({
 
 __all__ = [
     "HOLD_LOCK_TASK_ID", "EtcdCluster", "EtcdMember", "LockEvent", "LockEvents", "LockServerUnavailable",
-    "PostgresServer", "RedisSentinel", "RedisServer", "SentinelMember", "ZooKeeperEnsemble", "ZooKeeperMember",
-    "docker_unavailable_reason", "etcd_binary", "free_port", "hold_lock", "java_binary", "lock_server",
-    "locking_disabled", "postgres_bin_dir", "record_lock_events", "redis_servers", "use_lock_backend",
-    "zookeeper_classpath",
+    "PostgresServer", "RedisSentinel", "RedisServer", "SentinelMember", "ZooKeeperEnsemble",
+    "ZooKeeperMember", "docker_unavailable_reason", "etcd_binary", "free_port", "hold_lock", "java_binary",
+    "lock_server", "locking_disabled", "postgres_bin_dir", "record_lock_events", "redis_servers",
+    "use_lock_backend", "zookeeper_classpath",
     "zookeeper_command",
 ]
 
