@@ -854,12 +854,14 @@ class PostgresBackend(LockBackend):
         ]
 
     def _ping(self) -> list[NodeStatus]:
-        """One ``clock_timestamp()``: the round trip, and the server's clock against ours."""
+        """``clock_timestamp()``, twice (the first may connect): the round trip of the
+        second, and the server's clock against ours."""
         try:
-            sent = time.time()
-            started = time.perf_counter()
-            rows = self._execute(self._sql["now"], None, None)
-            round_trip = time.perf_counter() - started
+            for _ in range(2):
+                sent = time.time()
+                started = time.perf_counter()
+                rows = self._execute(self._sql["now"], None, None)
+                round_trip = time.perf_counter() - started
         except (LockBackendUnavailable, ConfigurationError) as exc:
             return [NodeStatus(self.url, None, error=str(exc))]
         return [NodeStatus(self.url, round_trip, clock_offset=float(rows[0][0]) - (sent + round_trip / 2))]

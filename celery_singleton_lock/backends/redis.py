@@ -417,13 +417,15 @@ class RedisBackend(LockBackend):
         return found
 
     def _ping(self) -> list[NodeStatus]:
-        """One TIME: the round trip, and the server's clock against ours."""
+        """TIME, twice (the first may connect): the round trip of the second, and the
+        server's clock against ours."""
         try:
             with self._answering(None):
-                sent = time.time()
-                started = time.perf_counter()
-                seconds, micros = self._client.time()
-                round_trip = time.perf_counter() - started
+                for _ in range(2):
+                    sent = time.time()
+                    started = time.perf_counter()
+                    seconds, micros = self._client.time()
+                    round_trip = time.perf_counter() - started
         except LockError as exc:
             return [NodeStatus(self.url, None, error=str(exc))]
         offset = seconds + micros / 1e6 - (sent + round_trip / 2)

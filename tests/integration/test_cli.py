@@ -75,12 +75,7 @@ def test_an_operator_lists_shows_and_releases_a_redis_lock_and_its_holder_sees_i
         assert f"key: {held.key}" in key.stdout
         assert "held: by task t-cli-redis" in key.stdout
 
-        declined = _locks(url, "release", "{singleton-lock:" + held.key + "}", stdin="n\n")
-        assert declined.returncode == 4
-        assert "Not released." in declined.stdout
-        assert not held.lost
-
-        released = _locks(url, "release", held.key, "--yes")
+        released = _locks(url, "release", "{singleton-lock:" + held.key + "}", "--yes")
         assert released.returncode == 0, released.stderr
         assert f"Released {held.key}." in released.stdout
         assert "WARNING celery_singleton_lock.cli" in released.stderr
@@ -111,9 +106,6 @@ def test_ping_shows_every_node_warns_of_a_connect_timeout_above_a_ttl_and_fails_
     assert "cannot grant locks" in bad.stderr
     assert "s3cret" not in bad.stdout + bad.stderr
     assert "redis://:***@127.0.0.1:1/0" in bad.stdout
-    unavailable = _locks("redis://:s3cret@127.0.0.1:1/0", "list", connect_timeout=0.5)
-    assert unavailable.returncode == 1
-    assert "s3cret" not in unavailable.stdout + unavailable.stderr
 
 
 def test_the_password_of_a_reachable_server_is_masked_in_every_line():

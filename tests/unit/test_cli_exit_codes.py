@@ -9,7 +9,7 @@ from types import SimpleNamespace
 from click.testing import CliRunner
 
 from celery_singleton_lock.backends.owner import Owner
-from celery_singleton_lock.cli import EXIT_NOT_HELD, EXIT_NOT_RELEASED, EXIT_USAGE, locks
+from celery_singleton_lock.cli import EXIT_NOT_HELD, EXIT_NOT_RELEASED, EXIT_UNAVAILABLE, EXIT_USAGE, locks
 from tests.integration.cli_app import make_app
 
 
@@ -55,3 +55,12 @@ def test_a_declined_release_leaves_the_lock_and_a_confirmed_one_frees_it():
     assert _run(app, "release", "res:invoice:9", stdin="y\n").exit_code == 0
     assert backend.lock_info("res:invoice:9") == []
     assert held.release() is False
+
+
+def test_an_unreachable_server_is_exit_code_1_with_the_password_masked():
+    app = make_app("redis://:s3cret@127.0.0.1:1/0", connect_timeout=0.5)  # nobody listens on port 1
+    for args in (("list",), ("show", "res:x"), ("release", "res:x", "--yes")):
+        result = _run(app, *args)
+        assert result.exit_code == EXIT_UNAVAILABLE, args
+        assert "redis://:***@127.0.0.1:1/0" in result.output
+        assert "s3cret" not in result.output
