@@ -1,15 +1,25 @@
 """etcd v3: ``etcd://h1:2379,h2:2379,h3:2379`` and ``etcds://`` (TLS).
 
 etcd is a consensus store: a granted lock survives the loss of a minority of members.
-Each lock is a directory; every acquisition, holder or waiter, is one entry in it::
+Each lock is a directory; every acquisition, holder or waiter, is one entry in it, in a
+numbered *place* that the next acquisition reuses once it is free::
 
-    <prefix>/<key, with '%' and '/' escaped>/<lease id, 16 hex><random, 16 hex>
+    <prefix>/<key, with '%' and '/' escaped>/<place, hex: 0, 1, 2...>
         value "<token>\\n<owner JSON>", attached to a lease of its own
+    token: <lease id, 16 hex><random, 16 hex><place, 8 hex>
 
 The holder is the entry with the lowest create revision; the others wait in FIFO order,
 each watching only the entry just before its own, so a release wakes exactly one waiter.
 The holder's create revision is its fencing token: it rises with every write in the
-whole cluster. An entry is named by its own token, so only its creator can name it.
+whole cluster, also when a place is used again. Release compares the whole stored value
+(token and owner), renewal the token in it, so only the exact token ends or renews a lock.
+
+Why places and not a new name per acquisition: etcd keeps a deleted key in its index
+until a compaction (which it does not run by default), and a compare or read of the
+directory visits every name it ever held. A name per acquisition made the 8,000th
+acquisition of a key cost half again the first. An acquisition takes the lowest free
+place (0 when the line is empty), so a key's directory never holds more names than it
+ever had entries at once.
 
 Round trips: an uncontended attempt is one transaction (put if the directory is empty,
 else read the holder); a release is one guarded delete. Leases make the third: etcd
@@ -20,13 +30,14 @@ time, so exclusion does not depend on it; see ``docs/etcd.md``.
 A write whose outcome is unknown (its member timed out or lost its leader after the
 request may have reached the cluster) can still be applied later, even after a retry
 elsewhere succeeded. Its lease is therefore revoked before we try again, with another
-lease and another entry name, and never used again: once its lease is revoked no put on
+lease and another token, and never used again: once its lease is revoked no put on
 it can succeed, late or not, so no entry of ours is left that we would keep alive.
 """
 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
 import os
 import random
@@ -77,8 +88,11 @@ MIN_TRY = 0.25
 RENEWAL_SHARE = 0.25
 #: How often leases that could not be revoked at once are tried again.
 REAP_PAUSE = 0.25
-#: The token of an etcd acquisition: the lease id and 16 random hex digits.
-_TOKEN = re.compile(r"[0-9a-f]{32}")
+#: Places a waiter offers in one transaction; the lowest free one is taken. A longer
+#: line costs one more transaction, with places chosen from the line it returned.
+PLACES_PER_TRY = 8
+#: The token of an etcd acquisition: the lease id, 16 random hex digits, the place.
+_TOKEN = re.compile(r"[0-9a-f]{40}")
 
 #: Codes that mean "this member cannot answer now" (down, no leader, its own request to
 #: the leader timed out: etcd reports that as UNKNOWN "context deadline exceeded").
@@ -386,20 +400,22 @@ class EtcdBackend(LockBackend):
     def _try_acquire(self, key: str, token: str, ttl: float, owner: Owner) -> Granted | Refused:
         directory = key.encode()
 
-        def request(lease: _Lease, entry: bytes, etcd_token: str) -> Any:
+        def request(lease: _Lease) -> Any:
             return etcdrpc.TxnRequest(
                 # No entry at all in the directory: no holder and nobody queued before us.
+                # Then place 0 is free too: an empty line always starts there.
                 compare=[etcdrpc.Compare(
                     key=directory, range_end=_prefix_end(directory),
                     target=etcdrpc.Compare.CREATE, result=etcdrpc.Compare.EQUAL, create_revision=0,
                 )],
-                success=[_put(entry, owner.stored_with(etcd_token), lease.id)],
+                success=[_put(directory + b"0", owner.stored_with(_token(lease, token, 0)), lease.id)],
                 failure=[_range(directory, limit=1)],
             )
 
-        lease, etcd_token, _, reply = self._put_with_lease(request, directory, token, ttl, key)
+        lease, reply = self._put_with_lease(request, ttl, key)
         if reply.succeeded:
-            return Granted(reply.header.revision, token=etcd_token, valid_until=lease.valid_until)
+            granted = _token(lease, token, 0)
+            return Granted(reply.header.revision, token=granted, valid_until=lease.valid_until)
         # The transaction was applied exactly once and put nothing: the lease is clean.
         self._give_back(lease)
         holder = reply.responses[0].response_range.kvs[0]
@@ -423,19 +439,41 @@ class EtcdBackend(LockBackend):
         lease is kept alive while we wait; on timeout or error our entry is removed.
         """
         directory = key.encode()
+        places = list(range(PLACES_PER_TRY))
         while True:
 
-            def request(lease: _Lease, entry: bytes, etcd_token: str) -> Any:
+            def request(lease: _Lease, places: list[int] = places) -> Any:
+                # Put into the first free place of ``places`` (each level: "if this place
+                # is free, take it, else try the next"), then read the line.
+                offer: Any = None
+                for place in reversed(places):
+                    entry = directory + _place_name(place)
+                    offer = etcdrpc.TxnRequest(
+                        compare=[etcdrpc.Compare(
+                            key=entry, target=etcdrpc.Compare.CREATE,
+                            result=etcdrpc.Compare.EQUAL, create_revision=0,
+                        )],
+                        success=[_put(entry, owner.stored_with(_token(lease, token, place)), lease.id)],
+                        failure=[] if offer is None else [etcdrpc.RequestOp(request_txn=offer)],
+                    )
                 return etcdrpc.TxnRequest(success=[
-                    _put(entry, owner.stored_with(etcd_token), lease.id),
-                    _range(directory, keys_only=True),
+                    etcdrpc.RequestOp(request_txn=offer), _range(directory, keys_only=True),
                 ])
 
-            lease, etcd_token, entry, reply = self._put_with_lease(request, directory, token, ttl, key)
+            lease, reply = self._put_with_lease(request, ttl, key)
+            queue = reply.responses[1].response_range.kvs
+            taken = _place_taken(reply.responses[0].response_txn, places)
+            if taken is None:
+                # Every place offered was taken (a long line): nothing was put, so the
+                # lease is clean. Offer the lowest free places of the line just read.
+                self._give_back(lease)
+                places = _free_places(directory, queue)
+                continue
+            entry = directory + _place_name(taken)
             try:
-                queue = reply.responses[1].response_range.kvs
                 place = self._wait_in_line(
-                    key, directory, entry, lease, queue, reply.header.revision, deadline
+                    key, directory, entry, reply.header.revision, lease, queue,
+                    reply.header.revision, deadline,
                 )
             except BaseException:
                 self._abandon(lease)
@@ -444,37 +482,30 @@ class EtcdBackend(LockBackend):
                 self._abandon(lease)
                 return None
             if place > 0:
-                return Granted(place, token=etcd_token, valid_until=lease.valid_until)
+                return Granted(place, token=_token(lease, token, taken), valid_until=lease.valid_until)
             # Our entry vanished (its lease expired while we waited, or an operator deleted
             # it): queue again, at the back, with a new lease, and make sure the old one
             # carries nothing. Reporting the lock held here is etcd bug #11456.
             self._abandon(lease)
 
     def _put_with_lease(
-        self,
-        request: Callable[[_Lease, bytes, str], Any],
-        directory: bytes,
-        token: str,
-        ttl: float,
-        key: str,
-    ) -> tuple[_Lease, str, bytes, Any]:
-        """Send the transaction ``request(lease, entry, etcd_token)`` with a spare or new
-        lease, within connect_timeout, applied exactly once.
+        self, request: Callable[[_Lease], Any], ttl: float, key: str
+    ) -> tuple[_Lease, Any]:
+        """Send the transaction ``request(lease)`` with a spare or new lease, within
+        connect_timeout, applied exactly once.
 
         A try with an unknown outcome may still be applied later, even after a retry
         elsewhere succeeded and the entry it made was deleted; its entry would then come
         back as an orphan at the head of the line, kept alive by whoever reused the lease
         (issue 9, items 4 and 15). So its lease is revoked first (no put on a revoked
-        lease can succeed, late or not), and the next try has a new lease and entry name.
+        lease can succeed, late or not), and the next try has a new lease and token.
         """
         deadline = self.clock() + self.connect_timeout
         fresh_only = False
         while True:
             lease = self._grant(ttl, key, deadline) if fresh_only else self._take_lease(ttl, key, deadline)
-            etcd_token = f"{lease.id:016x}{token[:16]}"
-            entry = directory + etcd_token.encode()
             try:
-                txn = request(lease, entry, etcd_token)
+                txn = request(lease)
                 reply = self._call("KV", "Txn", txn, key, deadline=deadline, once_sent=True)
             except _Unsure as exc:
                 self._discard(lease, deadline, key, str(exc))
@@ -494,7 +525,7 @@ class EtcdBackend(LockBackend):
                 # revoked as soon as a member answers, in case something was put on it.
                 self._reaper.add(lease)
                 raise
-            return lease, etcd_token, entry, reply
+            return lease, reply
 
     def _discard(self, lease: _Lease, deadline: float, key: str, why: str) -> None:
         """Revoke a lease whose put has an unknown outcome, before anything else is tried.
@@ -514,20 +545,25 @@ class EtcdBackend(LockBackend):
         key: str,
         directory: bytes,
         entry: bytes,
+        created_at: int,
         lease: _Lease,
         queue: Sequence[Any],
         seen_at: int,
         deadline: float | None,
     ) -> int | None:
-        """Our create revision once we are first; 0 if our entry vanished; None on timeout."""
+        """Our create revision (``created_at``) once we are first; 0 if our entry
+        vanished; None on timeout.
+
+        Places are reused, so an entry is ours only with our create revision: after ours
+        expired, a newcomer may have taken the same place, behind whoever is first.
+        """
         while True:
-            ours: list[int] = [kv.create_revision for kv in queue if kv.key == entry]
-            if not ours:
+            if not any(kv.key == entry and kv.create_revision == created_at for kv in queue):
                 return 0
-            earlier = [kv for kv in queue if kv.create_revision < ours[0]]
+            earlier = [kv for kv in queue if kv.create_revision < created_at]
             if not earlier:
-                return ours[0]
-            predecessor = max(earlier, key=lambda kv: kv.create_revision).key
+                return created_at
+            predecessor = max(earlier, key=lambda kv: kv.create_revision)
             outcome = self._watch_predecessor(key, predecessor, seen_at, lease, deadline)
             if outcome is None:
                 return None
@@ -539,7 +575,7 @@ class EtcdBackend(LockBackend):
             queue, seen_at = reply.kvs, reply.header.revision
 
     def _watch_predecessor(
-        self, key: str, predecessor: bytes, seen_at: int, lease: _Lease, deadline: float | None
+        self, key: str, predecessor: Any, seen_at: int, lease: _Lease, deadline: float | None
     ) -> bool | None:
         """Block until ``predecessor`` is deleted (True), our lease is gone (False) or
         ``deadline`` passes (None), keeping our lease alive every third of its TTL."""
@@ -566,17 +602,19 @@ class EtcdBackend(LockBackend):
                 lease.valid_until = sent_at + lease.ttl - clock_drift(lease.ttl)
                 continue
             bound = keepalive_at if deadline is None else min(deadline, keepalive_at)
-            if self._deleted(predecessor, seen_at, bound - now, key):
+            if self._deleted(predecessor.key, predecessor.create_revision, seen_at, bound - now, key):
                 return True
 
-    def _deleted(self, entry: bytes, seen_at: int, timeout: float, key: str) -> bool:
-        """Watch ``entry``, which existed at revision ``seen_at``: True on its deletion (or
-        when the watch broke and the line must be re-read), False when ``timeout`` passed.
+    def _deleted(self, entry: bytes, created_at: int, seen_at: int, timeout: float, key: str) -> bool:
+        """Watch ``entry``, which existed at revision ``seen_at`` as created at
+        ``created_at``: True on its deletion (or when the watch broke and the line must
+        be re-read), False when ``timeout`` passed.
 
         The watch starts at the current revision, not at ``seen_at``: etcd serves a watch
         that starts in the past from a loop that runs every 100 ms, which made handoffs up
         to 100 ms late. What the watch cannot see, a deletion between ``seen_at`` and its
-        start, one read after it started catches.
+        start, one read after it started catches; it compares the create revision, as the
+        place may already hold a newcomer's entry (who would then wait for us: a cycle).
         """
         index = self._cluster._current
         done = threading.Event()
@@ -593,7 +631,7 @@ class EtcdBackend(LockBackend):
         try:
             for reply in call:
                 if reply.created:
-                    if reply.header.revision > seen_at and not self._exists(entry, key):
+                    if reply.header.revision > seen_at and not self._exists(entry, created_at, key):
                         return True
                     continue
                 if reply.events or reply.canceled:  # canceled: compacted; re-read the line
@@ -609,9 +647,9 @@ class EtcdBackend(LockBackend):
             done.set()
             call.cancel()
 
-    def _exists(self, entry: bytes, key: str) -> bool:
-        reply = self._call("KV", "Range", _range(entry, count_only=True).request_range, key)
-        return bool(reply.count)
+    def _exists(self, entry: bytes, created_at: int, key: str) -> bool:
+        reply = self._call("KV", "Range", _range(entry, keys_only=True).request_range, key)
+        return any(kv.create_revision == created_at for kv in reply.kvs)
 
     def _abandon(self, lease: _Lease) -> None:
         # Revoking the lease deletes our entry at once (waking whoever watched it); if
@@ -634,11 +672,12 @@ class EtcdBackend(LockBackend):
         Both are bounded by a share of the shortest TTL, not by connect_timeout: a
         renewal that waited on a hung member lost short leases it could have kept by
         asking another member (issue 9, item 5). A token that is not one of ours names
-        no lease and no entry: it is not renewed, and nothing is sent for it.
+        no lease and no entry: it is not renewed, and nothing is sent for it. An entry
+        counts only while it stores our exact token (its place may be someone else's).
         """
         lease_ids = [_lease_of(token) for _, token, _ in items]
         entries = [
-            directory.encode() + token.encode()
+            (directory.encode() + _place_name(_place_of(token)), token.encode() + b"\n")
             for (directory, token, _), lease_id in zip(items, lease_ids, strict=True)
             if lease_id is not None
         ]
@@ -647,19 +686,19 @@ class EtcdBackend(LockBackend):
         budget = self._renewal_budget(min(ttl for _, _, ttl in items))
         checks = [
             self._cluster.stub("KV").Txn.future(
-                etcdrpc.TxnRequest(success=[
-                    _range(entry, count_only=True) for entry in entries[i:i + MAX_TXN_OPS]
-                ]),
+                etcdrpc.TxnRequest(success=[_range(entry) for entry, _ in entries[i:i + MAX_TXN_OPS]]),
                 timeout=budget, metadata=self._cluster.metadata,
             )
             for i in range(0, len(entries), MAX_TXN_OPS)
         ]
         ttls = self._keep_alive({i for i in lease_ids if i is not None}, None, budget=budget)
-        found: list[bool] = []
+        stored: list[bytes] = []
         try:
             # Each check ends by its own deadline, so this waits no longer than the budget.
             for check in checks:
-                found += [op.response_range.count > 0 for op in check.result().responses]
+                stored += [b"".join(kv.value for kv in op.response_range.kvs)
+                           for op in check.result().responses]
+            found = [value.startswith(prefix) for value, (_, prefix) in zip(stored, entries, strict=True)]
         except grpc.RpcError:  # the keep-alives answered; the check can wait for next time
             found = [True] * len(entries)
         exists = iter(found)
@@ -694,7 +733,16 @@ class EtcdBackend(LockBackend):
 
     def _release_held(self, held: HeldLock) -> bool:
         lease_id = _lease_of(held.token)
-        ours = lease_id is not None and self._release(self._full_key(held.key), "token", held.token)
+        # One guarded delete: the place must still store exactly what we put there (the
+        # token and the owner); a token that is not one of ours is refused unsent.
+        ours = lease_id is not None and self._delete_entry(
+            self._full_key(held.key).encode() + _place_name(_place_of(held.token)),
+            etcdrpc.Compare(
+                target=etcdrpc.Compare.VALUE, result=etcdrpc.Compare.EQUAL,
+                value=held.owner.stored_with(held.token).encode(),
+            ),
+            held.key,
+        )
         if ours:
             # Our exact entry was there, so its lease is ours: reuse it, or end it.
             assert lease_id is not None
@@ -709,34 +757,28 @@ class EtcdBackend(LockBackend):
         return ours
 
     def _release(self, key: str, field: str, value: str) -> bool:
-        directory = key.encode()
-        if field == "token":
-            # The entry is named by the whole token, so only the exact token names it; a
-            # value that is not a token of ours (empty, a prefix) is refused unsent.
-            if _lease_of(value) is None:
-                return False
-            return self._delete_entry(directory + value.encode(), None, key)
-        # By owner (the worker's main process, once a pool process is dead): remove the
-        # entries whose stored owner is exactly that one, holder or queued, each only if
-        # it is still the entry we read; True if one was the holder.
+        # By owner (the worker's main process, once a pool process is dead) or by token
+        # alone: remove the entries whose stored owner (or token) is exactly ``value``,
+        # holder or queued, each only if it is still the entry we read; True if one was
+        # the holder. (A HeldLock is released in one request by _release_held.)
         wanted = value.encode()
-        reply = self._call("KV", "Range", _range(directory).request_range, key)
+        reply = self._call("KV", "Range", _range(key.encode()).request_range, key)
         released = False
         for place, kv in enumerate(reply.kvs):
-            _, newline, stored = kv.value.partition(b"\n")
-            if newline and stored == wanted:
-                deleted = self._delete_entry(kv.key, kv.create_revision, key)
+            stored_token, newline, stored_owner = kv.value.partition(b"\n")
+            if newline and (stored_owner if field == "owner" else stored_token) == wanted:
+                deleted = self._delete_entry(kv.key, etcdrpc.Compare(
+                    target=etcdrpc.Compare.CREATE, result=etcdrpc.Compare.EQUAL,
+                    create_revision=kv.create_revision,
+                ), key)
                 released = released or (deleted and place == 0)
         return released
 
-    def _delete_entry(self, entry: bytes, create_revision: int | None, key: str) -> bool:
-        compare = etcdrpc.Compare(
-            key=entry, target=etcdrpc.Compare.CREATE,
-            result=etcdrpc.Compare.GREATER if create_revision is None else etcdrpc.Compare.EQUAL,
-            create_revision=create_revision or 0,
-        )
+    def _delete_entry(self, entry: bytes, guard: Any, key: str) -> bool:
+        """Delete ``entry`` if ``guard`` (a Compare, its key filled in here) holds."""
+        guard.key = entry
         request = etcdrpc.TxnRequest(
-            compare=[compare],
+            compare=[guard],
             success=[etcdrpc.RequestOp(request_delete_range=etcdrpc.DeleteRangeRequest(key=entry))],
         )
         return bool(self._call("KV", "Txn", request, key).succeeded)
@@ -879,6 +921,39 @@ def _unescaped(name: str) -> str:
 def _lease_of(token: str) -> int | None:
     """The lease id in one of our tokens; None for anything else (never a prefix)."""
     return int(token[:16], 16) if _TOKEN.fullmatch(token) else None
+
+
+def _place_of(token: str) -> int:
+    """The place in one of our tokens (checked by :func:`_lease_of` first)."""
+    return int(token[32:], 16)
+
+
+def _token(lease: _Lease, token: str, place: int) -> str:
+    """The token of an acquisition with ``lease`` in ``place`` (``token``: 16+ random hex)."""
+    return f"{lease.id:016x}{token[:16]}{place:08x}"
+
+
+def _place_name(place: int) -> bytes:
+    return b"%x" % place
+
+
+def _place_taken(reply: Any, places: Sequence[int]) -> int | None:
+    """Which of ``places`` the offer (nested "if free, take it, else...") took, if any."""
+    for place in places:
+        if reply.succeeded:
+            return place
+        if not reply.responses:
+            return None
+        reply = reply.responses[0].response_txn
+    return None
+
+
+def _free_places(directory: bytes, queue: Sequence[Any]) -> list[int]:
+    """The lowest :data:`PLACES_PER_TRY` places not taken in ``queue``."""
+    taken = {kv.key[len(directory):] for kv in queue}
+    return list(itertools.islice(
+        (place for place in itertools.count() if _place_name(place) not in taken), PLACES_PER_TRY
+    ))
 
 
 def _refusal(exc: grpc.RpcError, key: str | None) -> LockError | None:

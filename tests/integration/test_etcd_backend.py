@@ -23,7 +23,7 @@ from celery_singleton_lock import (
 from celery_singleton_lock.testing import EtcdCluster, etcd_binary
 from tests.conftest import wait_until
 from tests.contract import BackendSpec, CrossProcessContract, ServerOperations
-from tests.integration.etcd_helpers import entries
+from tests.integration.etcd_helpers import entries, names_written, revision
 
 
 def _revoke(backend, lease_id: int) -> None:
@@ -72,11 +72,11 @@ def backend(etcd_url):
     backend.close()
 
 
-def test_an_entry_is_named_by_its_token_and_bound_to_its_own_lease(backend, etcd_server, unique_key):
+def test_an_entry_takes_the_first_place_and_is_bound_to_its_own_lease(backend, etcd_server, unique_key):
     held = backend.acquire(unique_key + "/with/slashes", ttl=5)
     (entry,) = entries(backend, unique_key + "/with/slashes")
-    assert entry.key.decode().startswith("singleton-lock/" + unique_key + "%2Fwith%2Fslashes/")
-    assert entry.key.decode().endswith(held.token)
+    assert entry.key.decode() == "singleton-lock/" + unique_key + "%2Fwith%2Fslashes/0"
+    assert held.token.endswith("0" * 8)  # the token names the place
     assert entry.create_revision == held.fencing_token
     assert entry.lease == int(held.token[:16], 16)
     token, owner = entry.value.split(b"\n", 1)
@@ -239,7 +239,9 @@ def test_only_the_exact_token_renews_or_releases(backend, second_backend_factory
     # the holder's entry (issue 9, item 7).
     held = backend.acquire(unique_key, ttl=10)
     forger = second_backend_factory()
-    for token in ("", held.token[:16], held.token[:31], held.token[:16] + "0" * 16,
+    # A token with the holder's lease and place but other random digits names the
+    # holder's entry: only the stored value tells them apart.
+    for token in ("", held.token[:16], held.token[:39], held.token[:16] + "0" * 16 + held.token[32:],
                   held.token + "0", held.token.upper()):
         forged = HeldLock(forger, unique_key, token, held.fencing_token, held.ttl, held.owner,
                           valid_until=held._valid_until)
@@ -312,3 +314,73 @@ def test_wait_refuses_a_nan_timeout_and_takes_inf_as_no_limit(backend, etcd_url,
     assert got[0].fencing_token > holder.fencing_token
     waiter.release(got[0])
     waiter.close()
+
+
+def test_a_keys_history_leaves_no_names_behind(backend, etcd_url, unique_key):
+    # etcd keeps every name ever written in its index until a compaction, which it does
+    # not run by default, and the acquire's compare visits every name under the key: one
+    # new name per acquisition made the 8,000th cost half again the first. Every
+    # acquisition of a free key, blocking or not, takes place 0 again.
+    since = revision(backend)
+    for _ in range(200):
+        assert backend.release(backend.acquire(unique_key, ttl=10)) is True
+    for _ in range(20):
+        with backend.lock(unique_key, ttl=10, timeout=5):
+            pass
+    directory = backend._full_key(unique_key).encode()
+    assert names_written(backend, unique_key, since) == {directory + b"0"}
+    assert entries(backend, unique_key) == []
+    # Contended: four clients taking turns use the places of at most four entries at once.
+    since = revision(backend)
+    clients = [connect(etcd_url) for _ in range(4)]
+
+    def take_turns(client) -> None:
+        for _ in range(15):
+            with client.lock(unique_key, ttl=10, timeout=10):
+                pass
+
+    threads = [threading.Thread(target=take_turns, args=(client,)) for client in clients]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert names_written(backend, unique_key, since) <= {directory + b"%x" % i for i in range(4)}
+    for client in clients:
+        client.close()
+
+
+def test_a_waiter_whose_place_was_taken_again_queues_behind_the_newcomer(backend, etcd_url, unique_key):
+    # Places are reused: once a waiter's entry is gone (its lease ended), a newcomer may
+    # take the same place. The waiter must not read the newcomer's entry as its own (both
+    # would then think they hold the lock); it queues again, at the back.
+    holder = backend.acquire(unique_key, ttl=10)
+    first, second = connect(etcd_url), connect(etcd_url)
+    got: dict[str, HeldLock | None] = {}
+
+    def wait(name: str, client) -> None:
+        got[name] = client.acquire(unique_key, ttl=10, blocking=True, timeout=20)
+
+    early = threading.Thread(target=wait, args=("first", first))
+    early.start()
+    wait_until(lambda: len(entries(backend, unique_key)) == 2, 5, "the first waiter to queue")
+    (_, place_1) = entries(backend, unique_key)
+    _revoke(backend, place_1.lease)  # its lease ends: its entry is deleted
+    late = threading.Thread(target=wait, args=("second", second))
+    late.start()
+    wait_until(
+        lambda: [e.key[-1:] for e in entries(backend, unique_key)][1:2] == [b"1"]
+        and entries(backend, unique_key)[1].lease != place_1.lease,
+        5, "the newcomer to take place 1",
+    )
+    backend.release(holder)
+    wait_until(lambda: "second" in got, 5, "the newcomer's turn")
+    assert got["second"] is not None
+    assert "first" not in got  # still waiting, behind the newcomer
+    second.release(got["second"])
+    early.join(10)
+    late.join(10)
+    assert got["first"] is not None
+    assert got["first"].fencing_token > got["second"].fencing_token
+    first.release(got["first"])
+    first.close()
+    second.close()
