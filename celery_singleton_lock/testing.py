@@ -614,8 +614,11 @@ def zookeeper_classpath() -> str:
         )
         raise RuntimeError(msg)
     jars = [debian]
-    if os.path.exists("/usr/share/java/slf4j-simple.jar"):
-        jars.append("/usr/share/java/slf4j-simple.jar")
+    # slf4j-simple: the server's warnings reach its log. netty-codec: TLS (the Netty
+    # connection factory) needs it, and the package's manifest does not name it.
+    for extra in ("slf4j-simple.jar", "netty-codec.jar"):
+        if os.path.exists(f"/usr/share/java/{extra}"):
+            jars.append(f"/usr/share/java/{extra}")
     return os.pathsep.join(jars)
 
 
@@ -649,6 +652,8 @@ class ZooKeeperMember:
     def __init__(self, server_id: int, workdir: str) -> None:
         self.server_id = server_id
         self.client_port = free_port()
+        #: The TLS client port, served when the ensemble has a ``tls_keystore``.
+        self.secure_port = free_port()
         self.quorum_port = free_port()
         self.election_port = free_port()
         self.data_dir = os.path.join(workdir, f"zk{server_id}")
@@ -738,6 +743,10 @@ class ZooKeeperEnsemble:
     >>> with ZooKeeperEnsemble(size=3) as ensemble:  # doctest: +SKIP
     ...     backend = connect(ensemble.url)
     ...     ensemble.leader().kill()
+
+    :param tls_keystore: a PEM file with the server's key and certificate: each member
+        then also serves TLS clients on its ``secure_port`` (:attr:`secure_url`), through
+        ZooKeeper's Netty connection factory, asking clients for no certificate.
     """
 
     def __init__(
@@ -748,8 +757,10 @@ class ZooKeeperEnsemble:
         max_session_timeout: float = 600.0,
         startup_timeout: float = 60.0,
         extra_config: Sequence[str] = (),
+        tls_keystore: str | None = None,
     ) -> None:
         self.size = size
+        self.tls_keystore = tls_keystore
         self.tick_ms = tick_ms
         self.max_session_timeout = max_session_timeout
         self.startup_timeout = startup_timeout
@@ -761,6 +772,11 @@ class ZooKeeperEnsemble:
     def url(self) -> str:
         """``zookeeper://`` URL listing every member's client endpoint."""
         return "zookeeper://" + ",".join(m.endpoint for m in self.members)
+
+    @property
+    def secure_url(self) -> str:
+        """``zookeeper://`` URL of every member's TLS endpoint (with ``tls_keystore``)."""
+        return "zookeeper://" + ",".join(f"127.0.0.1:{m.secure_port}" for m in self.members)
 
     @property
     def hosts(self) -> str:
@@ -782,6 +798,15 @@ class ZooKeeperEnsemble:
             "forceSync=no",
             "maxClientCnxns=0",
         ]
+        if self.tls_keystore is not None:
+            lines += [
+                f"secureClientPort={member.secure_port}",
+                "secureClientPortAddress=127.0.0.1",
+                "serverCnxnFactory=org.apache.zookeeper.server.NettyServerCnxnFactory",
+                f"ssl.keyStore.location={self.tls_keystore}",
+                "ssl.keyStore.type=PEM",
+                "ssl.clientAuth=none",
+            ]
         if self.size > 1:
             lines += [
                 f"server.{m.server_id}=127.0.0.1:{m.quorum_port}:{m.election_port}"
