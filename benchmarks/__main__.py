@@ -32,6 +32,7 @@ SCENARIOS = {
     "h": ("benchmarks.scenario_etcd", "(h) etcd: one member, beside pyetcd's lock"),
     "i": ("benchmarks.scenario_zookeeper", "(i) ZooKeeper: one server, beside kazoo's Lock"),
     "j": ("benchmarks.scenario_postgres", "(j) PostgreSQL: one server, beside raw upserts, advisory locks"),
+    "l": ("benchmarks.scenario_sentinel", "(l) Redis behind Sentinel, and min_replicas=1"),
 }
 
 RESULTS = Path(__file__).resolve().parent / "results"
