@@ -593,3 +593,19 @@ def test_the_readme_example_of_a_policy_of_ones_own_runs_and_prints_what_it_says
     exec(compile(code, "README.md", "exec"), {"__name__": "readme_example"})
     promised = [line.split("# ", 1)[1].strip() for line in code.splitlines() if line.startswith("print(")]
     assert capsys.readouterr().out.splitlines() == promised
+
+
+def test_the_body_sees_its_own_request_also_when_it_calls_itself_directly(eager_app: Celery) -> None:
+    # The tracer's run calls the body directly (it pushed the request already); a nested
+    # direct call still gets a request of its own, with its own arguments, as in Celery.
+    seen: list[tuple[str | None, tuple[Any, ...], bool]] = []
+
+    @eager_app.task(base=SingletonTask, bind=True)
+    def countdown(self: Any, n: int) -> None:
+        seen.append((self.request.id, tuple(self.request.args), bool(self.request.called_directly)))
+        if n:
+            countdown(n - 1)  # another key (other arguments): it runs, nested
+
+    result = countdown.apply(args=(1,))
+    assert result.successful()
+    assert seen == [(result.id, (1,), False), (result.id, (0,), False)]
