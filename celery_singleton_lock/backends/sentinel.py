@@ -183,6 +183,18 @@ class _MasterConnection(SentinelManagedConnection):
                 sock.shutdown(socket.SHUT_RDWR)
 
 
+#: Every watch of this process, so that a forked child can reset them.
+_watches: weakref.WeakSet[_SwitchWatch] = weakref.WeakSet()
+
+
+def _reset_watches_in_child() -> None:
+    for watch in list(_watches):
+        watch._after_fork()
+
+
+os.register_at_fork(after_in_child=_reset_watches_in_child)
+
+
 class _MasterSSLConnection(_MasterConnection, SentinelManagedSSLConnection):
     """:class:`_MasterConnection` over TLS (``ssl=True``)."""
 
@@ -211,6 +223,12 @@ class _SwitchWatch:
         self._stopped = threading.Event()
         self._pid: int | None = None
         self._pubsub: Any = None
+        _watches.add(self)
+
+    def _after_fork(self) -> None:
+        # The parent's guard may have been held by a thread the child does not have.
+        self._guard = threading.Lock()
+        self._pubsub = None
 
     def ensure_running(self) -> None:
         """Start the thread in this process if it is not running yet (cheap when it is)."""

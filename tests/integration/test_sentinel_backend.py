@@ -294,3 +294,18 @@ def test_a_worker_with_a_sentinel_broker_locks_on_its_master_by_default(redis_se
 def _scripts_run(client: redis.Redis) -> int:
     stats = client.info("commandstats")
     return sum(int(stats.get(name, {}).get("calls", 0)) for name in ("cmdstat_evalsha", "cmdstat_eval"))
+
+
+def test_the_lease_keepers_copy_for_a_native_thread_has_connections_of_its_own(
+    redis_sentinel, backends, unique_key
+):
+    # A gevent worker's keeper renews from an OS thread, through this copy (lease.py).
+    backend = connect(redis_sentinel.url)
+    backends.append(backend)
+    held = backend.acquire(unique_key, ttl=10)
+    assert held is not None
+    native = backend.for_native_thread()
+    assert native._client.connection_pool is not backend._client.connection_pool
+    assert native.renew([held]) == [True]
+    assert native.release(held) is True
+    assert backend.acquire(unique_key, ttl=1) is not None
