@@ -318,20 +318,8 @@ class _SwitchWatch:
         self.master = address
 
 
-#: redis-py >= 6 tells an exhausted pool apart (a ConnectionError that no failover explains).
-_POOL_EXHAUSTED: tuple[type[Exception], ...] = tuple(
-    e for e in [getattr(redis.exceptions, "MaxConnectionsError", None)] if e is not None
-)
-
-
-class _MasterLost(LockBackendUnavailable):
-    """The master could not be reached or is no longer the master: a failover may be
-    under way, so asking the Sentinels again may help."""
-
-
-class _Unacknowledged(_MasterLost):
-    """Fewer replicas than ``min_replicas`` acknowledged a write in time (the master may
-    have lost its replicas to a failover)."""
+class _Unacknowledged(LockBackendUnavailable):
+    """Fewer replicas than ``min_replicas`` acknowledged a write in time."""
 
 
 class SentinelBackend(RedisBackend):
@@ -434,27 +422,13 @@ class SentinelBackend(RedisBackend):
         return clone
 
     def _meaning(self, exc: redis.RedisError, key: str | None) -> LockError | None:
-        """As the Redis backend's, except that what a failover causes is a
-        :class:`_MasterLost`, which :meth:`_through_failover` tries again."""
         if isinstance(exc, MasterNotFoundError):
             msg = (
                 f"no Sentinel of {self.url} names an available master "
                 f"{self.address.master_name!r}: {exc}"
             )
-            return _MasterLost(msg, url=self.url, key=key)
-        if str(exc).startswith("READONLY"):  # a demoted master, reached before the switch
-            msg = f"the master of {self.url} we reached is a replica now: {exc}"
-            return _MasterLost(msg, url=self.url, key=key)
-        error = super()._meaning(exc, key)
-        if (
-            isinstance(exc, redis.ConnectionError)
-            and not isinstance(exc, _POOL_EXHAUSTED)
-            and isinstance(error, LockBackendUnavailable)
-        ):
-            # A lost or refused connection: a dead master, or one the switch watch
-            # interrupted. Not a timeout: that took the whole connect_timeout already.
-            return _MasterLost(error.message, url=self.url, key=key)
-        return error
+            return LockBackendUnavailable(msg, url=self.url, key=key)
+        return super()._meaning(exc, key)
 
     # -- every operation through a failover ----------------------------------------------
 
@@ -469,7 +443,7 @@ class SentinelBackend(RedisBackend):
             try:
                 return operation()
             except LockBackendUnavailable as error:
-                if not isinstance(error, _MasterLost) or self.clock() + pause >= give_up_at:
+                if not _failover_may_explain(error) or self.clock() + pause >= give_up_at:
                     raise
                 logger.debug("no answer from the master (%s); asking the Sentinels again", error)
             self._forget_master()
@@ -537,7 +511,9 @@ class SentinelBackend(RedisBackend):
         self.watch.ensure_running()
         try:
             super()._wait_for_release(key, timeout)
-        except _MasterLost as error:
+        except LockBackendUnavailable as error:
+            if not _failover_may_explain(error):
+                raise
             # The master went away under the wait, and a release announced there is gone
             # with it: the lock is tried again at once, on the master named now.
             logger.debug("the wait for %r lost its master (%s); trying the lock again", key, error)
@@ -577,6 +553,19 @@ class SentinelBackend(RedisBackend):
         super().close()
         for sentinel in self.sentinel.sentinels:
             sentinel.close()
+
+
+def _failover_may_explain(error: LockBackendUnavailable) -> bool:
+    """Whether a failover may be why ``error`` happened, so that asking the Sentinels
+    again may help: a lost or refused connection, READONLY from a demoted master, no
+    master named yet, or replicas that did not acknowledge; not refused credentials,
+    an exhausted pool, or a master that was reached but did not answer in time (that
+    took the whole connect_timeout already)."""
+    if isinstance(error, _Unacknowledged):
+        return True
+    cause = error.__context__
+    exhausted = getattr(redis.exceptions, "MaxConnectionsError", ())
+    return isinstance(cause, redis.ConnectionError) and not isinstance(cause, exhausted)
 
 
 def _check_count(value: Any, name: str) -> int:
