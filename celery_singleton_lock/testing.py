@@ -1377,8 +1377,13 @@ class RedisSentinel:
         old = self.wait_settled()
         self.sentinels[0].ask("SENTINEL", "FAILOVER", self.master_name)
         new = self.wait_for_master_other_than(old)
-        # Sentinel turns the old master into a replica only once it has seen it report
-        # itself master for 8 s more (a guard against flapping); do it now instead.
+        self.demote(old, new)
+        return self.wait_settled()
+
+    def demote(self, old: RedisServer, new: RedisServer) -> None:
+        """Make the old master a replica of the new one, as Sentinel does after a
+        failover once it has seen the old one report itself master for 8 s more (a guard
+        against flapping): until then it still takes writes from clients that stayed."""
         import redis
 
         client = redis.Redis(host="127.0.0.1", port=old.port, password=self.password, socket_timeout=2)
@@ -1386,7 +1391,6 @@ class RedisSentinel:
             client.replicaof("127.0.0.1", new.port)
         finally:
             client.close()
-        return self.wait_settled()
 
     def kill_master(self) -> RedisServer:
         """SIGKILL the master (its data is gone: nothing is persisted); returns it, for

@@ -119,9 +119,18 @@ def test_a_sentinel_failover_while_held_and_waited_on_carries_on_at_the_new_mast
     threads = _waiters(backend, unique_key, 3, got)
     wait_until(lambda: _blocked_clients(redis_sentinel, old) >= 3, 10, "3 waiters blocked on the old master")
 
-    new = redis_sentinel.failover()
+    redis_sentinel.sentinels[0].ask("SENTINEL", "FAILOVER", redis_sentinel.master_name)
+    new = redis_sentinel.wait_for_master_other_than(old)
     switched_at = time.monotonic()
-    assert new is not old
+    # The old master still takes writes until Sentinel demotes it (about 10 s later):
+    # once the +switch-master announcement is in, nothing of ours goes there any more.
+    wait_until(lambda: backend.watch.master == ("127.0.0.1", new.port), 5, "the switch announced")
+    late = backend.acquire(f"{unique_key}:after-switch", ttl=10)
+    assert late is not None
+    assert _stored_on(redis_sentinel, new, late.key)
+    assert not _stored_on(redis_sentinel, old, late.key)
+    redis_sentinel.demote(old, new)
+    redis_sentinel.wait_settled()
     # The holder's lease is renewed at the new master, and the waiters wait there.
     wait_until(lambda: lease_started_at(holder) > switched_at, 5, "a renewal at the new master")
     wait_until(lambda: _blocked_clients(redis_sentinel, new) >= 3, 5, "the waiters blocked on the new master")
@@ -138,6 +147,15 @@ def test_a_sentinel_failover_while_held_and_waited_on_carries_on_at_the_new_mast
     assert tokens == sorted(tokens)
     assert len(set(tokens)) == 4
     assert _blocked_clients(redis_sentinel, old) == 0  # nothing of ours is left on the old master
+    assert backend.release(late) is True
+
+
+def _stored_on(setup: RedisSentinel, server: RedisServer, key: str) -> bool:
+    client = client_of(setup, server)
+    try:
+        return bool(client.exists("{singleton-lock:" + key + "}"))
+    finally:
+        client.close()
 
 
 @pytest.mark.slow
