@@ -70,16 +70,18 @@ def _body(run: str, seconds: float) -> str:
     return "ran"
 
 
-@app.task(base=SingletonTask)
+# shared=False: a test imports this module afresh for another broker, and shared tasks
+# would be registered twice into every app made later (DuplicateTaskNameWarning).
+@app.task(base=SingletonTask, shared=False)
 def sleepy(run: str, seconds: float) -> str:
     return _body(run, seconds)
 
 
-@app.task(base=SingletonTask, on_contention=Wait(timeout=30))
+@app.task(base=SingletonTask, on_contention=Wait(timeout=30), shared=False)
 def sleepy_wait(run: str, seconds: float) -> str:
     return _body(run, seconds)
 
 
-@app.task(base=SingletonTask, on_contention=Retry(countdown=0.2, max_retries=200, jitter=0.5))
+@app.task(base=SingletonTask, on_contention=Retry(countdown=0.2, max_retries=200, jitter=0.5), shared=False)
 def sleepy_retry(run: str, seconds: float) -> str:
     return _body(run, seconds)
