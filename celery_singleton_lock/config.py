@@ -254,12 +254,8 @@ def _check_censored(value: Any) -> None:
     urls = list(value) if isinstance(value, list | tuple) else [value]
     if not all(isinstance(url, str) for url in urls):
         return  # not a URL: backend_class reports it
-    try:
-        censored = filter_hidden_settings({"singleton_lock_backend": value})["singleton_lock_backend"]
-    except Exception:  # an older Celery that cannot parse it shows nothing at all
-        return
-    shown = list(censored) if isinstance(censored, list | tuple) else [censored]
-    for url, after in zip(urls, shown, strict=False):
+    for url in urls:
+        # Shown as written by every Celery: checked before asking it.
         parts = urlsplit(url)
         if "@" in url.partition("://")[2][len(parts.netloc):]:
             msg = (
@@ -276,6 +272,13 @@ def _check_censored(value: Any) -> None:
                 "(scheme://user:PASSWORD@host/...) or in singleton_lock_backend_options"
             )
             raise ConfigurationError(msg, option="singleton_lock_backend")
+    try:
+        censored = filter_hidden_settings({"singleton_lock_backend": value})["singleton_lock_backend"]
+    except Exception:  # Celery < 5.7 fails on a URL of several hosts: it shows nothing at all
+        return
+    shown = list(censored) if isinstance(censored, list | tuple) else [censored]
+    for url, after in zip(urls, shown, strict=False):
+        parts = urlsplit(url)
         if _password(url) and (not isinstance(after, str) or _password(after) != _MASK):
             form = "a list of URLs" if len(urls) > 1 else f"this {parts.scheme}:// URL"
             msg = (

@@ -10,6 +10,7 @@ import textwrap
 from pathlib import Path
 from typing import Any
 
+import celery
 import pytest
 from celery import Celery
 
@@ -266,6 +267,20 @@ def test_the_warning_helper_names_a_tasks_lock_ttl(caplog: pytest.LogCaptureFixt
 
 SECRET = "s3cret-Pw"
 NODES = ["redis://h1:6379/0", "rediss://h2:6380/0", "unix:///run/redis-3.sock?db=0"]
+#: Celery before 5.7 masks a URL by parsing it for one host: on a URL of several hosts its
+#: ``celery report`` fails (ValueError, no password in it), and it drops a query's password
+#: itself (make test-matrix, Celery 5.3 to 5.6).
+CELERY_5_7 = tuple(int(part) for part in celery.__version__.split(".")[:2]) >= (5, 7)
+
+
+def censored_report(app: Celery) -> str:
+    """``celery report``'s text of the settings; "" where an older Celery fails to mask."""
+    try:
+        return app.conf.humanize(censored=True)
+    except ValueError as exc:  # Celery < 5.7 and a URL of several hosts
+        if CELERY_5_7 or SECRET in str(exc):
+            raise
+        return ""
 
 
 @pytest.mark.parametrize(
@@ -289,8 +304,8 @@ NODES = ["redis://h1:6379/0", "rediss://h2:6380/0", "unix:///run/redis-3.sock?db
 def test_every_accepted_backend_form_is_censored_by_celery_report(backend: Any, options: Any) -> None:
     app = app_with(singleton_lock_backend=backend, singleton_lock_backend_options=options)
     read_settings(app.conf)  # accepted
-    report = app.conf.humanize(censored=True)
-    assert "singleton_lock_backend" in report
+    report = censored_report(app)
+    assert "singleton_lock_backend" in report or not CELERY_5_7
     assert SECRET not in report
     assert SECRET.split("-", maxsplit=1)[0] not in report
 
@@ -303,7 +318,7 @@ def test_django_style_backend_setting_is_censored() -> None:
     app = Celery("django-report", set_as_current=False)
     app.config_from_object(DjangoSettings, namespace="CELERY")
     read_settings(app.conf)
-    assert SECRET not in app.conf.humanize(censored=True)
+    assert SECRET not in censored_report(app)
 
 
 @pytest.mark.parametrize(
@@ -322,7 +337,10 @@ def test_a_backend_form_whose_password_celery_report_would_show_is_refused(
     backend: Any, words: str
 ) -> None:
     app = app_with(singleton_lock_backend=backend)
-    assert SECRET in app.conf.humanize(censored=True)  # what Celery would show
+    if words == "redlock://:PASSWORD@" and not censored_report(app):
+        return  # Celery < 5.7 fails to render this URL at all: it shows nothing to refuse
+    if CELERY_5_7:
+        assert SECRET in app.conf.humanize(censored=True)  # what Celery would show
     with pytest.raises(ConfigurationError) as info:
         read_settings(app.conf)
     assert info.value.option == "singleton_lock_backend"
