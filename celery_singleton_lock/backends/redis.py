@@ -1,29 +1,42 @@
 """One Redis server: ``redis://``, ``rediss://`` (TLS) and ``unix://`` URLs.
 
-Keys (the hash tag keeps a lock, its counter and its signal list in one cluster slot)::
+Keys (the hash tag keeps a lock and its signal list in one cluster slot)::
 
-    {prefix:key}          "<token>\n<owner JSON: host, pid, task_id>"; its TTL is the lease
-    {prefix:key}:fence    the last fencing token; it lives one lock TTL after each grant
+    {prefix:key}          "<token>\n<owner JSON: host, pid, task_id>", then one space
+                          once a waiter was refused; its TTL is the lease
     {prefix:key}:signal   release announcements; waiters block on it with BLPOP
+    {prefix:key}:fence    Redlock only: the last fencing token, one lock TTL after a grant
 
-Every operation is one round trip: acquire, release and the renewal of any number of
-locks are each one script call. Waiters cost the server nothing while they block, and
-each release wakes one waiter (Redis serves blocked BLPOP clients first come, first served).
+Every operation is one round trip and one script call: acquire, release and the renewal
+of any number of locks. An uncontended acquire+release is 6 server commands (EVALSHA,
+SET, TIME; EVALSHA, GET, DEL); a release pushes an announcement (LPUSH, PEXPIRE) only when
+a waiter marked the lock, so nothing is written for waiters that do not exist.
 
-Fencing tokens: each grant's token is ``max(last token + 1, server clock in microseconds)``
-(TIME). The clock is the floor that keeps tokens going up where the counter is gone or
-behind: a restart without persistence, an evicted or expired counter, a replica promoted
-after it missed writes. What can still break it, exactly: a clock stepped backwards by more
-than the time since the key's last grant, once that grant's counter has expired (a counter
-still there is counted on from, whatever the clock says); or a failover or restart onto a
-server whose clock is behind the old server's by more than the time since the last token.
+The hot path: each request goes out pre-packed on a connection of the backend's own
+(:class:`Lane`, one per concurrent caller, kept in a free list) and its reply is read by a
+small reader of the few reply shapes our scripts return. redis-py only opens those
+connections (TLS, AUTH, SELECT, client name): :meth:`RedisBackend.open_connection` is the
+one place that decides where a connection goes, the seam for Sentinel and Cluster.
 
-Footprint: nothing outlives a lock for long. After a release, the counter stays until one
-TTL after its grant and the signal list for ``SIGNAL_LIFETIME_MS``; then the key has left
-nothing behind. Measured on Redis 7.0 (``INFO memory`` ``used_memory`` over 10,000 distinct
-keys of 90 characters, each acquired and released once, TTL 10 s): about 390 bytes per key
-right after the release, 260 once the signal lists expired, and 0 once the TTL had passed.
-The 7-day counters of earlier versions kept about 220 bytes per key for a week.
+Fencing tokens: the server's clock in microseconds (TIME) read in the same script that
+grants the lock. Two grants of one key are at least a client round trip apart (the
+release of the first is sent after its reply arrived, or it expired a TTL later), so
+tokens strictly increase, and nothing has to be stored for that: no counter to lose, so
+a restart without persistence, an eviction or a promoted replica that missed writes
+cannot make them repeat. What can break it, exactly: the server's clock stepped back by
+more than the time between two grants of a key, or a failover onto a server whose clock
+is behind the old server's by more than that.
+
+Waiting and fairness: a waiter refused by the holder marks the lock (the trailing space),
+then blocks with BLPOP; the holder's release sees the mark and pushes one announcement,
+which Redis hands to the longest-blocked waiter (first come, first served). A waiter that
+was woken takes the lock marked (others may still wait). The releasing process does not
+take the lock straight back: when its release woke a waiter, its next blocking acquire of
+that key queues behind the waiters first (``POLITE_WAIT`` at most) instead of racing the
+one it woke. Non-blocking attempts are never queued: one may still take a free lock first.
+
+Footprint: a lock leaves nothing behind once released (a signal list lives at most
+``SIGNAL_LIFETIME_MS``, and only where a waiter was); see benchmarks scenario (k).
 """
 
 from __future__ import annotations
@@ -38,25 +51,33 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from hashlib import sha1
 from types import TracebackType
-from typing import Any
+from typing import Any, NoReturn
 from urllib.parse import parse_qsl, unquote, urlsplit
 
 from celery_singleton_lock.backends.base import Granted, LockBackend, LockInfo, NodeStatus, Refused
 from celery_singleton_lock.backends.owner import Owner, split_stored, stored_task_id
 from celery_singleton_lock.errors import ConfigurationError, LockBackendUnavailable, LockError, mask_url
+from celery_singleton_lock.lease import clock_drift
 
 try:
     import redis
     from redis.backoff import NoBackoff
-    from redis.commands.core import Script
-    from redis.exceptions import NoScriptError
     from redis.retry import Retry
 except ImportError as exc:  # pragma: no cover - exercised only without the extra
     msg = "the Redis backend needs redis-py: pip install 'celery-singleton-lock[redis]'"
     raise ConfigurationError(msg, option="singleton_lock_backend") from exc
 
-__all__ = ["Line", "RedisBackend", "ScriptCall", "SignalWait", "milliseconds", "wait_for_first_signal"]
+try:  # the optional C reply parser: pip install 'celery-singleton-lock[hiredis]'
+    import hiredis
+except ImportError:  # pragma: no cover - depends on the environment
+    hiredis = None
+
+__all__ = [
+    "Lane", "Line", "RedisBackend", "Script", "ScriptCall", "SignalWait", "milliseconds",
+    "wait_for_first_signal",
+]
 
 logger = logging.getLogger("celery_singleton_lock.release")
 
@@ -76,6 +97,70 @@ MAX_BLOCK = 60.0
 #: A release of an acquisition whose outcome is unknown is retried after these pauses
 #: (doubling) until the server answers it or the lock's TTL has freed it anyway.
 LATE_RELEASE_PAUSE = (0.05, 1.0)
+#: After a release that woke a waiter, this process's next blocking acquire of that key
+#: (within ``POLITE_WINDOW`` seconds) first waits in line this long at most, so the woken
+#: waiter gets the lock; if it never takes it (it died, or gave up), we try after that.
+POLITE_WAIT = 0.1
+POLITE_WINDOW = 1.0
+#: Idle connections kept per backend; more concurrent callers open and close their own.
+MAX_IDLE_LANES = 64
+#: A connection idle this long is checked (one poll, no round trip) before it is used:
+#: the server may have closed it (a restart, its ``timeout`` setting).
+CHECK_IDLE_AFTER = 1.0
+
+_GRANTED_MARK = b" "
+
+
+class Script:
+    """A Lua script: its text, SHA1 and the pre-packed start of its EVALSHA requests."""
+
+    __slots__ = ("_heads", "sha", "text")
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+        self.sha = sha1(text.encode()).hexdigest()  # noqa: S324 - Redis names scripts by SHA1
+        self._heads: dict[tuple[int, int], bytes] = {}
+
+    def head(self, keys: int, args: int) -> bytes:
+        """``*N $7 EVALSHA $40 <sha> $k <keys>`` for that many keys and arguments."""
+        found = self._heads.get((keys, args))
+        if found is None:
+            count = b"%d" % keys
+            found = b"*%d\r\n$7\r\nEVALSHA\r\n$40\r\n%s\r\n$%d\r\n%s\r\n" % (
+                3 + keys + args, self.sha.encode(), len(count), count,
+            )
+            self._heads[(keys, args)] = found
+        return found
+
+    def pack(self, keys: Sequence[Any], args: Sequence[Any]) -> bytes:
+        """The EVALSHA request with ``keys`` and ``args`` (str, bytes or int)."""
+        parts = [self.head(len(keys), len(args))]
+        for value in (*keys, *args):
+            data = _as_bytes(value)
+            parts.append(b"$%d\r\n%s\r\n" % (len(data), data))
+        return b"".join(parts)
+
+    def pack_eval(self, keys: Sequence[Any], args: Sequence[Any]) -> bytes:
+        """The same call as EVAL with the script's text (which also caches it)."""
+        return _pack_command(["EVAL", self.text, len(keys), *keys, *args])
+
+
+def _as_bytes(value: Any) -> bytes:
+    if isinstance(value, bytes):
+        return value
+    if isinstance(value, str):
+        return value.encode()
+    if isinstance(value, int):
+        return b"%d" % value
+    return str(value).encode()
+
+
+def _pack_command(words: Iterable[Any]) -> bytes:
+    parts = []
+    for word in words:
+        data = _as_bytes(word)
+        parts.append(b"$%d\r\n%s\r\n" % (len(data), data))
+    return b"*%d\r\n" % len(parts) + b"".join(parts)
 
 
 @dataclass(frozen=True)
@@ -90,6 +175,152 @@ class ScriptCall:
     args: list[Any]
     key: str | None
 
+    def pack(self) -> bytes:
+        return self.script.pack(self.keys, self.args)
+
+
+class ReplyError(Exception):
+    """An error reply (``-ERR ...``) from the server, as its text."""
+
+
+class _Incomplete(Exception):
+    """The buffer does not hold a whole reply yet."""
+
+
+def _parse(buf: bytes, pos: int) -> tuple[Any, int]:
+    """One RESP2/RESP3 reply at ``pos``: (value, position after it). Errors are returned
+    as :class:`ReplyError`; raises :class:`_Incomplete` if the buffer ends first."""
+    end = buf.find(b"\r\n", pos)
+    if end < 0:
+        raise _Incomplete
+    kind = buf[pos]
+    if kind == 58:  # ':' integer
+        return int(buf[pos + 1 : end]), end + 2
+    if kind == 36 or kind == 61:  # '$' bulk string, '=' verbatim (RESP3)  # noqa: PLR1714
+        size = int(buf[pos + 1 : end])
+        if size < 0:
+            return None, end + 2
+        stop = end + 2 + size
+        if len(buf) < stop + 2:
+            raise _Incomplete
+        return buf[end + 2 : stop], stop + 2
+    if kind in (42, 126, 62):  # '*' array, '~' set, '>' push (RESP3)
+        count = int(buf[pos + 1 : end])
+        if count < 0:
+            return None, end + 2
+        items = []
+        pos = end + 2
+        for _ in range(count):
+            item, pos = _parse(buf, pos)
+            items.append(item)
+        return items, pos
+    if kind == 43:  # '+' status
+        return buf[pos + 1 : end], end + 2
+    if kind == 45:  # '-' error
+        return ReplyError(buf[pos + 1 : end].decode(errors="replace")), end + 2
+    if kind == 95:  # '_' null (RESP3)
+        return None, end + 2
+    if kind == 35:  # '#' boolean (RESP3)
+        return buf[pos + 1 : end] == b"t", end + 2
+    if kind == 44:  # ',' double (RESP3)
+        return float(buf[pos + 1 : end]), end + 2
+    msg = f"unexpected reply from Redis: {buf[pos : pos + 40]!r}"
+    raise ReplyError(msg)
+
+
+class _LaneClosedError(OSError):
+    """The server closed the connection (EOF)."""
+
+
+# A forked child must never use its parent's sockets: every lane list is tied to the
+# generation of the process that filled it (bumped in each child, no syscall per call).
+_generation = [0]
+
+
+def _bump_generation() -> None:
+    _generation[0] += 1
+
+
+os.register_at_fork(after_in_child=_bump_generation)
+
+
+class Lane:
+    """A connection to one Redis server of the caller's own, outside redis-py's pool.
+
+    Requests go out pre-packed (:meth:`Script.pack`) with one ``sendall``; a reply is
+    read by :func:`_parse` (or hiredis's reader when installed). One request at a time;
+    a lane is used by one caller at once (a backend keeps idle ones in a free list).
+    Errors are the socket's own (``OSError``, ``TimeoutError``); the caller closes the
+    lane after any of them, since a reply may still be on its way.
+    """
+
+    __slots__ = ("_buffer", "_connection", "_reader", "sock", "used_at")
+
+    def __init__(self, connection: Any) -> None:
+        self._connection = connection
+        self.sock: socket.socket = connection._sock  # redis-py has no public accessor for it
+        self._buffer = b""
+        self._reader = None if hiredis is None else hiredis.Reader(replyError=ReplyError)
+        self.used_at = time.monotonic()
+
+    def send(self, request: bytes) -> None:
+        self.sock.sendall(request)
+
+    def read(self) -> Any:
+        """One reply, waiting at most the socket's timeout for each piece of it."""
+        reader = self._reader
+        if reader is not None:
+            reply = reader.gets()
+            while reply is False:
+                chunk = self.sock.recv(65536)
+                if not chunk:
+                    raise _LaneClosedError("Connection closed by server")
+                reader.feed(chunk)
+                reply = reader.gets()
+            return reply
+        buf = self._buffer
+        while True:
+            if buf:
+                try:
+                    reply, pos = _parse(buf, 0)
+                except _Incomplete:
+                    pass
+                else:
+                    self._buffer = buf[pos:]
+                    return reply
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                raise _LaneClosedError("Connection closed by server")
+            buf = buf + chunk if buf else chunk
+            self._buffer = buf
+
+    def has_data(self) -> bool:
+        """Bytes of a reply already read into this process (no need to wait for them)."""
+        if self._reader is not None:
+            return bool(self._reader.has_data())
+        return bool(self._buffer) or (hasattr(self.sock, "pending") and self.sock.pending() > 0)
+
+    def readable(self, timeout: float) -> bool:
+        """True once a reply (or EOF) can be read, within ``timeout`` seconds."""
+        if self.has_data():
+            return True
+        with selectors.DefaultSelector() as selector:
+            selector.register(self.sock, selectors.EVENT_READ)
+            return bool(selector.select(timeout))
+
+    def read_within(self, timeout: float) -> Any:
+        """:meth:`read` with every piece due within ``timeout`` seconds."""
+        sock = self.sock
+        before = sock.gettimeout()
+        sock.settimeout(max(timeout, 0.001))
+        try:
+            return self.read()
+        finally:
+            sock.settimeout(before)
+
+    def close(self) -> None:
+        self._connection.disconnect()
+
 
 class RedisBackend(LockBackend):
     """Locks on one Redis server; see the module docstring for the keys it uses.
@@ -100,37 +331,57 @@ class RedisBackend(LockBackend):
 
     schemes = ("redis", "rediss", "unix")
 
-    # KEYS[1] lock, KEYS[2] fencing counter
-    # ARGV[1] value: token, a newline, owner JSON; ARGV[2] ttl ms (the counter's lifetime too);
-    # ARGV[3] '1': the clock is the floor of every token, '0': only where the counter is gone
-    # returns {1, fencing token} when granted; {0, holder's PTTL ms, holder's value}
+    # KEYS[1] lock
+    # ARGV[1] token; ARGV[2] a newline and the owner JSON (and a space: a woken waiter's
+    # grant); ARGV[3] ttl ms; ARGV[4] '1': the caller waits if refused, so mark the lock
+    # stores "<token>:<fencing token>\n<owner JSON>"
+    # returns the fencing token (the server's clock in microseconds) when granted;
+    # {holder's PTTL ms, holder's value} when refused
     LUA_ACQUIRE = """
-    if not redis.call('set', KEYS[1], ARGV[1], 'nx', 'px', ARGV[2]) then
-      return {0, redis.call('pttl', KEYS[1]), redis.call('get', KEYS[1])}
+    local now = redis.call('time')
+    local fence = now[1] * 1000000 + now[2]
+    local value = ARGV[1] .. string.format(':%.0f', fence) .. ARGV[2]
+    if redis.call('set', KEYS[1], value, 'nx', 'px', ARGV[3]) then
+      return fence
     end
-    local last = tonumber(redis.call('get', KEYS[2]) or '0')
-    local fence = last + 1
-    if ARGV[3] == '1' or last == 0 then
-      -- never below the clock in microseconds: where the counter is gone or behind (a
-      -- restart, its expiry, a promoted replica that missed writes), the clock is still
-      -- above every token given before
+    value = redis.call('get', KEYS[1])
+    if ARGV[4] == '1' and value and string.byte(value, -1) ~= 32 then
+      redis.call('append', KEYS[1], ' ')
+    end
+    return {redis.call('pttl', KEYS[1]), value}
+    """
+
+    # As LUA_ACQUIRE, for Redlock's masters, which must count in step: KEYS[2] is the
+    # fencing counter, which lives one lock TTL after each grant; the token is the last
+    # one plus 1, from the clock in microseconds only where the counter is gone.
+    LUA_ACQUIRE_COUNTED = """
+    local fence = tonumber(redis.call('get', KEYS[2]) or '0') + 1
+    if fence == 1 then
       local now = redis.call('time')
-      fence = math.max(fence, now[1] * 1000000 + now[2])
+      fence = now[1] * 1000000 + now[2]
     end
-    redis.call('set', KEYS[2], string.format('%.0f', fence), 'px', ARGV[2])
-    return {1, fence}
+    local text = string.format('%.0f', fence)
+    if redis.call('set', KEYS[1], ARGV[1] .. ':' .. text .. ARGV[2], 'nx', 'px', ARGV[3]) then
+      redis.call('set', KEYS[2], text, 'px', ARGV[3])
+      return fence
+    end
+    local value = redis.call('get', KEYS[1])
+    if ARGV[4] == '1' and value and string.byte(value, -1) ~= 32 then
+      redis.call('append', KEYS[1], ' ')
+    end
+    return {redis.call('pttl', KEYS[1]), value}
     """
 
     # KEYS[i] locks
     # ARGV[2i-1] token of KEYS[i], ARGV[2i] its ttl ms
     # returns one 1 (TTL replaced, never added to) or 0 (not ours any more) per key;
-    # ours: the stored value's text before its first newline equals the token exactly
+    # ours: the stored value starts with the token and a colon (then the fencing token)
     LUA_RENEW = """
     local ours = {}
     for i, key in ipairs(KEYS) do
       local value = redis.call('get', key)
-      local cut = value and string.find(value, '\\n', 1, true)
-      if cut and string.sub(value, 1, cut - 1) == ARGV[2 * i - 1] then
+      local token = ARGV[2 * i - 1]
+      if value and string.sub(value, 1, #token + 1) == token .. ':' then
         redis.call('pexpire', key, ARGV[2 * i])
         ours[i] = 1
       else
@@ -141,32 +392,44 @@ class RedisBackend(LockBackend):
     """
 
     # KEYS[1] lock, KEYS[2] signal list
-    # ARGV[1] what to compare: 'token' (the text before the value's first newline) or
-    # 'owner' (the owner JSON after it); ARGV[2] its expected value, compared exactly;
-    # ARGV[3] signal lifetime ms
-    # returns 1 when deleted (and one waiter is woken), 0 when not ours
+    # ARGV[1] what to compare: 'token' (the text before the value's first colon) or
+    # 'owner' (the owner JSON after its newline, without a waiter's mark); ARGV[2] its expected
+    # value, compared exactly; ARGV[3] signal lifetime ms
+    # returns 0 when not ours; 1 when deleted; 2 when deleted and a waiter was woken
     LUA_RELEASE = """
     local value = redis.call('get', KEYS[1])
-    local cut = value and string.find(value, '\\n', 1, true)
-    if not cut then
+    if not value then
       return 0
     end
-    local stored
+    local marked = string.byte(value, -1) == 32
+    if marked then
+      value = string.sub(value, 1, -2)
+    end
     if ARGV[1] == 'token' then
-      stored = string.sub(value, 1, cut - 1)
+      if string.sub(value, 1, #ARGV[2] + 1) ~= ARGV[2] .. ':' then
+        return 0
+      end
     else
-      stored = string.sub(value, cut + 1)
-    end
-    if stored ~= ARGV[2] then
-      return 0
+      local cut = string.find(value, '\\n', 1, true)
+      if not cut or string.sub(value, cut + 1) ~= ARGV[2] then
+        return 0
+      end
     end
     redis.call('del', KEYS[1])
+    if not marked then
+      return 1
+    end
     if redis.call('lpush', KEYS[2], 1) > 1 then
       redis.call('ltrim', KEYS[2], 0, 0)
     end
     redis.call('pexpire', KEYS[2], ARGV[3])
-    return 1
+    return 2
     """
+
+    _acquire_script = Script(LUA_ACQUIRE)
+    _acquire_counted_script = Script(LUA_ACQUIRE_COUNTED)
+    _renew_script = Script(LUA_RENEW)
+    _release_script = Script(LUA_RELEASE)
 
     def __init__(
         self,
@@ -189,11 +452,6 @@ class RedisBackend(LockBackend):
         }
         try:
             self._client = redis.Redis.from_pool(self._connection_pool(url, dict(options)))
-            # Waiters block a connection each; they get a pool of their own, unbounded,
-            # so a crowd of waiters can never starve the releases that would wake them.
-            self._waits = redis.Redis.from_pool(
-                self._connection_pool(url, {**options, "max_connections": 2**31})
-            )
         except ValueError as exc:
             msg = f"bad Redis URL {self.url}: {exc}"
             raise ConfigurationError(msg, option="singleton_lock_backend") from None
@@ -201,7 +459,10 @@ class RedisBackend(LockBackend):
         if isinstance(self.db, bool) or not isinstance(self.db, int) or self.db < 0:
             msg = f"singleton_lock_backend: the database of {self.url} must be 0 or more, got {self.db!r}"
             raise ConfigurationError(msg, option="singleton_lock_backend")
-        self._register_scripts()
+        self._lanes: list[Lane] = []
+        self._lanes_generation = _generation[0]
+        #: key -> when a release of ours woke a waiter (see POLITE_WAIT)
+        self._handed_over: dict[str, float] = {}
         self.late_releases = _LateReleases(self, clock)
 
     @classmethod
@@ -233,40 +494,123 @@ class RedisBackend(LockBackend):
                 raise ConfigurationError(msg, option=option)
 
     def _connection_pool(self, url: str, options: dict[str, Any]) -> redis.ConnectionPool:
-        """The pool through which every connection to this backend's server is made:
-        the seam where the Sentinel backend (backends/sentinel.py) puts a pool whose
-        connections go to the master the Sentinels name."""
+        """The pool whose connection class and options every connection to this
+        backend's server is made with (:meth:`open_connection`): the seam where the
+        Sentinel backend (backends/sentinel.py) puts a pool whose connections go to the
+        master the Sentinels name."""
         return redis.ConnectionPool.from_url(url, **options)
 
-    def _register_scripts(self) -> None:
-        self._acquire_script = self._client.register_script(self.LUA_ACQUIRE)
-        self._renew_script = self._client.register_script(self.LUA_RENEW)
-        self._release_script = self._client.register_script(self.LUA_RELEASE)
-
     def for_native_thread(self) -> RedisBackend:
-        """A copy whose calls go through a connection pool of its own, for the lease
-        keeper's OS thread in a gevent worker: a gevent socket works only in the thread
-        that created it, so that thread must never take a connection from the pool the
-        task greenlets use (nor leave one of its own there). See lease.ForNativeThread."""
+        """A copy whose calls go through connections of its own, for the lease keeper's
+        OS thread in a gevent worker: a gevent socket works only in the thread that
+        created it, so that thread must never use a connection the task greenlets use
+        (nor leave one of its own to them). See lease.ForNativeThread."""
         clone = copy.copy(self)
-        pool = self._client.connection_pool
-        clone._client = redis.Redis(
-            connection_pool=type(pool)(connection_class=pool.connection_class, **pool.connection_kwargs)
-        )
-        clone._waits = clone._client
-        clone._register_scripts()
+        clone._lanes = []
+        clone._handed_over = {}
         return clone
 
-    @contextmanager
-    def _answering(self, key: str | None = None) -> Iterator[None]:
-        """Turn "the server did not answer" into LockBackendUnavailable, URL masked."""
+    # -- connections --------------------------------------------------------------------
+
+    def open_connection(self) -> Any:
+        """A new, connected redis-py connection to the server that takes writes.
+
+        The one place that opens a connection (TLS, AUTH, SELECT, the client name, from
+        the URL and ``client_options``), with the class and options of
+        :meth:`_connection_pool`'s pool: Sentinel and Cluster support plug in there, and
+        every request of this backend then goes where it says.
+
+        :raises redis.RedisError: it could not be opened.
+        """
+        pool = self._client.connection_pool
+        connection = pool.connection_class(**pool.connection_kwargs)
+        connection.connect()
+        return connection
+
+    def _take_lane(self, key: str | None) -> Lane:
+        """An idle lane, or a new one. :raises LockBackendUnavailable: nothing was sent."""
+        if self._lanes_generation != _generation[0]:  # a forked child: not the parent's
+            self._lanes, self._lanes_generation = [], _generation[0]
+        lanes = self._lanes
+        while lanes:
+            try:
+                lane = lanes.pop()
+            except IndexError:  # another thread took the last one
+                break
+            if time.monotonic() - lane.used_at < CHECK_IDLE_AFTER or not lane.readable(0):
+                return lane
+            lane.close()  # the server closed it while it was idle (or sent junk)
         try:
-            yield
+            return Lane(self.open_connection())
         except redis.RedisError as exc:
             error = self._meaning(exc, key)
             if error is None:
                 raise
             raise error from None
+
+    def _give_back(self, lane: Lane) -> None:
+        if len(self._lanes) < MAX_IDLE_LANES and self._lanes_generation == _generation[0]:
+            lane.used_at = time.monotonic()
+            self._lanes.append(lane)
+        else:
+            lane.close()
+
+    def _request(
+        self, request: bytes, call: ScriptCall, unanswered: Callable[[], None] | None = None
+    ) -> Any:
+        """Send ``request`` (``call`` packed) and read its reply: one round trip.
+
+        A server restarted empty has forgotten the script: it is sent again as EVAL.
+
+        :param unanswered: called when the request may have gone out but no reply came.
+        :raises LockBackendUnavailable: no usable reply.
+        """
+        lane = self._take_lane(call.key)
+        try:
+            lane.send(request)
+            reply = lane.read()
+            if type(reply) is ReplyError and str(reply).startswith("NOSCRIPT"):
+                lane.send(call.script.pack_eval(call.keys, call.args))
+                reply = lane.read()
+        except BaseException as exc:
+            lane.close()
+            if not isinstance(exc, OSError):
+                raise
+            if unanswered is not None:
+                unanswered()
+            self._raise_socket_error(exc, call.key)
+        self._give_back(lane)
+        if type(reply) is ReplyError:
+            raise self._reply_error(reply, call.key)
+        return reply
+
+    def _raise_socket_error(self, exc: OSError, key: str | None) -> NoReturn:
+        """Raise the LockBackendUnavailable for a failed socket operation, redis-py's
+        error for it as its context (as redis-py's own calls have it: the Sentinel
+        backend reads it to tell a lost connection from a server that did not answer)."""
+        if isinstance(exc, TimeoutError):
+            cause: redis.RedisError = redis.TimeoutError(f"Timeout talking to {self.url}")
+        else:
+            cause = redis.ConnectionError(f"Error while talking to {self.url}: {exc or type(exc).__name__}")
+        try:
+            raise cause
+        except redis.RedisError:
+            error = self._meaning(cause, key)
+            if error is None:  # pragma: no cover - a lost connection always has a meaning
+                raise
+            raise error from None
+
+    def _reply_error(self, reply: ReplyError, key: str | None) -> Exception:
+        text = str(reply)
+        if text.startswith("READONLY"):
+            # A replica, or a master demoted under us: this server takes no writes.
+            cause = redis.ConnectionError(f"{self.url} is a read-only replica now: {text}")
+            msg = f"cannot write to Redis at {self.url}: {text}"
+            error = LockBackendUnavailable(msg, url=self.url, key=key)
+            error.__context__ = cause
+            return error
+        meaning = self._meaning(redis.ResponseError(text), key)
+        return redis.ResponseError(text) if meaning is None else meaning
 
     def _meaning(self, exc: redis.RedisError, key: str | None) -> LockError | None:
         """What a redis-py error means to a caller: LockBackendUnavailable (the server
@@ -304,23 +648,43 @@ class RedisBackend(LockBackend):
     # calls to many servers at once (backends/redlock.py), so the scripts exist only here.
 
     def acquire_call(
-        self, key: str, token: str, ttl: float, owner: Owner, *, clock_floor: bool = True
+        self,
+        key: str,
+        token: str,
+        ttl: float,
+        owner: Owner,
+        *,
+        counted: bool = False,
+        waiting: bool = False,
+        woken: bool = False,
     ) -> ScriptCall:
         """The script call that tries to take ``key`` (fully prefixed) for ``ttl`` seconds.
 
-        :param clock_floor: no token below the server's clock, even when the counter is
-            there (False: only when it is gone; Redlock's masters then count in step).
+        :param counted: count tokens in a counter key (Redlock's masters count in step).
+        :param waiting: the caller waits if refused: mark the lock, so its release wakes one.
+        :param woken: the caller was woken while others may wait: its lock is marked.
         """
-        return ScriptCall(
-            self._acquire_script, [self._hashed(key), self.fence_key(key)],
-            [owner.stored_with(token), milliseconds(ttl), int(clock_floor)], key,
-        )
+        rest = _owner_part(owner)
+        if woken:
+            rest += " "
+        lock = "{" + key + "}"
+        args = [token, rest, milliseconds(ttl), "1" if waiting else "0"]
+        if counted:
+            return ScriptCall(self._acquire_counted_script, [lock, lock + ":fence"], args, key)
+        return ScriptCall(self._acquire_script, [lock], args, key)
 
     @staticmethod
     def acquire_reply(reply: Any) -> Granted | Refused:
-        if reply[0] == 1:
-            return Granted(int(reply[1]))
-        return Refused(max(int(reply[1]), 1) / 1000, stored_task_id(reply[2]))
+        if type(reply) is int:
+            return Granted(reply)
+        return Refused(max(int(reply[0]), 1) / 1000, stored_task_id(reply[1]))
+
+    @staticmethod
+    def holder_token(reply: Any) -> bytes | None:
+        """The holder's token in a refused acquire's reply (None when granted or gone)."""
+        if type(reply) is int or not reply[1]:
+            return None
+        return bytes(reply[1].split(b"\n", 1)[0].split(b":", 1)[0])
 
     def renew_call(self, items: Sequence[tuple[str, str, float]]) -> ScriptCall:
         """The script call that replaces the TTL of every (key, token, ttl) still ours."""
@@ -335,7 +699,7 @@ class RedisBackend(LockBackend):
 
     def release_call(self, key: str, field: str, value: str) -> ScriptCall:
         """The script call that deletes ``key`` if its ``field`` ("token" or "owner")
-        equals ``value`` exactly, waking one waiter."""
+        equals ``value`` exactly, waking one waiter if one marked it."""
         lock = self._hashed(key)
         return ScriptCall(
             self._release_script, [lock, lock + ":signal"], [field, value, SIGNAL_LIFETIME_MS], key
@@ -343,51 +707,109 @@ class RedisBackend(LockBackend):
 
     @staticmethod
     def release_reply(reply: Any) -> bool:
-        return bool(reply == 1)
+        return reply in (1, 2)
 
     def fence_key(self, key: str) -> str:
-        """The fencing counter of ``key`` (fully prefixed)."""
+        """The fencing counter of ``key`` (fully prefixed) on a Redlock master."""
         return self._hashed(key) + ":fence"
 
     def signal_key(self, key: str) -> str:
         """The list a release of ``key`` (fully prefixed) pushes one announcement onto."""
         return self._hashed(key) + ":signal"
 
+    # -- the hooks ----------------------------------------------------------------------
 
-    def _try_acquire(self, key: str, token: str, ttl: float, owner: Owner) -> Granted | Refused:
-        call = self.acquire_call(key, token, ttl, owner)
-        with self._answering(key):
-            try:
-                reply = call.script(keys=call.keys, args=call.args)
-            except (redis.ConnectionError, redis.TimeoutError) as exc:
-                # The script may have gone out and run (or run later, on a paused server)
-                # although we never saw the reply: that lock would stand unheld for a TTL.
-                if not isinstance(exc, _POOL_EXHAUSTED) and not isinstance(exc.__context__, _NOT_SENT):
-                    self.late_releases.add(key, token, ttl)
-                raise
+    def _try_acquire(
+        self, key: str, token: str, ttl: float, owner: Owner, *, waiting: bool = False,
+        woken: bool = False,
+    ) -> Granted | Refused:
+        """One attempt (see :meth:`acquire_call` for ``waiting`` and ``woken``)."""
+        call = self.acquire_call(key, token, ttl, owner, waiting=waiting, woken=woken)
+        lock, rest = call.keys[0].encode(), call.args[1].encode()
+        ttl_ms = b"%d" % call.args[2]
+        request = b"%s$%d\r\n%s\r\n$%d\r\n%s\r\n$%d\r\n%s\r\n$%d\r\n%s\r\n$1\r\n%s\r\n" % (
+            _ACQUIRE_HEAD, len(lock), lock, len(token), token.encode(), len(rest), rest,
+            len(ttl_ms), ttl_ms, b"1" if waiting else b"0",
+        )
+        # An attempt whose reply never came may have run (or run later, on a paused
+        # server): that lock would stand unheld for a TTL, so it is released by token.
+        reply = self._request(request, call, lambda: self.late_releases.add(key, token, ttl))
+        if type(reply) is int:
+            return Granted(reply)
         return self.acquire_reply(reply)
 
-    def _wait_for_release(self, key: str, timeout: float) -> None:
+    def _wait_turn(
+        self,
+        key: str,
+        token: str,
+        ttl: float,
+        owner: Owner,
+        deadline: float | None,
+        refused: Refused | None = None,
+    ) -> Granted | None:
+        handed_over = self._handed_over.pop(key, None)
+        polite = handed_over is not None and self.clock() - handed_over < POLITE_WINDOW
+        return wait_in_line(
+            lambda woken: self._try_acquire(key, token, ttl, owner, waiting=True, woken=woken),
+            lambda timeout: self._block(key, timeout),
+            clock=self.clock, ttl=ttl, deadline=deadline, polite=polite,
+            unknown_bound=self.connect_timeout,
+        )
+
+    def _block(self, key: str, timeout: float) -> bool:
         with self.signal_wait(key, timeout) as wait:
-            wait.wait()
+            return wait.wait()
 
     def _renew(self, items: Sequence[tuple[str, str, float]]) -> list[bool]:
         return self.renew_reply(self.run(self.renew_call(items)))
 
     def _release(self, key: str, field: str, value: str) -> bool:
-        return self.release_reply(self.run(self.release_call(key, field, value)))
+        call = self.release_call(key, field, value)
+        lock = _as_bytes(call.keys[0])
+        expected = value.encode()
+        request = b"%s$%d\r\n%s\r\n$%d\r\n%s:signal\r\n$%d\r\n%s\r\n$%d\r\n%s\r\n%s" % (
+            _RELEASE_HEAD, len(lock), lock, len(lock) + 7, lock, len(field), field.encode(),
+            len(expected), expected, _SIGNAL_LIFETIME_ARG,
+        )
+        reply = self._request(request, call)
+        if reply == 2 and field == "token":
+            self.note_handover(key)
+        return self.release_reply(reply)
+
+    def note_handover(self, key: str) -> None:
+        """A release of ours of ``key`` woke a waiter: our next blocking acquire of it
+        queues behind the waiters instead of racing the one it woke."""
+        handed = self._handed_over
+        if len(handed) > 1024:  # keys never acquired again: forget them
+            handed.clear()
+        handed[key] = self.clock()
 
     def close(self) -> None:
         self.late_releases.stop()
+        lanes, self._lanes = self._lanes, []
+        if self._lanes_generation == _generation[0]:
+            for lane in lanes:
+                lane.close()
         self._client.close()
-        self._waits.close()
 
     # -- for operators (celery locks) ------------------------------------------------------
 
+    @contextmanager
+    def _answering(self, key: str | None = None) -> Iterator[None]:
+        """Turn "the server did not answer" into LockBackendUnavailable, URL masked (for
+        the operators' calls, which go through redis-py)."""
+        try:
+            yield
+        except redis.RedisError as exc:
+            error = self._meaning(exc, key)
+            if error is None:
+                raise
+            raise error from None
+
     def _held(self, key: str | None) -> Iterable[LockInfo]:
-        """SCAN for ``{prefix:*}`` (a fencing counter or a signal list ends in ``:fence`` or
-        ``:signal``, a lock in ``}``), then each lock's value, PTTL and counter in one
-        MULTI, so the three belong to one holder."""
+        """SCAN for ``{prefix:*}`` (a signal list or a Redlock counter ends in ``:signal`` or
+        ``:fence``, a lock in ``}``), then each lock's value and PTTL in one MULTI, so both
+        belong to one holder. The fencing token is in the value, after the token."""
         start = f"{self.prefix}:"
         with self._answering(key):
             if key is not None:
@@ -403,12 +825,12 @@ class RedisBackend(LockBackend):
                 with self._client.pipeline(transaction=True) as pipe:
                     pipe.get(name)
                     pipe.pttl(name)
-                    pipe.get(name + ":fence")
-                    value, pttl, fence = pipe.execute()
+                    value, pttl = pipe.execute()
                 if value is None or pttl is None or pttl < 0:
                     continue  # released or expired since the scan
-                token, owner = split_stored(value)
-                fencing_token = None if fence is None else int(fence)
+                tokens, owner = split_stored(value)
+                token, _, fence = tokens.partition(":")
+                fencing_token = int(fence) if fence.isdigit() else None
                 found.append(LockInfo(
                     key=name[len(start) + 1:-1], owner=owner, token=token,
                     fencing_token=fencing_token, ttl=pttl / 1000,
@@ -438,15 +860,15 @@ class RedisBackend(LockBackend):
 
         :raises LockBackendUnavailable: the server did not answer within ``connect_timeout``.
         """
-        with self._answering(call.key):
-            return call.script(keys=call.keys, args=call.args)
+        return self._request(call.pack(), call)
 
-    def script(self, lua: str) -> Script:
+    @staticmethod
+    def script(lua: str) -> Script:
         """A script of the caller's own, for :class:`ScriptCall` (Redlock's fence raise)."""
-        return self._client.register_script(lua)
+        return Script(lua)
 
     def line(self) -> Line:
-        """A connection to this server outside the pool, for writing requests to many
+        """A connection to this server of the caller's own, for writing requests to many
         servers before reading any reply; see :class:`Line`."""
         return Line(self)
 
@@ -459,73 +881,132 @@ class RedisBackend(LockBackend):
         return SignalWait(self, key, timeout)
 
 
-class Line:
-    """A connection to one Redis server of the caller's own, outside the backend's pool.
+#: Owner -> its JSON: a worker's few owners are serialised once, not on every acquire.
+_OWNER_JSON: dict[Owner, str] = {}
 
-    For a caller that writes a request to many servers before reading any reply (the
-    Redlock backend): :meth:`send` only writes, :meth:`receive` reads the reply by
-    ``connect_timeout`` after that send. One request at a time; not thread-safe.
-    Errors come as :class:`LockBackendUnavailable` with this server's message ("refused
-    the connection", "did not answer within ..."), the connection then closed.
+
+def _owner_part(owner: Owner) -> str:
+    """A newline and the owner's JSON (what follows the tokens in a stored value), from a
+    cache of owners' JSON."""
+    text = _OWNER_JSON.get(owner)
+    if text is None:
+        if len(_OWNER_JSON) >= 256:  # every task id is a new owner: keep the cache small
+            _OWNER_JSON.clear()
+        text = _OWNER_JSON[owner] = "\n" + owner.as_json()
+    return text
+
+
+# The fixed start of the hot path's two requests, packed once.
+_ACQUIRE_HEAD = RedisBackend._acquire_script.head(1, 4)
+_RELEASE_HEAD = RedisBackend._release_script.head(2, 3)
+_SIGNAL_LIFETIME_ARG = b"$%d\r\n%d\r\n" % (len(str(SIGNAL_LIFETIME_MS)), SIGNAL_LIFETIME_MS)
+
+
+def wait_in_line(
+    attempt: Callable[[bool], Granted | Refused],
+    block: Callable[[float], bool],
+    *,
+    clock: Callable[[], float],
+    ttl: float,
+    deadline: float | None,
+    polite: bool,
+    unknown_bound: float,
+) -> Granted | None:
+    """The wait of a lock on Redis: try (marking the lock, so its release wakes us), block
+    on the release announcement bounded by the holder's remaining lease, try again.
+
+    :param attempt: one try; its argument says that a release woke us (the lock it grants
+        is marked: others may still wait).
+    :param block: BLPOP for at most that many seconds; True when an announcement came.
+    :param polite: a release of ours just woke a waiter: queue behind it first.
+    :returns: the grant (its validity from its own attempt), or None once ``deadline``
+        (on ``clock``) has passed.
+    """
+    woken = False
+    if polite:
+        bound = POLITE_WAIT if deadline is None else min(POLITE_WAIT, deadline - clock())
+        if bound > 0:
+            woken = block(bound)
+    while True:
+        sent_at = clock()
+        result = attempt(woken)
+        if isinstance(result, Granted):
+            return Granted(result.fencing_token, result.token, sent_at + ttl - clock_drift(ttl))
+        remaining = None if deadline is None else deadline - clock()
+        if remaining is not None and remaining <= 0:
+            return None
+        bounds = [b for b in (remaining, result.holder_ttl) if b is not None]
+        # An unknown holder TTL can only come from a master that could not tell; then
+        # re-check every connect_timeout at most.
+        woken = block(min(bounds) if bounds else unknown_bound)
+
+
+class Line:
+    """A lane to one Redis server for a caller that writes a request to many servers
+    before reading any reply (the Redlock backend): :meth:`send` only writes,
+    :meth:`receive` reads the reply by ``connect_timeout`` after that send. One request
+    at a time; not thread-safe. Errors come as :class:`LockBackendUnavailable` with this
+    server's message ("refused the connection", "did not answer within ..."), the
+    connection then closed (the next send opens a new one).
     """
 
-    __slots__ = ("_connection", "_due", "_node")
+    __slots__ = ("_due", "_lane", "_node")
 
     def __init__(self, node: RedisBackend) -> None:
-        pool = node._client.connection_pool
         self._node = node
-        self._connection = pool.connection_class(**pool.connection_kwargs)
+        self._lane: Lane | None = None
         self._due = 0.0
 
-    def pack(self, call: ScriptCall) -> Any:
+    @staticmethod
+    def pack(call: ScriptCall) -> bytes:
         """``call`` as a request for :meth:`send`: the same for every server with the
         same scripts, so a caller packs it once."""
-        return self._connection.pack_command(
-            "EVALSHA", call.script.sha, len(call.keys), *call.keys, *call.args
-        )
+        return call.pack()
 
-    def send(self, request: Any, key: str | None) -> None:
+    def send(self, request: bytes, key: str | None) -> None:
         """Write ``request`` (from :meth:`pack`), connecting first if need be.
 
         :raises LockBackendUnavailable: it was not sent, so the server cannot apply it.
         """
+        if self._lane is None:
+            self._lane = self._node._take_lane(key)
         try:
-            self._connection.send_packed_command(request, check_health=False)
-        except redis.RedisError as exc:
-            raise self._failed(exc, key) from None
+            self._lane.send(request)
+        except OSError as exc:
+            self.close()
+            self._node._raise_socket_error(exc, key)
         self._due = time.monotonic() + self._node.connect_timeout
 
     def receive(self, call: ScriptCall) -> Any:
         """The reply to ``call``, sent by :meth:`send`, read by ``connect_timeout`` after
-        the send. A server restarted empty has forgotten the script: it is loaded and
-        run again.
+        the send. A server restarted empty has forgotten the script: it is run as EVAL.
 
         :raises LockBackendUnavailable: no reply; the server may have applied it.
         """
-        connection = self._connection
+        lane = self._lane
+        if lane is None:
+            msg = f"nothing was sent to {self._node.url}"
+            raise LockBackendUnavailable(msg, url=self._node.url, key=call.key)
         try:
-            try:
-                return connection.read_response(timeout=max(self._due - time.monotonic(), 0.001))
-            except NoScriptError:
-                connection.send_command("SCRIPT", "LOAD", call.script.script)
-                connection.read_response()
-                connection.send_command(
-                    "EVALSHA", call.script.sha, len(call.keys), *call.keys, *call.args
-                )
-                return connection.read_response()
-        except redis.RedisError as exc:
-            raise self._failed(exc, call.key) from None
+            reply = lane.read_within(self._due - time.monotonic())
+            if type(reply) is ReplyError and str(reply).startswith("NOSCRIPT"):
+                lane.send(call.script.pack_eval(call.keys, call.args))
+                reply = lane.read_within(self._node.connect_timeout)
+        except OSError as exc:
+            self.close()
+            self._node._raise_socket_error(exc, call.key)
+        if type(reply) is ReplyError:
+            error = self._node._reply_error(reply, call.key)
+            if isinstance(error, LockError):
+                raise error
+            raise LockBackendUnavailable(str(reply), url=self._node.url, key=call.key)
+        return reply
 
     def close(self) -> None:
         """Close the connection (a later :meth:`send` opens a new one)."""
-        self._connection.disconnect()
-
-    def _failed(self, exc: redis.RedisError, key: str | None) -> LockError:
-        """The error to raise for ``exc``, the connection closed: any reply we cannot
-        use counts as no reply (ConfigurationError aside: no such database)."""
-        self.close()
-        error = self._node._meaning(exc, key)
-        return LockBackendUnavailable(str(exc), url=self._node.url, key=key) if error is None else error
+        if self._lane is not None:
+            self._lane.close()
+            self._lane = None
 
 
 class SignalWait:
@@ -533,7 +1014,7 @@ class SignalWait:
 
     Made by :meth:`RedisBackend.signal_wait`; :meth:`wait` blocks on it alone,
     :func:`wait_for_first_signal` on many at once. :meth:`close` (or the end of a
-    ``with`` block) gives its connection back: an announcement that came is read, so it
+    ``with`` block) gives its lane back: an announcement that came is read, so it
     is not lost; a BLPOP still pending is dropped with its connection.
 
     Redis checks blocking timeouts only about every 100 ms, so a wait is timed here,
@@ -543,58 +1024,78 @@ class SignalWait:
     :ivar timeout: how long the wait lasts, in seconds (``MAX_BLOCK`` at most).
     """
 
-    __slots__ = ("_connection", "_node", "_pending", "_pool", "key", "timeout")
+    __slots__ = ("_lane", "_node", "_pending", "key", "timeout")
 
     def __init__(self, node: RedisBackend, key: str, timeout: float) -> None:
         self._node = node
         self.key = key
         self.timeout = min(timeout, MAX_BLOCK)
-        # Waiters block a connection each: they come from the unbounded pool of waits.
-        self._pool = node._waits.connection_pool
-        with node._answering(key):
-            self._connection = self._pool.get_connection()
-            try:
-                self._connection.send_command(  # type: ignore[no-untyped-call]
-                    "BLPOP", node.signal_key(key), f"{self.timeout + 1:.3f}"
-                )
-            except BaseException:
-                self._pool.release(self._connection)
-                raise
+        # Each waiter blocks a lane of its own, never one a release needs.
+        self._lane: Lane | None = node._take_lane(key)
+        request = _pack_command(["BLPOP", node.signal_key(key), f"{self.timeout + 1:.3f}"])
+        try:
+            self._lane.send(request)
+        except OSError as exc:
+            self._lane.close()
+            self._lane = None
+            node._raise_socket_error(exc, key)
         self._pending = True
+
+    @property
+    def sock(self) -> socket.socket | None:
+        return None if self._lane is None else self._lane.sock
+
+    def has_data(self) -> bool:
+        return self._lane is not None and self._lane.has_data()
 
     def wait(self) -> bool:
         """Block until the announcement comes (True) or ``timeout`` passes (False).
 
         :raises LockBackendUnavailable: the server failed while we waited.
         """
-        connection = self._connection
+        lane = self._lane
+        if lane is None:
+            return False
         try:
-            with self._node._answering(self.key):
-                if not connection.can_read(timeout=self.timeout):
-                    return False
-                self._pending = False
-                connection.read_response(timeout=self._node.connect_timeout)
+            if not lane.readable(self.timeout):
+                return False
+            self._pending = False
+            reply = lane.read_within(self._node.connect_timeout)
+        except OSError as exc:
+            self._drop()
+            self._node._raise_socket_error(exc, self.key)
         except BaseException:
-            self._pending = False  # nothing left to read: close must not touch the socket
-            connection.disconnect()  # type: ignore[no-untyped-call]
+            self._drop()
             raise
-        return True
+        if type(reply) is ReplyError:
+            self._drop()
+            raise self._node._reply_error(reply, self.key)
+        return reply is not None
+
+    def _drop(self) -> None:
+        self._pending = False
+        if self._lane is not None:
+            self._lane.close()
+            self._lane = None
 
     def close(self) -> None:
         """Read the announcement if it came, else drop the pending BLPOP; give the
-        connection back to the pool. Never raises for the server's sake."""
-        connection = self._connection
-        try:
-            if self._pending:
-                self._pending = False
-                if connection.can_read(timeout=0):
-                    connection.read_response(timeout=self._node.connect_timeout)
-                else:
-                    connection.disconnect()  # type: ignore[no-untyped-call]
-        except redis.RedisError:
-            connection.disconnect()  # type: ignore[no-untyped-call]
-        finally:
-            self._pool.release(connection)
+        lane back. Never raises for the server's sake."""
+        lane = self._lane
+        if lane is None:
+            return
+        if self._pending:
+            try:
+                if lane.readable(0):
+                    self._pending = False
+                    lane.read_within(self._node.connect_timeout)
+            except OSError:
+                pass
+        if self._pending:
+            self._drop()
+            return
+        self._lane = None
+        self._node._give_back(lane)
 
     def __enter__(self) -> SignalWait:
         return self
@@ -605,15 +1106,19 @@ class SignalWait:
         self.close()
 
 
-def wait_for_first_signal(waits: Sequence[SignalWait]) -> None:
-    """Block until any of ``waits`` has its announcement, or the shortest of their
-    timeouts passes. Their announcements are read when they are closed."""
+def wait_for_first_signal(waits: Sequence[SignalWait]) -> bool:
+    """Block until any of ``waits`` has its announcement (True), or the shortest of their
+    timeouts passes (False). Their announcements are read when they are closed."""
+    if any(wait.has_data() for wait in waits):
+        return True
     with selectors.DefaultSelector() as selector:
         for wait in waits:
-            sock = wait._connection._sock  # redis-py has no public accessor for it
+            sock = wait.sock
             if sock is not None:
                 selector.register(sock, selectors.EVENT_READ)
-        selector.select(min((wait.timeout for wait in waits), default=0))
+        if not selector.get_map():
+            return False
+        return bool(selector.select(min((wait.timeout for wait in waits), default=0)))
 
 
 class _LateReleases:
@@ -687,8 +1192,8 @@ def _glob_escaped(text: str) -> str:
 
 def _granted_at(fencing_token: int | None) -> float | None:
     """When a lock was granted, read from its fencing token: on one Redis a grant's token
-    is the server's clock in microseconds (unless the last token was higher, which only
-    a clock stepped back makes happen). None for a token that is not a time."""
+    is the server's clock in microseconds. None for a token that is not a time (Redlock's
+    count on)."""
     if fencing_token is None or not 10**15 < fencing_token < 10**17:
         return None
     return fencing_token / 1e6

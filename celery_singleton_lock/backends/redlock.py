@@ -41,12 +41,14 @@ from urllib.parse import urlsplit, urlunsplit
 from celery_singleton_lock.backends.base import Granted, LockBackend, LockInfo, NodeStatus, Refused
 from celery_singleton_lock.backends.owner import Owner
 from celery_singleton_lock.backends.redis import (
+    POLITE_WINDOW,
     Line,
     RedisBackend,
     ScriptCall,
     SignalWait,
     milliseconds,
     wait_for_first_signal,
+    wait_in_line,
 )
 from celery_singleton_lock.errors import ConfigurationError, LockBackendUnavailable, mask_url
 from celery_singleton_lock.lease import clock_drift
@@ -179,6 +181,8 @@ class RedlockBackend(LockBackend):
         self._raise_fence = self.nodes[0].script(self.LUA_RAISE_FENCE)
         self._lanes: list[list[Line]] = []
         self._lanes_pid = os.getpid()
+        #: key -> when a release of ours woke a waiter (see redis.POLITE_WAIT)
+        self._handed_over: dict[str, float] = {}
 
     @classmethod
     def check_url(cls, url: str | Sequence[str], *, option: str) -> None:
@@ -191,6 +195,7 @@ class RedlockBackend(LockBackend):
         clone.nodes = [node.for_native_thread() for node in self.nodes]
         clone._raise_fence = clone.nodes[0].script(self.LUA_RAISE_FENCE)
         clone._lanes = []
+        clone._handed_over = {}
         return clone
 
     # -- sending one call to many masters at once --------------------------------------
@@ -265,12 +270,21 @@ class RedlockBackend(LockBackend):
     # -- the hooks ---------------------------------------------------------------------
 
     def _try_acquire(self, key: str, token: str, ttl: float, owner: Owner) -> Granted | Refused:
+        return self._attempt(key, token, ttl, owner)
+
+    def _attempt(
+        self, key: str, token: str, ttl: float, owner: Owner, *, waiting: bool = False,
+        woken: bool = False,
+    ) -> Granted | Refused:
         started = self.clock()
         # Every master has the same scripts and keys: the first one builds the call. The
-        # clock is the floor of a master's token only where its counter is gone: the
-        # masters' clocks differ, and tokens drawn from them would never agree, which would
-        # cost a second round trip (_settle_fences) on every acquire.
-        results = self._broadcast(self.nodes[0].acquire_call(key, token, ttl, owner, clock_floor=False))
+        # masters count in step (a counter each, the clock only where it is gone): tokens
+        # drawn from their clocks would never agree, which would cost a second round trip
+        # (_settle_fences) on every acquire.
+        call = self.nodes[0].acquire_call(
+            key, token, ttl, owner, counted=True, waiting=waiting, woken=woken
+        )
+        results = self._broadcast(call)
         granted: dict[int, int] = {}
         refused: dict[bytes, list[Refused]] = {}  # by the holder's token
         for i, result in enumerate(results):
@@ -280,8 +294,7 @@ class RedlockBackend(LockBackend):
             if isinstance(outcome, Granted):
                 granted[i] = outcome.fencing_token
             else:
-                holder = result[2].split(b"\n", 1)[0] if result[2] else b""
-                refused.setdefault(holder, []).append(outcome)
+                refused.setdefault(RedisBackend.holder_token(result) or b"", []).append(outcome)
         fencing_token = self._settle_fences(key, ttl, granted) if len(granted) >= self.quorum else None
         if fencing_token is not None and ttl - (self.clock() - started) - clock_drift(ttl) > 0:
             return Granted(fencing_token)
@@ -303,6 +316,24 @@ class RedlockBackend(LockBackend):
         if len(self.nodes) - sum(isinstance(r, _Failed) for r in results) < self.quorum:
             raise self._unavailable(results, key)
         return self._refusal(refused)
+
+    def _wait_turn(
+        self,
+        key: str,
+        token: str,
+        ttl: float,
+        owner: Owner,
+        deadline: float | None,
+        refused: Refused | None = None,
+    ) -> Granted | None:
+        handed_over = self._handed_over.pop(key, None)
+        polite = handed_over is not None and self.clock() - handed_over < POLITE_WINDOW
+        return wait_in_line(
+            lambda woken: self._attempt(key, token, ttl, owner, waiting=True, woken=woken),
+            lambda timeout: self._block(key, timeout),
+            clock=self.clock, ttl=ttl, deadline=deadline, polite=polite,
+            unknown_bound=self.connect_timeout,
+        )
 
     def _settle_fences(self, key: str, ttl: float, granted: dict[int, int]) -> int | None:
         """The fencing token of a granted quorum, or None when it cannot be made safe.
@@ -332,7 +363,7 @@ class RedlockBackend(LockBackend):
         ttls = [r.holder_ttl for r in holding if r.holder_ttl is not None]
         return Refused(min(ttls) if ttls else None, holding[0].holder_task_id)
 
-    def _wait_for_release(self, key: str, timeout: float) -> None:
+    def _block(self, key: str, timeout: float) -> bool:
         # BLPOP on every master's announcement list at once; the first answer ends the
         # wait (the caller then tries to acquire). A release pushes one announcement on
         # every master and each master wakes its longest-blocked waiter, usually the same
@@ -349,7 +380,7 @@ class RedlockBackend(LockBackend):
                 failed.append(None)
             if len(waits) < self.quorum:
                 raise self._unavailable(failed, key)
-            wait_for_first_signal(waits)
+            return wait_for_first_signal(waits)
 
     def _renew(self, items: Sequence[tuple[str, str, float]]) -> list[bool]:
         started = self.clock()
@@ -363,8 +394,12 @@ class RedlockBackend(LockBackend):
 
     def _release(self, key: str, field: str, value: str) -> bool:
         results = self._broadcast(self.nodes[0].release_call(key, field, value))
-        deleted = [RedisBackend.release_reply(r) for r in self._answered(results, key)]
-        return sum(deleted) >= self.quorum
+        replies = self._answered(results, key)
+        if field == "token" and 2 in replies:
+            if len(self._handed_over) > 1024:  # keys never acquired again: forget them
+                self._handed_over.clear()
+            self._handed_over[key] = self.clock()
+        return sum(RedisBackend.release_reply(r) for r in replies) >= self.quorum
 
     def _held(self, key: str | None) -> Iterable[LockInfo]:
         """A quorum view: an acquisition (key and token) is shown when a quorum of all the

@@ -26,7 +26,6 @@ acknowledged the new TTL; docs/sentinel.md says what this buys and what it costs
 
 from __future__ import annotations
 
-import copy
 import ipaddress
 import logging
 import os
@@ -412,15 +411,6 @@ class SentinelBackend(RedisBackend):
         self.watch.pools.add(pool)
         return pool
 
-    def for_native_thread(self) -> SentinelBackend:
-        """A copy with a connection pool of its own (see RedisBackend.for_native_thread),
-        still finding the master through the same Sentinels."""
-        clone = copy.copy(self)
-        clone._client = redis.Redis.from_pool(self._connection_pool(self.url, dict(self._pool_options or {})))
-        clone._waits = clone._client
-        clone._register_scripts()
-        return clone
-
     def _meaning(self, exc: redis.RedisError, key: str | None) -> LockError | None:
         if isinstance(exc, MasterNotFoundError):
             msg = (
@@ -462,24 +452,28 @@ class SentinelBackend(RedisBackend):
         if address != self.watch.master:
             self.watch.master_moved(address)
 
-    def _try_acquire(self, key: str, token: str, ttl: float, owner: Owner) -> Granted | Refused:
+    def _try_acquire(
+        self, key: str, token: str, ttl: float, owner: Owner, **marks: bool
+    ) -> Granted | Refused:
         tokens = iter([token])
 
         def attempt() -> Granted | Refused:
             # After a try whose outcome is unknown (queued for a late release by token),
             # the next try is a new acquisition with a token of its own.
             this = next(tokens, None) or secrets.token_hex(16)
-            result = self._acknowledged_acquire(key, this, ttl, owner)
+            result = self._acknowledged_acquire(key, this, ttl, owner, **marks)
             if isinstance(result, Granted) and this != token:
                 return Granted(result.fencing_token, token=this, valid_until=result.valid_until)
             return result
 
         return self._through_failover(attempt)
 
-    def _acknowledged_acquire(self, key: str, token: str, ttl: float, owner: Owner) -> Granted | Refused:
+    def _acknowledged_acquire(
+        self, key: str, token: str, ttl: float, owner: Owner, **marks: bool
+    ) -> Granted | Refused:
         if not self.min_replicas:
-            return super()._try_acquire(key, token, ttl, owner)
-        call = self.acquire_call(key, token, ttl, owner)
+            return super()._try_acquire(key, token, ttl, owner, **marks)
+        call = self.acquire_call(key, token, ttl, owner, **marks)
         try:
             reply, acknowledged = self._run_and_wait(call)
         except LockBackendUnavailable:
@@ -507,10 +501,10 @@ class SentinelBackend(RedisBackend):
     def _release(self, key: str, field: str, value: str) -> bool:
         return self._through_failover(lambda: super(SentinelBackend, self)._release(key, field, value))
 
-    def _wait_for_release(self, key: str, timeout: float) -> None:
+    def _block(self, key: str, timeout: float) -> bool:
         self.watch.ensure_running()
         try:
-            super()._wait_for_release(key, timeout)
+            return super()._block(key, timeout)
         except LockBackendUnavailable as error:
             if not _failover_may_explain(error):
                 raise
@@ -519,6 +513,7 @@ class SentinelBackend(RedisBackend):
             logger.debug("the wait for %r lost its master (%s); trying the lock again", key, error)
             self._forget_master()
             self._stopped.wait(FAILOVER_PAUSE[0])
+            return False
 
     def _run_and_wait(self, call: ScriptCall) -> tuple[Any, int]:
         """Run ``call`` and ``WAIT`` for the replicas in one round trip (one connection,
@@ -532,7 +527,7 @@ class SentinelBackend(RedisBackend):
                 reply, acknowledged = pipe.execute(raise_on_error=False)
                 if not isinstance(reply, NoScriptError):
                     break
-                self._client.script_load(call.script.script)  # a server that never saw it
+                self._client.script_load(call.script.text)  # a server that never saw it
             if isinstance(reply, Exception):
                 raise reply
             if isinstance(acknowledged, Exception):

@@ -14,7 +14,7 @@ import redis
 
 from celery_singleton_lock import ConfigurationError, LockBackendUnavailable, connect
 from celery_singleton_lock.backends.base import LockBackend
-from celery_singleton_lock.lease import LeaseKeeper
+from celery_singleton_lock.lease import HeldLock, LeaseKeeper
 from celery_singleton_lock.testing import RedisServer
 from tests.conftest import wait_until
 from tests.contract import BackendSpec, CrossProcessContract, ServerOperations
@@ -55,23 +55,29 @@ def commands_served(client: redis.Redis) -> int:
 def test_lock_stores_token_and_owner_with_a_hash_tag(redis_url, redis_client, unique_key):
     backend = connect(redis_url + "/0", prefix="shop")
     held = backend.acquire(unique_key, ttl=5)
-    token, owner = redis_client.get("{shop:" + unique_key + "}").split(b"\n", 1)
-    assert token.decode() == held.token
+    tokens, owner = redis_client.get("{shop:" + unique_key + "}").split(b"\n", 1)
+    assert tokens.decode() == f"{held.token}:{held.fencing_token}"
     assert json.loads(owner)["pid"] == os.getpid()
     assert 0 < redis_client.pttl("{shop:" + unique_key + "}") <= 5000
-    assert int(redis_client.get("{shop:" + unique_key + "}:fence")) == held.fencing_token
+    # The fencing token is the server's clock in microseconds: nothing else is stored.
+    seconds, micros = redis_client.time()
+    assert 0 < seconds * 1_000_000 + micros - held.fencing_token < 5_000_000
+    assert redis_client.keys("*" + unique_key + "*") == [("{shop:" + unique_key + "}").encode()]
     backend.release(held)
     backend.close()
 
 
-def test_fencing_tokens_keep_increasing_after_the_counter_is_lost(redis_url, redis_client, unique_key):
+def test_fencing_tokens_keep_increasing_with_nothing_stored_between_grants(
+    redis_url, redis_client, unique_key
+):
     backend = connect(redis_url + "/0")
-    first = backend.acquire(unique_key, ttl=5)
-    backend.release(first)
-    redis_client.delete("{singleton-lock:" + unique_key + "}:fence")  # evicted, or a restart
-    second = backend.acquire(unique_key, ttl=5)
-    assert second.fencing_token > first.fencing_token
-    backend.release(second)
+    tokens = []
+    for _ in range(200):
+        held = backend.acquire(unique_key, ttl=5)
+        tokens.append(held.fencing_token)
+        backend.release(held)
+        assert redis_client.keys("*" + unique_key + "*") == []  # nothing left to lose
+    assert tokens == sorted(set(tokens))
     backend.close()
 
 
@@ -184,15 +190,86 @@ def test_fencing_tokens_keep_increasing_across_a_restart_without_persistence(own
     after.close()
 
 
-def test_released_keys_leave_no_counter_or_signal_list_behind_once_their_ttl_passed(own_server):
+def test_a_released_key_leaves_nothing_behind(own_server):
     client = redis.Redis.from_url(own_server.url + "/8")  # a database nobody else uses
     client.flushdb()
     backend = connect(own_server.url + "/8")
     for i in range(300):
         backend.release(backend.acquire(f"footprint:{i}", ttl=0.5))
-    assert 0 < client.dbsize() <= 600  # each key's counter and signal list, for a moment
-    wait_until(lambda: client.dbsize() == 0, 3, "every counter and signal list to expire")
+    assert client.dbsize() == 0  # no counter, and no signal list where nobody waited
     backend.close()
+    client.close()
+
+
+def command_calls(client: redis.Redis) -> dict[str, int]:
+    """Calls per command (script-internal ones included), less the test's own."""
+    stats = client.info("commandstats")
+    calls = {name.removeprefix("cmdstat_"): int(stat["calls"]) for name, stat in stats.items()}
+    return {name: n for name, n in calls.items() if n and name not in ("info", "config|resetstat")}
+
+
+def test_an_uncontended_acquire_and_release_is_six_server_commands(own_server, unique_key):
+    backend = connect(own_server.url + "/0")
+    client = redis.Redis.from_url(own_server.url + "/0")
+    backend.release(backend.acquire(unique_key, ttl=5))  # connection made, scripts loaded
+    client.config_resetstat()
+    for _ in range(10):
+        backend.release(backend.acquire(unique_key, ttl=5))
+    # one script call each way; no counter, and no announcement when nobody waits
+    assert command_calls(client) == {"evalsha": 20, "set": 10, "time": 10, "get": 10, "del": 10}
+    backend.close()
+    client.close()
+
+
+def test_a_release_announces_itself_only_to_a_marked_lock(own_server, unique_key):
+    client = redis.Redis.from_url(own_server.url + "/0")
+    holder, waiter = connect(own_server.url + "/0"), connect(own_server.url + "/0")
+    held = holder.acquire(unique_key, ttl=30)
+    got: list[object] = []
+    thread = threading.Thread(
+        target=lambda: got.append(waiter.acquire(unique_key, ttl=30, blocking=True, timeout=20))
+    )
+    thread.start()
+    wait_until(lambda: client.info("clients")["blocked_clients"] >= 1, 5, "the waiter to block")
+    assert client.get("{singleton-lock:" + unique_key + "}").endswith(b" ")  # marked: one waits
+    client.config_resetstat()
+    holder.release(held)
+    thread.join(10)
+    assert got
+    assert got[0] is not None
+    calls = command_calls(client)
+    assert calls["lpush"] == 1
+    assert calls.get("evalsha", 0) <= 2  # the release and the waiter's one attempt
+    waiter.release(got[0])
+    holder.close()
+    waiter.close()
+    client.close()
+
+
+def test_the_releasing_process_lets_a_waiter_have_the_lock(own_server, unique_key):
+    # Two backends stand for two processes. The holder releases and at once wants the
+    # lock again: the waiter, woken by that release, gets it first.
+    client = redis.Redis.from_url(own_server.url + "/0")
+    first, second = connect(own_server.url + "/0"), connect(own_server.url + "/0")
+    order: list[str] = []
+    held = first.acquire(unique_key, ttl=30)
+
+    def waiter() -> None:
+        mine = second.acquire(unique_key, ttl=30, blocking=True, timeout=20)
+        order.append("waiter")
+        second.release(mine)
+
+    thread = threading.Thread(target=waiter)
+    thread.start()
+    wait_until(lambda: client.info("clients")["blocked_clients"] >= 1, 5, "the waiter to block")
+    first.release(held)
+    held = first.acquire(unique_key, ttl=30, blocking=True, timeout=20)
+    order.append("releaser")
+    thread.join(10)
+    assert order[:2] == ["waiter", "releaser"]
+    first.release(held)
+    first.close()
+    second.close()
     client.close()
 
 
@@ -201,7 +278,7 @@ def test_an_acquire_applied_after_its_client_gave_up_is_released_at_once(own_ser
     client = redis.Redis.from_url(own_server.url + "/0")
     lock = "{singleton-lock:" + unique_key + "}"
     backend.release(backend.acquire(unique_key, ttl=30))  # a pooled connection, scripts loaded
-    fence_before = int(client.get(lock + ":fence"))
+    grants_before = command_calls(client).get("time", 0)  # a granting acquire reads TIME
     own_server.pause()
     try:
         with pytest.raises(LockBackendUnavailable) as info:
@@ -211,7 +288,7 @@ def test_an_acquire_applied_after_its_client_gave_up_is_released_at_once(own_ser
         own_server.resume()
     resumed = time.monotonic()
     # The server ran the attempt once it resumed (its counter moved on) ...
-    wait_until(lambda: int(client.get(lock + ":fence")) > fence_before, 5, "the late acquire to run")
+    wait_until(lambda: command_calls(client).get("time", 0) > grants_before, 5, "the late acquire to run")
     # ... and the lock it took is freed long before its 30 s TTL.
     wait_until(lambda: client.get(lock) is None, 5, "the late acquire's lock to be released")
     assert time.monotonic() - resumed < 5
@@ -225,16 +302,15 @@ def test_an_acquire_applied_after_its_client_gave_up_is_released_at_once(own_ser
 def assert_an_unbounded_wait_is_woken_by_the_release(
     backend: LockBackend, client: redis.Redis, key: str, timeout: float
 ) -> None:
-    """The wait hook given a huge or infinite bound still blocks on the server (in
-    bounded BLPOPs) until the release, and wakes at once then."""
-    held = backend.acquire(key, ttl=30)
+    """A wait given a huge or infinite bound, on a holder with a lease of years, still
+    blocks on the server (in bounded BLPOPs) until the release, and wakes at once then."""
+    held = backend.acquire(key, ttl=3e8)
     assert held is not None
     outcome: list[object] = []
 
     def wait() -> None:
         try:
-            backend._wait_for_release(backend._full_key(key), timeout)
-            outcome.append("woken")
+            outcome.append(backend.acquire(key, ttl=30, blocking=True, timeout=timeout))
         except Exception as exc:
             outcome.append(exc)
 
@@ -245,11 +321,13 @@ def assert_an_unbounded_wait_is_woken_by_the_release(
     released_at = time.monotonic()
     backend.release(held)
     waiter.join(5)
-    assert outcome == ["woken"]
+    assert len(outcome) == 1
+    assert isinstance(outcome[0], HeldLock)
     assert time.monotonic() - released_at < 1
+    backend.release(outcome[0])
 
 
-@pytest.mark.parametrize("timeout", [math.inf, 1e12])
+@pytest.mark.parametrize("timeout", [math.inf, 3e8])
 def test_a_wait_without_a_finite_bound_is_woken_by_the_release(own_server, unique_key, timeout):
     backend = connect(own_server.url + "/0")
     client = redis.Redis.from_url(own_server.url + "/0")

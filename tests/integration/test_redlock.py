@@ -398,7 +398,7 @@ def test_an_acquire_the_hung_masters_apply_after_the_client_gave_up_is_released_
         client.close()
 
 
-@pytest.mark.parametrize("timeout", [math.inf, 1e12])
+@pytest.mark.parametrize("timeout", [math.inf, 3e8])
 def test_a_wait_without_a_finite_bound_is_woken_by_the_release(shared_masters, unique_key, timeout):
     backend = connect(redlock_url(shared_masters[:3]))
     client = redis.Redis.from_url(shared_masters[0].url + "/0")
