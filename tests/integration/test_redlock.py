@@ -200,7 +200,9 @@ def test_the_lock_and_its_fencing_counter_are_on_every_master(redlock, masters, 
         client = redis.Redis.from_url(server.url + "/0")
         value = client.get(lock_key(redlock, unique_key))
         assert value is not None
-        assert value.split(b"\n", 1)[0].decode() == held.token
+        token, _, fence = value.split(b"\n", 1)[0].decode().partition(":")
+        assert token == held.token
+        assert int(fence) <= held.fencing_token  # this master's count, then raised
         assert int(client.get(lock_key(redlock, unique_key) + ":fence")) == held.fencing_token
         client.close()
     assert redlock.release(held) is True
