@@ -33,6 +33,7 @@ SCENARIOS = {
     "i": ("benchmarks.scenario_zookeeper", "(i) ZooKeeper: one server, beside kazoo's Lock"),
     "j": ("benchmarks.scenario_postgres", "(j) PostgreSQL: one server, beside raw upserts, advisory locks"),
     "l": ("benchmarks.scenario_sentinel", "(l) Redis behind Sentinel, and min_replicas=1"),
+    "m": ("benchmarks.scenario_footprint", "(m) 1,000,000 signatures run once: server memory left"),
 }
 
 RESULTS = Path(__file__).resolve().parent / "results"

@@ -21,11 +21,13 @@ import socket
 import struct
 import time
 from typing import Any
+from urllib.parse import urlsplit
 
 import redis
 
 #: Display names, in table order.
 LABELS = {
+    "socket": "bare socket, SET NX PX + DEL (floor)",
     "raw": "raw redis-py (SET NX PX + DEL)",
     "ours": "celery-singleton-lock",
     "redis-py": "redis-py Lock",
@@ -43,6 +45,7 @@ LABELS = {
 
 #: How each library waits for a held lock (the "wait" column).
 WAIT_STYLE = {
+    "socket": "n/a (no blocking mode)",
     "raw": "n/a (no blocking mode)",
     "ours": "BLPOP on a per-key signal list, bounded by holder TTL",
     "redis-py": "polls SET NX every 0.1 s (its default sleep)",
@@ -90,6 +93,44 @@ class RawLoop:
 
     def close(self) -> None:
         self.client.close()
+
+
+class BareSocket:
+    """The physical floor: the same two commands as :class:`RawLoop` written pre-packed
+    to one TCP socket, replies read with one ``recv`` each; no client library at all."""
+
+    name = "socket"
+
+    def __init__(self, url: str) -> None:
+        parts = urlsplit(url)
+        self.sock = socket.create_connection((parts.hostname or "127.0.0.1", parts.port or 6379))
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        db = (parts.path or "/0").strip("/") or "0"
+        self.sock.sendall(b"*2\r\n$6\r\nSELECT\r\n$%d\r\n%s\r\n" % (len(db), db.encode()))
+        if not self.sock.recv(64).startswith(b"+OK"):
+            raise Unavailable("SELECT failed")
+
+    def try_acquire(self, key: str, ttl: float) -> bytes | None:
+        name = key.encode()
+        ms = b"%d" % int(ttl * 1000)
+        self.sock.sendall(
+            b"*6\r\n$3\r\nSET\r\n$%d\r\n%s\r\n$32\r\n%s\r\n$2\r\nNX\r\n$2\r\nPX\r\n$%d\r\n%s\r\n"
+            % (len(name), name, os.urandom(16).hex().encode(), len(ms), ms)
+        )
+        return name if self.sock.recv(64).startswith(b"+OK") else None
+
+    def acquire_blocking(self, key: str, ttl: float, timeout: float) -> bytes | None:
+        raise NotImplementedError("the bare socket loop has no blocking mode")
+
+    def release(self, handle: bytes) -> bool:
+        self.sock.sendall(b"*2\r\n$3\r\nDEL\r\n$%d\r\n%s\r\n" % (len(handle), handle))
+        return self.sock.recv(64) == b":1\r\n"
+
+    def redis_key(self, key: str) -> str:
+        return key
+
+    def close(self) -> None:
+        self.sock.close()
 
 
 class Ours:
@@ -518,6 +559,7 @@ class OursZooKeeper(Ours):
 
 
 ADAPTERS: dict[str, type] = {
+    "socket": BareSocket,
     "raw": RawLoop,
     "ours": Ours,
     "redis-py": RedisPyLock,

@@ -36,7 +36,7 @@ that key queues behind the waiters first (``POLITE_WAIT`` at most) instead of ra
 one it woke. Non-blocking attempts are never queued: one may still take a free lock first.
 
 Footprint: a lock leaves nothing behind once released (a signal list lives at most
-``SIGNAL_LIFETIME_MS``, and only where a waiter was); see benchmarks scenario (k).
+``SIGNAL_LIFETIME_MS``, and only where a waiter was); see benchmarks scenario (m).
 """
 
 from __future__ import annotations

@@ -15,8 +15,10 @@ every master as on a single Redis. What this module adds is the quorum::
 
 The requests are sent one after another on idle pooled connections and only then are the
 replies read, so a round costs about one round trip to the slowest master, without a
-thread per call. Renewal and release go out the same way; waiters block with BLPOP on the
-release announcement of every master at once and wake on the first one.
+thread per call. Renewal and release go out the same way. Waiters mark the lock, and block
+with BLPOP, on one master of the key (its herald, by a hash of the key), so a release
+announces itself there alone; while the herald is down a wait lasts its bound (the
+holder's remaining lease). Handoff is fair as on one Redis (see backends/redis.py).
 
 Fencing tokens: each master counts on from its own counter, restarted from its clock in
 microseconds where it is gone (see backends/redis.py). The token is the highest among the
@@ -32,6 +34,7 @@ import copy
 import os
 import random
 import time
+import zlib
 from collections.abc import Callable, Collection, Iterable, Sequence
 from contextlib import ExitStack
 from dataclasses import replace
@@ -214,29 +217,38 @@ class RedlockBackend(LockBackend):
         except IndexError:
             return [node.line() for node in self.nodes]
 
-    def _broadcast(self, call: ScriptCall, to: Collection[int] | None = None) -> list[Any]:
+    def _broadcast(
+        self,
+        call: ScriptCall,
+        to: Collection[int] | None = None,
+        special: tuple[int, ScriptCall] | None = None,
+    ) -> list[Any]:
         """Send ``call`` to every master (or those in ``to``), every request before
         reading any reply; a reply or :class:`_Failed` per master (None where not sent).
 
-        The scripts are the same on every master, so the request is packed once.
+        The scripts are the same on every master, so the request is packed once;
+        ``special`` (master index, call) sends another call to that one master.
         """
         lane = self._lane()
         results: list[Any] = [None] * len(self.nodes)
         sent: list[int] = []
         request = lane[0].pack(call)
+        calls = [call] * len(self.nodes)
+        if special is not None:
+            calls[special[0]] = special[1]
         try:
             for i, line in enumerate(lane):
                 if to is not None and i not in to:
                     continue
                 try:
-                    line.send(request, call.key)
+                    line.send(request if calls[i] is call else line.pack(calls[i]), call.key)
                 except LockBackendUnavailable as exc:
                     results[i] = _Failed(str(exc), sent=False)
                     continue
                 sent.append(i)
             for i in sent:
                 try:
-                    results[i] = lane[i].receive(call)  # by node_timeout after its own send
+                    results[i] = lane[i].receive(calls[i])  # by node_timeout after its own send
                 except LockBackendUnavailable as exc:
                     results[i] = _Failed(str(exc), sent=True)
         except BaseException:
@@ -281,10 +293,16 @@ class RedlockBackend(LockBackend):
         # masters count in step (a counter each, the clock only where it is gone): tokens
         # drawn from their clocks would never agree, which would cost a second round trip
         # (_settle_fences) on every acquire.
-        call = self.nodes[0].acquire_call(
-            key, token, ttl, owner, counted=True, waiting=waiting, woken=woken
-        )
-        results = self._broadcast(call)
+        call = self.nodes[0].acquire_call(key, token, ttl, owner, counted=True)
+        # Waiters are marked, and wait, on one master of the key only (its herald): a
+        # release then announces itself there alone, not on every master.
+        special = None
+        if waiting or woken:
+            herald = self._herald(key)
+            special = (herald, self.nodes[herald].acquire_call(
+                key, token, ttl, owner, counted=True, waiting=waiting, woken=woken
+            ))
+        results = self._broadcast(call, special=special)
         granted: dict[int, int] = {}
         refused: dict[bytes, list[Refused]] = {}  # by the holder's token
         for i, result in enumerate(results):
@@ -363,15 +381,28 @@ class RedlockBackend(LockBackend):
         ttls = [r.holder_ttl for r in holding if r.holder_ttl is not None]
         return Refused(min(ttls) if ttls else None, holding[0].holder_task_id)
 
+    def _herald(self, key: str) -> int:
+        """The master on which waiters of ``key`` (fully prefixed) mark it and block."""
+        return zlib.crc32(key.encode()) % len(self.nodes)
+
     def _block(self, key: str, timeout: float) -> bool:
-        # BLPOP on every master's announcement list at once; the first answer ends the
-        # wait (the caller then tries to acquire). A release pushes one announcement on
-        # every master and each master wakes its longest-blocked waiter, usually the same
-        # one: the others keep waiting.
+        # BLPOP on the key's herald, where waiters mark the lock and a release announces
+        # itself; it wakes the longest-blocked waiter (the caller then tries to acquire).
+        herald = self.nodes[self._herald(key)]
+        try:
+            with herald.signal_wait(key, timeout) as wait:
+                return wait.wait()
+        except LockBackendUnavailable:
+            pass
+        # The herald is down: nothing announces releases now, so the wait lasts its
+        # bound (the holder's remaining lease), blocked on the other masters.
         failed: list[_Failed | None] = []
         with ExitStack() as waiting:
             waits: list[SignalWait] = []
             for node in self.nodes:
+                if node is herald:
+                    failed.append(_Failed("the herald", sent=False))
+                    continue
                 try:
                     waits.append(waiting.enter_context(node.signal_wait(key, timeout)))
                 except LockBackendUnavailable as exc:
