@@ -1,4 +1,4 @@
-"""(k) 1,000,000 distinct signatures, each locked and released once: what stays on the server.
+"""(m) 1,000,000 distinct signatures, each locked and released once: what stays on the server.
 
 A Celery task run once per new argument set (a signature seen once) takes and releases a
 lock of its own key. On a redis-server of this scenario's own, one process does that for

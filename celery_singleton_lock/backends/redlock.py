@@ -16,9 +16,9 @@ every master as on a single Redis. What this module adds is the quorum::
 The requests are sent one after another on idle pooled connections and only then are the
 replies read, so a round costs about one round trip to the slowest master, without a
 thread per call. Renewal and release go out the same way. Waiters mark the lock, and block
-with BLPOP, on one master of the key (its herald, by a hash of the key), so a release
-announces itself there alone; while the herald is down a wait lasts its bound (the
-holder's remaining lease). Handoff is fair as on one Redis (see backends/redis.py).
+with BLPOP, only on the key's heralds (N - quorum + 1 masters chosen by a hash of the key:
+one of them is up whenever a quorum is), so a release announces itself there alone, not on
+every master. Handoff is fair as on one Redis (see backends/redis.py).
 
 Fencing tokens: each master counts on from its own counter, restarted from its clock in
 microseconds where it is gone (see backends/redis.py). The token is the highest among the
@@ -36,7 +36,6 @@ import random
 import time
 import zlib
 from collections.abc import Callable, Collection, Iterable, Sequence
-from contextlib import ExitStack
 from dataclasses import replace
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -48,9 +47,7 @@ from celery_singleton_lock.backends.redis import (
     Line,
     RedisBackend,
     ScriptCall,
-    SignalWait,
     milliseconds,
-    wait_for_first_signal,
     wait_in_line,
 )
 from celery_singleton_lock.errors import ConfigurationError, LockBackendUnavailable, mask_url
@@ -221,21 +218,21 @@ class RedlockBackend(LockBackend):
         self,
         call: ScriptCall,
         to: Collection[int] | None = None,
-        special: tuple[int, ScriptCall] | None = None,
+        special: dict[int, ScriptCall] | None = None,
     ) -> list[Any]:
         """Send ``call`` to every master (or those in ``to``), every request before
         reading any reply; a reply or :class:`_Failed` per master (None where not sent).
 
         The scripts are the same on every master, so the request is packed once;
-        ``special`` (master index, call) sends another call to that one master.
+        ``special`` ({master index: call}) sends other calls to those masters.
         """
         lane = self._lane()
         results: list[Any] = [None] * len(self.nodes)
         sent: list[int] = []
         request = lane[0].pack(call)
         calls = [call] * len(self.nodes)
-        if special is not None:
-            calls[special[0]] = special[1]
+        for i, other in (special or {}).items():
+            calls[i] = other
         try:
             for i, line in enumerate(lane):
                 if to is not None and i not in to:
@@ -294,14 +291,14 @@ class RedlockBackend(LockBackend):
         # drawn from their clocks would never agree, which would cost a second round trip
         # (_settle_fences) on every acquire.
         call = self.nodes[0].acquire_call(key, token, ttl, owner, counted=True)
-        # Waiters are marked, and wait, on one master of the key only (its herald): a
-        # release then announces itself there alone, not on every master.
+        # Waiters mark the lock, and wait, only on the key's heralds: a release then
+        # announces itself there alone, not on every master.
         special = None
         if waiting or woken:
-            herald = self._herald(key)
-            special = (herald, self.nodes[herald].acquire_call(
+            marked = self.nodes[0].acquire_call(
                 key, token, ttl, owner, counted=True, waiting=waiting, woken=woken
-            ))
+            )
+            special = dict.fromkeys(self._heralds(key), marked)
         results = self._broadcast(call, special=special)
         granted: dict[int, int] = {}
         refused: dict[bytes, list[Refused]] = {}  # by the holder's token
@@ -381,37 +378,27 @@ class RedlockBackend(LockBackend):
         ttls = [r.holder_ttl for r in holding if r.holder_ttl is not None]
         return Refused(min(ttls) if ttls else None, holding[0].holder_task_id)
 
-    def _herald(self, key: str) -> int:
-        """The master on which waiters of ``key`` (fully prefixed) mark it and block."""
-        return zlib.crc32(key.encode()) % len(self.nodes)
+    def _heralds(self, key: str) -> list[int]:
+        """The masters on which waiters of ``key`` (fully prefixed) mark it, in the order
+        in which they block on them: as many as may be down while a quorum is up, plus
+        one, so one of them is always up while the lock can be taken at all."""
+        first = zlib.crc32(key.encode()) % len(self.nodes)
+        return [(first + i) % len(self.nodes) for i in range(len(self.nodes) - self.quorum + 1)]
 
     def _block(self, key: str, timeout: float) -> bool:
-        # BLPOP on the key's herald, where waiters mark the lock and a release announces
-        # itself; it wakes the longest-blocked waiter (the caller then tries to acquire).
-        herald = self.nodes[self._herald(key)]
-        try:
-            with herald.signal_wait(key, timeout) as wait:
+        # BLPOP on the first herald that answers; a release announces itself on every
+        # herald where the lock is marked, and each wakes its longest-blocked waiter.
+        failed: list[str] = []
+        for i in self._heralds(key):
+            try:
+                wait = self.nodes[i].signal_wait(key, timeout)
+            except LockBackendUnavailable as exc:
+                failed.append(str(exc))
+                continue
+            with wait:
                 return wait.wait()
-        except LockBackendUnavailable:
-            pass
-        # The herald is down: nothing announces releases now, so the wait lasts its
-        # bound (the holder's remaining lease), blocked on the other masters.
-        failed: list[_Failed | None] = []
-        with ExitStack() as waiting:
-            waits: list[SignalWait] = []
-            for node in self.nodes:
-                if node is herald:
-                    failed.append(_Failed("the herald", sent=False))
-                    continue
-                try:
-                    waits.append(waiting.enter_context(node.signal_wait(key, timeout)))
-                except LockBackendUnavailable as exc:
-                    failed.append(_Failed(str(exc), sent=False))
-                    continue
-                failed.append(None)
-            if len(waits) < self.quorum:
-                raise self._unavailable(failed, key)
-            return wait_for_first_signal(waits)
+        msg = f"Redlock {self.url}: none of the masters where waiters of {key!r} block answered: "
+        raise LockBackendUnavailable(msg + "; ".join(failed), url=self.url, key=key)
 
     def _renew(self, items: Sequence[tuple[str, str, float]]) -> list[bool]:
         started = self.clock()

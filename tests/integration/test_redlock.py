@@ -358,9 +358,12 @@ def test_waiters_are_woken_by_a_release_with_one_master_dead(redlock, masters, u
         target=lambda: got.append(redlock.acquire(unique_key, ttl=30, blocking=True, timeout=10))
     )
     waiter.start()
-    client = redis.Redis.from_url(masters[0].url + "/0")
-    wait_until(lambda: client.info("clients")["blocked_clients"] >= 1, 5, "the waiter to block")
-    client.close()
+    clients = [redis.Redis.from_url(m.url + "/0") for m in masters[:2]]
+    wait_until(
+        lambda: sum(c.info("clients")["blocked_clients"] for c in clients) >= 1, 5, "the waiter to block"
+    )
+    for client in clients:
+        client.close()
     released_at = time.monotonic()
     redlock.release(held)
     waiter.join(10)
@@ -403,7 +406,8 @@ def test_an_acquire_the_hung_masters_apply_after_the_client_gave_up_is_released_
 @pytest.mark.parametrize("timeout", [math.inf, 3e8])
 def test_a_wait_without_a_finite_bound_is_woken_by_the_release(shared_masters, unique_key, timeout):
     backend = connect(redlock_url(shared_masters[:3]))
-    client = redis.Redis.from_url(shared_masters[0].url + "/0")
+    herald = backend._heralds(backend._full_key(unique_key))[0]  # where its waiters block
+    client = redis.Redis.from_url(shared_masters[herald].url + "/0")
     assert_an_unbounded_wait_is_woken_by_the_release(backend, client, unique_key, timeout)
     client.close()
     backend.close()
