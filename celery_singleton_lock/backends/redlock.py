@@ -396,7 +396,12 @@ class RedlockBackend(LockBackend):
                 failed.append(str(exc))
                 continue
             with wait:
-                return wait.wait()
+                try:
+                    return wait.wait()
+                except LockBackendUnavailable:
+                    # That herald failed under the wait: try the lock again at once (the
+                    # attempt marks it on the heralds still up, and the next wait is there).
+                    return False
         msg = f"Redlock {self.url}: none of the masters where waiters of {key!r} block answered: "
         raise LockBackendUnavailable(msg + "; ".join(failed), url=self.url, key=key)
 
