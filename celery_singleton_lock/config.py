@@ -25,6 +25,9 @@ setting                            meaning                                      
 ``singleton_lock_beat_name``       beats sharing this name elect one leader      app.main
 ``singleton_lock_beat_slot_grace`` a slot claim outlives its entry's next slot   60
                                    by this many seconds (clock skew, pauses)
+``singleton_lock_metrics_port``    serve Prometheus metrics (metrics.py, read    unset
+                                   there at worker start)
+``singleton_lock_metrics_address`` the metrics server's address                  127.0.0.1
 =================================  ============================================  =========
 
 Without ``singleton_lock_backend`` the broker decides (``_default_backend_url``): a Redis

@@ -159,6 +159,7 @@ class _Series:
 
         self.registry = prometheus_client.CollectorRegistry(auto_describe=True)
         self._apply: dict[str, tuple[Any, str, int]] = {}
+        self._updates: dict[tuple[str, tuple[str, ...]], Callable[[float], None]] = {}
         for name, (kind, exposed, labels, documentation, buckets) in _SPECS.items():
             if kind == "counter":
                 metric: Any = prometheus_client.Counter(
@@ -171,11 +172,16 @@ class _Series:
                 )
                 self._apply[name] = (metric, "observe", len(labels))
 
-    def apply(self, name: str, labels: tuple[str, ...] | list[str], value: float) -> None:
-        metric, method, arity = self._apply[name]
-        if len(labels) != arity or not all(isinstance(label, str) for label in labels):
-            raise ValueError(f"{name}: labels {labels!r}")
-        getattr(metric.labels(*labels), method)(value)
+    def apply(self, name: str, labels: tuple[str, ...], value: float) -> None:
+        # The labelled child's inc/observe, found once per label set (a dict look-up
+        # then, instead of prometheus_client's checks and lock for every observation).
+        update = self._updates.get((name, labels))
+        if update is None:
+            metric, method, arity = self._apply[name]
+            if len(labels) != arity or not all(isinstance(label, str) for label in labels):
+                raise ValueError(f"{name}: labels {labels!r}")
+            update = self._updates[(name, labels)] = getattr(metric.labels(*labels), method)
+        update(value)
 
 
 class MetricsObserver(_observe.Observer):
@@ -309,7 +315,7 @@ class MetricsServer:
         shown = f"[{host}]" if _is_ipv6(host) else host
         return f"http://{shown}:{self._http.server_port}/metrics"
 
-    def record(self, name: str, labels: tuple[str, ...] | list[str], value: float) -> None:
+    def record(self, name: str, labels: tuple[str, ...], value: float) -> None:
         with self._lock:
             self.series.apply(name, labels, value)
 
@@ -370,9 +376,9 @@ class MetricsServer:
     def _apply_line(self, line: bytes) -> None:
         try:
             name, labels, value = json.loads(line)
-            if not isinstance(value, int | float):
+            if not isinstance(value, int | float) or not isinstance(labels, list):
                 raise TypeError(value)
-            self.record(name, labels, float(value))
+            self.record(name, tuple(labels), float(value))
         except (ValueError, TypeError, KeyError) as exc:
             logger.debug("metrics: dropped a line from a pool process (%s): %r", exc, line[:200])
 
