@@ -6,9 +6,10 @@ scripts, keys, waits and round trips are the Redis backend's own; asking a Senti
 costs one round trip per new connection, never one per lock. A failover is met in
 three ways:
 
-- a thread listens to a Sentinel's ``+switch-master`` announcements: on a switch, idle
-  connections to the old master are closed and busy ones interrupted (a waiter blocked
-  in BLPOP there wakes up), so nothing goes on writing to a demoted master;
+- a thread listens to a Sentinel's ``+switch-master`` announcements: on a switch, every
+  connection to the old master is shut down (an idle one fails at its next use and is
+  replaced, a waiter blocked in BLPOP there wakes up), so nothing of ours goes on
+  writing to the old master, which takes writes until Sentinel demotes it;
 - an operation that loses its connection (the master died, or was demoted and answers
   READONLY) asks the Sentinels again and is tried again on the master they name, with
   a fresh token for an acquisition, until it succeeds or ``connect_timeout`` has passed
@@ -383,7 +384,6 @@ class SentinelBackend(RedisBackend):
         )
         self.watch = _SwitchWatch(self, connect_timeout)
         self._stopped = threading.Event()
-        self._pool_options: dict[str, Any] | None = None
         super().__init__(url, prefix=prefix, connect_timeout=connect_timeout, clock=clock, **client_options)
 
     @classmethod
@@ -396,8 +396,6 @@ class SentinelBackend(RedisBackend):
     def _connection_pool(self, url: str, options: dict[str, Any]) -> redis.ConnectionPool:
         """A pool whose connections go to the master the Sentinels name (see the
         Redis backend's seam of the same name)."""
-        if self._pool_options is None:
-            self._pool_options = dict(options)  # the first pool's: for for_native_thread
         pool = SentinelConnectionPool(  # type: ignore[no-untyped-call]
             self.address.master_name,
             self.sentinel,
