@@ -6,6 +6,7 @@ The prefork worker, its /metrics over HTTP and its events: tests/integration/tes
 from __future__ import annotations
 
 import logging
+import os
 import socket
 import subprocess
 import sys
@@ -21,6 +22,7 @@ from celery_singleton_lock import metrics as metrics_module
 from celery_singleton_lock.config import settings_for
 from celery_singleton_lock.metrics import MetricsSettings, read_metrics_settings
 from celery_singleton_lock.results import skip_info
+from tests.conftest import wait_until
 
 ADDRESS = "singleton_lock_metrics_address"
 
@@ -178,3 +180,33 @@ def test_a_skip_logs_one_info_line_naming_the_holder(eager_app: Celery, caplog: 
     lines = [r.getMessage() for r in caplog.records if r.name == "celery_singleton_lock.task"]
     key = sync.lock_key_for((7,), {})
     assert lines == [f"skipped {sync.name}[{result.id}]: lock {key!r} is held by task holder-task-id"]
+
+
+def test_the_counts_of_a_pool_process_stay_after_it_exits(eager_app: Celery) -> None:
+    eager_app.conf.singleton_lock_metrics_port = free_port()
+    server = metrics_module.start(eager_app, pool_processes=True)
+    assert server is not None
+    try:
+        sender = server.sender
+        assert isinstance(sender, metrics_module._ChildSender)
+        # Another process (as a pool process is), which sends its lines and exits.
+        code = (
+            "import sys; from celery_singleton_lock.metrics import _ChildSender; "
+            "send = _ChildSender(sys.argv[1]); "
+            "[send('acquired', ('shop.sync', 'redis'), 1) for _ in range(3)]; "
+            "send('contended', ('shop.sync', 'redis', 'skipped'), 1)"
+        )
+        subprocess.run([sys.executable, "-c", code, sender.path], check=True, timeout=60)
+        labels = {"task": "shop.sync", "backend": "redis"}
+
+        def counted() -> bool:
+            scraped = scrape(server.url)
+            return (
+                sample(scraped, "singleton_lock_acquired_total", **labels) == 3
+                and sample(scraped, "singleton_lock_contended_total", **labels, outcome="skipped") == 1
+            )
+
+        wait_until(counted, 10, "the exited process's counts in /metrics")
+    finally:
+        metrics_module.stop()
+    assert not os.path.exists(sender.path)  # the channel's directory is removed at shutdown
