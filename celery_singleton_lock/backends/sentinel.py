@@ -43,7 +43,6 @@ from urllib.parse import unquote, urlsplit
 
 import redis
 from redis.backoff import NoBackoff
-from redis.exceptions import NoScriptError
 from redis.retry import Retry
 from redis.sentinel import (
     MasterNotFoundError,
@@ -55,7 +54,7 @@ from redis.sentinel import (
 
 from celery_singleton_lock.backends.base import Granted, Refused
 from celery_singleton_lock.backends.owner import Owner
-from celery_singleton_lock.backends.redis import RedisBackend, ScriptCall
+from celery_singleton_lock.backends.redis import RedisBackend, ReplyError, ScriptCall
 from celery_singleton_lock.errors import ConfigurationError, LockBackendUnavailable, LockError, mask_url
 
 __all__ = ["SentinelAddress", "SentinelBackend", "parse_sentinel_url"]
@@ -221,23 +220,27 @@ class _SwitchWatch:
         self.master: tuple[str, int] | None = None
         self._guard = threading.Lock()
         self._stopped = threading.Event()
-        self._pid: int | None = None
+        #: The thread runs in this process (reset in a forked child).
+        self.running = False
         self._pubsub: Any = None
         _watches.add(self)
 
     def _after_fork(self) -> None:
-        # The parent's guard may have been held by a thread the child does not have.
+        # The parent's thread is not here, and its guard may have been held by a thread
+        # the child does not have.
         self._guard = threading.Lock()
         self._pubsub = None
+        self.running = False
 
     def ensure_running(self) -> None:
-        """Start the thread in this process if it is not running yet (cheap when it is)."""
-        if self._pid == os.getpid() or self._stopped.is_set():
+        """Start the thread in this process if it is not running yet (callers check
+        :attr:`running` first: one attribute read on every operation)."""
+        if self._stopped.is_set():
             return
         with self._guard:
-            if self._pid == os.getpid():
+            if self.running:
                 return
-            self._pid = os.getpid()
+            self.running = True
             self.connections = weakref.WeakSet()  # a forked child's copies are its parent's
             thread = threading.Thread(target=self._run, name="singleton-lock-sentinel-watch", daemon=True)
             thread.start()
@@ -369,6 +372,12 @@ class SentinelBackend(RedisBackend):
             )
             raise ConfigurationError(msg, option="singleton_lock_backend_options")
         self.min_replicas_timeout = float(min_replicas_timeout)
+        wait_ms = b"%d" % max(1, round(self.min_replicas_timeout * 1000))
+        count = b"%d" % self.min_replicas
+        #: ``WAIT <min_replicas> <ms>``, packed once: sent after every acknowledged call.
+        self._wait_request = b"*3\r\n$4\r\nWAIT\r\n$%d\r\n%s\r\n$%d\r\n%s\r\n" % (
+            len(count), count, len(wait_ms), wait_ms,
+        )
         # Sentinels are asked one after the other: together within connect_timeout.
         share = connect_timeout / len(self.address.sentinels)
         self.sentinel_options: dict[str, Any] = {
@@ -424,20 +433,35 @@ class SentinelBackend(RedisBackend):
         """``operation()``, tried again on the master the Sentinels name after a lost
         connection (or a write the replicas did not acknowledge), until it succeeds or
         ``connect_timeout`` has passed since it began."""
-        self.watch.ensure_running()
-        give_up_at = self.clock() + self.connect_timeout
+        if not self.watch.running:
+            self.watch.ensure_running()
+        started = self.clock()
+        try:
+            return operation()
+        except LockBackendUnavailable as error:
+            if not _failover_may_explain(error):
+                raise
+            first = error
+        return self._again(operation, started, first)
+
+    def _again(self, operation: Callable[[], T], started: float, error: LockBackendUnavailable) -> T:
+        """The tries after the first failed with ``error``: see :meth:`_through_failover`."""
+        give_up_at = started + self.connect_timeout
         pause = FAILOVER_PAUSE[0]
         while True:
-            try:
-                return operation()
-            except LockBackendUnavailable as error:
-                if not _failover_may_explain(error) or self.clock() + pause >= give_up_at:
-                    raise
-                logger.debug("no answer from the master (%s); asking the Sentinels again", error)
+            if self.clock() + pause >= give_up_at:
+                raise error
+            logger.debug("no answer from the master (%s); asking the Sentinels again", error)
             self._forget_master()
             if self._stopped.wait(pause):
                 raise LockBackendUnavailable(f"{self.url} is closed", url=self.url)
             pause = min(pause * 2, FAILOVER_PAUSE[1])
+            try:
+                return operation()
+            except LockBackendUnavailable as again:
+                if not _failover_may_explain(again):
+                    raise
+                error = again
 
     def _forget_master(self) -> None:
         """Make the next connection ask the Sentinels, and close connections to a master
@@ -453,18 +477,26 @@ class SentinelBackend(RedisBackend):
     def _try_acquire(
         self, key: str, token: str, ttl: float, owner: Owner, **marks: bool
     ) -> Granted | Refused:
-        tokens = iter([token])
+        if not self.watch.running:
+            self.watch.ensure_running()
+        started = self.clock()
+        try:
+            return self._acknowledged_acquire(key, token, ttl, owner, **marks)
+        except LockBackendUnavailable as error:
+            if not _failover_may_explain(error):
+                raise
+            first = error
 
         def attempt() -> Granted | Refused:
-            # After a try whose outcome is unknown (queued for a late release by token),
-            # the next try is a new acquisition with a token of its own.
-            this = next(tokens, None) or secrets.token_hex(16)
+            # The first try's outcome is unknown (it is queued for a late release by its
+            # token): each next try is a new acquisition with a token of its own.
+            this = secrets.token_hex(16)
             result = self._acknowledged_acquire(key, this, ttl, owner, **marks)
-            if isinstance(result, Granted) and this != token:
+            if isinstance(result, Granted):
                 return Granted(result.fencing_token, token=this, valid_until=result.valid_until)
             return result
 
-        return self._through_failover(attempt)
+        return self._again(attempt, started, first)
 
     def _acknowledged_acquire(
         self, key: str, token: str, ttl: float, owner: Owner, **marks: bool
@@ -497,10 +529,20 @@ class SentinelBackend(RedisBackend):
         return self._through_failover(renew)
 
     def _release(self, key: str, field: str, value: str) -> bool:
-        return self._through_failover(lambda: super(SentinelBackend, self)._release(key, field, value))
+        if not self.watch.running:
+            self.watch.ensure_running()
+        started = self.clock()
+        try:
+            return super()._release(key, field, value)
+        except LockBackendUnavailable as error:
+            if not _failover_may_explain(error):
+                raise
+            first = error
+        return self._again(lambda: super(SentinelBackend, self)._release(key, field, value), started, first)
 
     def _block(self, key: str, timeout: float) -> bool:
-        self.watch.ensure_running()
+        if not self.watch.running:
+            self.watch.ensure_running()
         try:
             return super()._block(key, timeout)
         except LockBackendUnavailable as error:
@@ -514,22 +556,29 @@ class SentinelBackend(RedisBackend):
             return False
 
     def _run_and_wait(self, call: ScriptCall) -> tuple[Any, int]:
-        """Run ``call`` and ``WAIT`` for the replicas in one round trip (one connection,
-        so WAIT covers this call's writes); the reply and the acknowledgements."""
-        wait = ("WAIT", self.min_replicas, max(1, round(self.min_replicas_timeout * 1000)))
-        with self._answering(call.key):
-            for _ in range(2):
-                pipe = self._client.pipeline(transaction=False)
-                pipe.execute_command("EVALSHA", call.script.sha, len(call.keys), *call.keys, *call.args)  # type: ignore[no-untyped-call]
-                pipe.execute_command(*wait)  # type: ignore[no-untyped-call]
-                reply, acknowledged = pipe.execute(raise_on_error=False)
-                if not isinstance(reply, NoScriptError):
-                    break
-                self._client.script_load(call.script.text)  # a server that never saw it
-            if isinstance(reply, Exception):
-                raise reply
-            if isinstance(acknowledged, Exception):
-                raise acknowledged
+        """Run ``call`` and ``WAIT`` for the replicas in one round trip, on one lane of the
+        Redis backend's hot path (one connection, so WAIT covers this call's writes); the
+        reply and the number of replicas that acknowledged.
+
+        :raises LockBackendUnavailable: no usable reply (the call may have been applied).
+        """
+        wait = self._wait_request
+        lane = self._take_lane(call.key)
+        try:
+            lane.send(call.pack() + wait)
+            reply, acknowledged = lane.read(), lane.read()
+            if type(reply) is ReplyError and str(reply).startswith("NOSCRIPT"):
+                lane.send(call.script.pack_eval(call.keys, call.args) + wait)  # a new server
+                reply, acknowledged = lane.read(), lane.read()
+        except BaseException as exc:
+            lane.close()
+            if not isinstance(exc, OSError):
+                raise
+            self._raise_socket_error(exc, call.key)
+        self._give_back(lane)
+        for each in (reply, acknowledged):
+            if type(each) is ReplyError:
+                raise self._reply_error(each, call.key)
         return reply, int(acknowledged)
 
     def _unacknowledged(self, acknowledged: int, what: str, key: str | None) -> LockBackendUnavailable:
