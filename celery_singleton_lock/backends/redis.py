@@ -556,21 +556,26 @@ class RedisBackend(LockBackend):
             lane.close()
 
     def _request(
-        self, request: bytes, call: ScriptCall, unanswered: Callable[[], None] | None = None
+        self,
+        request: bytes,
+        key: str | None,
+        call: Callable[[], ScriptCall],
+        unanswered: Callable[[], None] | None = None,
     ) -> Any:
-        """Send ``request`` (``call`` packed) and read its reply: one round trip.
+        """Send ``request`` and read its reply: one round trip.
 
-        A server restarted empty has forgotten the script: it is sent again as EVAL.
-
+        :param call: the :class:`ScriptCall` that ``request`` packs, made only when a
+            server restarted empty has forgotten the script: it is sent again as EVAL.
         :param unanswered: called when the request may have gone out but no reply came.
         :raises LockBackendUnavailable: no usable reply.
         """
-        lane = self._take_lane(call.key)
+        lane = self._take_lane(key)
         try:
             lane.send(request)
             reply = lane.read()
             if type(reply) is ReplyError and str(reply).startswith("NOSCRIPT"):
-                lane.send(call.script.pack_eval(call.keys, call.args))
+                again = call()
+                lane.send(again.script.pack_eval(again.keys, again.args))
                 reply = lane.read()
         except BaseException as exc:
             lane.close()
@@ -578,10 +583,10 @@ class RedisBackend(LockBackend):
                 raise
             if unanswered is not None:
                 unanswered()
-            self._raise_socket_error(exc, call.key)
+            self._raise_socket_error(exc, key)
         self._give_back(lane)
         if type(reply) is ReplyError:
-            raise self._reply_error(reply, call.key)
+            raise self._reply_error(reply, key)
         return reply
 
     def _raise_socket_error(self, exc: OSError, key: str | None) -> NoReturn:
@@ -724,16 +729,21 @@ class RedisBackend(LockBackend):
         woken: bool = False,
     ) -> Granted | Refused:
         """One attempt (see :meth:`acquire_call` for ``waiting`` and ``woken``)."""
-        call = self.acquire_call(key, token, ttl, owner, waiting=waiting, woken=woken)
-        lock, rest = call.keys[0].encode(), call.args[1].encode()
-        ttl_ms = b"%d" % call.args[2]
+        # acquire_call's request, packed here in one step: this is the hot path.
+        lock = ("{" + key + "}").encode()
+        rest = (_owner_part(owner) + " " if woken else _owner_part(owner)).encode()
+        ttl_ms = b"%d" % milliseconds(ttl)
         request = b"%s$%d\r\n%s\r\n$%d\r\n%s\r\n$%d\r\n%s\r\n$%d\r\n%s\r\n$1\r\n%s\r\n" % (
             _ACQUIRE_HEAD, len(lock), lock, len(token), token.encode(), len(rest), rest,
             len(ttl_ms), ttl_ms, b"1" if waiting else b"0",
         )
         # An attempt whose reply never came may have run (or run later, on a paused
         # server): that lock would stand unheld for a TTL, so it is released by token.
-        reply = self._request(request, call, lambda: self.late_releases.add(key, token, ttl))
+        reply = self._request(
+            request, key,
+            lambda: self.acquire_call(key, token, ttl, owner, waiting=waiting, woken=woken),
+            lambda: self.late_releases.add(key, token, ttl),
+        )
         if type(reply) is int:
             return Granted(reply)
         return self.acquire_reply(reply)
@@ -764,14 +774,14 @@ class RedisBackend(LockBackend):
         return self.renew_reply(self.run(self.renew_call(items)))
 
     def _release(self, key: str, field: str, value: str) -> bool:
-        call = self.release_call(key, field, value)
-        lock = _as_bytes(call.keys[0])
+        # release_call's request, packed here in one step: this is the hot path.
+        lock = ("{" + key + "}").encode()
         expected = value.encode()
         request = b"%s$%d\r\n%s\r\n$%d\r\n%s:signal\r\n$%d\r\n%s\r\n$%d\r\n%s\r\n%s" % (
             _RELEASE_HEAD, len(lock), lock, len(lock) + 7, lock, len(field), field.encode(),
             len(expected), expected, _SIGNAL_LIFETIME_ARG,
         )
-        reply = self._request(request, call)
+        reply = self._request(request, key, lambda: self.release_call(key, field, value))
         if reply == 2 and field == "token":
             self.note_handover(key)
         return self.release_reply(reply)
@@ -860,7 +870,7 @@ class RedisBackend(LockBackend):
 
         :raises LockBackendUnavailable: the server did not answer within ``connect_timeout``.
         """
-        return self._request(call.pack(), call)
+        return self._request(call.pack(), call.key, lambda: call)
 
     @staticmethod
     def script(lua: str) -> Script:

@@ -366,3 +366,19 @@ def test_a_database_the_server_does_not_have_is_a_configuration_error(own_server
         assert info.value.option == "singleton_lock_backend"
         assert "no database 99" in str(info.value)
     backend.close()
+
+
+def test_scripts_the_server_forgot_are_sent_again(own_server, unique_key):
+    backend = connect(own_server.url + "/0")
+    client = redis.Redis.from_url(own_server.url + "/0")
+    held = backend.acquire(unique_key, ttl=5)
+    client.script_flush()  # as after a restart, or SCRIPT FLUSH by an operator
+    assert backend.release(held) is True
+    client.script_flush()
+    again = backend.acquire(unique_key, ttl=5)
+    assert again is not None
+    client.script_flush()
+    assert backend.renew([again]) == [True]
+    assert backend.release(again) is True
+    backend.close()
+    client.close()
