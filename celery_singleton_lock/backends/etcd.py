@@ -169,6 +169,9 @@ class _Cluster:
 
     def stub(self, service: str, index: int | None = None) -> Any:
         index = self._current if index is None else index
+        stub = self._stubs.get((index, service))  # made once; every call reads it
+        if stub is not None:
+            return stub
         with self._guard:
             stub = self._stubs.get((index, service))
             if stub is None:
