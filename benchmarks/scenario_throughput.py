@@ -62,11 +62,13 @@ def run(
 
     rate: dict[str, list[float]] = {lib: [] for lib in adapters}
     server_cmds: dict[str, list[float]] = {lib: [] for lib in adapters}
+    client_cpu: dict[str, list[float]] = {lib: [] for lib in adapters}
     lost: dict[str, int] = dict.fromkeys(adapters, 0)
     for rep in range(reps):
         # Each repetition runs every library's cycles in CHUNKS slices, the libraries
         # taking turns slice by slice: a burst of machine noise hits them all alike.
         elapsed: dict[str, float] = dict.fromkeys(adapters, 0.0)
+        cpu: dict[str, float] = dict.fromkeys(adapters, 0.0)
         commands: dict[str, int] = dict.fromkeys(adapters, 0)
         done: dict[str, int] = dict.fromkeys(adapters, 0)
         for chunk in range(CHUNKS):
@@ -76,19 +78,21 @@ def run(
                 count = (n if env.quick else CYCLES.get(lib, n)) // CHUNKS
                 gc.collect()
                 s0 = env.stats.snapshot()
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), time.process_time()
                 try:
                     lost[lib] += cycles(adapters[lib], f"bench:a:{lib}", count)
                 except Exception as exc:
                     errors[lib] = f"rep {rep}: {exc!r}"
                     continue
                 elapsed[lib] += time.perf_counter() - t0
+                cpu[lib] += time.process_time() - c0
                 s1 = env.stats.snapshot()
                 commands[lib] += env.stats.delta(s0, s1)[0]
                 done[lib] += count
         for lib in adapters:
             if lib not in errors and done[lib]:
                 rate[lib].append(done[lib] / elapsed[lib])
+                client_cpu[lib].append(cpu[lib] / done[lib] * 1e6)
                 server_cmds[lib].append(commands[lib] / done[lib])
 
     # untimed pass: round trips per cycle, from the commands clients sent (MONITOR)
@@ -114,19 +118,20 @@ def run(
 
     table = Table(
         res.title,
-        ["library", "cycles/s (median)", "µs/cycle", "min-max", "x raw", "server cmds/cycle",
+        ["library", "cycles/s (median)", "µs/cycle", "client CPU µs/cycle", "min-max", "x raw",
+         "server cmds/cycle",
          "round trips/cycle", "commands sent per cycle"],
     )
     for lib in LIBS:
         if lib in missing:
-            table.add(LABELS[lib], "not installed", "", "", "", "", "", missing[lib][:60])
+            table.add(LABELS[lib], "not installed", "", "", "", "", "", "", missing[lib][:60])
             continue
         if lib in errors and not rate[lib]:
-            table.add(LABELS[lib], "ERROR", "", "", "", "", "", errors[lib][:80])
+            table.add(LABELS[lib], "ERROR", "", "", "", "", "", "", errors[lib][:80])
             continue
         table.add(
             LABELS[lib], fmt(median(rate[lib]), 0), fmt(1e6 / median(rate[lib]), 1),
-            spread(rate[lib]), fmt(median(ratios[lib])),
+            fmt(median(client_cpu[lib]), 1), spread(rate[lib]), fmt(median(ratios[lib])),
             fmt(median(server_cmds[lib])), fmt(round_trips.get(lib)), breakdown.get(lib, ""),
         )
     table.notes += [
@@ -137,6 +142,8 @@ def run(
         f"(round-robin, first one rotating); {warmup} warm-up cycles each first; ttl "
         f"{TTL:.0f} s.",
         "x raw: median over repetitions of (library / raw loop of the same repetition).",
+        "client CPU µs/cycle: this process's user+system time per cycle (time.process_time): "
+        "what the library costs the caller, whatever else the machine runs.",
         "server cmds/cycle: total_commands_processed delta / cycles; it includes the commands "
         "a Lua script runs inside the server.",
         f"round trips/cycle: commands the client itself sent (MONITOR, {rt_cycles} untimed "
@@ -169,7 +176,8 @@ def run(
         res.goals.append(Goal("a", "uncontended cycle ≥ 1.5 x raw redis-py", why[:80], None))
     res.raw = {
         "cycles": n, "reps": reps, "rate": rate, "ratio_to_raw": ratios,
-        "server_cmds_per_cycle": server_cmds, "round_trips_per_cycle": round_trips,
+        "server_cmds_per_cycle": server_cmds, "client_cpu_us_per_cycle": client_cpu,
+        "round_trips_per_cycle": round_trips,
         "round_trip_breakdown": breakdown, "errors": errors, "missing": missing, "lost": lost,
     }
     return res

@@ -272,7 +272,7 @@ class Lane:
         if reader is not None:
             reply = reader.gets()
             while reply is False:
-                chunk = self.sock.recv(65536)
+                chunk = self.sock.recv(16384)
                 if not chunk:
                     raise _LaneClosedError("Connection closed by server")
                 reader.feed(chunk)
@@ -288,7 +288,7 @@ class Lane:
                 else:
                     self._buffer = buf[pos:]
                     return reply
-            chunk = self.sock.recv(65536)
+            chunk = self.sock.recv(16384)
             if not chunk:
                 raise _LaneClosedError("Connection closed by server")
             buf = buf + chunk if buf else chunk
@@ -1067,10 +1067,14 @@ class SignalWait:
         if lane is None:
             return False
         try:
-            if not lane.readable(self.timeout):
-                return False
+            try:
+                reply = lane.read_within(self.timeout)  # one poll and one read when it comes
+            except TimeoutError:
+                if lane.has_data():  # a reply began to arrive just now: it is read whole
+                    reply = lane.read_within(self._node.connect_timeout)
+                else:
+                    return False
             self._pending = False
-            reply = lane.read_within(self._node.connect_timeout)
         except OSError as exc:
             self._drop()
             self._node._raise_socket_error(exc, self.key)
