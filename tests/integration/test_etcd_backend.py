@@ -384,3 +384,20 @@ def test_a_waiter_whose_place_was_taken_again_queues_behind_the_newcomer(backend
     first.release(got["first"])
     first.close()
     second.close()
+
+
+def test_a_line_longer_than_one_offer_of_places_queues_in_order(backend, etcd_url, unique_key):
+    # A waiter offers places 0-7 in one transaction; the ninth entry finds them all taken
+    # and offers the free places of the line it read instead.
+    holder = backend.acquire(unique_key, ttl=10)
+    order, proceed, backends, threads = _queue_waiters(etcd_url, unique_key, 9)
+    assert sorted(e.key[-1:] for e in entries(backend, unique_key)) == [b"%x" % i for i in range(10)]
+    backend.release(holder)
+    for i in range(9):
+        wait_until(lambda i=i: len(order) == i + 1, 10, f"turn {i}")
+        proceed[i].set()
+    for thread in threads:
+        thread.join(10)
+    assert order == list(range(9))
+    for waiter in backends:
+        waiter.close()
