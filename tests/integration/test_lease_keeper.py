@@ -29,13 +29,14 @@ def test_brief_locks_beside_a_long_held_one_never_wake_the_keeper(redis_url: str
         return now < keeper._wakes_at <= now + learnt
 
     wait_until(sleeps_the_learnt_interval, 10, "the keeper thread sleeping the brief locks' interval")
-    wakeups, renewals = keeper.wakeup_calls, keeper.renewal_calls
+    wakeups = keeper.wakeup_calls
     for i in range(200):
         held = backend.acquire(f"{unique_key}:brief:{i % 4}", ttl=BRIEF_TTL)
         assert held is not None
         backend.release(held)
+    # Other tests' locks may fall due meanwhile; what counts is that no acquisition here
+    # called the thread.
     assert keeper.wakeup_calls - wakeups == 0
-    assert keeper.renewal_calls - renewals == 0
     assert not long_held.lost
     backend.release(long_held)
     backend.close()
