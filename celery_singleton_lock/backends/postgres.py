@@ -147,6 +147,9 @@ class _Unreachable(Exception):
     process's connections are all busy. Nothing was sent."""
 
 
+#: Whether sessions left running a statement whose reply was lost still exist.
+SQL_SESSIONS_ALIVE = b"SELECT count(*) FROM pg_stat_activity WHERE pid = ANY(%(pids)s)"
+
 #: Run on each new connection that writes leases (not through PgBouncer, where a session
 #: setting would leak to other clients): a grant must be on disk before its holder hears
 #: of it, or a server crash could forget it while the holder runs on, and another
@@ -793,7 +796,7 @@ class PostgresBackend(LockBackend):
             # token once the server answers (a retry with the token is granted it again).
             rows = self._execute(
                 self._sql["acquire"], params, key, create=True,
-                unsure=lambda: self.late_releases.add(key, token, ttl),
+                unsure=lambda sessions: self.late_releases.add(key, token, ttl, sessions),
             )
             if rows and rows[0][0] is not None:
                 return Granted(int(rows[0][0]), token=token)
@@ -837,6 +840,13 @@ class PostgresBackend(LockBackend):
     def close(self) -> None:
         self.late_releases.stop()
         self._pool.close()
+
+    def _sessions_alive(self, sessions: Sequence[int]) -> bool:
+        """Whether any of these server sessions (backend pids) still exists."""
+        if not sessions:
+            return False
+        rows = self._execute(SQL_SESSIONS_ALIVE, {"pids": list(sessions)}, None)
+        return bool(rows[0][0])
 
     # -- for operators (celery locks) -----------------------------------------------------
 
@@ -895,7 +905,7 @@ class PostgresBackend(LockBackend):
         key: str | None,
         *,
         budget: float | None = None,
-        unsure: Callable[[], None] | None = None,
+        unsure: Callable[[Sequence[int]], None] | None = None,
         create: bool = False,
     ) -> list[tuple[Any, ...]]:
         """Run one statement on a pooled connection within ``budget`` seconds (default
@@ -905,22 +915,27 @@ class PostgresBackend(LockBackend):
         granted; renewals and releases compare tokens): a connection that breaks is
         replaced and the statement sent again while the budget lasts.
 
-        :param unsure: called when it fails after it may have been applied.
+        :param unsure: called when it fails after it may have been applied, with the server
+            sessions (backend pids) that were left running it.
         :param create: create the table if it is missing, and run the statement again
             (acquire); otherwise a missing table has no rows (nothing to renew or release).
         :raises LockBackendUnavailable: the server did not answer within the budget.
         """
         deadline = time.monotonic() + (self.connect_timeout if budget is None else budget)
         sent = False
+        abandoned: list[int] = []  # server sessions left running the statement
         created = False
         while True:
             try:
                 conn = self._pool.take(deadline)
             except _Unreachable as exc:
                 if sent and unsure is not None:
-                    unsure()
+                    unsure(abandoned)
                 raise self._unavailable(str(exc), key) from None
             conn.deadline = deadline
+            # Read now: a connection cut short is closed. Behind a pooler it is not the
+            # server's session, and is left out.
+            session = 0 if self.pgbouncer else conn.pgconn.backend_pid
             try:
                 rows = conn.run(query, params)
             except (pg_errors.SerializationFailure, pg_errors.DeadlockDetected):
@@ -939,10 +954,12 @@ class PostgresBackend(LockBackend):
                 self._pool.give(conn, reusable=False)
                 if _is_connection_error(exc):
                     sent = True
+                    if session:
+                        abandoned.append(session)
                     if time.monotonic() < deadline and not isinstance(exc, pg_errors._WaitTimeout):
                         continue
                     if unsure is not None:
-                        unsure()
+                        unsure(abandoned)
                     raise self._unavailable(_first_line(exc), key) from None
                 raise self._refusal(exc, key) from None
             except psycopg.Error as exc:
@@ -1035,21 +1052,27 @@ class _LateReleases:
     that row would stand unheld for a whole TTL. A thread of its own, started on demand,
     releases each such token until the server answers or the TTL has freed it anyway.
     Releasing by token frees that acquisition only; for one never applied it does nothing.
+
+    "Nothing to release" is the answer only once the server sessions that were left
+    running the statement have ended: one still waiting (behind a table lock, say) may
+    apply it after our release looked. Whether they live is asked before each release,
+    so a session that applies the statement and ends between the two is still seen.
     """
 
     def __init__(self, backend: PostgresBackend) -> None:
         self._backend = backend
-        self._pending: dict[tuple[str, str], float] = {}  # (full key, token) -> give up at
+        #: (full key, token) -> (give up at, the server sessions that may still apply it)
+        self._pending: dict[tuple[str, str], tuple[float, tuple[int, ...]]] = {}
         self._guard = threading.Lock()
         self._stopped = threading.Event()
         self._thread: threading.Thread | None = None
         self._pid = os.getpid()
 
-    def add(self, key: str, token: str, ttl: float) -> None:
+    def add(self, key: str, token: str, ttl: float, sessions: Sequence[int] = ()) -> None:
         with self._guard:
             if self._pid != os.getpid():  # a forked child: the parent's thread is not here
                 self._pending, self._thread, self._pid = {}, None, os.getpid()
-            self._pending[(key, token)] = time.monotonic() + ttl
+            self._pending[(key, token)] = (time.monotonic() + ttl, tuple(sessions))
             if self._thread is None and not self._stopped.is_set():
                 self._thread = threading.Thread(
                     target=self._run, name="celery-singleton-lock-pg-late-release", daemon=True
@@ -1068,17 +1091,20 @@ class _LateReleases:
         while True:
             with self._guard:
                 now = time.monotonic()
-                self._pending = {item: end for item, end in self._pending.items() if end > now}
+                self._pending = {item: due for item, due in self._pending.items() if due[0] > now}
                 if not self._pending or self._stopped.is_set():
                     self._thread = None
                     return
-                due = list(self._pending)
-            for key, token in due:
+                due = [(key, token, sessions) for (key, token), (_, sessions) in self._pending.items()]
+            for key, token, sessions in due:
                 try:
+                    running = self._backend._sessions_alive(sessions)
                     deleted = self._backend._release(key, "token", token)
                 except Exception:  # best effort, never a dead thread: the TTL frees it anyway
                     logger.debug("late release of %r failed; trying again", key, exc_info=True)
                     continue
+                if running and not deleted:
+                    continue  # the statement may yet be applied: release again later
                 with self._guard:
                     self._pending.pop((key, token), None)
                 if deleted:

@@ -326,6 +326,34 @@ def _sessions(url: str, application: str, query_like: str) -> int:
     )[0][0]
 
 
+def test_a_lost_acquire_still_waiting_on_the_server_is_released_once_it_applies(
+    backend, postgres_url, unique_key
+):
+    # The row is locked, not the table: the late release's UPDATE finds no row with its
+    # token and answers "nothing" at once, while the acquire it follows still waits on
+    # the server and applies later. That answer must not end the late release.
+    backend.release(backend.acquire(unique_key, ttl=5))  # the row exists, free
+    blocker = psycopg.connect(postgres_url)
+    try:
+        blocker.execute(
+            f"SELECT 1 FROM {backend.table} WHERE key = %s FOR UPDATE", (backend._full_key(unique_key),)
+        )
+        short = connect(postgres_url, table=backend.table, connect_timeout=0.5)
+        releases: list[tuple[str, ...]] = []
+        release = short._release
+        short._release = lambda *args: releases.append(args) or release(*args)
+        with pytest.raises(LockBackendUnavailable):
+            short.acquire(unique_key, ttl=30)
+        wait_until(lambda: len(releases) >= 2, 5, "two late releases that found nothing")
+        assert short.late_releases.pending()  # the acquire's session still runs it
+        blocker.commit()  # the acquire now takes the row on the server
+        wait_until(lambda: not short.late_releases.pending(), 5, "the late release")
+        assert backend.acquire(unique_key, ttl=5) is not None  # free at once, not in 30 s
+        short.close()
+    finally:
+        blocker.close()
+
+
 def test_an_acquire_stuck_behind_a_table_lock_fails_in_time_and_leaves_nothing(
     backend, postgres_url, unique_key
 ):
