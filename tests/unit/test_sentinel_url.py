@@ -70,6 +70,13 @@ def test_a_bad_option_names_itself(options, named):
     assert named in str(info.value)
 
 
+def test_an_unknown_connection_option_is_refused_when_connecting_not_at_the_first_lock():
+    with pytest.raises(ConfigurationError) as info:
+        connect("sentinel://127.0.0.1:1/mymaster", ssl_ca_cert="/ca.pem")  # ssl_ca_certs
+    assert info.value.option == "singleton_lock_backend_options"
+    assert "ssl_ca_cert" in str(info.value)
+
+
 def test_the_url_is_shown_with_its_password_masked():
     backend = connect(f"sentinel://:{SECRET}@127.0.0.1:1,127.0.0.1:2/mymaster/1")
     try:
