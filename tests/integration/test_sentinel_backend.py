@@ -279,6 +279,7 @@ def sentinel_worker(redis_sentinel, tmp_path_factory):
         yield default_app
     finally:
         worker.stop()
+        default_app.app.close()  # the broker connections .delay() opened, before the app goes
         sys.modules.pop("tests.integration.default_app", None)
         for name, value in previous.items():
             if value is None:
@@ -326,4 +327,7 @@ def test_the_lease_keepers_copy_for_a_native_thread_renews_and_releases_on_the_m
     native = backend.for_native_thread()
     assert native.renew([held]) == [True]
     assert native.release(held) is True
-    assert backend.acquire(unique_key, ttl=1) is not None
+    again = backend.acquire(unique_key, ttl=5)
+    assert again is not None
+    assert backend.release(again) is True
+    native.close()  # its connections (the rest it shares with the original, closed again after)
