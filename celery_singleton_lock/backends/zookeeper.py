@@ -1206,8 +1206,12 @@ class _Janitor:
             # switch per acquire): each new node is due after this wake-up anyway.
             delay, self._idle_for = self._idle_for, None
             return delay
+        # Never past the shortest interval told of meanwhile: a brief lock taken while a
+        # longer one is held then falls due after this wake-up, and needs no call.
+        learnt = self._idle_for
         self._idle_for = max(n.ttl for _, n in held) if held else self._idle_for
-        return max(0.0, min(later) - backend.clock())
+        delay = max(0.0, min(later) - backend.clock())
+        return delay if learnt is None else min(delay, learnt)
 
     def _declare_lost(self, lost: list[tuple[str, str, str]]) -> None:
         backend, state = self._backend, self._state

@@ -493,3 +493,19 @@ def test_a_loop_of_brief_locks_never_wakes_the_idle_janitor(backend, unique_key)
     # One call may wake a janitor that went on to sleep until called; then it sleeps
     # about a TTL, past every lock of the loop.
     assert janitor.wake_calls - before <= 1
+
+
+def test_brief_locks_beside_a_longer_held_one_never_wake_the_janitor(backend, unique_key):
+    # The janitor sleeps until the long lock is due, unless it learnt a shorter interval
+    # from the locks it was told about: else each brief lock, due sooner, calls it.
+    long_held = backend.acquire(f"{unique_key}:long", ttl=60)
+    assert long_held is not None
+    backend.release(backend.acquire(unique_key, ttl=30))
+    janitor = backend._state.get().janitor
+    before = janitor.wake_calls
+    for _ in range(50):
+        held = backend.acquire(unique_key, ttl=30)
+        assert held is not None
+        backend.release(held)
+    assert janitor.wake_calls - before <= 1
+    assert backend.release(long_held)
