@@ -334,11 +334,11 @@ def test_a_lost_acquire_still_waiting_on_the_server_is_released_once_it_applies(
     # the server and applies later. That answer must not end the late release.
     backend.release(backend.acquire(unique_key, ttl=5))  # the row exists, free
     blocker = psycopg.connect(postgres_url)
+    short = connect(postgres_url, table=backend.table, connect_timeout=0.5)
     try:
         blocker.execute(
             f"SELECT 1 FROM {backend.table} WHERE key = %s FOR UPDATE", (backend._full_key(unique_key),)
         )
-        short = connect(postgres_url, table=backend.table, connect_timeout=0.5)
         releases: list[tuple[str, ...]] = []
         release = short._release
         short._release = lambda *args: releases.append(args) or release(*args)
@@ -349,8 +349,8 @@ def test_a_lost_acquire_still_waiting_on_the_server_is_released_once_it_applies(
         blocker.commit()  # the acquire now takes the row on the server
         wait_until(lambda: not short.late_releases.pending(), 5, "the late release")
         assert backend.acquire(unique_key, ttl=5) is not None  # free at once, not in 30 s
-        short.close()
     finally:
+        short.close()  # also when it failed: a connection left open fails a later test
         blocker.close()
 
 
@@ -359,9 +359,9 @@ def test_an_acquire_stuck_behind_a_table_lock_fails_in_time_and_leaves_nothing(
 ):
     backend.release(backend.acquire(unique_key, ttl=5))  # the table exists
     blocker = psycopg.connect(postgres_url)
+    short = connect(postgres_url, table=backend.table, connect_timeout=0.5)
     try:
         blocker.execute(f"LOCK TABLE {backend.table} IN ACCESS EXCLUSIVE MODE")
-        short = connect(postgres_url, table=backend.table, connect_timeout=0.5)
         start = time.monotonic()
         with pytest.raises(LockBackendUnavailable):
             short.acquire(unique_key, ttl=30)
@@ -370,8 +370,8 @@ def test_an_acquire_stuck_behind_a_table_lock_fails_in_time_and_leaves_nothing(
         blocker.rollback()  # the stuck statement now runs on the server, and takes the row
         wait_until(lambda: not short.late_releases.pending(), 5, "the late release")
         assert backend.acquire(unique_key, ttl=5) is not None  # free at once, not in 30 s
-        short.close()
     finally:
+        short.close()  # also when it failed: a connection left open fails a later test
         blocker.close()
 
 
