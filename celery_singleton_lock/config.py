@@ -259,7 +259,11 @@ def _check_censored(value: Any) -> None:
         return  # not a URL: backend_class reports it
     for url in urls:
         # Shown as written by every Celery: checked before asking it.
-        parts = urlsplit(url)
+        try:
+            parts = urlsplit(url)
+        except ValueError:
+            return  # a malformed host: backend_class reports it, masked
+
         if "@" in url.partition("://")[2][len(parts.netloc):]:
             msg = (
                 f"singleton_lock_backend: a {parts.scheme}:// URL has an '@' after its host "

@@ -15,6 +15,7 @@ it between processes), and none carries a password: URLs are masked before they 
 
 from __future__ import annotations
 
+import re
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -29,13 +30,20 @@ __all__ = [
 ]
 
 
+#: ``scheme://user:`` then the password, up to the last ``@`` before the path.
+_USERINFO_PASSWORD = re.compile(r"^([^:/?#]+://[^:/?#@]*:)[^/?#]*@")
+
+
 def mask_url(url: str) -> str:
     """Return ``url`` with its password replaced by ``***`` (user names are kept).
 
     The host part is kept as written, so URLs naming several hosts
     (``redlock://:pw@h1:6379,h2:6379,h3:6379/0``) are masked too.
     """
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+    except ValueError:  # a malformed host ("[nonsense]"): mask by hand, the rest as written
+        return _USERINFO_PASSWORD.sub(r"\1***@", url)
     userinfo, at, hosts = parts.netloc.rpartition("@")
     if not at or ":" not in userinfo:
         return url

@@ -60,7 +60,11 @@ def backend_class(url: str | Sequence[str], *, option: str = "url") -> type[Lock
         shown = "a str without '://'" if isinstance(url, str) else type(url).__name__
         msg = f"{option} must be a URL like redis://host:6379/0, got {shown}"
         raise ConfigurationError(msg, option=option)
-    scheme = urlsplit(url).scheme.lower()
+    try:
+        scheme = urlsplit(url).scheme.lower()
+    except ValueError as exc:  # a malformed host, e.g. unbalanced or bad [brackets]
+        msg = f"{option}: {mask_url(url)!r} is not a valid URL ({exc})"
+        raise ConfigurationError(msg, option=option) from None
     schemes = registered_schemes()
     target = schemes.get(scheme)
     if target is None:

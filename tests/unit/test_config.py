@@ -193,6 +193,18 @@ def test_an_unknown_scheme_error_masks_the_password() -> None:
     assert "user:***@host" in str(info.value)
 
 
+@pytest.mark.parametrize(
+    "url", ["redis://user:s3cret@[nonsense]:6379/0", "etcd://user:s3cret@[::1:2379", "redlock://:s3cret@[x]:1,h:2/0"]
+)
+def test_a_url_with_a_malformed_host_is_a_configuration_error_with_the_password_masked(url: str) -> None:
+    with pytest.raises(ConfigurationError) as info:
+        read_settings(app_with(singleton_lock_backend=url).conf)
+    assert info.value.option == "singleton_lock_backend"
+    assert "is not a valid URL" in str(info.value)
+    assert "s3cret" not in str(info.value)
+    assert ":***@" in str(info.value)
+
+
 @pytest.mark.parametrize("typo", ["redis:/user:s3cret@host/0", "redis//user:s3cret@host/0"])
 def test_a_malformed_url_error_masks_the_password(typo: str) -> None:
     with pytest.raises(ConfigurationError) as info:
