@@ -372,6 +372,20 @@ class RedisBackend(LockBackend):
     return {redis.call('pttl', KEYS[1]), value}
     """
 
+    # KEYS[1] lock
+    # marks it (one space) for a waiter, if it is held and not marked yet
+    # returns 1 when it is held, 0 when it is free
+    LUA_MARK = """
+    local value = redis.call('get', KEYS[1])
+    if not value then
+      return 0
+    end
+    if string.byte(value, -1) ~= 32 then
+      redis.call('append', KEYS[1], ' ')
+    end
+    return 1
+    """
+
     # KEYS[i] locks
     # ARGV[2i-1] token of KEYS[i], ARGV[2i] its ttl ms
     # returns one 1 (TTL replaced, never added to) or 0 (not ours any more) per key;
@@ -429,6 +443,7 @@ class RedisBackend(LockBackend):
     _acquire_script = Script(LUA_ACQUIRE)
     _acquire_counted_script = Script(LUA_ACQUIRE_COUNTED)
     _renew_script = Script(LUA_RENEW)
+    _mark_script = Script(LUA_MARK)
     _release_script = Script(LUA_RELEASE)
 
     def __init__(
@@ -690,6 +705,12 @@ class RedisBackend(LockBackend):
         if type(reply) is int or not reply[1]:
             return None
         return bytes(reply[1].split(b"\n", 1)[0].split(b":", 1)[0])
+
+    def mark_call(self, key: str) -> ScriptCall:
+        """The script call that marks ``key`` (fully prefixed) for a waiter, if it is held,
+        so that its release wakes one (Redlock's waiters, when the master they marked
+        failed and they move to another)."""
+        return ScriptCall(self._mark_script, [self._hashed(key)], [], key)
 
     def renew_call(self, items: Sequence[tuple[str, str, float]]) -> ScriptCall:
         """The script call that replaces the TTL of every (key, token, ttl) still ours."""

@@ -16,9 +16,9 @@ every master as on a single Redis. What this module adds is the quorum::
 The requests are sent one after another on idle pooled connections and only then are the
 replies read, so a round costs about one round trip to the slowest master, without a
 thread per call. Renewal and release go out the same way. Waiters mark the lock, and block
-with BLPOP, only on the key's heralds (N - quorum + 1 masters chosen by a hash of the key:
-one of them is up whenever a quorum is), so a release announces itself there alone, not on
-every master. Handoff is fair as on one Redis (see backends/redis.py).
+with BLPOP, only on the key's herald (a master chosen by a hash of the key, the next one
+while it fails), so a release announces itself there alone, not on every master. Handoff
+is fair as on one Redis (see backends/redis.py).
 
 Fencing tokens: each master counts on from its own counter, restarted from its clock in
 microseconds where it is gone (see backends/redis.py). The token is the highest among the
@@ -56,6 +56,8 @@ from celery_singleton_lock.lease import clock_drift
 __all__ = ["RedlockBackend", "node_urls"]
 
 _NODE_SCHEMES = ("redis", "rediss", "unix")
+#: Seconds a master that failed a call is passed over as a key's herald.
+HERALD_RECHECK = 5.0
 #: Fewer masters than this tolerate no failure at all: use one Redis then.
 MIN_NODES = 3
 
@@ -183,6 +185,8 @@ class RedlockBackend(LockBackend):
         self._lanes_pid = os.getpid()
         #: key -> when a release of ours woke a waiter (see redis.POLITE_WAIT)
         self._handed_over: dict[str, float] = {}
+        #: master index -> when it last failed a call (see _herald)
+        self._failed_at: dict[int, float] = {}
 
     @classmethod
     def check_url(cls, url: str | Sequence[str], *, option: str) -> None:
@@ -241,6 +245,7 @@ class RedlockBackend(LockBackend):
                     line.send(request if calls[i] is call else line.pack(calls[i]), call.key)
                 except LockBackendUnavailable as exc:
                     results[i] = _Failed(str(exc), sent=False)
+                    self._failed_at[i] = self.clock()
                     continue
                 sent.append(i)
             for i in sent:
@@ -248,6 +253,7 @@ class RedlockBackend(LockBackend):
                     results[i] = lane[i].receive(calls[i])  # by node_timeout after its own send
                 except LockBackendUnavailable as exc:
                     results[i] = _Failed(str(exc), sent=True)
+                    self._failed_at[i] = self.clock()
         except BaseException:
             for line in lane:  # interrupted: replies may be pending on any of them
                 line.close()
@@ -291,15 +297,21 @@ class RedlockBackend(LockBackend):
         # drawn from their clocks would never agree, which would cost a second round trip
         # (_settle_fences) on every acquire.
         call = self.nodes[0].acquire_call(key, token, ttl, owner, counted=True)
-        # Waiters mark the lock, and wait, only on the key's heralds: a release then
+        # Waiters mark the lock, and wait, only on the key's herald: a release then
         # announces itself there alone, not on every master.
         special = None
         if waiting or woken:
-            marked = self.nodes[0].acquire_call(
+            special = {self._herald(key): self.nodes[0].acquire_call(
                 key, token, ttl, owner, counted=True, waiting=waiting, woken=woken
-            )
-            special = dict.fromkeys(self._heralds(key), marked)
+            )}
         results = self._broadcast(call, special=special)
+        if special is not None:
+            herald = next(iter(special))
+            now_herald = self._herald(key)
+            if isinstance(results[herald], _Failed) and now_herald != herald:
+                # The herald failed just now: the next one is marked instead, since the
+                # wait goes there (an acquire sent to it alone could grant it alone).
+                self._broadcast(self.nodes[0].mark_call(key), to={now_herald})
         granted: dict[int, int] = {}
         refused: dict[bytes, list[Refused]] = {}  # by the holder's token
         for i, result in enumerate(results):
@@ -379,28 +391,44 @@ class RedlockBackend(LockBackend):
         return Refused(min(ttls) if ttls else None, holding[0].holder_task_id)
 
     def _heralds(self, key: str) -> list[int]:
-        """The masters on which waiters of ``key`` (fully prefixed) mark it, in the order
-        in which they block on them: as many as may be down while a quorum is up, plus
-        one, so one of them is always up while the lock can be taken at all."""
+        """Every master, in the order in which ``key`` (fully prefixed) takes its herald
+        from them (a hash of the key picks the first)."""
         first = zlib.crc32(key.encode()) % len(self.nodes)
-        return [(first + i) % len(self.nodes) for i in range(len(self.nodes) - self.quorum + 1)]
+        return [(first + i) % len(self.nodes) for i in range(len(self.nodes))]
+
+    def _herald(self, key: str) -> int:
+        """The master on which waiters of ``key`` mark it and block: the first of
+        :meth:`_heralds` that has not failed a call within ``HERALD_RECHECK`` seconds."""
+        order = self._heralds(key)
+        now = self.clock()
+        for i in order:
+            failed_at = self._failed_at.get(i)
+            if failed_at is None or now - failed_at >= HERALD_RECHECK:
+                return i
+        return order[0]
 
     def _block(self, key: str, timeout: float) -> bool:
-        # BLPOP on the first herald that answers; a release announces itself on every
-        # herald where the lock is marked, and each wakes its longest-blocked waiter.
+        # BLPOP on the key's herald; a release announces itself on every master where
+        # the lock is marked, and each wakes its longest-blocked waiter. A herald that
+        # cannot be reached is passed over: the next one is not marked, so that wait
+        # lasts its bound, then the attempt marks the new herald.
         failed: list[str] = []
-        for i in self._heralds(key):
+        first = self._herald(key)
+        order = self._heralds(key)
+        for i in order[order.index(first):] + order[: order.index(first)]:
             try:
                 wait = self.nodes[i].signal_wait(key, timeout)
             except LockBackendUnavailable as exc:
                 failed.append(str(exc))
+                self._failed_at[i] = self.clock()
                 continue
             with wait:
                 try:
                     return wait.wait()
                 except LockBackendUnavailable:
                     # That herald failed under the wait: try the lock again at once (the
-                    # attempt marks it on the heralds still up, and the next wait is there).
+                    # attempt marks the next herald, and the next wait is there).
+                    self._failed_at[i] = self.clock()
                     return False
         msg = f"Redlock {self.url}: none of the masters where waiters of {key!r} block answered: "
         raise LockBackendUnavailable(msg + "; ".join(failed), url=self.url, key=key)

@@ -372,6 +372,34 @@ def test_waiters_are_woken_by_a_release_with_one_master_dead(redlock, masters, u
     redlock.release(got[0])
 
 
+def test_waiters_are_woken_by_a_release_when_the_keys_herald_is_dead(redlock, masters, unique_key):
+    # Waiters mark the lock and block on one master of the key: here that very master is
+    # down, so they must move to the next one, and the release must announce itself there.
+    key = next(
+        f"{unique_key}:{n}" for n in range(1000)
+        if redlock._heralds(redlock._full_key(f"{unique_key}:{n}"))[0] == 2
+    )
+    held = redlock.acquire(key, ttl=30)
+    masters[2].stop()
+    got: list[object] = []
+    waiter = threading.Thread(
+        target=lambda: got.append(redlock.acquire(key, ttl=30, blocking=True, timeout=10))
+    )
+    waiter.start()
+    clients = [redis.Redis.from_url(m.url + "/0") for m in masters[:2]]
+    wait_until(
+        lambda: sum(c.info("clients")["blocked_clients"] for c in clients) >= 1, 5, "the waiter to block"
+    )
+    for client in clients:
+        client.close()
+    released_at = time.monotonic()
+    redlock.release(held)
+    waiter.join(10)
+    assert got[0] is not None
+    assert time.monotonic() - released_at < 2  # woken by the release, not by the 30 s TTL
+    redlock.release(got[0])
+
+
 # -- unknown outcomes, refusals, unbounded waits, counters that expire ------------------
 
 
