@@ -270,6 +270,7 @@ class LeaseKeeper:
         # The longest the thread sleeps next time: learnt from the locks tracked since it
         # last woke (held or released by now) and from the locks it holds.
         self._learnt_interval: float | None = None
+        self._sleep_cap: float | None = None  # what the thread's current sleep is bounded by
         #: Round trips sent, and wake-up calls made by ``track``, for tests and benchmarks.
         self.renewal_calls = 0
         self.wakeup_calls = 0
@@ -306,14 +307,15 @@ class LeaseKeeper:
 
     def _run(self) -> None:
         self.native_id = _thread.get_native_id()
+        called = False
         while True:
             try:
                 with self._guard:
-                    delay = self._seconds_to_next()
+                    delay = self._seconds_to_next(forget=not called)
                     self._wakes_at = math.inf if delay is None else time.monotonic() + delay
                 # A lock tracked from here on finds _wakes_at set and leaves a wake-up call,
                 # which this wait then returns at once for.
-                self._wakeup.wait(delay)
+                called = self._wakeup.wait(delay)
                 with self._guard:
                     self._wakes_at = -math.inf  # busy: it looks at every lock before sleeping
                 self.renew_due()
@@ -321,15 +323,23 @@ class LeaseKeeper:
                 logger.exception("lease keeper: renewal round failed; retrying")
                 self._wakeup.wait(RETRY_AFTER)
 
-    def _seconds_to_next(self) -> float | None:
+    def _seconds_to_next(self, *, forget: bool = True) -> float | None:
         """How long the thread sleeps now (None: until called); under the guard.
 
-        Never longer than the interval learnt since the last wake-up. A process taking and
-        releasing locks in a loop then never needs a wake-up call (a thread switch per
-        acquire); once it stops, the thread sleeps one more such interval, then until
-        its held locks are due (or until called, when it holds none).
+        Never longer than the interval learnt since it last woke by its own timer. A
+        process taking and releasing locks in a loop then never needs a wake-up call (a
+        thread switch per acquire); once it stops, the thread sleeps one more such
+        interval, then until its held locks are due (or until called, when it holds none).
+
+        :param forget: the thread slept its whole interval: what it learnt before is
+            forgotten. False when a wake-up call ended the sleep (perhaps one left by a lock
+            it had seen already): it keeps the interval, or that lock's like would have to
+            call it again.
         """
-        learnt, self._learnt_interval = self._learnt_interval, None
+        learnt = self._learnt_interval
+        if not forget and self._sleep_cap is not None:
+            learnt = min(learnt or math.inf, self._sleep_cap)
+        self._sleep_cap, self._learnt_interval = learnt, None
         locks = list(self._locks)
         if not locks:
             return learnt

@@ -470,6 +470,25 @@ def test_brief_locks_beside_a_long_held_one_never_wake_the_keeper(
     backend.release(long_held)
 
 
+def test_a_wake_up_call_left_before_the_thread_looked_does_not_make_it_forget(
+    backend: MemoryBackend, keeper, clock, wakeups
+) -> None:
+    # The long lock and the brief one both leave a call before the thread first looks; it
+    # learns the brief interval, then its wait returns at once for the pending call. That
+    # early return must not cost it what it learnt (the next brief lock would call again).
+    long_held = backend.acquire("long", ttl=150)
+    assert long_held is not None
+    backend.release(backend.acquire("brief", ttl=3))
+    assert _sleep_as_the_thread(keeper) == pytest.approx(_learnt(3))
+    delay = keeper._seconds_to_next(forget=False)  # woken by the pending call
+    assert delay is not None
+    assert delay <= _learnt(3) + 1e-9
+    calls = keeper.wakeup_calls
+    backend.release(backend.acquire("brief", ttl=3))
+    assert keeper.wakeup_calls == calls
+    backend.release(long_held)
+
+
 # -- settling at the end of a body, and the keeper's OS thread -----------------------------
 
 
