@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 BENCH_STAMP := $(VENV)/.installed-bench
 
-.PHONY: test lint typecheck unit demo bench servers clean
+.PHONY: test test-matrix lint typecheck unit demo bench servers clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -43,6 +43,16 @@ typecheck: $(STAMP)
 test: $(STAMP) servers lint typecheck
 	$(PY) -m pytest -q
 
+# The oldest and newest Celery we claim on every Python here, each pair in a venv of its
+# own under .venv-matrix/ (kept between runs); not part of `make test`. The table of the
+# last run is .venv-matrix/results.md.
+MATRIX_PYTHONS ?= 3.10 3.11 3.12 3.13
+MATRIX_CELERY  ?= 5.3 5.7
+MATRIX_TESTS   ?= tests/unit tests/test_memory_contract.py tests/integration/test_worker.py \
+                  tests/integration/test_worker_rabbitmq.py tests/integration/test_testing_plugin.py
+test-matrix: servers
+	bash .ci/matrix "$(MATRIX_PYTHONS)" "$(MATRIX_CELERY)" $(MATRIX_TESTS)
+
 # `make demo` needs no server (filesystem broker, file:// locks: the default for it);
 # `make demo BACKEND=redis|etcd|zookeeper|postgres` runs the same table on that server.
 BACKEND ?= file
@@ -53,4 +63,4 @@ bench: $(BENCH_STAMP) servers
 	$(PY) -m benchmarks
 
 clean:
-	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache
+	rm -rf $(VENV) .venv-matrix .mypy_cache .ruff_cache .pytest_cache
