@@ -11,6 +11,7 @@ from __future__ import annotations
 import difflib
 import functools
 import importlib
+import ipaddress
 import os
 import threading
 from collections.abc import Sequence
@@ -48,6 +49,24 @@ BACKEND_ALIASES: dict[str, str] = {
 }
 
 
+def _check_bracketed_hosts(netloc: str) -> None:
+    """Refuse a ``[host]`` that is no IPv6 address, in each host of ``netloc``.
+
+    urlsplit does so itself from Python 3.11.4 on; on 3.10 it lets ``[nonsense]`` through
+    (make test-matrix).
+
+    :raises ValueError: naming the host (never the userinfo).
+    """
+    for host in netloc.rpartition("@")[2].split(","):
+        if host.startswith("[") and "]" in host:
+            inside = host[1:host.index("]")]
+            try:
+                ipaddress.IPv6Address(inside.partition("%")[0])
+            except ValueError:
+                msg = f"{inside!r} in brackets is not an IPv6 address"
+                raise ValueError(msg) from None
+
+
 def backend_class(url: str | Sequence[str], *, option: str = "url") -> type[LockBackend]:
     """The backend class serving ``url``'s scheme; a list of URLs is a Redlock quorum.
 
@@ -61,7 +80,9 @@ def backend_class(url: str | Sequence[str], *, option: str = "url") -> type[Lock
         msg = f"{option} must be a URL like redis://host:6379/0, got {shown}"
         raise ConfigurationError(msg, option=option)
     try:
-        scheme = urlsplit(url).scheme.lower()
+        parts = urlsplit(url)
+        _check_bracketed_hosts(parts.netloc)
+        scheme = parts.scheme.lower()
     except ValueError as exc:  # a malformed host, e.g. unbalanced or bad [brackets]
         msg = f"{option}: {mask_url(url)!r} is not a valid URL ({exc})"
         raise ConfigurationError(msg, option=option) from None
