@@ -6,7 +6,6 @@ certificate is verified when asked, and a refusal says why without the password.
 from __future__ import annotations
 
 import os
-import subprocess
 import tempfile
 import threading
 from collections.abc import Iterator
@@ -19,6 +18,7 @@ import pytest
 from celery_singleton_lock import LockBackendUnavailable, connect
 from celery_singleton_lock.testing import PostgresServer
 from tests.conftest import wait_until
+from tests.integration.certificates import self_signed
 
 PASSWORD = "s3cret-pw"
 
@@ -42,20 +42,6 @@ class TlsServer:
         return f"postgresql://locker:{password}@127.0.0.1:{self.server.port}/test?{query}"
 
 
-def _self_signed(directory: Path, name: str) -> tuple[Path, Path]:
-    key, certificate = directory / f"{name}.key", directory / f"{name}.crt"
-    subprocess.run(
-        [
-            "openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
-            "-keyout", str(key), "-out", str(certificate), "-subj", "/CN=127.0.0.1",
-            "-addext", "subjectAltName=IP:127.0.0.1",
-        ],
-        check=True, capture_output=True,
-    )
-    key.chmod(0o600)
-    return key, certificate
-
-
 @pytest.fixture(scope="module")
 def tls_server() -> Iterator[TlsServer]:
     # Not under pytest's temporary directory: the server runs as another user (we may be
@@ -65,8 +51,8 @@ def tls_server() -> Iterator[TlsServer]:
 
 
 def _tls_server(directory: Path) -> Iterator[TlsServer]:
-    key, certificate = _self_signed(directory, "server")
-    _, other = _self_signed(directory, "other")
+    key, certificate = self_signed(directory, "server")
+    _, other = self_signed(directory, "other")
     hba = directory / "pg_hba.conf"
     hba.write_text(HBA)
     server = PostgresServer(settings={

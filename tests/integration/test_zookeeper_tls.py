@@ -5,7 +5,6 @@ within the connect timeout, and digest credentials never show in an error."""
 from __future__ import annotations
 
 import gc
-import subprocess
 import tempfile
 import threading
 import time
@@ -17,21 +16,14 @@ import pytest
 from celery_singleton_lock import LockBackendUnavailable, connect
 from celery_singleton_lock.testing import ZooKeeperEnsemble
 from tests.conftest import wait_until
+from tests.integration.certificates import self_signed
 
 
-def _self_signed(directory: Path, name: str) -> Path:
-    """A key and self-signed certificate for 127.0.0.1, both in one PEM file."""
-    key, certificate = directory / f"{name}.key", directory / f"{name}.crt"
-    subprocess.run(
-        [
-            "openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
-            "-keyout", str(key), "-out", str(certificate), "-subj", "/CN=127.0.0.1",
-            "-addext", "subjectAltName=IP:127.0.0.1",
-        ],
-        check=True, capture_output=True,
-    )
-    both = directory / f"{name}.pem"
-    both.write_bytes(key.read_bytes() + certificate.read_bytes())
+def _keystore(directory: Path, name: str) -> Path:
+    """A self-signed certificate; its key and it in ``<name>.pem`` (ZooKeeper's PEM
+    keystore). Returns the certificate."""
+    key, certificate = self_signed(directory, name)
+    (directory / f"{name}.pem").write_bytes(key.read_bytes() + certificate.read_bytes())
     return certificate
 
 
@@ -40,8 +32,8 @@ def certificates() -> Iterator[tuple[Path, Path, Path]]:
     """(the server's PEM keystore, its certificate, a certificate that did not sign it)."""
     with tempfile.TemporaryDirectory(prefix="csl-zookeeper-tls-") as name:
         directory = Path(name)
-        certificate = _self_signed(directory, "server")
-        other = _self_signed(directory, "other")
+        certificate = _keystore(directory, "server")
+        other = _keystore(directory, "other")
         yield directory / "server.pem", certificate, other
 
 
