@@ -470,7 +470,13 @@ class RedisBackend(LockBackend):
         except ValueError as exc:
             msg = f"bad Redis URL {self.url}: {exc}"
             raise ConfigurationError(msg, option="singleton_lock_backend") from None
-        self.db = self._client.connection_pool.connection_kwargs.get("db") or 0
+        pool = self._client.connection_pool
+        try:  # a connection object, never connected: unknown options fail now, not at the first lock
+            pool.connection_class(**pool.connection_kwargs)
+        except TypeError as exc:
+            msg = f"singleton_lock_backend_options: not an option of a Redis connection: {exc}"
+            raise ConfigurationError(msg, option="singleton_lock_backend_options") from None
+        self.db = pool.connection_kwargs.get("db") or 0
         if isinstance(self.db, bool) or not isinstance(self.db, int) or self.db < 0:
             msg = f"singleton_lock_backend: the database of {self.url} must be 0 or more, got {self.db!r}"
             raise ConfigurationError(msg, option="singleton_lock_backend")

@@ -393,13 +393,8 @@ class SentinelBackend(RedisBackend):
         )
         self.watch = _SwitchWatch(self, connect_timeout)
         self._stopped = threading.Event()
+        # Unknown connection options fail in the Redis backend's constructor.
         super().__init__(url, prefix=prefix, connect_timeout=connect_timeout, clock=clock, **client_options)
-        pool = self._client.connection_pool
-        try:  # a connection object, never connected: unknown options fail now, not later
-            pool.connection_class(**pool.connection_kwargs)
-        except TypeError as exc:
-            msg = f"singleton_lock_backend_options: not an option of a Redis connection: {exc}"
-            raise ConfigurationError(msg, option="singleton_lock_backend_options") from None
 
     @classmethod
     def check_url(cls, url: str | Sequence[str], *, option: str) -> None:

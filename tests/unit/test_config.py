@@ -14,6 +14,7 @@ import celery
 import pytest
 from celery import Celery
 
+from celery_singleton_lock import connect
 from celery_singleton_lock.config import (
     Settings,
     check_ttl,
@@ -191,6 +192,17 @@ def test_an_unknown_scheme_error_masks_the_password() -> None:
         read_settings(app_with(singleton_lock_backend="rediz://user:s3cret@host/0").conf)
     assert "s3cret" not in str(info.value)
     assert "user:***@host" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "url", ["redis://:s3cret@127.0.0.1:1/0", "rediss://127.0.0.1:1/0", "unix:///tmp/none.sock", "redlock://127.0.0.1:1,127.0.0.1:2,127.0.0.1:3/0"]
+)
+def test_an_unknown_redis_option_fails_when_the_backend_is_made_naming_the_setting(url: str) -> None:
+    with pytest.raises(ConfigurationError) as info:
+        connect(url, socket_keepalive_optionz={})
+    assert info.value.option == "singleton_lock_backend_options"
+    assert "socket_keepalive_optionz" in str(info.value)
+    assert "s3cret" not in str(info.value)
 
 
 @pytest.mark.parametrize(
