@@ -97,6 +97,8 @@ class HeldLock:
         to the resource you protect so it can refuse writes from an older holder.
     :ivar ttl: the lease length in seconds.
     :ivar owner: who holds it.
+    :ivar slot: which slot of a semaphore it is (0 to ``limit`` - 1); None: an exclusive lock.
+    :ivar limit: how many holders the key allows at once (1: an exclusive lock).
     """
 
     def __init__(
@@ -109,6 +111,8 @@ class HeldLock:
         owner: Owner,
         *,
         valid_until: float,
+        slot: int | None = None,
+        limit: int = 1,
     ) -> None:
         self.backend = backend
         self.key = key
@@ -116,6 +120,8 @@ class HeldLock:
         self.fencing_token = fencing_token
         self.ttl = ttl
         self.owner = owner
+        self.slot = slot
+        self.limit = limit
         #: The sender of this lock's signals: the backend, or the task that took it.
         self.sender: Any = backend
         self._state = _native.allocate_lock()  # also taken by the keeper's OS thread
@@ -133,7 +139,8 @@ class HeldLock:
 
     def __repr__(self) -> str:
         state = "released" if self._released else ("lost" if self.lost else "held")
-        return f"<HeldLock {self.key!r} fencing_token={self.fencing_token} {state}>"
+        slot = "" if self.slot is None else f" slot {self.slot} of {self.limit}"
+        return f"<HeldLock {self.key!r}{slot} fencing_token={self.fencing_token} {state}>"
 
     @property
     def lost(self) -> bool:

@@ -106,7 +106,15 @@ from celery_singleton_lock import (
     LockContended,
     LockLost,
 )
-from celery_singleton_lock.backends.base import MAX_KEY_BYTES, MAX_TTL, MIN_TTL, PING_KEY, LockBackend
+from celery_singleton_lock.backends.base import (
+    MAX_KEY_BYTES,
+    MAX_LIMIT,
+    MAX_TTL,
+    MIN_TTL,
+    PING_KEY,
+    LockBackend,
+    Refused,
+)
 from celery_singleton_lock.backends.owner import Owner
 from celery_singleton_lock.lease import LeaseKeeper, clock_drift
 from celery_singleton_lock.signals import lock_lost
@@ -437,6 +445,150 @@ class BackendContract:
         assert not [info for info in backend.held_locks() if info.key.startswith(PING_KEY)]
 
 
+    # -- semaphores: limit=N holders at once ------------------------------------------
+
+    @pytest.mark.parametrize("limit", [0, -1, True, 1.5, "2", None, MAX_LIMIT + 1])
+    def test_a_limit_out_of_bounds_is_a_configuration_error_naming_limit(self, backend, unique_key, limit):
+        with pytest.raises(ConfigurationError) as info:
+            backend.acquire(unique_key, ttl=10, limit=limit)
+        assert info.value.option == "limit"
+        with pytest.raises(ConfigurationError):
+            backend.release_owned(unique_key, Owner.here("t"), limit=limit)
+
+    def test_a_semaphore_grants_its_limit_of_slots_with_rising_fencing_tokens_then_refuses(
+        self, backend, second_backend, unique_key
+    ):
+        held = [b.acquire(unique_key, ttl=10, limit=3) for b in (backend, second_backend, backend)]
+        assert all(isinstance(h, HeldLock) for h in held)
+        assert sorted(h.slot for h in held) == [0, 1, 2]
+        assert {h.limit for h in held} == {3}
+        tokens = [h.fencing_token for h in held]
+        assert tokens == sorted(tokens)
+        assert len(set(tokens)) == 3
+        assert second_backend.acquire(unique_key, ttl=10, limit=3) is None  # the 4th
+        assert second_backend.acquire(unique_key, ttl=10, limit=3, blocking=True, timeout=0.2) is None
+        assert [h.backend.renew([h]) for h in held] == [[True]] * 3  # each slot is a lease
+        freed = held.pop(1)
+        assert freed.release() is True
+        again = second_backend.acquire(unique_key, ttl=10, limit=3)
+        assert again is not None
+        assert 0 <= again.slot < 3
+        assert again.fencing_token > max(tokens)  # above every slot's, not only its own
+        for h in [*held, again]:
+            assert h.release() is True
+        assert backend.lock_info(unique_key) == []
+
+    def test_exclusive_and_semaphore_holders_of_one_key_never_exceed_the_larger_limit(
+        self, backend, second_backend, unique_key
+    ):
+        # A deploy that moves a task from limit 1 to 2 (or back) runs both at once for a
+        # while: together they never hold more than 2.
+        exclusive = backend.acquire(unique_key, ttl=10)
+        assert exclusive is not None
+        shared = second_backend.acquire(unique_key, ttl=10, limit=2)
+        assert shared is not None
+        assert second_backend.acquire(unique_key, ttl=10, limit=2) is None
+        assert second_backend.acquire(unique_key, ttl=10) is None
+        assert exclusive.release() is True
+        assert shared.release() is True
+        # A deploy that lowers the limit from 3 to 2: the lower one is enforced.
+        wider = backend.acquire(unique_key, ttl=10, limit=3)
+        narrower = backend.acquire(unique_key, ttl=10, limit=2)
+        assert wider is not None
+        assert narrower is not None
+        assert backend.acquire(unique_key, ttl=10, limit=2) is None
+        assert wider.release() is True
+        assert narrower.release() is True
+
+    def test_a_task_id_that_holds_a_slot_is_refused_another_naming_itself(
+        self, backend, second_backend, unique_key
+    ):
+        # A redelivered copy of a running task must wait for its first delivery, never
+        # run beside it in a free slot.
+        first = backend.acquire(unique_key, ttl=10, limit=3, owner=Owner.here("task-a"))
+        assert first is not None
+        refused = second_backend.attempt(unique_key, ttl=10, limit=3, owner=Owner.here("task-a"))
+        assert isinstance(refused, Refused)
+        assert refused.holder_task_id == "task-a"
+        other = second_backend.acquire(unique_key, ttl=10, limit=3, owner=Owner.here("task-b"))
+        assert other is not None
+        assert first.release() is True
+        assert other.release() is True
+
+    def test_one_release_of_a_full_semaphore_wakes_one_waiter(self, backend, second_backend, unique_key):
+        held = [backend.acquire(unique_key, ttl=30, limit=2) for _ in range(2)]
+        assert None not in held
+        got: list[tuple[HeldLock | None, float]] = []
+
+        def wait(timeout: float) -> None:
+            outcome = second_backend.acquire(unique_key, ttl=30, limit=2, blocking=True, timeout=timeout)
+            got.append((outcome, time.monotonic()))
+
+        waiters = [threading.Thread(target=wait, args=(2.0,)) for _ in range(2)]
+        for waiter in waiters:
+            waiter.start()
+        released_at = time.monotonic()
+        assert held[0].release() is True
+        for waiter in waiters:
+            waiter.join(10)
+        outcomes = [outcome for outcome, _ in got]
+        winners = [outcome for outcome in outcomes if outcome is not None]
+        assert len(outcomes) == 2
+        assert len(winners) == 1  # one slot freed: one waiter in, the other timed out
+        assert min(at for outcome, at in got if outcome is not None) - released_at < 1.0
+        assert winners[0].release() is True
+        assert held[1].release() is True
+
+    def test_threads_under_a_semaphore_never_exceed_its_limit(self, backend, unique_key):
+        inside: list[int] = []
+        most = [0]
+        guard = threading.Lock()
+
+        def work() -> None:
+            for _ in range(5):
+                with backend.lock(unique_key, ttl=10, timeout=30, limit=3):
+                    with guard:
+                        inside.append(1)
+                        most[0] = max(most[0], len(inside))
+                    time.sleep(0.005)  # the protected work
+                    with guard:
+                        inside.pop()
+
+        threads = [threading.Thread(target=work) for _ in range(6)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(60)
+        assert most[0] == 3, most  # never more, and the slots were really shared
+
+    def test_semaphore_slots_are_listed_apart_and_one_is_broken_alone(
+        self, backend, second_backend, unique_key
+    ):
+        held = [backend.acquire(unique_key, ttl=10, limit=3, owner=Owner.here(f"task-{i}")) for i in range(2)]
+        assert None not in held
+        infos = second_backend.lock_info(unique_key)
+        assert sorted(info.fencing_token for info in infos) == sorted(h.fencing_token for h in held)
+        assert {info.slot for info in infos} == {h.slot for h in held}
+        assert {info.key for info in infos} == {unique_key}
+        assert {info.owner.task_id for info in infos} == {"task-0", "task-1"}
+        assert [info.key for info in second_backend.held_locks()].count(unique_key) == 2
+        target = next(info for info in infos if info.owner.task_id == "task-0")
+        assert second_backend.break_lock(target) is True
+        assert held[0].backend.renew([held[0]]) == [False]
+        assert held[1].backend.renew([held[1]]) == [True]
+        assert held[1].release() is True
+
+    def test_release_owned_frees_exactly_that_owners_slot(self, backend, unique_key):
+        a = backend.acquire(unique_key, ttl=10, limit=3, owner=Owner.here("task-a"))
+        b = backend.acquire(unique_key, ttl=10, limit=3, owner=Owner.here("task-b"))
+        assert a is not None
+        assert b is not None
+        assert backend.release_owned(unique_key, Owner.here("task-c"), limit=3) is False
+        assert backend.release_owned(unique_key, Owner.here("task-b"), limit=3) is True
+        assert [info.owner.task_id for info in backend.lock_info(unique_key)] == ["task-a"]
+        assert a.release() is True
+
+
 class CrossProcessContract(BackendContract):
     """The promises that need other processes and a real server (see the module docstring)."""
 
@@ -498,6 +650,49 @@ class CrossProcessContract(BackendContract):
                     process.kill()
         assert counter.read_text().split()[0] == "200"
 
+    def test_processes_under_a_semaphore_never_exceed_its_limit_and_tokens_never_repeat(
+        self, backend_spec, unique_key, tmp_path
+    ):
+        journal = tmp_path / "journal"
+        journal.write_text("")
+        context = clean_context()
+        start = context.Barrier(9)
+        processes = [
+            context.Process(
+                target=contract_processes.enter_under_semaphore,
+                args=(backend_spec, unique_key, 3, str(journal), 6, start),
+            )
+            for _ in range(8)
+        ]
+        try:
+            for process in processes:
+                process.start()
+            start.wait(60)
+            for process in processes:
+                process.join(120)
+                assert process.exitcode == 0
+        finally:
+            for process in processes:
+                if process.is_alive():
+                    process.kill()
+        inside: set[str] = set()
+        most = 0
+        entered: dict[str, list[int]] = {}
+        for line in journal.read_text().splitlines():
+            what, token, pid = line.split()
+            if what == "in":
+                inside.add(token)
+                most = max(most, len(inside))
+                entered.setdefault(pid, []).append(int(token))
+            else:
+                inside.remove(token)
+        tokens = [token for each in entered.values() for token in each]
+        assert len(tokens) == 48
+        assert len(set(tokens)) == 48  # never repeated, across every slot
+        assert all(each == sorted(each) for each in entered.values())  # and rising
+        assert most <= 3
+        assert most == 3  # the slots were really shared
+
     # -- 2. a crashed holder ------------------------------------------------------------
 
     def test_a_sigkilled_holder_is_replaced_at_lease_expiry_never_before(
@@ -525,6 +720,30 @@ class CrossProcessContract(BackendContract):
         assert killed_at < last_start + ttl / 6
         assert acquired_at < last_start + ttl + self.expiry_lateness, acquired_at - last_start
         assert backend.release(got) is True
+
+    def test_a_sigkilled_holders_slot_is_freed_at_lease_expiry_never_before(
+        self, backend_spec, backend, unique_key
+    ):
+        ttl = self.holder_ttl
+        kept = backend.acquire(unique_key, ttl=30, limit=2)
+        assert kept is not None
+        child = _child("clean", contract_processes.hold_slot, backend_spec, unique_key, ttl, 2)
+        with child as (holder, pipe):
+            last_start = _receive(pipe, 60, "held")[3]
+            assert backend.acquire(unique_key, ttl=5, limit=2) is None  # both slots taken
+            os.kill(holder.pid, signal.SIGKILL)
+            holder.join(5)
+            last_start = max([last_start, *(report[1] for report in _drain(pipe, "renewed"))])
+        got = backend.acquire(
+            unique_key, ttl=5, limit=2, blocking=True, timeout=ttl + self.expiry_lateness + 5
+        )
+        acquired_at = time.monotonic()
+        assert got is not None
+        assert acquired_at >= last_start + ttl - clock_drift(ttl) - 0.02, acquired_at - last_start
+        assert acquired_at < last_start + ttl + self.expiry_lateness, acquired_at - last_start
+        assert got.fencing_token > kept.fencing_token
+        assert backend.release(got) is True
+        assert backend.release(kept) is True
 
     def test_a_paused_holder_is_replaced_then_learns_it_lost_and_holds_an_older_token(
         self, backend_spec, backend, second_backend, unique_key

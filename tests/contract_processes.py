@@ -8,6 +8,7 @@ on a fact (never after a sleep), and it answers the test's questions about what 
 from __future__ import annotations
 
 import os
+import time
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -38,9 +39,16 @@ def lease_started_at(held: HeldLock) -> float:
     return held._valid_until - held.ttl + clock_drift(held.ttl)
 
 
-def hold(spec: BackendSpec, key: str, ttl: float, task_id: str | None, pipe: Connection) -> None:
-    """Take ``key`` (owned by ``task_id`` in this process) and keep it (the lease keeper
-    renews it), reporting every renewal.
+def hold_slot(spec: BackendSpec, key: str, ttl: float, limit: int, pipe: Connection) -> None:
+    """:func:`hold` a slot of the semaphore ``key`` of ``limit`` slots."""
+    hold(spec, key, ttl, None, pipe, limit)
+
+
+def hold(
+    spec: BackendSpec, key: str, ttl: float, task_id: str | None, pipe: Connection, limit: int = 1
+) -> None:
+    """Take ``key`` (owned by ``task_id`` in this process; a slot of it, for ``limit`` > 1)
+    and keep it (the lease keeper renews it), reporting every renewal.
 
     Sends ``("held", fencing_token, pid, lease start)`` once it holds the lock, then
     ``("renewed", lease start)`` after each confirmed renewal. On ``"check"`` (after a
@@ -48,7 +56,7 @@ def hold(spec: BackendSpec, key: str, ttl: float, task_id: str | None, pipe: Con
     ensure_held raised LockLost, release's result)``; on ``"exit"`` it returns.
     """
     backend = spec.connect()
-    held = backend.acquire(key, ttl=ttl, owner=Owner.here(task_id))
+    held = backend.acquire(key, ttl=ttl, owner=Owner.here(task_id), limit=limit)
     assert held is not None
     started = lease_started_at(held)
     pipe.send(("held", held.fencing_token, os.getpid(), started))
@@ -89,6 +97,30 @@ def count_under_lock(spec: BackendSpec, key: str, counter: str, rounds: int, sta
             assert held.fencing_token > token, (held.fencing_token, token)
             path.write_text(f"{count + 1} {held.fencing_token}")  # ... then write: not atomic
     backend.close()
+
+
+def enter_under_semaphore(
+    spec: BackendSpec, key: str, limit: int, journal: str, rounds: int, start: Any
+) -> None:
+    """``rounds`` times: take a slot of ``key`` (waiting), append ``"in <fencing token>"``
+    to the file ``journal``, work a little, append ``"out <fencing token>"``, release.
+
+    Each line is one small ``O_APPEND`` write, so lines never interleave; the in/out
+    lines of a run sit inside the time it held its slot, so the most runs the journal
+    shows at once is never more than really ran at once.
+    """
+    backend = spec.connect()
+    start.wait(30)
+    fd = os.open(journal, os.O_WRONLY | os.O_APPEND)
+    try:
+        for _ in range(rounds):
+            with backend.lock(key, ttl=10, timeout=60, limit=limit) as held:
+                os.write(fd, f"in {held.fencing_token} {os.getpid()}\n".encode())
+                time.sleep(0.01)  # the protected work: long enough for the slots to fill
+                os.write(fd, f"out {held.fencing_token} {os.getpid()}\n".encode())
+    finally:
+        os.close(fd)
+        backend.close()
 
 
 def inherit(

@@ -11,6 +11,18 @@ guide for writing one.
 
 ``_held(key)``                              every lock held under the prefix (key None), or
                                             the holders of one key, as :class:`LockInfo`
+``_try_acquire_slot(key, token, ttl, owner, limit)``  one attempt at any free slot of a
+                                            counting semaphore of ``limit`` > 1 slots
+
+Semaphores (``limit`` N > 1): a slot is a lease like a lock, renewed and released through
+the same hooks on its record's key, :meth:`LockBackend.slot_key` (slot 0 is the key of the
+exclusive lock itself, so ``limit=1`` and ``limit=N`` holders of one key exclude each other
+correctly, and a deploy that changes N never runs more than the larger N at once).
+``_try_acquire_slot`` must: take the lowest free slot below ``limit`` atomically (one round
+trip where the store allows); give a fencing token above every earlier one of the key, all
+slots counted; refuse (``Refused`` with that ``holder_task_id``) an owner whose task id
+already holds a slot of the key, so a redelivered copy never takes a second slot; and
+report ``Refused.holder_ttl`` as the soonest expiry of the slots (a waiter's bound).
 
 and one way to wait, by the kind of store it is:
 
@@ -73,11 +85,13 @@ class Granted:
         the lease id in it); None keeps the random token :meth:`LockBackend.attempt` drew.
     :ivar valid_until: the lease's validity deadline (monotonic), when it started before
         this attempt (a lease granted earlier and reused); None: sent time + TTL - drift.
+    :ivar slot: the semaphore slot granted (0 to limit-1); None for an exclusive lock.
     """
 
     fencing_token: int
     token: str | None = None
     valid_until: float | None = None
+    slot: int | None = None
 
 
 @dataclass(frozen=True)
@@ -176,10 +190,13 @@ class LockBackend(ABC):
 
     #: A queue store (it overrides ``_wait_turn``); set for each class when it is made.
     queues_waiters: ClassVar[bool] = False
+    #: It grants semaphore slots (it implements ``_try_acquire_slot``); set likewise.
+    counts_slots: ClassVar[bool] = False
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         cls.queues_waiters = cls._wait_turn is not LockBackend._wait_turn
+        cls.counts_slots = cls._try_acquire_slot is not LockBackend._try_acquire_slot
         if not cls.queues_waiters and cls._wait_for_release is LockBackend._wait_for_release:
             msg = (
                 f"{cls.__name__} must implement _wait_for_release (a TTL store) or "
@@ -235,6 +252,7 @@ class LockBackend(ABC):
         blocking: bool = False,
         timeout: float | None = None,
         owner: Owner | None = None,
+        limit: int = 1,
     ) -> HeldLock | None:
         """Take the lock ``key`` for ``ttl`` seconds, kept alive until released.
 
@@ -242,38 +260,50 @@ class LockBackend(ABC):
             polling) instead of returning None at once.
         :param timeout: with ``blocking``, give up after this many seconds (None: never).
         :param owner: who holds it, stored for people and for ``revoke``.
+        :param limit: up to this many holders of ``key`` at once (a counting semaphore);
+            the :class:`HeldLock` names its ``slot``. 1: an exclusive lock.
         :returns: a :class:`HeldLock`, or None when the lock is taken (or the wait timed out).
         :raises LockBackendUnavailable: the server did not answer within ``connect_timeout``.
-        :raises ConfigurationError: for a key, TTL or timeout out of bounds (see ``MIN_TTL``,
-            ``MAX_TTL``, ``MAX_KEY_BYTES``); ``timeout=math.inf`` is the same as None.
+        :raises ConfigurationError: for a key, TTL, timeout or limit out of bounds (see
+            ``MIN_TTL``, ``MAX_TTL``, ``MAX_KEY_BYTES``, ``MAX_LIMIT``);
+            ``timeout=math.inf`` is the same as None.
         """
         timeout = _check_timeout(timeout)
+        limit = self._check_limit(limit)
         if blocking and self.queues_waiters:
             # A queue store's wait begins with a place in line, which is granted at once
             # when the line is empty. Trying first would queue twice: a refused attempt
             # writes and deletes an entry of its own, then the wait queues another behind
             # whoever came meanwhile (not FIFO, and twice the writes under contention).
-            return self.wait(key, ttl, timeout=timeout, owner=owner)
-        result = self.attempt(key, ttl, owner=owner)
+            return self.wait(key, ttl, timeout=timeout, owner=owner, limit=limit)
+        result = self.attempt(key, ttl, owner=owner, limit=limit)
         if isinstance(result, HeldLock):
             return result
         if not blocking:
             return None
-        return self.wait(key, ttl, timeout=timeout, owner=owner, refused=result)
+        return self.wait(key, ttl, timeout=timeout, owner=owner, refused=result, limit=limit)
 
     @contextmanager
     def lock(
-        self, key: str, ttl: float, *, timeout: float | None = None, blocking: bool = True
+        self,
+        key: str,
+        ttl: float,
+        *,
+        timeout: float | None = None,
+        blocking: bool = True,
+        limit: int = 1,
     ) -> Iterator[HeldLock]:
-        """Hold ``key`` for the ``with`` block; its body never runs unlocked.
+        """Hold ``key`` (one of its ``limit`` slots) for the ``with`` block; its body never
+        runs unlocked.
 
         :raises LockContended: the lock could not be taken (within ``timeout``).
         """
         timeout = _check_timeout(timeout)
-        held = self.acquire(key, ttl, blocking=blocking, timeout=timeout)
+        held = self.acquire(key, ttl, blocking=blocking, timeout=timeout, limit=limit)
         if held is None:
             waited = f" within {timeout}s" if blocking and timeout is not None else ""
-            raise LockContended(f"lock {key!r} is held by somebody else{waited}", key=key)
+            taken = "is held by somebody else" if limit == 1 else f"has all {limit} slots taken"
+            raise LockContended(f"lock {key!r} {taken}{waited}", key=key)
         try:
             yield held
         finally:
@@ -305,21 +335,42 @@ class LockBackend(ABC):
         signals.lock_released.send(sender=held.sender, key=held.key, held=held, was_held=ours)
         return ours
 
-    def release_owned(self, key: str, owner: Owner) -> bool:
-        """Release ``key`` if ``owner`` (host, pid and task id, all of them) holds it.
+    def release_owned(self, key: str, owner: Owner, *, limit: int = 1) -> bool:
+        """Release ``key`` (the slot of it, for a semaphore of ``limit`` slots) if
+        ``owner`` (host, pid and task id, all of them) holds it.
 
         For the worker's main process once a pool process it killed (revoke with
         terminate, hard time limit) or lost is dead: the lock is free at once instead of
         at TTL expiry. Never by task id alone: a redelivered copy of the same task, on
         another host or in another process, may hold the lock under the same task id.
         """
-        return self._release(self._full_key(key), "owner", owner.as_json())
+        return self._release_by_owner(self._full_key(key), owner.as_json(), self._check_limit(limit))
 
     def renew(self, locks: Sequence[HeldLock]) -> list[bool]:
         """Replace the TTL of every lock in ``locks`` (one round trip); True where still ours."""
         if not locks:
             return []
-        return self._renew([(self._full_key(h.key), h.token, h.ttl) for h in locks])
+        return self._renew([(self.slot_key(self._full_key(h.key), h.slot), h.token, h.ttl) for h in locks])
+
+    def slot_key(self, key: str, slot: int | None) -> str:
+        """The key (fully prefixed) of the record of semaphore slot ``slot`` of ``key``:
+        ``key`` itself for slot 0 (the exclusive lock's record) and None; the record's
+        key, which renewal and release are given, for the others. A backend whose keys
+        need a shape of their own (a Redis hash tag) overrides it."""
+        if not slot:
+            return key
+        return f"{key}{SLOT_MARK}{slot}"
+
+    def _check_limit(self, limit: object) -> int:
+        """``limit`` as a number of slots this backend can grant.
+
+        :raises ConfigurationError: naming ``limit``.
+        """
+        limit = check_limit(limit)
+        if limit > 1 and not self.counts_slots:
+            msg = f"limit: {type(self).__name__} ({self.url}) grants exclusive locks only, not limit={limit}"
+            raise ConfigurationError(msg, option="limit")
+        return limit
 
     def close(self) -> None:  # noqa: B027 - a backend without resources has nothing to close
         """Close connections. Held locks are left to their TTL."""
@@ -390,23 +441,32 @@ class LockBackend(ABC):
 
     # -- shared steps, also used by the Celery task ------------------------------------
 
-    # -- shared steps, also used by the Celery task ------------------------------------
-
     def attempt(
-        self, key: str, ttl: float, *, owner: Owner | None = None, sender: Any = None
+        self,
+        key: str,
+        ttl: float,
+        *,
+        owner: Owner | None = None,
+        sender: Any = None,
+        limit: int = 1,
     ) -> HeldLock | Refused:
-        """One try at ``key``: the lock, or what we learned about its holder.
+        """One try at ``key`` (any free slot of ``limit``): the lock, or what we learned
+        about its holders.
 
         :param sender: the sender of the lock's signals (default: this backend).
         """
         _check_key_and_ttl(key, ttl)
+        limit = self._check_limit(limit)
         owner = owner or Owner.here()
         token = secrets.token_hex(16)
         sent_at = self.clock()
-        result = self._try_acquire(self._full_key(key), token, ttl, owner)
+        if limit == 1:
+            result = self._try_acquire(self._full_key(key), token, ttl, owner)
+        else:
+            result = self._try_acquire_slot(self._full_key(key), token, ttl, owner, limit)
         if isinstance(result, Refused):
             return result
-        return self._hold(key, ttl, owner, token, result, sent_at, sender)
+        return self._hold(key, ttl, owner, token, result, sent_at, sender, limit)
 
     def _hold(
         self,
@@ -417,6 +477,7 @@ class LockBackend(ABC):
         granted: Granted,
         sent_at: float,
         sender: Any,
+        limit: int = 1,
     ) -> HeldLock:
         """Make the :class:`HeldLock` of a granted attempt, hand it to the lease keeper,
         and announce it."""
@@ -425,7 +486,7 @@ class LockBackend(ABC):
             valid_until = sent_at + ttl - clock_drift(ttl)
         held = HeldLock(
             self, key, granted.token or token, granted.fencing_token, ttl, owner,
-            valid_until=valid_until,
+            valid_until=valid_until, slot=granted.slot, limit=limit,
         )
         held.sender = self if sender is None else sender
         LeaseKeeper.for_process().track(held)
@@ -442,34 +503,48 @@ class LockBackend(ABC):
         owner: Owner | None = None,
         refused: Refused | None = None,
         sender: Any = None,
+        limit: int = 1,
     ) -> HeldLock | None:
-        """Wait for ``key`` after a refused attempt; None when ``timeout`` passes.
+        """Wait for ``key`` (a slot of ``limit``) after a refused attempt; None when
+        ``timeout`` passes.
 
         The server wakes the waiter (a release announced, or its turn in a queue store),
-        never polling; a holder that crashed is noticed when its lease expires.
+        never polling; a holder that crashed is noticed when its lease expires. For a
+        semaphore, one waiter is woken per slot freed.
         """
         _check_key_and_ttl(key, ttl)
         timeout = _check_timeout(timeout)
+        limit = self._check_limit(limit)
         owner = owner or Owner.here()
         deadline = None if timeout is None else self.clock() + timeout
         token = secrets.token_hex(16)
         sent_at = self.clock()
-        granted = self._wait_turn(self._full_key(key), token, ttl, owner, deadline, refused)
+        full_key = self._full_key(key)
+        if limit == 1:  # no limit keyword: backends that grant no slots take none
+            granted = self._wait_turn(full_key, token, ttl, owner, deadline, refused)
+        else:
+            granted = self._wait_turn(full_key, token, ttl, owner, deadline, refused, limit=limit)
         if granted is None:
             return None
-        return self._hold(key, ttl, owner, token, granted, sent_at, sender)
+        return self._hold(key, ttl, owner, token, granted, sent_at, sender, limit)
 
     def _full_key(self, key: str) -> str:
         return f"{self.prefix}:{key}"
 
     def _release_held(self, held: HeldLock) -> bool:
         """Release one acquisition of ours (a backend with per-lock resources extends it)."""
-        return self._release(self._full_key(held.key), "token", held.token)
+        return self._release(self.slot_key(self._full_key(held.key), held.slot), "token", held.token)
 
     def _break(self, info: LockInfo) -> bool:
         """Release the acquisition ``info`` shows, from any process: by its token. A
         backend whose release by token works only in the holder's process overrides it."""
-        return self._release(self._full_key(info.key), "token", info.token)
+        return self._release(self.slot_key(self._full_key(info.key), info.slot), "token", info.token)
+
+    def _release_by_owner(self, key: str, owner_json: str, limit: int) -> bool:
+        """Release the slot of ``key`` (fully prefixed) below ``limit`` whose owner is
+        ``owner_json`` exactly: the default asks slot by slot (a release for a dead
+        process, not a hot path); a backend that can ask all at once overrides it."""
+        return any(self._release(self.slot_key(key, slot), "owner", owner_json) for slot in range(limit))
 
     def _ping(self) -> list[NodeStatus]:
         """Every node's status: here one node, timed on a release that finds nothing (one
@@ -501,6 +576,14 @@ class LockBackend(ABC):
     def _try_acquire(self, key: str, token: str, ttl: float, owner: Owner) -> Granted | Refused:
         """One atomic attempt: take ``key`` if free, storing token, owner and a fencing token."""
 
+    def _try_acquire_slot(
+        self, key: str, token: str, ttl: float, owner: Owner, limit: int
+    ) -> Granted | Refused:
+        """One atomic attempt at any free slot of ``key`` below ``limit`` (> 1): see the
+        module docstring for what it must do. Not implemented: the backend grants
+        exclusive locks only (``limit`` > 1 is then a :class:`ConfigurationError`)."""
+        raise NotImplementedError  # never reached: _check_limit refuses limit > 1 first
+
     def _wait_turn(
         self,
         key: str,
@@ -509,9 +592,11 @@ class LockBackend(ABC):
         owner: Owner,
         deadline: float | None,
         refused: Refused | None = None,
+        limit: int = 1,
     ) -> Granted | None:
         """Block until ``key`` is ours (a :class:`Granted`), or None once ``deadline``
-        (on ``self.clock``; None: never) has passed.
+        (on ``self.clock``; None: never) has passed. ``limit`` > 1 (passed only to a
+        backend that grants slots): until a slot of the semaphore is ours.
 
         This default serves TTL stores: wait for a release announcement, bounded by the
         holder's remaining TTL (``refused``, the last refusal), then try again. A queue
@@ -529,7 +614,10 @@ class LockBackend(ABC):
             # re-check every connect_timeout at most.
             self._wait_for_release(key, min(bounds) if bounds else self.connect_timeout)
             sent_at = self.clock()
-            result = self._try_acquire(key, token, ttl, owner)
+            if limit == 1:
+                result = self._try_acquire(key, token, ttl, owner)
+            else:
+                result = self._try_acquire_slot(key, token, ttl, owner, limit)
             if isinstance(result, Granted):
                 if result.valid_until is None:
                     result = replace(result, valid_until=sent_at + ttl - clock_drift(ttl))
@@ -561,6 +649,12 @@ MIN_TTL = 0.1
 #: The longest lease, or wait: 10 years. Every server takes it (Redis PX is 64-bit
 #: milliseconds; etcd refuses leases from 9e9 s on, with a bare gRPC OUT_OF_RANGE).
 MAX_TTL = 10 * 365 * 24 * 3600.0
+#: The most slots of one semaphore: an attempt looks at every slot in one request.
+MAX_LIMIT = 1000
+#: Between a key and its slot number in a slot record's key (see ``slot_key``); a key
+#: holding it is refused, so no key names another key's slot.
+SLOT_MARK = "\x1f#"
+
 #: The longest key, in UTF-8 bytes (the prefix aside). Derived keys stay far below it;
 #: servers refuse much longer requests with errors that read like an outage.
 MAX_KEY_BYTES = 1024
@@ -587,6 +681,20 @@ def _check_key(key: object) -> None:
     if size > MAX_KEY_BYTES:
         msg = f"lock key {_shown(key)} is {size} bytes of UTF-8; at most {MAX_KEY_BYTES} are allowed"
         raise ConfigurationError(msg, option="key")
+    if SLOT_MARK in key:
+        msg = f"lock key {_shown(key)} holds {SLOT_MARK!r}, which names semaphore slots"
+        raise ConfigurationError(msg, option="key")
+
+
+def check_limit(limit: object, option: str = "limit") -> int:
+    """``limit`` as a number of semaphore slots: an int from 1 to ``MAX_LIMIT``.
+
+    :raises ConfigurationError: naming ``option``.
+    """
+    if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= MAX_LIMIT:
+        msg = f"{option} must be a whole number from 1 to {MAX_LIMIT}, got {limit!r}"
+        raise ConfigurationError(msg, option=option)
+    return limit
 
 
 def _check_ttl(ttl: object, option: str = "ttl") -> float:

@@ -455,6 +455,7 @@ class EtcdBackend(LockBackend):
         owner: Owner,
         deadline: float | None,
         refused: Refused | None = None,
+        limit: int = 1,
     ) -> Granted | None:
         """Queue an entry of our own in ``key``'s directory and block until every earlier
         entry is gone (FIFO).

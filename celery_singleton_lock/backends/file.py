@@ -656,8 +656,9 @@ class FileBackend(LockBackend):
         granted: Granted,
         sent_at: float,
         sender: Any,
+        limit: int = 1,
     ) -> HeldLock:
-        held = super()._hold(key, ttl, owner, token, granted, sent_at, sender)
+        held = super()._hold(key, ttl, owner, token, granted, sent_at, sender, limit)
         path = self._path(self._full_key(key))
         if _process.held_fd(path, held.token) is not None:
             # A handle dropped without release can never be released: free the lock when it
@@ -859,6 +860,7 @@ class FileBackend(LockBackend):
         owner: Owner,
         deadline: float | None,
         refused: Refused | None = None,
+        limit: int = 1,
     ) -> Granted | None:
         path = self._path(key)
         waiter = _Waiter(token, ttl, owner)

@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from celery_singleton_lock.backends.base import Granted, LockBackend, LockInfo, Refused
+from celery_singleton_lock.backends.base import SLOT_MARK, Granted, LockBackend, LockInfo, Refused
 from celery_singleton_lock.backends.owner import Owner
 
 __all__ = ["MemoryBackend"]
@@ -26,6 +26,8 @@ class _Entry:
     expires_at: float
     fence: int = 0
     granted_at: float = 0.0  # Unix time
+    slot: int | None = None
+    limit: int = 1
 
 
 @dataclass
@@ -82,9 +84,37 @@ class MemoryBackend(LockBackend):
             self._store.entries[key] = _Entry(token, owner, self.clock() + ttl, fence, time.time())
             return Granted(fence)
 
-    def _wait_for_release(self, key: str, timeout: float) -> None:
+    def _try_acquire_slot(
+        self, key: str, token: str, ttl: float, owner: Owner, limit: int
+    ) -> Granted | Refused:
         with self._store.guard:
-            self._store.guard.wait_for(lambda: self._live(key) is None, timeout=timeout)
+            free: int | None = None
+            soonest: _Entry | None = None
+            for slot in range(limit):
+                holder = self._live(self.slot_key(key, slot))
+                if holder is None:
+                    free = slot if free is None else free
+                    continue
+                if owner.task_id and holder.owner.task_id == owner.task_id:
+                    # A redelivered copy of a run that holds a slot: never a second one.
+                    return Refused(holder.expires_at - self.clock(), holder.owner.task_id)
+                if soonest is None or holder.expires_at < soonest.expires_at:
+                    soonest = holder
+            if free is None:
+                assert soonest is not None
+                return Refused(soonest.expires_at - self.clock(), soonest.owner.task_id or None)
+            # One counter per key, whatever the slot: tokens rise across all of them.
+            fence = self._store.fences.get(key, 0) + 1
+            self._store.fences[key] = fence
+            record = _Entry(token, owner, self.clock() + ttl, fence, time.time(), free, limit)
+            self._store.entries[self.slot_key(key, free)] = record
+            return Granted(fence, slot=free)
+
+    def _wait_for_release(self, key: str, timeout: float) -> None:
+        # Woken by the release of any record: the base tries again, bounded by the
+        # soonest expiry it was told.
+        with self._store.guard:
+            self._store.guard.wait(timeout=timeout)
 
     def _renew(self, items: Sequence[tuple[str, str, float]]) -> list[bool]:
         with self._store.guard:
@@ -111,16 +141,19 @@ class MemoryBackend(LockBackend):
     def _held(self, key: str | None) -> Iterable[LockInfo]:
         start = f"{self.prefix}:"
         with self._store.guard:
-            keys = [self._full_key(key)] if key is not None else [
-                k for k in self._store.entries if k.startswith(start)
-            ]
+            if key is None:
+                keys = [k for k in self._store.entries if k.startswith(start)]
+            else:
+                record = self._full_key(key)
+                keys = [k for k in self._store.entries if k == record or k.startswith(record + SLOT_MARK)]
             live = [(k, entry) for k in keys if (entry := self._live(k)) is not None]
             now = self.clock()
         return [
             LockInfo(
-                key=k[len(start):], owner=entry.owner, token=entry.token,
+                key=k[len(start):].partition(SLOT_MARK)[0], owner=entry.owner, token=entry.token,
                 fencing_token=entry.fence, ttl=entry.expires_at - now,
-                held_since=entry.granted_at, location=f"{self.url} {k}",
+                held_since=entry.granted_at, slot=entry.slot, limit=entry.limit,
+                location=f"{self.url} {k}",
             )
             for k, entry in live
         ]

@@ -783,6 +783,7 @@ class RedisBackend(LockBackend):
         owner: Owner,
         deadline: float | None,
         refused: Refused | None = None,
+        limit: int = 1,
     ) -> Granted | None:
         handed_over = self._handed_over.pop(key, None)
         polite = handed_over is not None and self.clock() - handed_over < POLITE_WINDOW

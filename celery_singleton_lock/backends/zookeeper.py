@@ -733,6 +733,7 @@ class ZooKeeperBackend(LockBackend):
         owner: Owner,
         deadline: float | None,
         refused: Refused | None = None,
+        limit: int = 1,
     ) -> Granted | None:
         """Queue a node of our own in ``key``'s line and block until every earlier node is
         gone (FIFO).
