@@ -5,7 +5,9 @@ callers' ``get()`` returns at once and chains go on), so the state and the resul
 say it was skipped. Its stored result carries one field more instead::
 
     {"status": "SUCCESS", "result": null, ...,
-     "singleton_lock_skipped": {"key": "<lock key>", "holder_task_id": "<id>" | null}}
+     "singleton_lock_skipped": {"key": "<lock key>", "holder_task_id": "<id>" | null,
+                                "reason": "superseded by <id>"}}   (reason: only when
+                                                                    not "held by")
 
 A client reads it with :func:`skip_info`::
 
@@ -42,11 +44,15 @@ class SkipInfo:
     """Why a run was skipped.
 
     :ivar key: the lock key it found taken (without the backend's prefix).
-    :ivar holder_task_id: the task id of the run holding it, when the server told.
+    :ivar holder_task_id: the task id of the run holding it, when the server told; for
+        a superseded ``debounce`` call, the later call's task id.
+    :ivar reason: None for a run whose lock was held; ``"superseded by <task id>"`` for a
+        ``debounce`` call that a later call of its key replaced.
     """
 
     key: str
     holder_task_id: str | None
+    reason: str | None = None
 
 
 def skip_info(result: Any) -> SkipInfo | None:
@@ -59,10 +65,17 @@ def skip_info(result: Any) -> SkipInfo | None:
     if not isinstance(mark, dict):
         return None
     holder = mark.get("holder_task_id")
-    return SkipInfo(key=str(mark.get("key")), holder_task_id=holder if isinstance(holder, str) else None)
+    reason = mark.get("reason")
+    return SkipInfo(
+        key=str(mark.get("key")),
+        holder_task_id=holder if isinstance(holder, str) else None,
+        reason=reason if isinstance(reason, str) else None,
+    )
 
 
-def mark_skipped(task: Any, request: Any, key: str, holder_task_id: str | None) -> None:
+def mark_skipped(
+    task: Any, request: Any, key: str, holder_task_id: str | None, *, reason: str | None = None
+) -> None:
     """Mark the run of ``request`` as skipped in the result Celery stores for it.
 
     Only for a run whose result Celery stores (a worker, or ``apply()``): a direct call
@@ -70,7 +83,10 @@ def mark_skipped(task: Any, request: Any, key: str, holder_task_id: str | None) 
     """
     if not getattr(request, "id", None) or getattr(request, "called_directly", True):
         return
-    setattr(request, SKIPPED_FIELD, {"key": key, "holder_task_id": holder_task_id})
+    mark = {"key": key, "holder_task_id": holder_task_id}
+    if reason is not None:
+        mark["reason"] = reason
+    setattr(request, SKIPPED_FIELD, mark)
     _store_marks(task.backend)
 
 

@@ -30,5 +30,7 @@ lock_released = Signal(name="lock_released", providing_args={"key", "held", "was
 #: Renewal proved a lease gone while its holder still ran: ``key``, ``held``, ``reason``.
 lock_lost = Signal(name="lock_lost", providing_args={"key", "held", "reason"})
 
-#: A task call was skipped because its lock was taken: ``key``, ``task_id``.
-task_skipped = Signal(name="task_skipped", providing_args={"key", "task_id"})
+#: A task call was skipped because its lock was taken: ``key``, ``task_id``; or because a
+#: later ``debounce`` call of its key superseded it: then also ``reason``
+#: (``"superseded by <task id>"``).
+task_skipped = Signal(name="task_skipped", providing_args={"key", "task_id", "reason"})

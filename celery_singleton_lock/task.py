@@ -33,6 +33,7 @@ id; it is not renewed, so a lost message blocks its signature for one marker TTL
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import inspect
 import logging
@@ -89,7 +90,8 @@ __all__ = ["SingletonTask", "current_lock", "singleton_task"]
 logger = logging.getLogger("celery_singleton_lock.task")
 
 _TASK_OPTIONS = (
-    "lock_key", "lock_ttl", "on_contention", "on_lock_lost", "enqueue_once", "enqueue_once_ttl"
+    "lock_key", "lock_ttl", "on_contention", "on_lock_lost", "enqueue_once", "enqueue_once_ttl",
+    "lock_limit", "throttle", "debounce", "debounce_max_wait",
 )
 #: Options of a call that make it more than "this signature, once more": a deduplicated
 #: call would silently drop its callbacks, its chain or its place in a group.
@@ -114,8 +116,9 @@ _running: ContextVar[tuple[_LockedRun, ...]] = ContextVar("celery_singleton_lock
 unlocked_apps: dict[Celery | None, int] = {}
 
 
-#: Locks whose task body has ended, released when Celery has stored the result.
-_awaiting_postrun: dict[str, HeldLock] = {}
+#: Locks whose task body has ended, released when Celery has stored the result; with the
+#: deadline (``held.backend.clock``) a ``throttle`` keeps them taken until, if any.
+_awaiting_postrun: dict[str, tuple[HeldLock, float | None]] = {}
 _awaiting_postrun_guard = threading.Lock()
 
 
@@ -142,6 +145,10 @@ class TaskLockOptions:
     marker_key_for: KeyDeriver
     enqueue_once: bool = False
     enqueue_once_ttl: float = 3600.0
+    lock_limit: int = 1
+    throttle: float | None = None
+    debounce: float | None = None
+    debounce_max_wait: float | None = None
 
 
 def _call_signature(cls: type[Task]) -> inspect.Signature | None:
@@ -168,6 +175,26 @@ def _check_task_options(options: dict[str, Any], signature: inspect.Signature | 
         raise ConfigurationError(msg, option="enqueue_once")
     if options.get("enqueue_once_ttl") is not None:
         check_ttl(options["enqueue_once_ttl"], "enqueue_once_ttl")
+    limit = options.get("lock_limit")
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        msg = f"lock_limit must be an int >= 1 (bodies of one key at once), got {limit!r}"
+        raise ConfigurationError(msg, option="lock_limit")
+    for name in ("throttle", "debounce", "debounce_max_wait"):
+        if options.get(name) is not None:
+            check_ttl(options[name], name)
+    debounce, max_wait = options.get("debounce"), options.get("debounce_max_wait")
+    if max_wait is not None and debounce is None:
+        msg = "debounce_max_wait bounds a debounce: set debounce too"
+        raise ConfigurationError(msg, option="debounce_max_wait")
+    if max_wait is not None and debounce is not None and max_wait < debounce:
+        msg = f"debounce_max_wait ({max_wait!r}s) must not be shorter than debounce ({debounce!r}s)"
+        raise ConfigurationError(msg, option="debounce_max_wait")
+    if debounce is not None and options.get("enqueue_once"):
+        msg = (
+            "debounce and enqueue_once both collapse queued calls, in two ways that cannot "
+            "be combined (the latest call's arguments against the first call's): choose one"
+        )
+        raise ConfigurationError(msg, option="debounce")
     validate_key_spec(options.get("lock_key"), signature)
 
 
@@ -192,6 +219,16 @@ class SingletonTask(Task):  # type: ignore[misc]
         chain, a group or chord) are always published. See the module docstring.
     :ivar enqueue_once_ttl: seconds a queued marker lives unless its task starts (plus
         the call's countdown or eta); default ``singleton_lock_enqueue_once_ttl`` (3600).
+    :ivar lock_limit: up to this many bodies of one key at once (a counting semaphore);
+        the next one meets ``on_contention``. Default 1.
+    :ivar throttle: seconds: after a run of a key starts and succeeds, the key stays
+        taken until this long after its start (or its end, if later); a failed run
+        releases at its end. Duplicates meet ``on_contention`` meanwhile.
+    :ivar debounce: seconds: a call of a key within this long of the previous call of it
+        supersedes that one; the latest call runs this long after it was made, with its
+        arguments. Superseded calls end as skipped. See :meth:`apply_async`.
+    :ivar debounce_max_wait: seconds: a burst of debounced calls runs at most this long
+        after its first call, however often calls keep coming.
     """
 
     #: A refused lock is an expected outcome: Celery logs it without a traceback.
@@ -205,6 +242,10 @@ class SingletonTask(Task):  # type: ignore[misc]
     on_lock_lost: ClassVar[str | None] = None
     enqueue_once: ClassVar[bool] = False
     enqueue_once_ttl: ClassVar[float | None] = None
+    lock_limit: ClassVar[int | None] = None
+    throttle: ClassVar[float | None] = None
+    debounce: ClassVar[float | None] = None
+    debounce_max_wait: ClassVar[float | None] = None
 
     _lock_options: ClassVar[TaskLockOptions | None] = None
 
@@ -249,6 +290,10 @@ class SingletonTask(Task):  # type: ignore[misc]
                 ),
                 key_for=key_deriver(signature, key_spec),
                 marker_key_for=key_deriver(signature, None),
+                lock_limit=1 if raw["lock_limit"] is None else int(raw["lock_limit"]),
+                throttle=_seconds_or_none(raw["throttle"]),
+                debounce=_seconds_or_none(raw["debounce"]),
+                debounce_max_wait=_seconds_or_none(raw["debounce_max_wait"]),
             )
             if raw["lock_ttl"] is not None:
                 warn_if_connect_timeout_exceeds(
@@ -286,16 +331,24 @@ class SingletonTask(Task):  # type: ignore[misc]
 
         :returns: the new task's ``AsyncResult``, or the already queued one's (same id).
         """
-        def publish(task_id: str | None) -> Any:
+        def publish(task_id: str | None, **changed: Any) -> Any:
             return super(SingletonTask, self).apply_async(
-                args, kwargs, task_id, producer, link, link_error, shadow, **options
+                args, kwargs, task_id, producer, link, link_error, shadow, **{**options, **changed}
             )
 
-        if not self.enqueue_once or self.app.conf.task_always_eager or self._runs_unlocked():
+        if (
+            not (self.enqueue_once or self.debounce is not None)
+            or self.app.conf.task_always_eager
+            or self._runs_unlocked()
+        ):
             return publish(task_id)
         lock_options = self.lock_options()
         # Celery's retry republishes the running task under its own id: it must go out.
         republish = task_id is not None and task_id == self.request.id
+        if lock_options.debounce is not None:
+            if republish:
+                return publish(task_id)
+            return self._publish_debounced(publish, args, kwargs, task_id or uuid(), options)
         must_publish = republish or link is not None or link_error is not None or any(
             options.get(name) for name in _CALLBACK_OPTIONS
         )
@@ -327,6 +380,103 @@ class SingletonTask(Task):  # type: ignore[misc]
         )
         return self.AsyncResult(outcome.holder_task_id)
 
+    def _publish_debounced(
+        self, publish: Any, args: Any, kwargs: Any, task_id: str, options: dict[str, Any]
+    ) -> Any:
+        """Publish a debounced call to start ``debounce`` seconds from now, recorded as the
+        latest call of its key: the earlier calls' messages, when they come due, find a
+        later call recorded and end as skipped (see the ``debounce`` section of the module
+        docstring). A call's own countdown or eta, if later, is kept."""
+        options_ = self.lock_options()
+        assert options_.debounce is not None
+        key = self.lock_key_for(tuple(args or ()), dict(kwargs or {}))
+        backend = options_.settings.backend("queued")
+        try:
+            burst, delay = "", options_.debounce
+            if options_.debounce_max_wait is not None:
+                burst, window_left = self._join_burst(backend, key, task_id, options_.debounce_max_wait)
+                delay = min(delay, window_left)
+            delay = max(delay, _seconds_until_start(options))
+            record_ttl = min(delay + options_.enqueue_once_ttl, MAX_TTL)
+            self._record_latest(backend, _debounce_record_key(key, burst), task_id, record_ttl)
+        except LockBackendUnavailable as exc:
+            # Without its record the call runs undebounced: one run too many, none lost.
+            logger.warning("%s[%s]: publishing without debouncing it: %s", self.name, task_id, exc)
+            return publish(task_id)
+        headers = {**(options.get("headers") or {}), DEBOUNCE_HEADER: burst}
+        try:
+            return publish(task_id, countdown=delay, eta=None, headers=headers)
+        except BaseException:
+            # A record naming a message never sent would make the earlier calls skip for it.
+            with contextlib.suppress(LockError):
+                backend.release_owned(_debounce_record_key(key, burst), Owner.of_message(task_id))
+            raise
+
+    def _join_burst(
+        self, backend: LockBackend, key: str, task_id: str, max_wait: float
+    ) -> tuple[str, float]:
+        """The burst of debounced calls this call belongs to, and the seconds left in its
+        ``debounce_max_wait`` window: a lock that the burst's first call takes for
+        ``max_wait`` seconds, whose owner names the burst and the window's end (Unix
+        time, for a store that cannot tell a holder's TTL)."""
+        ends_at = time.time() + max_wait
+        opened = backend.attempt(
+            f"debounce-burst:{key}", max_wait,
+            owner=Owner.of_message(f"{task_id}@{ends_at:.3f}"), sender=self,
+        )
+        if isinstance(opened, HeldLock):
+            LeaseKeeper.for_process().untrack(opened)  # not renewed: it ends with the window
+            return f"{task_id}@{ends_at:.3f}", max_wait
+        burst = opened.holder_task_id
+        if burst is None:  # a value that is not ours: no burst to join, so none to bound
+            return "", max_wait
+        left = opened.holder_ttl
+        if left is None:
+            try:
+                left = float(burst.rpartition("@")[2]) - time.time()
+            except ValueError:
+                left = max_wait
+        return burst, max(0.0, left)
+
+    def _record_latest(self, backend: LockBackend, record_key: str, task_id: str, ttl: float) -> None:
+        """Make ``task_id`` the call that ``record_key`` names: take the record, breaking
+        the one of the call before (a few tries: callers of one key at the same instant
+        break each other's, and whichever holds it last is as latest as any)."""
+        owner = Owner.of_message(task_id)
+        for _ in range(_RECORD_TRIES):
+            outcome = backend.attempt(record_key, ttl, owner=owner, sender=self)
+            if isinstance(outcome, HeldLock):
+                LeaseKeeper.for_process().untrack(outcome)  # not renewed: it ends at its TTL
+                return
+            if outcome.holder_task_id is not None:
+                backend.release_owned(record_key, Owner.of_message(outcome.holder_task_id))
+            else:
+                for info in backend.lock_info(record_key):
+                    backend.break_lock(info)
+        logger.info("%s[%s]: other calls of the same key recorded themselves later", self.name, task_id)
+
+    def _superseded_by(self, key: str, request: Any) -> str | None:
+        """The task id of a later debounced call of ``key``, if one was made since this
+        one (which then does not run); None: run. A run that cannot tell runs."""
+        burst = _header(request, DEBOUNCE_HEADER)
+        if not isinstance(burst, str) or request.retries or lock_retries(request):
+            return None  # not a debounced message, or it passed this check before retrying
+        record_key = _debounce_record_key(key, burst)
+        backend = self.lock_options().settings.backend("queued")
+        try:
+            probe = backend.attempt(record_key, 1.0, owner=Owner.of_message(request.id), sender=self)
+        except LockBackendUnavailable as exc:
+            logger.warning("%s[%s]: cannot tell whether a later call superseded it (%s); running",
+                           self.name, request.id, exc)
+            return None
+        if isinstance(probe, HeldLock):  # the record expired: never lose a call, run it
+            LeaseKeeper.for_process().untrack(probe)
+            probe.release_quietly()
+            return None
+        # The record stays: a copy of this same call due later finds it and skips too.
+        holder = probe.holder_task_id
+        return None if holder == request.id else (holder or "a later call")
+
     def _runs_unlocked(self) -> bool:
         return bool(unlocked_apps) and (None in unlocked_apps or self._get_app() in unlocked_apps)
 
@@ -338,6 +488,14 @@ class SingletonTask(Task):  # type: ignore[misc]
         request = self.request
         if options.enqueue_once and request.id and not request.called_directly:
             self._clear_queued_marker(args, kwargs, request.id)
+        if options.debounce is not None and request.id and not request.called_directly:
+            later = self._superseded_by(key, request)
+            if later is not None:
+                logger.info("skipped %s[%s]: superseded by the later call %s", self.name, request.id, later)
+                reason = f"superseded by {later}"
+                mark_skipped(self, request, key, later, reason=reason)
+                signals.task_skipped.send(sender=self, key=key, task_id=request.id, reason=reason)
+                return None
         owner = Owner.here(request.id, signature=lock_signature(self.name, request, args, kwargs))
         try:
             backend = options.settings.backend()
@@ -385,6 +543,8 @@ class SingletonTask(Task):  # type: ignore[misc]
             held.stop_renewal_at(held.backend.clock() + float(hard_limit))
         running = _running.get()
         token = _running.set((*running, _LockedRun(self, request.id, held)))
+        started = held.backend.clock()
+        succeeded = False
         try:
             if request.called_directly or running:
                 result = super().__call__(*args, **kwargs)  # pushes a request, as Celery does
@@ -392,11 +552,20 @@ class SingletonTask(Task):  # type: ignore[misc]
                 # Celery's tracer pushed this run's request and task already; like its own
                 # fast path for a task without __call__, run the body at once.
                 result = self.run(*args, **kwargs)
+            succeeded = True
         finally:
             # Whatever ended the body: a loss not announced yet is announced now.
             lost_during_run = held.settle()
             _running.reset(token)
-            self._release_after_run(held, request.id if not request.called_directly else None)
+            # A throttle keeps the key of a successful run only: a failure frees it now.
+            keep_until = (
+                started + options.throttle
+                if succeeded and options.throttle is not None and not lost_during_run
+                else None
+            )
+            self._release_after_run(
+                held, request.id if not request.called_directly else None, keep_until
+            )
         if lost_during_run and options.on_lock_lost == "raise":
             msg = f"lock {held.key!r} was lost while the task ran: {held.lost_reason}"
             raise LockLost(msg, key=held.key)
@@ -535,18 +704,20 @@ class SingletonTask(Task):  # type: ignore[misc]
         again.apply_async()
         raise CeleryRetry(exc=exc, when=countdown, sig=again)
 
-    def _release_after_run(self, held: HeldLock, task_id: str | None) -> None:
+    def _release_after_run(
+        self, held: HeldLock, task_id: str | None, keep_until: float | None = None
+    ) -> None:
         # In a worker, release once Celery has stored the result (task_postrun): a
         # redelivered copy that then gets the lock must see that this run finished.
         # Renewal stops now, so even a lost postrun cannot keep the lock past one TTL.
         if held.released:
             return
         if task_id is None:
-            held.release_quietly()
+            _let_go(held, keep_until)
             return
         held.stop_renewal_at(held.backend.clock())
         with _awaiting_postrun_guard:
-            _awaiting_postrun[task_id] = held
+            _awaiting_postrun[task_id] = (held, keep_until)
 
     def retry(self, *args: Any, **kwargs: Any) -> Any:
         """Celery's ``retry``, releasing this run's lock first.
@@ -575,6 +746,24 @@ def lock_signature(task_name: str, request: Any, args: Any, kwargs: Any) -> str:
     )
 
 
+#: The header of a debounced call's message: the burst it belongs to ("" without
+#: ``debounce_max_wait``), which names its record.
+DEBOUNCE_HEADER = "singleton_lock_debounce"
+#: Takes of a debounce record before a call leaves it to a caller of the same instant.
+_RECORD_TRIES = 4
+
+
+def _debounce_record_key(key: str, burst: str) -> str:
+    return f"debounce:{key}" + (f":{burst}" if burst else "")
+
+
+def _header(request: Any, name: str) -> Any:
+    """A message header of ours: Celery puts unknown headers on the request, or keeps them
+    in ``request.headers``."""
+    value = getattr(request, name, None)
+    return (getattr(request, "headers", None) or {}).get(name) if value is None else value
+
+
 def _is_redelivered(request: Any) -> bool:
     """True for a message the broker delivered before (Redis restores, AMQP redelivery)."""
     return bool((getattr(request, "delivery_info", None) or {}).get("redelivered"))
@@ -595,12 +784,34 @@ def _seconds_until_start(options: dict[str, Any]) -> float:
     return 0.0
 
 
+def _seconds_or_none(value: Any) -> float | None:
+    return None if value is None else float(value)
+
+
+def _let_go(held: HeldLock, keep_until: float | None) -> None:
+    """Release ``held`` now, or, for a ``throttle``, keep it taken until ``keep_until``."""
+    if keep_until is None:
+        held.release_quietly()
+        return
+    backend = held.backend
+    if not isinstance(backend, LockBackend):  # a lease of some other kind: no throttle
+        held.release_quietly()
+        return
+    try:
+        backend.keep_until(held, keep_until)
+    except LockError as exc:
+        # It ends by its TTL instead: the window is at most one TTL, never unbounded.
+        logger.error(
+            "could not keep %r taken for its throttle: %s; it expires within %ss", held.key, exc, held.ttl
+        )
+
+
 @task_postrun.connect  # type: ignore[untyped-decorator]
 def _release_after_result(sender: Any = None, task_id: str | None = None, **_: Any) -> None:
     with _awaiting_postrun_guard:
-        held = _awaiting_postrun.pop(task_id, None) if task_id else None
-    if held is not None and isinstance(sender, SingletonTask):
-        held.release_quietly()
+        awaiting = _awaiting_postrun.pop(task_id, None) if task_id else None
+    if awaiting is not None and isinstance(sender, SingletonTask):
+        _let_go(*awaiting)
 
 
 @worker_ready.connect  # type: ignore[untyped-decorator]

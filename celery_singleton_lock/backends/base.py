@@ -56,6 +56,7 @@ import logging
 import math
 import os
 import secrets
+import threading
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -187,6 +188,11 @@ class LockBackend(ABC):
     #: Why this backend cannot keep leases in a gevent worker, if it cannot (the worker
     #: then refuses to start with this message); None: it can (see _native.py).
     gevent_refusal: ClassVar[str | None] = None
+
+    #: Whether a renewal can give a lease any TTL (a TTL store: Redis, PostgreSQL,
+    #: memory); False where the lease's length is the server's or the kernel's (etcd
+    #: leases, ZooKeeper sessions, file locks). See :meth:`keep_until`.
+    lease_ttl_is_settable: ClassVar[bool] = True
 
     #: A queue store (it overrides ``_wait_turn``); set for each class when it is made.
     queues_waiters: ClassVar[bool] = False
@@ -333,6 +339,38 @@ class LockBackend(ABC):
                 held.key, held.fencing_token,
             )
         signals.lock_released.send(sender=held.sender, key=held.key, held=held, was_held=ours)
+        return ours
+
+    def keep_until(self, held: HeldLock, deadline: float) -> bool:
+        """Keep ``held`` taken until ``deadline`` (on ``self.clock``), then let it go: for
+        ``throttle``, which keeps a key taken for a while after a successful run.
+
+        A TTL store (:attr:`lease_ttl_is_settable`) renews the lease once with the time
+        left as its TTL and stops renewing it: the server frees it at the deadline, also
+        if this process dies first. Elsewhere (an etcd lease, a ZooKeeper session, a
+        kernel file lock: their lease length is the server's or the kernel's) the lease
+        keeper renews it until the deadline and this process releases it then, which
+        wakes a waiter; should the process die first, the key is freed with it, early.
+        A deadline closer than ``MIN_TTL`` releases at once.
+
+        :returns: False when the lock was no longer ours.
+        """
+        remaining = deadline - self.clock()
+        if remaining < MIN_TTL or held.taken_by != os.getpid() or held.released:
+            return self.release(held)
+        keeper = LeaseKeeper.for_process()
+        if not self.lease_ttl_is_settable:
+            held.stop_renewal_at(deadline)
+            keeper.track(held)  # the task's end may have untracked it already
+            timer = threading.Timer(remaining, held.release_quietly)
+            timer.daemon = True
+            timer.start()
+            return not held.lost
+        keeper.untrack(held)
+        held.ttl = remaining  # what the one renewal sets; nothing renews it after
+        ours = self.renew([held])[0]
+        held._mark_released()  # the server ends it: a later release() has nothing to do
+        release_logger.debug("%r is kept for %.2fs more by its TTL", held.key, remaining)
         return ours
 
     def release_owned(self, key: str, owner: Owner, *, limit: int = 1) -> bool:

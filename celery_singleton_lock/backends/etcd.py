@@ -353,6 +353,7 @@ class EtcdBackend(LockBackend):
     """
 
     schemes = ("etcd", "etcds")
+    lease_ttl_is_settable = False  # an etcd lease keeps the TTL it was granted with
     # The client's keep-alive and watch streams feed their requests from Python threads,
     # which gevent makes greenlets of the busy hub: renewal would time out.
     gevent_refusal = (

@@ -518,6 +518,7 @@ class FileBackend(LockBackend):
     """
 
     schemes = ("file",)
+    lease_ttl_is_settable = False  # the kernel holds the lock while the descriptor is open
 
     @classmethod
     def check_url(cls, url: str | Sequence[str], *, option: str) -> None:

@@ -578,6 +578,7 @@ class ZooKeeperBackend(LockBackend):
     """
 
     schemes = ("zookeeper", "zk")
+    lease_ttl_is_settable = False  # a node lives by its session, whose timeout is fixed
 
     @classmethod
     def check_url(cls, url: str | Sequence[str], *, option: str) -> None:
