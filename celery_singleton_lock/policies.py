@@ -92,6 +92,7 @@ class Contention:
     :ivar refused: what the refused attempt learned about the holder (``holder_task_id``).
     :ivar task: the Celery task, or None for a lock taken outside a task.
     :ivar default_wait_timeout: ``singleton_lock_wait_timeout``, for ``Wait()``.
+    :ivar limit: the key's slots (``lock_limit``): a wait takes any one of them.
     :ivar retries_spent: contention retries made by the ``Retry`` policies before this
         one in a chain (``Retry(max_retries=2) | Retry(max_retries=3)``: the second one sees
         ``retries`` start again at 0); :attr:`retries` leaves them out.
@@ -105,6 +106,7 @@ class Contention:
     task: Task | None = None
     default_wait_timeout: float | None = 60.0
     retries_spent: int = 0
+    limit: int = 1
 
     @property
     def can_retry(self) -> bool:
@@ -115,7 +117,7 @@ class Contention:
         """Block until the lock is ours or ``timeout`` passes (then None)."""
         return self.backend.wait(
             self.key, self.ttl, timeout=timeout, owner=self.owner, refused=self.refused,
-            sender=self.task,
+            sender=self.task, limit=self.limit,
         )
 
     def contended(self, detail: str = "") -> LockContended:

@@ -63,6 +63,7 @@ class _Orphan:
     key: str
     owner: Owner
     label: str  # "task[id]", for the log line
+    limit: int = 1  # the task's lock_limit: which slots the owner may hold
 
 
 class _DeathWatch:
@@ -126,7 +127,7 @@ _death_watch: PerProcess[_DeathWatch] = PerProcess(_DeathWatch, threading.Lock)
 
 def _release(orphan: _Orphan) -> None:
     try:
-        released = orphan.backend.release_owned(orphan.key, orphan.owner)
+        released = orphan.backend.release_owned(orphan.key, orphan.owner, limit=orphan.limit)
     except LockError as exc:
         logger.warning(
             "could not release the lock of %s after its process %s died: %s; it expires by its TTL",
@@ -139,7 +140,7 @@ def _release(orphan: _Orphan) -> None:
         )
 
 
-def release_when_dead(backend: LockBackend, key: str, owner: Owner, label: str) -> bool:
+def release_when_dead(backend: LockBackend, key: str, owner: Owner, label: str, limit: int = 1) -> bool:
     """Release ``key`` as soon as process ``owner.pid`` (of this host) has exited, if
     ``owner`` still holds it then. Returns at once.
 
@@ -148,7 +149,7 @@ def release_when_dead(backend: LockBackend, key: str, owner: Owner, label: str) 
     """
     if not hasattr(os, "pidfd_open"):
         return False
-    _DeathWatch.for_process().add(owner.pid, _Orphan(backend, key, owner, label))
+    _DeathWatch.for_process().add(owner.pid, _Orphan(backend, key, owner, label, limit))
     return True
 
 
@@ -192,8 +193,9 @@ class SingletonRequest(Request):  # type: ignore[misc]
         if found is None:
             return
         backend, key, owner, label = found
+        limit = self.task.lock_options().lock_limit
         try:
-            if backend.release_owned(key, owner):
+            if backend.release_owned(key, owner, limit=limit):
                 logger.info("released the lock of %s: its pool process %s is dead", label, owner.pid)
                 return
             if not (self.delivery_info or {}).get("redelivered"):
@@ -201,7 +203,7 @@ class SingletonRequest(Request):  # type: ignore[misc]
             # It held nothing: did it wait behind another delivery of the same message?
             # (One round trip; the probe, if granted, is released at once.)
             outcome = backend.attempt(
-                key, self.task.lock_options().ttl, owner=Owner.here(self.id)
+                key, self.task.lock_options().ttl, owner=Owner.here(self.id), limit=limit
             )
         except LockError as exc:
             logger.warning("could not settle the lock of %s after its process died: %s", label, exc)
@@ -219,7 +221,7 @@ class SingletonRequest(Request):  # type: ignore[misc]
     def _release_when_dead(self) -> None:
         found = self._lock_of_killed()
         if found is not None:
-            release_when_dead(*found)
+            release_when_dead(*found, limit=self.task.lock_options().lock_limit)
 
     def _lock_of_killed(self) -> tuple[LockBackend, str, Owner, str] | None:
         """The backend, key and owner of the lock the killed pool process may hold."""

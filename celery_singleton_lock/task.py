@@ -56,7 +56,7 @@ import celery_singleton_lock.events  # connects the worker-start switch of the l
 import celery_singleton_lock.metrics  # connects the worker-start of the metrics server
 import celery_singleton_lock.pools  # noqa: F401 - connects the worker-start check of the pool
 from celery_singleton_lock import _observe, signals
-from celery_singleton_lock.backends.base import MAX_TTL, LockBackend, Refused
+from celery_singleton_lock.backends.base import MAX_TTL, LockBackend, Refused, check_limit
 from celery_singleton_lock.backends.owner import Owner, call_signature
 from celery_singleton_lock.config import (
     Settings,
@@ -175,10 +175,8 @@ def _check_task_options(options: dict[str, Any], signature: inspect.Signature | 
         raise ConfigurationError(msg, option="enqueue_once")
     if options.get("enqueue_once_ttl") is not None:
         check_ttl(options["enqueue_once_ttl"], "enqueue_once_ttl")
-    limit = options.get("lock_limit")
-    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
-        msg = f"lock_limit must be an int >= 1 (bodies of one key at once), got {limit!r}"
-        raise ConfigurationError(msg, option="lock_limit")
+    if options.get("lock_limit") is not None:
+        check_limit(options["lock_limit"], "lock_limit")
     for name in ("throttle", "debounce", "debounce_max_wait"):
         if options.get(name) is not None:
             check_ttl(options[name], name)
@@ -499,7 +497,9 @@ class SingletonTask(Task):  # type: ignore[misc]
         owner = Owner.here(request.id, signature=lock_signature(self.name, request, args, kwargs))
         try:
             backend = options.settings.backend()
-            outcome = backend.attempt(key, options.ttl, owner=owner, sender=self)
+            outcome = backend.attempt(
+                key, options.ttl, owner=owner, sender=self, limit=options.lock_limit
+            )
             decided = (
                 self._on_contended(key, backend, owner, outcome, options)
                 if isinstance(outcome, Refused)
@@ -588,6 +588,7 @@ class SingletonTask(Task):  # type: ignore[misc]
             refused=refused,
             task=self,
             default_wait_timeout=options.settings.wait_timeout,
+            limit=options.lock_limit,
         )
         if request.id and refused.holder_task_id == request.id:
             return self._on_redelivered(contention)

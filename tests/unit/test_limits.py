@@ -46,13 +46,17 @@ def test_bad_options_fail_at_decoration_naming_the_option(
     eager_app: Celery, options: dict[str, Any], option: str, style: str
 ) -> None:
     eager_app.finalize()  # a finalized app binds a task at decoration time
-    with pytest.raises(ConfigurationError) as info:
+
+    def decorate() -> None:
         if style == "app.task":
             eager_app.task(base=SingletonTask, **options)(job)
         elif style == "singleton_task":
             singleton_task(eager_app, **options)(job)
         else:
             eager_app.register_task(type("Job", (SingletonTask,), {"run": staticmethod(job), **options})())
+
+    with pytest.raises(ConfigurationError) as info:
+        decorate()
     assert info.value.option == option
     assert option in str(info.value)
 
@@ -60,7 +64,8 @@ def test_bad_options_fail_at_decoration_naming_the_option(
 def test_good_options_are_resolved(eager_app: Celery) -> None:
     task = singleton_task(eager_app, lock_limit=3, throttle=2, debounce=1, debounce_max_wait=4)(job)
     options = task.lock_options()
-    assert (options.lock_limit, options.throttle, options.debounce, options.debounce_max_wait) == (3, 2.0, 1.0, 4.0)
+    resolved = (options.lock_limit, options.throttle, options.debounce, options.debounce_max_wait)
+    assert resolved == (3, 2.0, 1.0, 4.0)
     plain = singleton_task(eager_app, name="plain")(job)
     assert (plain.lock_options().lock_limit, plain.lock_options().throttle) == (1, None)
 
@@ -299,3 +304,41 @@ def test_records_live_in_the_queued_namespace(queue_app: Celery) -> None:
     markers = settings_for(queue_app).backend("queued")
     assert [info.key for info in markers.held_locks()] == [f"debounce:{job.lock_key_for((1,), {})}"]
     assert settings_for(queue_app).backend().held_locks() == []
+
+
+# -- lock_limit ------------------------------------------------------------------------------
+
+
+def test_lock_limit_runs_up_to_n_bodies_of_a_key_and_skips_the_next(eager_app: Celery) -> None:
+    @singleton_task(eager_app, lock_limit=2)
+    def charge(account: int) -> str:
+        return "charged"
+
+    backend = settings_for(eager_app).backend()
+    key = charge.lock_key_for((1,), {})
+    first = backend.acquire(key, ttl=30, limit=2)
+    assert first is not None
+    assert charge.delay(1).get() == "charged"  # the second slot
+    second = backend.acquire(key, ttl=30, limit=2)
+    assert second is not None
+    assert charge.delay(1).get() is None  # both slots taken: skipped
+    backend.release(first)
+    assert charge.delay(1).get() == "charged"
+    backend.release(second)
+
+
+def test_contention_retries_default_to_the_tasks_max_retries_counted_apart_from_its_own() -> None:
+    from types import SimpleNamespace
+
+    from celery_singleton_lock.policies import RETRIES_HEADER, Contention
+
+    backend = MemoryBackend(prefix=f"unit-{uuid.uuid4().hex}")
+    task = SimpleNamespace(
+        max_retries=3,
+        request=SimpleNamespace(
+            called_directly=False, is_eager=False, retries=3, **{RETRIES_HEADER: {"contended": 1}}
+        ),
+    )
+    contention = Contention(key="k", ttl=1, backend=backend, owner=None, refused=None, task=task)  # type: ignore[arg-type]
+    assert contention.retry_limit(None) == 3  # Retry() alone: as many as the task's max_retries
+    assert contention.retries == 1  # the task's own three self.retry() calls are not counted
