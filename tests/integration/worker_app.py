@@ -19,7 +19,7 @@ from celery.exceptions import SoftTimeLimitExceeded
 
 from celery_singleton_lock import Retry, SingletonTask, Skip, Wait, current_lock, singleton_task
 from celery_singleton_lock.errors import LockLost
-from celery_singleton_lock.signals import lock_lost, task_skipped
+from celery_singleton_lock.signals import lock_contended, lock_lost, task_skipped
 
 URL = os.environ["CSL_WORKER_REDIS_URL"]
 
@@ -170,3 +170,57 @@ def hard_limited(run: str) -> str:
     record(run, "start")
     time.sleep(60)
     return "not killed"
+
+
+@lock_contended.connect
+def _on_contended(sender: Any, key: str, task_id: str, **_: Any) -> None:
+    run = sender.request.args[0] if sender.request.args else sender.request.kwargs.get("run")
+    record(run, "contended", task_id)
+
+
+@app.task(base=SingletonTask, throttle=2)
+def throttled(run: str, fail: bool = False) -> str:
+    record(run, "start")
+    record(run, "end")
+    if fail:
+        raise ValueError("this run fails")
+    return "ran"
+
+
+@app.task(base=SingletonTask, debounce=1, lock_key="debounced:{run}")
+def debounced(run: str, n: int) -> int:
+    record(run, "start", n)
+    record(run, "end", n)
+    return n
+
+
+@app.task(base=SingletonTask, debounce=1, debounce_max_wait=2, lock_key="capped:{run}")
+def debounced_capped(run: str, n: int) -> int:
+    record(run, "start", n)
+    time.sleep(0.3)
+    record(run, "end", n)
+    return n
+
+
+@app.task(base=SingletonTask, bind=True, max_retries=1, on_contention=Retry(countdown=0.2, max_retries=10, jitter=0))
+def contends_then_retries(self: Any, run: str) -> str:
+    """Its own budget is one self.retry(); contention retries are counted apart."""
+    record(run, "start", self.request.retries)
+    if self.request.retries == 0:
+        raise self.retry(countdown=0)
+    return f"ran after {self.request.retries} retry"
+
+
+@app.task(base=SingletonTask, lock_limit=3, on_contention=Wait(timeout=30))
+def limited_wait(run: str, seconds: float) -> str:
+    return _body(run, seconds)
+
+
+@app.task(base=SingletonTask, lock_limit=3, on_contention=Retry(countdown=0.2, max_retries=200, jitter=0.5))
+def limited_retry(run: str, seconds: float) -> str:
+    return _body(run, seconds)
+
+
+@app.task(base=SingletonTask, lock_limit=3)
+def limited_skip(run: str, seconds: float) -> str:
+    return _body(run, seconds)
