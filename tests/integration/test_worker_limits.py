@@ -7,6 +7,7 @@ tests see what a user sees: how many bodies ran, when, and whether they overlapp
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -62,7 +63,7 @@ def test_throttle_runs_once_per_window_and_skips_the_calls_within_it(workers, wo
     assert [result.get(timeout=30) for _, result in calls].count("ran") == 3
     times = [e[1] for e in starts(events_of(worker_app, run))]
     assert len(times) == 3
-    assert all(later - earlier >= 2 - 0.02 for earlier, later in zip(times, times[1:], strict=False))
+    assert all(later - earlier >= 2 - 0.02 for earlier, later in itertools.pairwise(times))
 
 
 def test_a_failed_run_does_not_hold_the_throttle_window(workers, worker_app, run):  # noqa: F811
@@ -96,7 +97,7 @@ def test_max_wait_runs_a_steady_stream_at_least_every_window(workers, worker_app
     events = events_of(worker_app, run)
     times = [calls[0][0]] + [e[1] for e in starts(events)]
     assert len(times) - 1 >= 3
-    assert max(later - earlier for earlier, later in zip(times, times[1:], strict=False)) <= 2.5
+    assert max(later - earlier for earlier, later in itertools.pairwise(times)) <= 2.5
     assert times[-1] - calls[-1][0] <= 1.5  # the last burst too
     assert max_overlap(events) == 1
     assert starts(events)[-1][3] == 29  # the latest arguments

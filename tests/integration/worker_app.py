@@ -202,7 +202,9 @@ def debounced_capped(run: str, n: int) -> int:
     return n
 
 
-@app.task(base=SingletonTask, bind=True, max_retries=1, on_contention=Retry(countdown=0.2, max_retries=10, jitter=0))
+@app.task(
+    base=SingletonTask, bind=True, max_retries=1, on_contention=Retry(countdown=0.2, max_retries=10, jitter=0)
+)
 def contends_then_retries(self: Any, run: str) -> str:
     """Its own budget is one self.retry(); contention retries are counted apart."""
     record(run, "start", self.request.retries)
