@@ -239,6 +239,22 @@ class BackendContract:
         assert 0.8 <= waited < 1.0 + self.expiry_lateness
         second_backend.release(got)
 
+    def test_keep_until_holds_the_key_to_the_deadline_then_frees_it_for_a_waiter(
+        self, backend, second_backend, unique_key
+    ):
+        # throttle: a successful run's key stays taken after its end. The lease (0.6 s)
+        # is shorter than the window: the server's TTL, or renewal, must carry it.
+        held = backend.acquire(unique_key, ttl=0.6)
+        deadline = time.monotonic() + 1.5
+        assert backend.keep_until(held, backend.clock() + 1.5) is True
+        time.sleep(0.9)
+        assert second_backend.acquire(unique_key, ttl=1) is None
+        got = second_backend.acquire(unique_key, ttl=5, blocking=True, timeout=5)
+        woke_at = time.monotonic()
+        assert got is not None
+        assert deadline - 0.05 <= woke_at < deadline + self.expiry_lateness
+        second_backend.release(got)
+
     def test_renewal_keeps_a_lease_past_its_ttl(self, backend, second_backend, unique_key):
         held = backend.acquire(unique_key, ttl=0.6)
         time.sleep(1.5)  # two and a half TTLs: only renewal can keep it
