@@ -39,6 +39,10 @@ class Observer:
         """The policy decided: ``outcome`` is one of :data:`OUTCOMES`, ``seconds`` the
         time from the refusal to the decision (for "waited": the wait for the lock)."""
 
+    def superseded(self, task: Any, key: str, later_task_id: str) -> None:
+        """A ``debounce`` call ended as skipped: ``later_task_id``, a later call of its
+        key, runs instead (no contention: the lock was never asked for)."""
+
     def renewed(self, backend: Any, seconds: float) -> None:
         """One renewal round trip of the lease keeper took ``seconds``."""
 
@@ -66,6 +70,10 @@ class Fanout(Observer):
     ) -> None:
         for each in self.observers:
             each.contention_ended(task, contention, outcome, seconds)
+
+    def superseded(self, task: Any, key: str, later_task_id: str) -> None:
+        for each in self.observers:
+            each.superseded(task, key, later_task_id)
 
     def renewed(self, backend: Any, seconds: float) -> None:
         for each in self.observers:

@@ -8,7 +8,10 @@ like Celery's own ``task-*`` events:
 ========================  ==============================================================
 ``task-lock-contended``   the run found its lock taken: ``lock_key``, ``lock_holder``
                           (the holding task's id, when the server told), ``lock_policy``
-``task-lock-skipped``     the run was skipped: ``lock_key``, ``lock_holder``
+``task-lock-skipped``     the run was skipped: ``lock_key``, ``lock_holder``; a
+                          ``debounce`` call superseded by a later one also has
+                          ``lock_skip_reason`` ("superseded by <task id>", which is
+                          ``lock_holder``)
 ``task-lock-waited``      the run got its lock after waiting: ``lock_key``,
                           ``lock_wait_seconds``
 ``task-lock-lost``        renewal proved the run's lease gone while it ran: ``lock_key``,
@@ -72,6 +75,12 @@ class LockEvents(_observe.Observer):
             self._send_for_run(
                 task, "task-lock-waited", lock_key=contention.key, lock_wait_seconds=round(seconds, 6)
             )
+
+    def superseded(self, task: Any, key: str, later_task_id: str) -> None:
+        self._send_for_run(
+            task, "task-lock-skipped", lock_key=key, lock_holder=later_task_id,
+            lock_skip_reason=f"superseded by {later_task_id}",
+        )
 
     def lost(self, held: HeldLock, reason: str) -> None:
         # Sent by the lease keeper's thread, or the task's at the end of its body: the

@@ -493,6 +493,8 @@ class SingletonTask(Task):  # type: ignore[misc]
                 reason = f"superseded by {later}"
                 mark_skipped(self, request, key, later, reason=reason)
                 signals.task_skipped.send(sender=self, key=key, task_id=request.id, reason=reason)
+                if _observe.observer is not None:
+                    _observe.observer.superseded(self, key, later)
                 return None
         owner = Owner.here(request.id, signature=lock_signature(self.name, request, args, kwargs))
         try:

@@ -342,3 +342,29 @@ def test_contention_retries_default_to_the_tasks_max_retries_counted_apart_from_
     contention = Contention(key="k", ttl=1, backend=backend, owner=None, refused=None, task=task)  # type: ignore[arg-type]
     assert contention.retry_limit(None) == 3  # Retry() alone: as many as the task's max_retries
     assert contention.retries == 1  # the task's own three self.retry() calls are not counted
+
+
+def test_a_superseded_call_sends_task_lock_skipped_with_its_reason(
+    queue_app: Celery, published, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from celery_singleton_lock import _observe
+    from celery_singleton_lock.events import LockEvents
+
+    @singleton_task(queue_app, debounce=5, lock_key=lambda n: "one")
+    def job(n: int) -> int:
+        return n
+
+    sent: list[tuple[str, dict[str, Any]]] = []
+    monkeypatch.setattr(job, "send_event", lambda kind, **fields: sent.append((kind, fields)), raising=False)
+    events = LockEvents("worker@host")
+    _observe.install(events)
+    try:
+        first, last = job.delay(1), job.delay(2)
+        for message in published:
+            run_as_worker(job, message)
+    finally:
+        _observe.uninstall(events)
+    assert [kind for kind, _ in sent] == ["task-lock-skipped"]
+    fields = sent[0][1]
+    assert (fields["lock_holder"], fields["lock_skip_reason"]) == (last.id, f"superseded by {last.id}")
+    assert first.id != last.id
