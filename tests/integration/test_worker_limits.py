@@ -73,6 +73,15 @@ def test_a_failed_run_does_not_hold_the_throttle_window(workers, worker_app, run
     assert count(events_of(worker_app, run), "start") == 2
 
 
+def test_a_waiting_duplicate_runs_when_the_throttle_window_ends(workers, worker_app, run):  # noqa: F811
+    first = send(worker_app.throttled_wait, run)
+    wait_until(lambda: count(events_of(worker_app, run), "start") == 1, 20, "the first run to start")
+    second = send(worker_app.throttled_wait, run)
+    assert [first.get(timeout=30), second.get(timeout=30)] == ["ran", "ran"]
+    earlier, later = (e[1] for e in starts(events_of(worker_app, run)))
+    assert 2 - 0.02 <= later - earlier < 2 + 0.5  # woken at the window's end, not by polling
+
+
 # -- debounce --------------------------------------------------------------------------------
 
 

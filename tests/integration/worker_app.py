@@ -226,3 +226,10 @@ def limited_retry(run: str, seconds: float) -> str:
 @app.task(base=SingletonTask, lock_limit=3)
 def limited_skip(run: str, seconds: float) -> str:
     return _body(run, seconds)
+
+
+@app.task(base=SingletonTask, throttle=2, on_contention=Wait(timeout=30))
+def throttled_wait(run: str) -> str:
+    record(run, "start")
+    record(run, "end")
+    return "ran"

@@ -368,3 +368,21 @@ def test_a_superseded_call_sends_task_lock_skipped_with_its_reason(
     fields = sent[0][1]
     assert (fields["lock_holder"], fields["lock_skip_reason"]) == (last.id, f"superseded by {last.id}")
     assert first.id != last.id
+
+
+def test_the_readme_examples_define_the_tasks_they_say() -> None:
+    from pathlib import Path
+
+    readme = (Path(__file__).parents[2] / "README.md").read_text()
+    section = readme[readme.index("### N at a time, once per period, once per burst"):]
+    section = section[: section.index("\n### ", 1)]
+    app = Celery("shop", broker="memory://", set_as_current=False)
+    app.conf.update(task_always_eager=True, singleton_lock_backend="memory://")
+    namespace: dict[str, Any] = {"app": app, "SingletonTask": SingletonTask}
+    for block in section.split("```python\n")[1:]:
+        exec(compile(block[: block.index("```")], "README.md", "exec"), namespace)
+    assert namespace["charge"].lock_options().lock_limit == 4
+    assert namespace["refresh_feed"].lock_options().throttle == 60
+    reindex = namespace["reindex"].lock_options()
+    assert (reindex.debounce, reindex.debounce_max_wait) == (5, 60)
+    assert namespace["reindex"].lock_key_for((3, [1]), {}) == "res:search-index:3"
