@@ -386,3 +386,27 @@ def test_the_readme_examples_define_the_tasks_they_say() -> None:
     reindex = namespace["reindex"].lock_options()
     assert (reindex.debounce, reindex.debounce_max_wait) == (5, 60)
     assert namespace["reindex"].lock_key_for((3, [1]), {}) == "res:search-index:3"
+
+
+def test_a_redelivered_copy_never_takes_a_second_slot_while_its_first_delivery_holds_one(
+    eager_app: Celery,
+) -> None:
+    from celery_singleton_lock.backends.owner import Owner
+
+    slots_held: list[int] = []
+
+    @singleton_task(eager_app, lock_limit=3)
+    def charge(account: int) -> str:
+        slots_held.append(len(backend.lock_info(key)))
+        return "charged"
+
+    backend = settings_for(eager_app).backend()
+    key = charge.lock_key_for((1,), {})
+    task_id = str(uuid.uuid4())
+    first_delivery = backend.acquire(key, ttl=30, limit=3, owner=Owner.here(task_id, pid=1))
+    assert first_delivery is not None
+    threading.Timer(0.3, first_delivery.release).start()
+    # Two slots are free, but this copy's task id holds one: it waits for that delivery.
+    assert charge.apply((1,), task_id=task_id).get() == "charged"
+    assert first_delivery.released
+    assert slots_held == [1]
