@@ -63,7 +63,7 @@ _TESTKIT_NAMES = frozenset({
 
 __all__ = [
     "HOLD_LOCK_TASK_ID", "EtcdCluster", "EtcdMember", "LockEvent", "LockEvents", "LockServerUnavailable",
-    "PostgresServer", "RedisSentinel", "RedisServer", "SentinelMember", "ZooKeeperEnsemble",
+    "PostgresServer", "RedisCluster", "RedisSentinel", "RedisServer", "SentinelMember", "ZooKeeperEnsemble",
     "ZooKeeperMember", "docker_unavailable_reason", "etcd_binary", "free_port", "hold_lock", "java_binary",
     "lock_server", "locking_disabled", "postgres_bin_dir", "record_lock_events", "redis_servers",
     "use_lock_backend", "zookeeper_classpath",
@@ -1415,6 +1415,177 @@ class RedisSentinel:
         self._dir.cleanup()
 
     def __enter__(self) -> RedisSentinel:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+
+# -- Redis Cluster -------------------------------------------------------------------------
+
+
+#: Slots of a Redis Cluster: every key hashes to one of them (CRC16 of its hash tag).
+CLUSTER_SLOTS = 16384
+
+
+class RedisCluster:
+    """A Redis Cluster of ``masters`` masters (no replicas), all on free loopback ports,
+    stopped by PID: the Redis deployment of managed services and ``rediscluster://``.
+
+    The slots are split evenly with ``CLUSTER ADDSLOTSRANGE`` and the nodes introduced
+    with ``CLUSTER MEET`` (what ``redis-cli --cluster create`` does, without its pauses);
+    :meth:`start` returns once every node reports ``cluster_state:ok`` and knows every
+    slot's owner.
+
+    >>> with RedisCluster() as cluster:  # doctest: +SKIP
+    ...     backend = connect(cluster.url)
+    ...     cluster.move_slot(cluster.slot_of("{singleton-lock:report}"), cluster.masters[1])
+
+    :param password: ``requirepass`` (and ``masterauth``) of every node.
+    """
+
+    def __init__(
+        self, *, masters: int = 3, password: str | None = None, startup_timeout: float = 30.0
+    ) -> None:
+        self.password = password
+        self.startup_timeout = startup_timeout
+        auth = ["--masterauth", password] if password else []
+        #: Each master's cluster bus port (port + 10000 would pass 65535 for a high port).
+        self.bus_ports = [free_port() for _ in range(masters)]
+        self.masters = [
+            RedisServer(password=password, extra_args=[
+                "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
+                "--cluster-port", str(bus_port),
+                # A node that stops answering is failed this late; a new cluster turns ok as late.
+                "--cluster-node-timeout", "2000", *auth,
+            ])
+            for bus_port in self.bus_ports
+        ]
+
+    @property
+    def url(self) -> str:
+        """Our ``rediscluster://`` URL naming every master as a startup node."""
+        auth = f":{self.password}@" if self.password else ""
+        return f"rediscluster://{auth}{','.join(f'127.0.0.1:{m.port}' for m in self.masters)}"
+
+    def client(self, server: RedisServer) -> Any:
+        """A plain redis-py client of one node (close it after use)."""
+        import redis
+
+        return redis.Redis(host="127.0.0.1", port=server.port, password=self.password, socket_timeout=5)
+
+    def ask(self, server: RedisServer, *command: Any) -> Any:
+        """One command to one node over a short-lived connection; its reply."""
+        client = self.client(server)
+        try:
+            return client.execute_command(*command)
+        finally:
+            client.close()
+
+    @staticmethod
+    def slot_of(key: str) -> int:
+        """The slot of ``key``, as the cluster computes it (its hash tag, if any)."""
+        from redis.crc import key_slot
+
+        return int(key_slot(key.encode()))
+
+    def owner_of(self, slot: int) -> RedisServer:
+        """The master serving ``slot`` now, as the first master sees it."""
+        for start, end, (_, port, *_) , *_ in self.ask(self.masters[0], "CLUSTER", "SLOTS"):
+            if start <= slot <= end:
+                return next(m for m in self.masters if m.port == port)
+        msg = f"no master serves slot {slot}"
+        raise RuntimeError(msg)
+
+    def start(self) -> RedisCluster:
+        try:
+            for server in self.masters:
+                server.start()
+            share = CLUSTER_SLOTS // len(self.masters)
+            for index, server in enumerate(self.masters):
+                last = CLUSTER_SLOTS - 1 if index == len(self.masters) - 1 else (index + 1) * share - 1
+                self.ask(server, "CLUSTER", "SET-CONFIG-EPOCH", index + 1)
+                self.ask(server, "CLUSTER", "ADDSLOTSRANGE", index * share, last)
+            for server in self.masters[1:]:
+                self.ask(server, "CLUSTER", "MEET", "127.0.0.1", self.masters[0].port, self.bus_ports[0])
+            self.wait_ok()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _ok(self) -> bool:
+        for server in self.masters:
+            try:
+                info = self.ask(server, "CLUSTER", "INFO")
+                slots = self.ask(server, "CLUSTER", "SLOTS")
+            except Exception:  # not up yet
+                return False
+            text = info.decode() if isinstance(info, bytes) else str(info)
+            if "cluster_state:ok" not in text or len(slots) < len(self.masters):
+                return False
+        return True
+
+    def wait_ok(self, timeout: float | None = None) -> None:
+        """Wait until every node reports ``cluster_state:ok`` and sees every master.
+
+        :raises RuntimeError: not within ``timeout`` (default ``startup_timeout``).
+        """
+        deadline = time.monotonic() + (self.startup_timeout if timeout is None else timeout)
+        while not self._ok():
+            if time.monotonic() > deadline:
+                msg = f"Redis Cluster not ok within {timeout or self.startup_timeout}s"
+                raise RuntimeError(msg)
+            time.sleep(0.05)  # the cluster bus has no event to wait on from outside: ask again
+
+    def node_id(self, server: RedisServer) -> str:
+        reply = self.ask(server, "CLUSTER", "MYID")
+        return reply.decode() if isinstance(reply, bytes) else str(reply)
+
+    def begin_move(self, slot: int, target: RedisServer) -> RedisServer:
+        """Mark ``slot`` IMPORTING on ``target`` and MIGRATING on its owner (the first
+        steps of a reshard); the owner, for :meth:`migrate_keys` and :meth:`end_move`."""
+        source = self.owner_of(slot)
+        self.ask(target, "CLUSTER", "SETSLOT", slot, "IMPORTING", self.node_id(source))
+        self.ask(source, "CLUSTER", "SETSLOT", slot, "MIGRATING", self.node_id(target))
+        return source
+
+    def migrate_keys(self, slot: int, source: RedisServer, target: RedisServer) -> int:
+        """MIGRATE every key of ``slot`` from ``source`` to ``target``; how many moved."""
+        moved = 0
+        while True:
+            keys = self.ask(source, "CLUSTER", "GETKEYSINSLOT", slot, 100)
+            if not keys:
+                return moved
+            auth = ["AUTH", self.password] if self.password else []
+            self.ask(source, "MIGRATE", "127.0.0.1", target.port, "", 0, 5000, *auth, "KEYS", *keys)
+            moved += len(keys)
+
+    def end_move(self, slot: int, target: RedisServer) -> None:
+        """``CLUSTER SETSLOT <slot> NODE <target>`` on the target, then on every other
+        master (the last step of a reshard)."""
+        target_id = self.node_id(target)
+        for server in [target, *(m for m in self.masters if m is not target)]:
+            self.ask(server, "CLUSTER", "SETSLOT", slot, "NODE", target_id)
+
+    def move_slot(self, slot: int, target: RedisServer) -> None:
+        """Move ``slot`` and its keys to ``target``, as ``redis-cli --cluster reshard``
+        does it: :meth:`begin_move`, :meth:`migrate_keys`, :meth:`end_move`."""
+        source = self.begin_move(slot, target)
+        self.migrate_keys(slot, source, target)
+        self.end_move(slot, target)
+
+    def stop(self) -> None:
+        """Kill every node by PID; safe to call twice."""
+        for server in self.masters:
+            server.stop()
+
+    def __enter__(self) -> RedisCluster:
         return self.start()
 
     def __exit__(

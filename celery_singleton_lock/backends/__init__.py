@@ -46,6 +46,8 @@ BACKEND_ALIASES: dict[str, str] = {
     "postgresql": "celery_singleton_lock.backends.postgres:PostgresBackend",
     "postgres": "celery_singleton_lock.backends.postgres:PostgresBackend",
     "sentinel": "celery_singleton_lock.backends.sentinel:SentinelBackend",
+    "rediscluster": "celery_singleton_lock.backends.cluster:ClusterBackend",
+    "redisclusters": "celery_singleton_lock.backends.cluster:ClusterBackend",
 }
 
 
