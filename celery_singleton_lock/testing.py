@@ -1454,18 +1454,32 @@ class RedisCluster:
     ) -> None:
         self.password = password
         self.startup_timeout = startup_timeout
-        auth = ["--masterauth", password] if password else []
+        self._auth = ["--masterauth", password] if password else []
         #: Each master's cluster bus port (port + 10000 would pass 65535 for a high port).
-        self.bus_ports = [free_port() for _ in range(masters)]
-        self.masters = [
-            RedisServer(password=password, extra_args=[
-                "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
-                "--cluster-port", str(bus_port),
-                # A node that stops answering is failed this late; a new cluster turns ok as late.
-                "--cluster-node-timeout", "2000", *auth,
-            ])
-            for bus_port in self.bus_ports
-        ]
+        self.bus_ports = [0] * masters
+        self.masters = [self._server(index) for index in range(masters)]
+
+    def _server(self, index: int) -> RedisServer:
+        self.bus_ports[index] = free_port()
+        return RedisServer(password=self.password, extra_args=[
+            "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
+            "--cluster-port", str(self.bus_ports[index]),
+            # A node that stops answering is failed this late; a new cluster turns ok as late.
+            "--cluster-node-timeout", "2000", *self._auth,
+        ])
+
+    def _launch(self, index: int) -> None:
+        """Start master ``index``; on new ports if its ports were taken meanwhile (free
+        ports are picked before the servers bind them, and other tests pick too)."""
+        for _ in range(3):
+            try:
+                self.masters[index].start()
+            except RuntimeError:
+                self.masters[index].stop()
+                self.masters[index] = self._server(index)
+            else:
+                return
+        self.masters[index].start()
 
     @property
     def url(self) -> str:
@@ -1504,8 +1518,8 @@ class RedisCluster:
 
     def start(self) -> RedisCluster:
         try:
-            for server in self.masters:
-                server.start()
+            for index in range(len(self.masters)):
+                self._launch(index)
             share = CLUSTER_SLOTS // len(self.masters)
             for index, server in enumerate(self.masters):
                 last = CLUSTER_SLOTS - 1 if index == len(self.masters) - 1 else (index + 1) * share - 1

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 import pytest
 import redis
 
-from celery_singleton_lock.testing import EtcdCluster, PostgresServer, RedisServer
+from celery_singleton_lock.testing import EtcdCluster, PostgresServer, RedisCluster, RedisServer
 
 
 @pytest.fixture(scope="session")
@@ -25,6 +25,13 @@ def redis_url() -> Iterator[str]:
         return
     with RedisServer() as server:
         yield server.url
+
+
+@pytest.fixture(scope="session")
+def redis_cluster() -> Iterator[RedisCluster]:
+    """One Redis Cluster of our own for the session: three masters, no replicas."""
+    with RedisCluster() as cluster:
+        yield cluster
 
 
 @pytest.fixture
