@@ -20,8 +20,8 @@ What each built-in one leaves in the result backend:
 ``first | then`` (``"first|then"`` as a string) applies ``then`` when ``first`` runs out:
 
 - ``Retry`` runs out when it may not retry any more: its ``max_retries`` contention
-  retries are made (None: the task's ``max_retries``; a task with ``max_retries=None``
-  never runs out), or the call is direct (``task()``), which Celery cannot retry. Each
+  retries are made (100 by default, whatever the task's own ``max_retries``; None never
+  runs out), or the call is direct (``task()``), which Celery cannot retry. Each
   ``Retry`` of a chain counts its own: ``Retry(max_retries=2) | Retry(max_retries=3)``
   retries twice, then three more times.
 - ``Wait`` runs out when its ``timeout`` passes without the lock.
@@ -141,25 +141,16 @@ class Contention:
             made = int(lock_retries(request).get("contended", 0))
         return max(0, made - self.retries_spent)
 
-    def retry_limit(self, max_retries: int | None) -> int | None:
-        """The contention retries allowed: ``max_retries``, or the task's when it is None.
-
-        :returns: None for no limit (a task with ``max_retries=None``).
-        """
-        if max_retries is not None or self.task is None:
-            return max_retries
-        limit = self.task.max_retries
-        return None if limit is None else int(limit)
-
     def retry(self, countdown: float, max_retries: int | None) -> NoReturn:
         """Ask Celery to run the task again in ``countdown`` seconds (raises ``Retry``).
 
-        :param max_retries: contention retries allowed; None: the task's ``max_retries``.
+        :param max_retries: contention retries allowed (None: no limit), counted apart
+            from the task's own ``max_retries``, which plays no part here.
         :raises LockContended: when no retry is left, or for a direct call.
         """
         if not self.can_retry or self.task is None:
             raise self.contended(" (a direct call cannot be retried)")
-        limit = self.retry_limit(max_retries)
+        limit = max_retries
         done = self.retries
         if limit is not None and done >= limit:
             raise self.contended(f"; gave up after {done} retries")
@@ -170,6 +161,10 @@ class Contention:
 
 
 Policy: TypeAlias = "Callable[[Contention], HeldLock | Skipped]"
+
+#: ``Retry()``'s contention retries when ``max_retries`` is not given: a budget of its own,
+#: not the task's ``max_retries`` (Celery's 3 would drop a call turned away three times).
+DEFAULT_CONTENTION_RETRIES = 100
 
 #: The message header counting a run's lock retries by reason ("contended",
 #: "unavailable"), apart from Celery's own ``retries``.
@@ -302,9 +297,11 @@ class Retry(_Chainable):
     """Retry the task later; FAILURE with :class:`LockContended` when retries run out.
 
     :param countdown: seconds before the first retry.
-    :param max_retries: contention retries allowed (None: as many as the task's
-        ``max_retries``). They are counted apart from ``request.retries``, so they never
-        use up the retries the task's own ``self.retry()`` may make.
+    :param max_retries: contention retries allowed, :data:`DEFAULT_CONTENTION_RETRIES`
+        (100: about 17 minutes at the default countdown) unless given; None: no limit.
+        They are counted apart from ``request.retries``, and the task's own
+        ``max_retries`` does not size them: a lock never uses up the retries the task's
+        ``self.retry()`` may make, nor do those use up these.
     :param backoff: the countdown is multiplied by this for every retry already made.
     :param backoff_max: no countdown longer than this.
     :param jitter: spread each countdown by up to this fraction, so duplicates that
@@ -314,7 +311,7 @@ class Retry(_Chainable):
     """
 
     countdown: float = 10.0
-    max_retries: int | None = None
+    max_retries: int | None = DEFAULT_CONTENTION_RETRIES
     backoff: float = 1.0
     backoff_max: float = 600.0
     jitter: float = 0.1
@@ -347,7 +344,7 @@ class Retry(_Chainable):
         )
 
     def __call__(self, contention: Contention) -> HeldLock | Skipped:
-        limit = contention.retry_limit(self.max_retries)
+        limit = self.max_retries
         done = contention.retries
         ran_out = not contention.can_retry or (limit is not None and done >= limit)
         if ran_out and self.then is not None:

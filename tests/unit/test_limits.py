@@ -327,7 +327,7 @@ def test_lock_limit_runs_up_to_n_bodies_of_a_key_and_skips_the_next(eager_app: C
     backend.release(second)
 
 
-def test_contention_retries_default_to_the_tasks_max_retries_counted_apart_from_its_own() -> None:
+def test_contention_retries_are_counted_apart_from_the_tasks_own() -> None:
     from types import SimpleNamespace
 
     from celery_singleton_lock.policies import RETRIES_HEADER, Contention
@@ -340,7 +340,6 @@ def test_contention_retries_default_to_the_tasks_max_retries_counted_apart_from_
         ),
     )
     contention = Contention(key="k", ttl=1, backend=backend, owner=None, refused=None, task=task)  # type: ignore[arg-type]
-    assert contention.retry_limit(None) == 3  # Retry() alone: as many as the task's max_retries
     assert contention.retries == 1  # the task's own three self.retry() calls are not counted
 
 

@@ -14,6 +14,7 @@ from celery_singleton_lock.backends.owner import Owner
 from celery_singleton_lock.errors import ConfigurationError, LockContended
 from celery_singleton_lock.lease import HeldLock
 from celery_singleton_lock.policies import (
+    DEFAULT_CONTENTION_RETRIES,
     RETRIES_HEADER,
     Contention,
     Raise,
@@ -422,13 +423,16 @@ def test_retry_then_raise_fails_with_the_plain_contended_error(backend: MemoryBa
     assert str(outcome) == "lock 'report:1' is held by another task"
 
 
-def test_retry_without_max_retries_runs_out_at_the_tasks_max_retries(backend: MemoryBackend) -> None:
+def test_retry_without_max_retries_has_a_budget_of_its_own_not_the_tasks(backend: MemoryBackend) -> None:
     _, contention = contention_on(backend, "report:1")
     policy = Retry() | Skip("done")
-    assert isinstance(decide(policy, contention, 1, max_retries=2), Retried)
-    assert decide(policy, contention, 2, max_retries=2) == Skipped("done")
-    # A task without a limit: Retry never runs out, and what follows never runs.
-    assert isinstance(decide(policy, contention, 10_000, max_retries=None), Retried)
+    assert Retry().max_retries == DEFAULT_CONTENTION_RETRIES == 100
+    # The task's max_retries (its own self.retry() budget) plays no part.
+    assert isinstance(decide(policy, contention, 99, max_retries=1), Retried)
+    assert decide(policy, contention, 100, max_retries=1) == Skipped("done")
+    assert decide(policy, contention, 100, max_retries=None) == Skipped("done")
+    # max_retries=None: Retry never runs out, and what follows never runs.
+    assert isinstance(decide(Retry(max_retries=None) | Skip(), contention, 10_000), Retried)
 
 
 def test_retry_runs_out_at_once_for_a_direct_call(backend: MemoryBackend) -> None:
