@@ -409,3 +409,15 @@ def test_a_redelivered_copy_never_takes_a_second_slot_while_its_first_delivery_h
     assert charge.apply((1,), task_id=task_id).get() == "charged"
     assert first_delivery.released
     assert slots_held == [1]
+
+
+def test_throttle_with_lock_limit_keeps_each_runs_slot_n_starts_per_window(
+    eager_app: Celery, clock: FakeClock
+) -> None:
+    @singleton_task(eager_app, throttle=10, lock_limit=2)
+    def send_digest(user: int) -> str:
+        return "sent"
+
+    assert [send_digest.delay(1).get() for _ in range(3)] == ["sent", "sent", None]
+    clock.advance(10)
+    assert send_digest.delay(1).get() == "sent"
