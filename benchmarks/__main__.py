@@ -34,6 +34,7 @@ SCENARIOS = {
     "j": ("benchmarks.scenario_postgres", "(j) PostgreSQL: one server, beside raw upserts, advisory locks"),
     "l": ("benchmarks.scenario_sentinel", "(l) Redis behind Sentinel, and min_replicas=1"),
     "m": ("benchmarks.scenario_footprint", "(m) 1,000,000 signatures run once: server memory left"),
+    "n": ("benchmarks.scenario_cluster", "(n) Redis Cluster: cycle through rediscluster://"),
 }
 
 RESULTS = Path(__file__).resolve().parent / "results"

@@ -39,6 +39,7 @@ import copy
 import ipaddress
 import threading
 import time
+from binascii import crc_hqx
 from collections.abc import Callable, Iterable, Sequence
 from contextlib import suppress
 from dataclasses import dataclass
@@ -333,7 +334,14 @@ class ClusterBackend(RedisBackend):
     def _lookup(self, key: str | None) -> _Node | None:
         if key is None:
             return next((n for n in self._slots if n is not None), None)
-        return self._slots[key_slot(self._hashed(key).encode())]
+        return self._slots[self._slot_of(key)]
+
+    def _slot_of(self, key: str) -> int:
+        """The slot of ``key``'s (fully prefixed) lock and of every other key of it."""
+        if key and "}" not in key:
+            # The hash tag of "{<key>}" is the whole key: CRC16 of it, without the search.
+            return crc_hqx(key.encode(), 0) & (SLOTS - 1)
+        return key_slot(self._hashed(key).encode())
 
     def _refresh(self, key: str | None = None) -> None:
         """Read the slot table (``CLUSTER SLOTS``) from the first node that answers:
@@ -434,8 +442,7 @@ class ClusterBackend(RedisBackend):
             raise error from None
 
     def _give_back(self, lane: Lane) -> None:
-        assert isinstance(lane, _NodeLane)
-        lanes = self._idle.setdefault(lane.node.address, [])
+        lanes = self._idle.setdefault(lane.node.address, [])  # type: ignore[attr-defined]  # a _NodeLane
         if len(lanes) < MAX_IDLE_LANES and self._idle_generation == _generation[0]:
             lane.used_at = time.monotonic()
             lanes.append(lane)
@@ -458,8 +465,8 @@ class ClusterBackend(RedisBackend):
         started: float | None = None
         pause = RETRY_PAUSE[0]
         while True:
-            node = asking if asking is not None else self._node_of(key)
-            lane = self._lane_on(node, key)
+            node = asking or (self._slots[self._slot_of(key)] if key is not None else None)
+            lane = self._lane_on(node or self._node_of(key), key)
             head = _ASKING if asking is not None else b""
             try:
                 lane.send(head + request)

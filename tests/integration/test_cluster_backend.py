@@ -207,3 +207,14 @@ def test_a_server_without_cluster_support_is_a_configuration_error(redis_url):
     finally:
         backend.close()
     assert "is not a cluster node" in str(info.value)
+
+
+@pytest.mark.parametrize("key", ["report:42", "a}b", "}x", "{weird}", "émoji:✓", "x{y}z"])
+def test_a_keys_slot_is_the_one_redis_computes_for_its_lock_name(key):
+    backend = connect("rediscluster://127.0.0.1:1")  # no round trip until the first lock
+    try:
+        assert isinstance(backend, ClusterBackend)
+        full = backend._full_key(key)
+        assert backend._slot_of(full) == RedisCluster.slot_of("{" + full + "}")
+    finally:
+        backend.close()
