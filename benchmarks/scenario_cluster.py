@@ -44,7 +44,7 @@ def _cycles(backend: Any, n: int) -> None:
         backend.release(held)
 
 
-def run(env: Env, reps: int = 5) -> ScenarioResult:
+def run(env: Env, reps: int = 9) -> ScenarioResult:
     from celery_singleton_lock import connect
     from celery_singleton_lock.testing import RedisCluster
 
