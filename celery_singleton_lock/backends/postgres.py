@@ -58,7 +58,7 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from celery_singleton_lock import _native
-from celery_singleton_lock.backends.base import Granted, LockBackend, LockInfo, NodeStatus, Refused
+from celery_singleton_lock.backends.base import SLOT_MARK, Granted, LockBackend, LockInfo, NodeStatus, Refused
 from celery_singleton_lock.backends.owner import Owner
 from celery_singleton_lock.errors import ConfigurationError, LockBackendUnavailable, LockKeyError, mask_url
 from celery_singleton_lock.lease import HeldLock
@@ -616,6 +616,60 @@ class PostgresBackend(LockBackend):
      WHERE key = %(key)s AND NOT EXISTS (SELECT FROM taken) AND NOT EXISTS (SELECT FROM live)
     """
 
+    # ``acquire`` of a semaphore slot (limit > 1): the lowest free slot among the rows
+    # %(key)s (slot 0, the exclusive lock's own row) and %(key)s || %(mark)s || n, in one
+    # statement; a slot holding our own token counts as free (a retry after a lost reply).
+    # %(key)s full key, %(mark)s SLOT_MARK, %(limit)s slots, %(token)s, %(owner)s owner
+    # JSON, %(ttl)s seconds, %(task)s the owner's '"task_id":"..."' as the owner JSON
+    # spells it (NULL without a task id): a live slot whose owner has it is a redelivered
+    # copy's own run (JSON escapes every quote inside a string, so it never matches inside
+    # another field, and the closing quote makes it exact).
+    # returns (fence, slot, NULL, NULL, NULL) when granted; (NULL, NULL, owner, seconds
+    # left, NULL) when refused: the owner's task id in a live slot, else the soonest expiry
+    # of the slots; (NULL, NULL, NULL, NULL, _) when a concurrent acquirer took the slot
+    # picked: try again. The fencing token comes from the same sequence: above every
+    # earlier one of the key, all slots counted. A refusal seen in the snapshot writes
+    # nothing; a lost race commits without waiting for the WAL flush, as SQL_ACQUIRE's.
+    SQL_ACQUIRE_SLOT = """
+    WITH slot AS (
+        SELECT n, CASE WHEN n = 0 THEN %(key)s::text ELSE %(key)s::text || %(mark)s::text || n END AS key
+          FROM generate_series(0, %(limit)s::int - 1) AS n
+    ), live AS MATERIALIZED (
+        SELECT slot.n, held.token, held.owner, held.expires_at
+          FROM {table} AS held JOIN slot USING (key)
+         WHERE held.token IS NOT NULL AND held.expires_at > clock_timestamp()
+    ), twin AS (
+        SELECT owner, expires_at FROM live
+         WHERE token <> %(token)s AND strpos(owner, %(task)s::text) > 0
+         LIMIT 1
+    ), pick AS (
+        SELECT slot.n, slot.key FROM slot
+         WHERE NOT EXISTS (SELECT FROM twin)
+           AND NOT EXISTS (SELECT FROM live WHERE live.n = slot.n AND live.token <> %(token)s)
+         ORDER BY NOT EXISTS (SELECT FROM live WHERE live.n = slot.n), slot.n
+         LIMIT 1
+    ), taken AS (
+        INSERT INTO {table} AS held (key, token, owner, expires_at)
+        SELECT key, %(token)s, %(owner)s, clock_timestamp() + %(ttl)s * interval '1 second' FROM pick
+        ON CONFLICT (key) DO UPDATE
+            SET token = excluded.token, owner = excluded.owner, fence = nextval({sequence}),
+                expires_at = excluded.expires_at
+            WHERE held.token IS NULL OR held.expires_at <= clock_timestamp()
+               OR held.token = excluded.token
+        RETURNING held.fence
+    )
+    SELECT fence, (SELECT n FROM pick), NULL, NULL, NULL FROM taken
+    UNION ALL
+    SELECT NULL, NULL, owner, extract(epoch FROM expires_at - clock_timestamp())::float8, NULL FROM twin
+    UNION ALL
+    SELECT NULL, NULL, owner, extract(epoch FROM expires_at - clock_timestamp())::float8, NULL
+      FROM (SELECT owner, expires_at FROM live ORDER BY expires_at LIMIT 1) AS soonest
+     WHERE NOT EXISTS (SELECT FROM pick) AND NOT EXISTS (SELECT FROM twin)
+    UNION ALL
+    SELECT NULL, NULL, NULL, NULL, set_config('synchronous_commit', 'off', true)
+     WHERE EXISTS (SELECT FROM pick) AND NOT EXISTS (SELECT FROM taken)
+    """
+
     # ``renew``: replace the lease of every (key, token) still held by that exact token.
     # %s keys, %s tokens (text[]), %s ttls (float8[] seconds), in step
     # returns (key, token) for each renewed lease
@@ -642,6 +696,18 @@ class PostgresBackend(LockBackend):
     SELECT pg_notify(%(channel)s, ''), set_config('synchronous_commit', 'off', true) FROM freed
     """
 
+    # ``release`` of a semaphore's slot by {column} ("token" or "owner") among the rows
+    # %(keys)s (text[]): every one whose {column} is exactly %(value)s, announced once on
+    # the key's channel. returns one row per slot released.
+    SQL_RELEASE_SLOTS = """
+    WITH freed AS (
+        UPDATE {table} SET token = NULL, owner = NULL, expires_at = clock_timestamp()
+         WHERE key = ANY(%(keys)s::text[]) AND {column} = %(value)s AND expires_at > clock_timestamp()
+        RETURNING key
+    )
+    SELECT pg_notify(%(channel)s, ''), set_config('synchronous_commit', 'off', true) FROM freed
+    """
+
     # ``cleanup``: delete rows free or expired for %(age)s seconds, a batch at a time,
     # skipping rows somebody is writing (a statement being taken right now is not old).
     SQL_CLEANUP = """
@@ -653,13 +719,16 @@ class PostgresBackend(LockBackend):
     """
 
     # ``held`` (celery locks): the live leases under %(start)s (the prefix and ':'), or the
-    # one of %(key)s when it is not NULL; reads only.
+    # ones of %(key)s (its row and its semaphore slots' rows, %(slots)s: the key and
+    # SLOT_MARK) when it is not NULL; reads only.
     # returns (key, token, owner, fence, seconds left) per lease, by key
     SQL_HELD = """
     SELECT key, token, owner, fence, extract(epoch FROM expires_at - clock_timestamp())::float8
       FROM {table}
      WHERE left(key, length(%(start)s)) = %(start)s AND token IS NOT NULL
-       AND expires_at > clock_timestamp() AND (%(key)s::text IS NULL OR key = %(key)s::text)
+       AND expires_at > clock_timestamp()
+       AND (%(key)s::text IS NULL OR key = %(key)s::text
+            OR left(key, length(%(slots)s::text)) = %(slots)s::text)
      ORDER BY key
     """
 
@@ -768,6 +837,7 @@ class PostgresBackend(LockBackend):
         }
         out = {
             "acquire": sql.SQL(self.SQL_ACQUIRE).format(**names),
+            "acquire_slot": sql.SQL(self.SQL_ACQUIRE_SLOT).format(**names),
             "renew": sql.SQL(self.SQL_RENEW).format(**names),
             "cleanup": sql.SQL(self.SQL_CLEANUP).format(**names),
             "create": sql.SQL(self.SQL_CREATE).format(**names),
@@ -776,6 +846,9 @@ class PostgresBackend(LockBackend):
         }
         for column in ("token", "owner"):
             out[f"release_{column}"] = sql.SQL(self.SQL_RELEASE).format(
+                column=sql.Identifier(column), **names
+            )
+            out[f"release_slots_{column}"] = sql.SQL(self.SQL_RELEASE_SLOTS).format(
                 column=sql.Identifier(column), **names
             )
         return {name: query.as_bytes(None) for name, query in out.items()}
@@ -802,6 +875,31 @@ class PostgresBackend(LockBackend):
                 return Granted(int(rows[0][0]), token=token)
             if rows and rows[0][1] is not None and rows[0][2] > 0:
                 return Refused(float(rows[0][2]), _task_id(rows[0][1]))
+        return Refused(None)
+
+    def _try_acquire_slot(
+        self, key: str, token: str, ttl: float, owner: Owner, limit: int
+    ) -> Granted | Refused:
+        listener = self._existing_listener()
+        self._local.seen = (key, None if listener is None else listener.generation(self._channel(key)))
+        # The token also carries the limit, for listings (no column of its own: tables
+        # made before semaphores serve them unchanged); the pid stays last (_ours).
+        token = f"{token}.{limit}.{os.getpid()}"
+        task = None if owner.task_id is None else f'"task_id":{json.dumps(owner.task_id)}'
+        params = {
+            "key": key, "mark": SLOT_MARK, "limit": limit, "token": token,
+            "owner": owner.as_json(), "ttl": ttl, "task": task,
+        }
+        # Each lost race is a slot another acquirer took: the next try sees it taken.
+        for _ in range(limit + REFUSAL_RETRIES):
+            rows = self._execute(
+                self._sql["acquire_slot"], params, key, create=True,
+                unsure=lambda sessions: self.late_releases.add(key, token, ttl, sessions, limit),
+            )
+            if rows and rows[0][0] is not None:
+                return Granted(int(rows[0][0]), token=token, slot=int(rows[0][1]))
+            if rows and rows[0][2] is not None and rows[0][3] > 0:
+                return Refused(float(rows[0][3]), _task_id(rows[0][2]))
         return Refused(None)
 
     def _wait_for_release(self, key: str, timeout: float) -> None:
@@ -832,10 +930,26 @@ class PostgresBackend(LockBackend):
         return _ours(held.token) and super()._release_held(held)
 
     def _release(self, key: str, field: str, value: str) -> bool:
-        params = {"key": key, "value": value, "channel": self._channel(key)}
+        # A slot's release is announced on its key's channel, where its waiters listen.
+        params = {"key": key, "value": value, "channel": self._channel(key.partition(SLOT_MARK)[0])}
         rows = self._execute(self._sql[f"release_{'token' if field == 'token' else 'owner'}"], params, key)
         self._maybe_clean_up()
         return len(rows) == 1
+
+    def _release_by_owner(self, key: str, owner_json: str, limit: int) -> bool:
+        if limit == 1:
+            return self._release(key, "owner", owner_json)
+        return self._release_slots(key, "owner", owner_json, limit)
+
+    def _release_slots(self, key: str, field: str, value: str, limit: int) -> bool:
+        """Release, in one statement, every slot of ``key`` below ``limit`` whose ``field``
+        is exactly ``value``."""
+        keys = [self.slot_key(key, slot) for slot in range(limit)]
+        params = {"keys": keys, "value": value, "channel": self._channel(key)}
+        statement = self._sql[f"release_slots_{'token' if field == 'token' else 'owner'}"]
+        rows = self._execute(statement, params, key)
+        self._maybe_clean_up()
+        return bool(rows)
 
     def close(self) -> None:
         self.late_releases.stop()
@@ -852,16 +966,21 @@ class PostgresBackend(LockBackend):
 
     def _held(self, key: str | None) -> Iterable[LockInfo]:
         start = f"{self.prefix}:"
-        params = {"start": start, "key": None if key is None else self._full_key(key)}
+        full_key = None if key is None else self._full_key(key)
+        slots = None if full_key is None else full_key + SLOT_MARK
+        params = {"start": start, "key": full_key, "slots": slots}
         rows = self._execute(self._sql["held"], params, key)
-        return [
-            LockInfo(
-                key=full_key[len(start):], owner=Owner.from_json(owner or ""), token=token,
+        found = []
+        for row_key, token, owner, fence, left in rows:
+            name, _, slot = row_key[len(start):].partition(SLOT_MARK)
+            limit = _limit_of(token)
+            found.append(LockInfo(
+                key=name, owner=Owner.from_json(owner or ""), token=token,
                 fencing_token=int(fence), ttl=float(left),
-                location=f"{self.url} table {self.table} key {full_key!r}",
-            )
-            for full_key, token, owner, fence, left in rows
-        ]
+                slot=int(slot or 0) if limit > 1 else None, limit=limit,
+                location=f"{self.url} table {self.table} key {row_key!r}",
+            ))
+        return found
 
     def _ping(self) -> list[NodeStatus]:
         """``clock_timestamp()``, twice (the first may connect): the round trip of the
@@ -1061,18 +1180,20 @@ class _LateReleases:
 
     def __init__(self, backend: PostgresBackend) -> None:
         self._backend = backend
-        #: (full key, token) -> (give up at, the server sessions that may still apply it)
-        self._pending: dict[tuple[str, str], tuple[float, tuple[int, ...]]] = {}
+        #: (full key, token) -> (give up at, the server sessions that may still apply it,
+        #: the semaphore's limit)
+        self._pending: dict[tuple[str, str], tuple[float, tuple[int, ...], int]] = {}
         self._guard = threading.Lock()
         self._stopped = threading.Event()
         self._thread: threading.Thread | None = None
         self._pid = os.getpid()
 
-    def add(self, key: str, token: str, ttl: float, sessions: Sequence[int] = ()) -> None:
+    def add(self, key: str, token: str, ttl: float, sessions: Sequence[int] = (), limit: int = 1) -> None:
+        """Release ``token``'s acquisition of ``key`` (of any of its ``limit`` slots)."""
         with self._guard:
             if self._pid != os.getpid():  # a forked child: the parent's thread is not here
                 self._pending, self._thread, self._pid = {}, None, os.getpid()
-            self._pending[(key, token)] = (time.monotonic() + ttl, tuple(sessions))
+            self._pending[(key, token)] = (time.monotonic() + ttl, tuple(sessions), limit)
             if self._thread is None and not self._stopped.is_set():
                 self._thread = threading.Thread(
                     target=self._run, name="celery-singleton-lock-pg-late-release", daemon=True
@@ -1095,11 +1216,13 @@ class _LateReleases:
                 if not self._pending or self._stopped.is_set():
                     self._thread = None
                     return
-                due = [(key, token, sessions) for (key, token), (_, sessions) in self._pending.items()]
-            for key, token, sessions in due:
+                due = [(key, token, *rest[1:]) for (key, token), rest in self._pending.items()]
+            for key, token, sessions, limit in due:
                 try:
                     running = self._backend._sessions_alive(sessions)
-                    deleted = self._backend._release(key, "token", token)
+                    deleted = self._backend._release_slots(key, "token", token, limit) if limit > 1 else (
+                        self._backend._release(key, "token", token)
+                    )
                 except Exception:  # best effort, never a dead thread: the TTL frees it anyway
                     logger.debug("late release of %r failed; trying again", key, exc_info=True)
                     continue
@@ -1177,6 +1300,13 @@ def _is_connection_error(exc: psycopg.Error) -> bool:
 def _ours(token: str) -> bool:
     """True for a token this process drew (see _try_acquire)."""
     return token.rpartition(".")[2] == str(os.getpid())
+
+
+def _limit_of(token: str) -> int:
+    """The semaphore limit a slot's token carries (``<random>.<limit>.<pid>``); 1 for an
+    exclusive lock's (``<random>.<pid>``)."""
+    parts = token.split(".")
+    return int(parts[1]) if len(parts) == 3 and parts[1].isdigit() else 1
 
 
 def _task_id(owner_json: str) -> str | None:
