@@ -33,6 +33,19 @@ record with an expiry and no HOLD, like a key with a TTL in Redis.
 lock to this process's waiters in FIFO order. A waiter that times out leaves; the thread
 stays blocked until the lock is free, then lets it go, and ends when nobody waits.
 
+**Semaphores** (``limit`` N > 1): slot 0 is HOLD itself, slot n the byte ``1 + n``,
+all in the key's one file; the record names slot 0's holder as before and the others in
+``slots``, and ``high`` keeps the key's fencing tokens rising across slots. An attempt
+takes GUARD for writing and asks each slot's byte without waiting (the lowest free one,
+and whether the owner's task id holds another). A wait cannot block on "any of N bytes"
+with one lock request (a request waits for every conflict in its range to end), so each
+process that waits runs one watcher thread per slot, blocked in ``F_OFD_SETLKW`` on its
+byte: the kernel grants a freed byte to exactly one blocked description, whichever slot
+is freed first, by release or death, and that watcher hands it to the room's first
+waiter. Blocked requests cannot be cancelled: after the last waiter left, the watchers
+stay blocked until their slot frees, then let it go at once (for a moment, an attempt may
+then find it taken), and end.
+
 **Fork.** A forked child shares its parent's open file descriptions, locks included:
 an explicit unlock in the child would free the parent's lock, and a child that kept the
 descriptor would keep the lock alive after its parent died. So every descriptor is
@@ -48,6 +61,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import hashlib
 import json
 import logging
@@ -61,13 +75,13 @@ import time
 import weakref
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
 from celery_singleton_lock import _native
-from celery_singleton_lock.backends.base import Granted, LockBackend, LockInfo, Refused
+from celery_singleton_lock.backends.base import SLOT_MARK, Granted, LockBackend, LockInfo, Refused
 from celery_singleton_lock.backends.owner import Owner, split_stored
 from celery_singleton_lock.errors import ConfigurationError, LockBackendUnavailable, LockError
 from celery_singleton_lock.lease import HeldLock, clock_drift
@@ -150,6 +164,11 @@ def _lock(fd: int, byte: int, kind: int, *, wait: bool) -> bool:
     return True
 
 
+def _unlock_all(fd: int) -> None:
+    """Drop every lock of ``fd``'s description (HOLD or whichever slot's byte it holds)."""
+    fcntl.fcntl(fd, fcntl.F_OFD_SETLK, struct.pack(_FLOCK, fcntl.F_UNLCK, os.SEEK_SET, 0, 0, 0))
+
+
 @contextlib.contextmanager
 def _guarded(fd: int, *, write: bool) -> Iterator[None]:
     """Hold the record's guard byte for a few system calls. Only ever taken last (never
@@ -161,9 +180,22 @@ def _guarded(fd: int, *, write: bool) -> Iterator[None]:
         _lock(fd, _GUARD, fcntl.F_UNLCK, wait=False)
 
 
-def _hold_taken(fd: int) -> bool:
-    """Whether any open file description holds HOLD, asked without taking it."""
-    asked = struct.pack(_FLOCK, fcntl.F_WRLCK, os.SEEK_SET, _HOLD, 1, 0)
+def _slot_byte(slot: int) -> int:
+    """The byte whose lock is semaphore slot ``slot``: HOLD for slot 0 (the exclusive
+    lock's own), then the bytes after GUARD."""
+    return _HOLD if slot == 0 else _GUARD + slot
+
+
+def _slot_of(key: str) -> tuple[str, int]:
+    """A slot record's key (``LockBackend.slot_key``) as the key and the slot number."""
+    name, _, slot = key.partition(SLOT_MARK)
+    return name, int(slot or 0)
+
+
+def _hold_taken(fd: int, byte: int = _HOLD) -> bool:
+    """Whether any other open file description holds ``byte`` (HOLD, or a slot's),
+    asked without taking it."""
+    asked = struct.pack(_FLOCK, fcntl.F_WRLCK, os.SEEK_SET, byte, 1, 0)
     answer = fcntl.fcntl(fd, fcntl.F_OFD_GETLK, asked)
     return bool(struct.unpack(_FLOCK, answer)[0] != fcntl.F_UNLCK)
 
@@ -182,8 +214,30 @@ def _same_file(fd: int, path: str) -> bool:
 
 
 @dataclass(frozen=True)
+class _Slot:
+    """The holder of semaphore slot 1 or above (slot 0's is the record's own fields)."""
+
+    value: str
+    fence: int
+    limit: int
+
+    @property
+    def token(self) -> str:
+        return self.value.partition("\n")[0]
+
+    @property
+    def owner_json(self) -> str:
+        return self.value.partition("\n")[2]
+
+
+@dataclass(frozen=True)
 class _Record:
-    """A lock file's content. ``value`` is ``owner.stored_with(token)``, or "" when free."""
+    """A lock file's content. ``value`` is ``owner.stored_with(token)``, or "" when free.
+
+    The fields name slot 0's holder (the exclusive lock's); ``slots`` the holders of a
+    semaphore's other slots, each held by its own byte (``_slot_byte``): an entry whose
+    byte nobody holds is a dead holder's, free.
+    """
 
     key: str = ""
     fence: int = 0
@@ -192,6 +246,30 @@ class _Record:
     #: A message marker's expiry on ``_now()`` (None: the kernel holds it), of boot ``boot``.
     expires: float | None = None
     boot: str = ""
+    #: The semaphore limit slot 0 was taken with (1: an exclusive lock).
+    limit: int = 1
+    #: The highest fencing token a slot above 0 was given (``fence`` is slot 0's own).
+    high: int = 0
+    slots: dict[int, _Slot] = field(default_factory=dict, hash=False)
+
+    def next_fence(self) -> int:
+        """A fencing token above every earlier one of the key, all slots counted."""
+        return max(self.fence + 1, self.high + 1, time.time_ns() // 1000)
+
+    def token_of(self, slot: int) -> str:
+        if slot == 0:
+            return self.token
+        entry = self.slots.get(slot)
+        return "" if entry is None else entry.token
+
+    def task_id_of(self, slot: int) -> str | None:
+        value = self.value if slot == 0 else getattr(self.slots.get(slot), "value", "")
+        return _task_id_in(value)
+
+    def cleared_slot(self, slot: int) -> _Record:
+        if slot == 0:
+            return self.cleared()
+        return replace(self, slots={n: e for n, e in self.slots.items() if n != slot})
 
     @property
     def token(self) -> str:
@@ -203,11 +281,7 @@ class _Record:
 
     @property
     def task_id(self) -> str | None:
-        try:
-            task_id = json.loads(self.owner_json).get("task_id")
-        except (ValueError, AttributeError):
-            return None
-        return task_id if isinstance(task_id, str) else None
+        return _task_id_in(self.value)
 
     @property
     def is_marker(self) -> bool:
@@ -220,7 +294,39 @@ class _Record:
         return max(0.0, self.expires - _now())
 
     def cleared(self) -> _Record:
-        return replace(self, value="", expires=None, boot="")
+        return replace(self, value="", expires=None, boot="", limit=1)
+
+
+def _task_id_in(value: str) -> str | None:
+    """The owner's task id in a stored value (``"<token>\n<owner JSON>"``)."""
+    try:
+        task_id = json.loads(value.partition("\n")[2]).get("task_id")
+    except (ValueError, AttributeError):
+        return None
+    return task_id if isinstance(task_id, str) else None
+
+
+def _fence_time(fence: int) -> float | None:
+    """When a fencing token was given, where it is the clock's (microseconds)."""
+    return fence / 1e6 if fence > 10**15 else None
+
+
+def _granted_record(record: _Record, slot: int, key: str, value: str, ttl: float, limit: int) -> _Record:
+    """``record`` with slot ``slot`` given to ``value`` (``owner.stored_with(token)``),
+    under a fencing token above every earlier one of the key."""
+    fence = record.next_fence()
+    if slot == 0:
+        return replace(record, key=key, fence=fence, value=value, ttl=ttl, expires=None, boot="", limit=limit)
+    return replace(record, key=key, high=fence, slots={**record.slots, slot: _Slot(value, fence, limit)})
+
+
+def _refuse_marker_slots(owner: Owner, limit: int) -> None:
+    if _is_marker(owner):
+        msg = (
+            f"limit: a message marker (Owner.of_message) is a record with a TTL on file://, "
+            f"not a kernel lock; it takes limit=1, not {limit}"
+        )
+        raise ConfigurationError(msg, option="limit")
 
 
 def _read(fd: int) -> _Record:
@@ -239,17 +345,32 @@ def _read(fd: int) -> _Record:
             ttl=float(fields.get("ttl", 0.0)),
             expires=None if fields.get("expires") is None else float(fields["expires"]),
             boot=str(fields.get("boot", "")),
+            limit=int(fields.get("limit", 1)),
+            high=int(fields.get("high", 0)),
+            slots={
+                int(n): _Slot(str(entry["value"]), int(entry["fence"]), int(entry["limit"]))
+                for n, entry in fields.get("slots", {}).items()
+            },
         )
-    except (ValueError, TypeError, AttributeError, UnicodeDecodeError):
+    except (ValueError, TypeError, AttributeError, KeyError, UnicodeDecodeError):
         return _Record()
 
 
 def _write(fd: int, record: _Record) -> None:
     """Replace the record (call with the guard held for writing)."""
-    fields = {
+    fields: dict[str, object] = {
         "key": record.key, "fence": record.fence, "value": record.value, "ttl": record.ttl,
         "expires": record.expires, "boot": record.boot,
     }
+    # Only a semaphore's fields: an exclusive lock's record stays as it was.
+    if record.limit != 1:
+        fields["limit"] = record.limit
+    if record.high:
+        fields["high"] = record.high
+    if record.slots:
+        fields["slots"] = {
+            str(n): {"value": e.value, "fence": e.fence, "limit": e.limit} for n, e in record.slots.items()
+        }
     data = (json.dumps(fields, ensure_ascii=False, separators=(",", ":")) + "\n").encode()
     # Over a longer record, blanks fill the rest: no truncation (a metadata write), and a
     # process killed halfway leaves JSON that still reads (_read takes the first object).
@@ -278,6 +399,8 @@ class _Descriptors:
         self.held: dict[tuple[str, str], int] = {}
         #: lock file path -> the waiting room of this process for that lock.
         self.rooms: dict[str, _Room] = {}
+        #: (lock file path, limit) -> the waiting room of this process for its semaphore.
+        self.slot_rooms: dict[tuple[str, int], _SlotRoom] = {}
         #: (path, token) of dropped handles, left by their finalizers (see _drop).
         self.dropped: deque[tuple[str, str]] = deque()
 
@@ -306,7 +429,7 @@ class _Descriptors:
             fd = self.held.pop(self.dropped.popleft(), None)
             if fd is not None:
                 with contextlib.suppress(OSError):  # unlocked, not only closed: see _release_fd
-                    _lock(fd, _HOLD, fcntl.F_UNLCK, wait=False)
+                    _unlock_all(fd)
                 self._close(fd)
 
     def keep(self, path: str, token: str, fd: int) -> None:
@@ -401,6 +524,16 @@ class _Room:
         self.guard = _native.allocate_lock()
         self.waiters: deque[_Waiter] = deque()
         self.marker_wakeup = _native.Wakeup()
+
+
+class _SlotRoom(_Room):
+    """This process's waiters for a semaphore of one lock file, and its watchers: a
+    thread per slot blocked on that slot's byte while anybody waits (see _watch)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        #: The slots that have a watcher thread.
+        self.watching: set[int] = set()
 
 
 # -- the backend -----------------------------------------------------------------------------
@@ -592,7 +725,8 @@ class FileBackend(LockBackend):
         return self._path(self._full_key(key))
 
     def _path(self, full_key: str) -> str:
-        name = hashlib.sha256(full_key.encode()).hexdigest()
+        # A semaphore's slots are bytes of its key's one file (see _try_acquire_slot).
+        name = hashlib.sha256(full_key.partition(SLOT_MARK)[0].encode()).hexdigest()
         return f"{self._directory}/{name}.lock"
 
     def _unavailable(self, key: str, exc: OSError) -> LockBackendUnavailable:
@@ -638,15 +772,77 @@ class FileBackend(LockBackend):
             left = record.marker_left()
             if left > 0:
                 return Refused(left, record.task_id)
-            fence = max(record.fence + 1, time.time_ns() // 1000)
+            fence = record.next_fence()
             marker = _is_marker(owner)
-            _write(fd, _Record(
-                key=key, fence=fence, value=owner.stored_with(token), ttl=ttl,
-                expires=_now() + ttl if marker else None, boot=_BOOT if marker else "",
+            _write(fd, replace(
+                record, key=key, fence=fence, value=owner.stored_with(token), ttl=ttl,
+                expires=_now() + ttl if marker else None, boot=_BOOT if marker else "", limit=1,
             ))
         if not marker:
             _process.keep(path, token, fd)
         return Granted(fence)
+
+    # -- semaphores: one file per key, one byte per slot -----------------------------------
+
+    def _try_acquire_slot(
+        self, key: str, token: str, ttl: float, owner: Owner, limit: int
+    ) -> Granted | Refused:
+        """Take the lowest free slot: its byte's lock, on a descriptor of its own.
+
+        The attempt holds the record's guard for writing while it looks: semaphore
+        attempts of the key take turns, so "the lowest free slot" and "this task id holds
+        no slot" are true at once, and every record write already takes the guard. Every
+        lock it asks for is a non-blocking one (the guard's holders never wait).
+        """
+        _refuse_marker_slots(owner, limit)
+        path = self._path(key)
+        try:
+            for _ in range(_REOPENS):
+                fd = self._open(path)
+                try:
+                    outcome = self._take_free_slot(fd, path, key, token, ttl, owner, limit)
+                    if outcome is None:
+                        continue  # deleted or replaced after our open: its locks mean nothing
+                    if isinstance(outcome, Granted):
+                        fd = -1  # kept: it holds the slot
+                    return outcome
+                finally:
+                    if fd != -1:
+                        _process.close(fd)
+        except OSError as exc:
+            raise self._unavailable(key, exc) from None
+        msg = f"lock file {path!r} kept being replaced under us"
+        raise LockBackendUnavailable(msg, url=self.url, key=key)
+
+    def _take_free_slot(
+        self, fd: int, path: str, key: str, token: str, ttl: float, owner: Owner, limit: int
+    ) -> Granted | Refused | None:
+        """The attempt of :meth:`_try_acquire_slot` on ``fd``; None: the file was replaced."""
+        with _guarded(fd, write=True):
+            if not _same_file(fd, path):
+                return None
+            record = _read(fd)
+            free: int | None = None
+            holders: list[int] = []
+            for slot in range(limit):
+                byte = _slot_byte(slot)
+                marker = slot == 0 and record.marker_left() > 0  # a record with no lock
+                if free is None and not marker and _lock(fd, byte, fcntl.F_WRLCK, wait=False):
+                    free = slot
+                elif free is None or marker or _hold_taken(fd, byte):
+                    holders.append(slot)
+            if owner.task_id is not None and any(record.task_id_of(n) == owner.task_id for n in holders):
+                # A redelivered copy of a run that holds a slot: never a second one.
+                if free is not None:
+                    _lock(fd, _slot_byte(free), fcntl.F_UNLCK, wait=False)
+                return Refused(None, owner.task_id)
+            if free is None:
+                left = record.marker_left()
+                return Refused(left or None, record.task_id_of(holders[0]) if holders else None)
+            granted = _granted_record(record, free, key, owner.stored_with(token), ttl, limit)
+            _write(fd, granted)
+        _process.keep(path, token, fd)
+        return Granted(granted.fence if free == 0 else granted.slots[free].fence, slot=free)
 
     def _hold(
         self,
@@ -682,7 +878,7 @@ class FileBackend(LockBackend):
                     results.append(False)
                     continue
                 with _guarded(fd, write=False):
-                    results.append(_read(fd).token == token)
+                    results.append(_read(fd).token_of(_slot_of(key)[1]) == token)
             except OSError as exc:
                 raise self._unavailable(key, exc) from None
         return results
@@ -713,28 +909,36 @@ class FileBackend(LockBackend):
 
     def _release(self, key: str, field: str, value: str) -> bool:
         path = self._path(key)
+        slot = _slot_of(key)[1]
         try:
             if field == "token":
                 fd = _process.pop_held(path, value)
                 if fd is not None:
-                    return self._release_fd(path, fd, lambda record: record.token == value)
-                return self._release_marker(path, lambda record: record.token == value)
-            return self._release_owner(path, value)
+                    return self._release_fd(path, fd, lambda record: record.token_of(slot) == value, slot)
+                return slot == 0 and self._release_marker(path, lambda record: record.token == value)
+            return self._release_owner(path, value, (slot,))
         except OSError as exc:
             raise self._unavailable(key, exc) from None
 
-    def _release_fd(self, path: str, fd: int, ours: Callable[[_Record], bool]) -> bool:
-        """Release the lock that ``fd`` (popped from the held table) holds: always its
-        descriptor; the record only if the path still names that file and the record us."""
+    def _release_by_owner(self, key: str, owner_json: str, limit: int) -> bool:
+        try:
+            return self._release_owner(self._path(key), owner_json, range(limit))
+        except OSError as exc:
+            raise self._unavailable(key, exc) from None
+
+    def _release_fd(self, path: str, fd: int, ours: Callable[[_Record], bool], slot: int = 0) -> bool:
+        """Release the lock (slot ``slot``) that ``fd`` (popped from the held table) holds:
+        always its descriptor; the record only if the path still names that file and the
+        record us."""
         try:
             with _guarded(fd, write=True):
                 record = _read(fd)
-                matches = ours(record) and not record.is_marker and _same_file(fd, path)
+                matches = ours(record) and not (slot == 0 and record.is_marker) and _same_file(fd, path)
                 if matches:
-                    _write(fd, record.cleared())
+                    _write(fd, record.cleared_slot(slot))
             # Unlocked, not only closed: a child forked a moment ago may not have closed
             # its copy of the description yet, and must not keep the lock for us.
-            _lock(fd, _HOLD, fcntl.F_UNLCK, wait=False)
+            _lock(fd, _slot_byte(slot), fcntl.F_UNLCK, wait=False)
         finally:
             _process.close(fd)
         return matches
@@ -753,8 +957,9 @@ class FileBackend(LockBackend):
             room.marker_wakeup.set()
         return True
 
-    def _release_owner(self, path: str, owner_json: str) -> bool:
-        """``release_owned``: the lock of exactly that owner, wherever it was taken.
+    def _release_owner(self, path: str, owner_json: str, slots: Iterable[int]) -> bool:
+        """``release_owned``: the lock (the first of ``slots``) of exactly that owner,
+        wherever it was taken.
 
         From the worker's main process after a pool process died, the kernel has freed
         that process's lock already; only its record is left, which we clear (so listings
@@ -766,26 +971,30 @@ class FileBackend(LockBackend):
                 return False
             with _guarded(fd, write=True):
                 record = _read(fd)
-                if not record.value or record.owner_json != owner_json:
-                    return False
-                if record.is_marker:
-                    if record.marker_left() <= 0:
-                        return False
-                    _write(fd, record.cleared())
+                for slot in slots:
+                    value = record.value if slot == 0 else getattr(record.slots.get(slot), "value", "")
+                    if not value or value.partition("\n")[2] != owner_json:
+                        continue
+                    if slot == 0 and record.is_marker:
+                        if record.marker_left() <= 0:
+                            return False
+                        _write(fd, record.cleared())
+                        return True
+                    byte = _slot_byte(slot)
+                    held = _process.pop_held(path, value.partition("\n")[0])
+                    if held is not None:  # held by this process: release it
+                        _write(fd, record.cleared_slot(slot))
+                        _lock(held, byte, fcntl.F_UNLCK, wait=False)
+                        _process.close(held)
+                        return True
+                    if not _lock(fd, byte, fcntl.F_WRLCK, wait=False):
+                        continue  # its holder lives (or a new holder is writing its record)
+                    try:
+                        _write(fd, record.cleared_slot(slot))  # the holder died: only its record was left
+                    finally:
+                        _lock(fd, byte, fcntl.F_UNLCK, wait=False)
                     return True
-                held = _process.pop_held(path, record.token)
-                if held is not None:  # held by this process: release it
-                    _write(fd, record.cleared())
-                    _lock(held, _HOLD, fcntl.F_UNLCK, wait=False)
-                    _process.close(held)
-                    return True
-                if not _lock(fd, _HOLD, fcntl.F_WRLCK, wait=False):
-                    return False  # its holder lives (or a new holder is writing its record)
-                try:
-                    _write(fd, record.cleared())  # the holder died: only its record was left
-                finally:
-                    _lock(fd, _HOLD, fcntl.F_UNLCK, wait=False)
-                return True
+                return False
 
     # -- for operators (celery locks) -----------------------------------------------------
 
@@ -801,14 +1010,26 @@ class FileBackend(LockBackend):
                 )
             else:
                 paths = [self._path(self._full_key(key))]
-            found = []
+            found: list[LockInfo] = []
             for path in paths:
                 with self._existing(path) as fd:
                     if fd is None:
                         continue
                     with _guarded(fd, write=False):
                         record = _read(fd)
-                    if not record.value or not record.key.startswith(start):
+                    if not record.key.startswith(start):
+                        continue
+                    name = record.key[len(start):]
+                    found.extend(
+                        LockInfo(
+                            key=name, owner=split_stored(entry.value)[1], token=entry.token,
+                            fencing_token=entry.fence, ttl=None, held_since=_fence_time(entry.fence),
+                            slot=slot, limit=entry.limit, location=f"{path} byte {_slot_byte(slot)}",
+                        )
+                        for slot, entry in sorted(record.slots.items())
+                        if _hold_taken(fd, _slot_byte(slot))
+                    )
+                    if not record.value:
                         continue
                     if record.is_marker:
                         ttl: float | None = record.marker_left()
@@ -820,9 +1041,9 @@ class FileBackend(LockBackend):
                         continue
                 token, owner = split_stored(record.value)
                 found.append(LockInfo(
-                    key=record.key[len(start):], owner=owner, token=token, fencing_token=record.fence,
-                    ttl=ttl, held_since=record.fence / 1e6 if record.fence > 10**15 else None,
-                    location=path,
+                    key=name, owner=owner, token=token, fencing_token=record.fence,
+                    ttl=ttl, held_since=_fence_time(record.fence),
+                    slot=0 if record.limit > 1 else None, limit=record.limit, location=path,
                 ))
         except OSError as exc:
             raise self._unavailable(key or self._directory, exc) from None
@@ -832,11 +1053,12 @@ class FileBackend(LockBackend):
         """A message marker, or a lock of this process: released. Another process's lock is
         its open descriptor, which only that process (or its death) can let go of."""
         path = self._path(self._full_key(info.key))
+        slot = info.slot or 0
         try:
             fd = _process.pop_held(path, info.token)
             if fd is not None:
-                return self._release_fd(path, fd, lambda record: record.token == info.token)
-            if self._release_marker(path, lambda record: record.token == info.token):
+                return self._release_fd(path, fd, lambda record: record.token_of(slot) == info.token, slot)
+            if slot == 0 and self._release_marker(path, lambda record: record.token == info.token):
                 return True
             if not any(held.token == info.token for held in self._held(info.key)):
                 return False
@@ -863,11 +1085,18 @@ class FileBackend(LockBackend):
         refused: Refused | None = None,
         limit: int = 1,
     ) -> Granted | None:
+        if limit > 1:
+            return self._wait_for_slot(key, token, ttl, owner, deadline, limit)
         path = self._path(key)
         waiter = _Waiter(token, ttl, owner)
         room, start = self._join(path, waiter)
         if start:
             _native.NativeThread(lambda: self._serve(path, key, room))
+        return self._await(key, room, waiter, deadline)
+
+    def _await(self, key: str, room: _Room, waiter: _Waiter, deadline: float | None) -> Granted | None:
+        """Block until the room's thread (or a watcher) hands ``waiter`` its lock, or
+        ``deadline`` passes."""
         try:
             while True:
                 remaining = None if deadline is None else deadline - self.clock()
@@ -896,9 +1125,9 @@ class FileBackend(LockBackend):
                 waiter.state = _GONE
                 return
             waiter.abandoned = True
-            granted = waiter.state == _DONE and isinstance(waiter.outcome, Granted)
-        if granted:  # else the room releases it when it is granted (_finish)
-            self._release_quietly(key, waiter.token)
+            outcome = waiter.outcome if waiter.state == _DONE else None
+        if isinstance(outcome, Granted):  # else the room releases it when it is granted (_finish)
+            self._release_quietly(self.slot_key(key, outcome.slot), waiter.token)
 
     def _release_quietly(self, key: str, token: str) -> None:
         try:
@@ -1003,3 +1232,112 @@ class FileBackend(LockBackend):
         for waiter in waiting:
             self._finish(room, waiter, error)
 
+    # -- waiting for a slot ----------------------------------------------------------------
+
+    def _wait_for_slot(
+        self, key: str, token: str, ttl: float, owner: Owner, deadline: float | None, limit: int
+    ) -> Granted | None:
+        """Wait in this process's room for the semaphore: every slot has a watcher
+        thread blocked on its byte (:meth:`_watch`), so whichever slot is freed first,
+        by a release or by its holder's death, the kernel wakes one of them."""
+        _refuse_marker_slots(owner, limit)
+        path = self._path(key)
+        waiter = _Waiter(token, ttl, owner)
+        with _process.guard:
+            room = _process.slot_rooms.get((path, limit))
+            if room is None:
+                room = _process.slot_rooms[(path, limit)] = _SlotRoom()
+            with room.guard:
+                room.waiters.append(waiter)
+                unwatched = [slot for slot in range(limit) if slot not in room.watching]
+                room.watching.update(unwatched)
+        for slot in unwatched:
+            _native.NativeThread(functools.partial(self._watch, path, key, limit, room, slot))
+        return self._await(key, room, waiter, deadline)
+
+    def _watch(self, path: str, key: str, limit: int, room: _SlotRoom, slot: int) -> None:
+        """A slot's watcher: block in ``F_OFD_SETLKW`` on the slot's byte, which the kernel
+        grants to one of all the descriptions blocked on it when its holder releases or
+        dies; hand the slot to the room's first waiter that may have it, then watch its
+        new holder while anybody waits. With nobody left, it lets the slot go and ends."""
+        byte = _slot_byte(slot)
+        try:
+            while True:
+                fd = self._open(path)
+                try:
+                    _lock(fd, byte, fcntl.F_WRLCK, wait=True)  # woken at release or death
+                    if not _same_file(fd, path):
+                        continue
+                    handed = self._hand_over(fd, path, key, limit, room, slot)
+                    if handed is None:
+                        return
+                    fd = -1  # kept: the waiter holds the slot now
+                    waiter, granted = handed
+                    self._finish(room, waiter, granted, self.slot_key(key, slot))
+                    if not self._still_watched(path, limit, room, slot):
+                        return
+                finally:
+                    if fd != -1:
+                        with contextlib.suppress(OSError):  # unlocked, not only closed: see _release_fd
+                            _lock(fd, byte, fcntl.F_UNLCK, wait=False)
+                        _process.close(fd)
+        except OSError as exc:
+            self._stop_watching(path, limit, room, slot)
+            self._fail_all(room, self._unavailable(key, exc))
+        except BaseException as exc:  # never die quietly: whoever waits gets it
+            self._stop_watching(path, limit, room, slot)
+            self._fail_all(room, exc)
+            if not isinstance(exc, LockBackendUnavailable):
+                raise
+
+    def _hand_over(
+        self, fd: int, path: str, key: str, limit: int, room: _SlotRoom, slot: int
+    ) -> tuple[_Waiter, Granted] | None:
+        """With ``slot``'s byte held on ``fd``: write the first eligible waiter's record
+        (not one whose task id holds another slot: a redelivered copy waits for its first
+        run to end). None when nobody may have it (the watcher then stops)."""
+        with _guarded(fd, write=True):
+            record = _read(fd)
+            running = {
+                record.task_id_of(n) for n in (0, *record.slots)
+                if n != slot and n < limit and _hold_taken(fd, _slot_byte(n))
+            }
+            with _process.guard, room.guard:
+                room.waiters = deque(w for w in room.waiters if w.state != _GONE)
+                eligible = (
+                    w for w in room.waiters
+                    if w.state == _WAITING and (w.owner.task_id is None or w.owner.task_id not in running)
+                )
+                waiter = next(eligible, None)
+                if waiter is None:
+                    self._forget_watcher(path, limit, room, slot)
+                    return None
+                waiter.state = _CLAIMED
+            value = waiter.owner.stored_with(waiter.token)
+            granted = _granted_record(record, slot, key, value, waiter.ttl, limit)
+            _write(fd, granted)
+        _process.keep(path, waiter.token, fd)
+        fence = granted.fence if slot == 0 else granted.slots[slot].fence
+        valid_until = self.clock() + waiter.ttl - clock_drift(waiter.ttl)
+        return waiter, Granted(fence, valid_until=valid_until, slot=slot)
+
+    def _still_watched(self, path: str, limit: int, room: _SlotRoom, slot: int) -> bool:
+        """After a handover: go on watching the slot while anybody waits."""
+        with _process.guard, room.guard:
+            if any(w.state == _WAITING for w in room.waiters):
+                return True
+            self._forget_watcher(path, limit, room, slot)
+            return False
+
+    def _stop_watching(self, path: str, limit: int, room: _SlotRoom, slot: int) -> None:
+        with _process.guard, room.guard:
+            self._forget_watcher(path, limit, room, slot)
+
+    @staticmethod
+    def _forget_watcher(path: str, limit: int, room: _SlotRoom, slot: int) -> None:
+        """The slot's watcher ends (``_process.guard`` and ``room.guard`` held); so does
+        the room once it has neither watchers nor waiters."""
+        room.watching.discard(slot)
+        idle = not room.watching and not any(w.state in (_WAITING, _CLAIMED) for w in room.waiters)
+        if idle and _process.slot_rooms.get((path, limit)) is room:
+            del _process.slot_rooms[(path, limit)]

@@ -119,6 +119,65 @@ class TestFileContract(CrossProcessContract):
             holder.kill()
             holder.join(5)
 
+    def test_a_semaphore_grants_its_limit_of_slots_with_rising_fencing_tokens_then_refuses(
+        self, backend, second_backend, unique_key
+    ):
+        # As the base's, but the slot freed after a timed-out wait is taken blocking: that
+        # wait's watchers stay blocked in the kernel until a slot frees, and one takes it
+        # for a moment to let it go (docs/file.md).
+        held = [b.acquire(unique_key, ttl=10, limit=3) for b in (backend, second_backend, backend)]
+        assert sorted(h.slot for h in held) == [0, 1, 2]
+        tokens = [h.fencing_token for h in held]
+        assert tokens == sorted(tokens)
+        assert len(set(tokens)) == 3
+        assert second_backend.acquire(unique_key, ttl=10, limit=3) is None
+        assert second_backend.acquire(unique_key, ttl=10, limit=3, blocking=True, timeout=0.2) is None
+        assert [h.backend.renew([h]) for h in held] == [[True]] * 3
+        assert held.pop(1).release() is True
+        again = second_backend.acquire(unique_key, ttl=10, limit=3, blocking=True, timeout=5)
+        assert again is not None
+        assert again.slot == 1
+        assert again.fencing_token > max(tokens)
+        for h in [*held, again]:
+            assert h.release() is True
+        assert backend.lock_info(unique_key) == []
+
+    def test_a_sigkilled_holders_slot_is_freed_at_lease_expiry_never_before(
+        self, backend_spec, backend, unique_key
+    ):
+        # Replaced: the kernel frees a dead holder's slot at once, and wakes a watcher.
+        kept = backend.acquire(unique_key, ttl=30, limit=2)
+        assert kept is not None
+        context = multiprocessing.get_context("spawn")
+        ours, theirs = context.Pipe()
+        holder = context.Process(
+            target=contract_processes.hold_slot, args=(backend_spec, unique_key, 1.0, 2, theirs), daemon=True
+        )
+        holder.start()
+        try:
+            assert ours.poll(60)
+            _, token, _, _ = ours.recv()
+            got: list = []
+            waiter = threading.Thread(target=lambda: got.append(
+                (backend.acquire(unique_key, ttl=5, limit=2, blocking=True, timeout=10), time.monotonic())
+            ))
+            waiter.start()
+            path = backend.path_of(unique_key)
+            wait_until(lambda: (path, 2) in file_backend._process.slot_rooms, 5, "the waiter to block")
+            killed_at = time.monotonic()
+            os.kill(holder.pid, signal.SIGKILL)
+            waiter.join(10)
+        finally:
+            holder.kill()
+            holder.join(5)
+        held, acquired_at = got[0]
+        assert held is not None
+        freed_after = acquired_at - killed_at
+        assert freed_after < FREE_AFTER_KILL * 4, f"free {freed_after:.3f}s after the kill"
+        assert held.fencing_token > max(token, kept.fencing_token)
+        assert backend.release(held) is True
+        assert backend.release(kept) is True
+
     def test_an_unreachable_server_fails_within_the_connect_timeout_with_the_password_masked(
         self, tmp_path, unique_key
     ):
