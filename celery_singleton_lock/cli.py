@@ -351,7 +351,10 @@ def key(ctx: click.Context, task_name: str, args: tuple[str, ...], kwargs_json: 
     for info in infos:
         owner = info.owner
         who = f"task {owner.task_id or '-'} on {owner.host}, pid {owner.pid}" if owner else "an unknown owner"
-        command.out.say(f"held: by {who} (fencing token {info.fencing_token}, ttl {_duration(info.ttl)})")
+        slot = "" if info.limit == 1 else f"slot {(info.slot or 0) + 1} of {info.limit}, "
+        command.out.say(
+            f"held: by {who} ({slot}fencing token {info.fencing_token}, ttl {_duration(info.ttl)})"
+        )
 
 
 def _argument(text: str) -> Any:
@@ -364,9 +367,18 @@ def _argument(text: str) -> Any:
 @locks.command(epilog=_EXIT_CODES, short_help="Release a stuck lock, whoever holds it.")
 @click.argument("key")
 @click.option("--yes", "-y", is_flag=True, help="Do not ask for confirmation (for scripts).")
+@click.option(
+    "--fencing-token", "fencing_token", type=int, metavar="TOKEN",
+    help="Release only the holder with this fencing token (one slot of a semaphore).",
+)
+@click.option("--all", "every", is_flag=True, help="Release every holder of KEY (all slots of a semaphore).")
 @click.pass_context
-def release(ctx: click.Context, key: str, yes: bool) -> None:
+def release(ctx: click.Context, key: str, yes: bool, fencing_token: int | None, every: bool) -> None:
     """Release KEY whoever holds it: for a lock left by a stuck or lost holder.
+
+    A semaphore (lock_limit > 1) has one holder per slot taken. With several holders, say
+    which: --fencing-token TOKEN (from "locks show KEY") releases that slot alone, --all
+    releases every one; with neither, nothing is released (exit 2), --yes or not.
 
     Only the acquisition shown is released: if the lock changed hands meanwhile, the new
     holder keeps it. A holder that is still alive sees the lock lost at its next renewal
@@ -377,14 +389,34 @@ def release(ctx: click.Context, key: str, yes: bool) -> None:
     that process.
     """
     command = _command(ctx)
+    if every and fencing_token is not None:
+        command.out.fail("say --fencing-token TOKEN or --all, not both", EXIT_USAGE)
     infos = command.lock_info(key)
+    name = _bare_key(key, command.settings.prefix)
+    if fencing_token is not None:
+        infos = [info for info in infos if info.fencing_token == fencing_token]
+        if not infos:
+            command.out.say(f"{name}: no holder with fencing token {fencing_token}; nothing to release")
+            sys.exit(EXIT_NOT_HELD)
     if not infos:
-        command.out.say(f"{_bare_key(key, command.settings.prefix)}: not held; nothing to release")
+        command.out.say(f"{name}: not held; nothing to release")
         sys.exit(EXIT_NOT_HELD)
-    for line in (line for info in infos for line in _describe(info)):
-        command.out.say(line)
+    for index, info in enumerate(infos):
+        if index:
+            command.out.say()
+        for line in _describe(info):
+            command.out.say(line)
+    if len(infos) > 1 and not every:
+        # A semaphore's slots are separate runs: a script's "release KEY --yes", written
+        # for an exclusive lock, must not free all of them at once.
+        command.out.fail(
+            f"{name} has {len(infos)} holders (slots of a semaphore): release one with "
+            "--fencing-token TOKEN, or all of them with --all",
+            EXIT_USAGE,
+        )
+    question = "Release it?" if len(infos) == 1 else f"Release all {len(infos)}?"
     if not yes and not click.confirm(
-        "Release it? A live holder goes on running but sees the lock lost", default=False
+        f"{question} A live holder goes on running but sees the lock lost", default=False
     ):
         command.out.say("Not released.")
         sys.exit(EXIT_NOT_RELEASED)
@@ -403,6 +435,7 @@ def release(ctx: click.Context, key: str, yes: bool) -> None:
             command.out.say(f"{info.key}: released or taken again meanwhile; left as it is")
             continue
         released += 1
+        slot = "" if info.limit == 1 else f" (slot {(info.slot or 0) + 1} of {info.limit})"
         owner = info.owner
         holder = (
             "an unknown owner" if owner is None
@@ -410,11 +443,11 @@ def release(ctx: click.Context, key: str, yes: bool) -> None:
         )
         logger.warning(
             "%s", command.out.mask(
-                f"lock {info.key!r} released by hand by {who}: it was held by {holder}, "
+                f"lock {info.key!r}{slot} released by hand by {who}: it was held by {holder}, "
                 f"fencing token {info.fencing_token}"
             ),
         )
-        command.out.say(f"Released {info.key}.")
+        command.out.say(f"Released {info.key}{slot}.")
     if not released:
         sys.exit(EXIT_NOT_HELD)
 

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from celery_singleton_lock import HeldLock, connect
-from celery_singleton_lock.backends.owner import HOST
+from celery_singleton_lock.backends.owner import HOST, Owner
 from celery_singleton_lock.testing import RedisServer
 from tests.conftest import wait_until
 from tests.integration.cli_app import make_app
@@ -149,3 +149,75 @@ def test_on_etcd_a_release_hands_the_lock_to_the_next_in_line_and_the_holder_see
                 if got is not None:
                     backend.release(got)
             backend.close()
+
+
+def test_semaphore_slots_are_shown_apart_and_released_one_by_fencing_token_or_all_at_once(
+    postgres_url, unique_key
+):
+    backend = connect(postgres_url)
+    held = [
+        backend.acquire(unique_key, ttl=30, limit=4, owner=Owner.here(f"t-slot-{n}")) for n in range(3)
+    ]
+    try:
+        assert None not in held
+        listed = _locks(postgres_url, "list", "--json")
+        assert listed.returncode == 0, listed.stderr
+        mine = [shown for shown in json.loads(listed.stdout) if shown["key"] == unique_key]
+        assert sorted((s["slot"], s["limit"], s["task_id"]) for s in mine) == [
+            (h.slot, 4, f"t-slot-{n}") for n, h in enumerate(held)
+        ]
+        shown = _locks(postgres_url, "show", unique_key)
+        assert shown.returncode == 0, shown.stderr
+        assert shown.stdout.count("slot:          ") == 3
+        assert "slot:          2 of 4" in shown.stdout
+
+        # Several holders and no choice: nothing is released, --yes or not.
+        unsure = _locks(postgres_url, "release", unique_key, "--yes")
+        assert unsure.returncode == 2
+        assert "has 3 holders" in unsure.stderr
+        assert "--fencing-token" in unsure.stderr
+        assert len(backend.lock_info(unique_key)) == 3
+
+        token = str(held[1].fencing_token)
+        one = _locks(postgres_url, "release", unique_key, "--fencing-token", token, "--yes")
+        assert one.returncode == 0, one.stderr
+        assert f"Released {unique_key} (slot 2 of 4)." in one.stdout
+        assert "t-slot-1" in one.stderr
+        assert sorted(i.owner.task_id for i in backend.lock_info(unique_key)) == ["t-slot-0", "t-slot-2"]
+
+        gone = _locks(postgres_url, "release", unique_key, "--fencing-token", token)
+        assert gone.returncode == 3
+
+        declined = _locks(postgres_url, "release", unique_key, "--all", stdin="n\n")
+        assert declined.returncode == 4
+        assert "Release all 2?" in declined.stdout
+
+        every = _locks(postgres_url, "release", unique_key, "--all", "--yes")
+        assert every.returncode == 0, every.stderr
+        assert every.stdout.count(f"Released {unique_key} (slot ") == 2
+        assert backend.lock_info(unique_key) == []
+    finally:
+        for each in held:
+            if each is not None:
+                backend.release(each)
+        backend.close()
+
+
+def test_file_semaphore_slots_of_another_process_are_listed_with_slot_and_limit(tmp_path, unique_key):
+    url = f"file://{tmp_path}"
+    backend = connect(url)
+    held = [backend.acquire(unique_key, ttl=30, limit=2, owner=Owner.here(f"t-file-{n}")) for n in range(2)]
+    try:
+        assert None not in held
+        listed = _locks(url, "list")
+        assert listed.returncode == 0, listed.stderr
+        assert "SLOT" in listed.stdout
+        assert {line.split()[0] for line in listed.stdout.splitlines() if "t-file-" in line} == {unique_key}
+        assert " 1/2 " in listed.stdout
+        assert " 2/2 " in listed.stdout
+        [data] = [s for s in json.loads(_locks(url, "show", unique_key, "--json").stdout) if s["slot"] == 1]
+        assert (data["limit"], data["task_id"], data["ttl"]) == (2, "t-file-1", None)
+    finally:
+        for each in held:
+            backend.release(each)
+        backend.close()
