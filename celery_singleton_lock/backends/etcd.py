@@ -37,6 +37,7 @@ it can succeed, late or not, so no entry of ours is left that we would keep aliv
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 import math
 import os
@@ -93,8 +94,9 @@ REAP_PAUSE = 0.25
 #: Places a waiter offers in one transaction; the lowest free one is taken. A longer
 #: line costs one more transaction, with places chosen from the line it returned.
 PLACES_PER_TRY = 8
-#: The token of an etcd acquisition: the lease id, 16 random hex digits, the place.
-_TOKEN = re.compile(r"[0-9a-f]{40}")
+#: The token of an etcd acquisition: the lease id, 16 random hex digits, the place; for a
+#: semaphore's entry also its limit (4 hex digits), which others read to tell holders.
+_TOKEN = re.compile(r"[0-9a-f]{40}(?:[0-9a-f]{4})?")
 #: The name of an entry: its place, in hex.
 _PLACE = re.compile(rb"[0-9a-f]{1,8}")
 
@@ -127,6 +129,57 @@ class _Lease:
     id: int
     ttl: float
     valid_until: float
+
+
+@dataclass(frozen=True)
+class _Entry:
+    """One entry of a line, as a semaphore's waiter reads it: its name (the place), its
+    create revision, its limit (1: an exclusive lock's) and its task id."""
+
+    key: bytes
+    created: int
+    limit: int
+    task: str | None
+
+
+class _Room:
+    """What the first waiter of a semaphore knows of the entries ahead of it, as of
+    revision ``seen_at``: later entries queue behind it, so only deletions change them."""
+
+    def __init__(self, ahead: list[_Entry], ours: _Entry, seen_at: int) -> None:
+        self.ahead = ahead
+        self.ours = ours
+        self.seen_at = seen_at
+        self.vanished = False
+
+    @property
+    def holds(self) -> bool:
+        return not self.vanished and _holds(self.ahead, self.ours)
+
+    def deleted(self, events: Sequence[Any]) -> bool:
+        """Count deletions (watch events) after ``seen_at``; True if one was ahead of us
+        or ours. The first deletion of a name after ``seen_at`` is of the entry we know
+        by it; its place may be taken again later, but only behind us."""
+        counted = False
+        for event in events:
+            name, at = event.kv.key, event.kv.mod_revision
+            if at <= self.seen_at:
+                continue  # already in the read
+            if name == self.ours.key:
+                self.vanished = counted = True
+                continue
+            before = len(self.ahead)
+            self.ahead = [e for e in self.ahead if e.key != name]
+            counted = counted or len(self.ahead) < before
+        return counted
+
+    def catch_up(self, line: list[_Entry], read_at: int) -> None:
+        """Start again from a read of the line at ``read_at`` (the watch began later)."""
+        index = _index_of(line, self.ours)
+        if index is None:
+            self.vanished = True
+            return
+        self.ahead, self.seen_at = line[:index], read_at
 
 
 class _Unreachable(Exception):
@@ -459,32 +512,22 @@ class EtcdBackend(LockBackend):
         limit: int = 1,
     ) -> Granted | None:
         """Queue an entry of our own in ``key``'s directory and block until every earlier
-        entry is gone (FIFO).
+        entry is gone (FIFO); for a semaphore, until it holds a slot (``_wait_for_slot``).
 
         Only the entry just before ours is watched, so a release wakes one waiter. Our
         lease is kept alive while we wait; on timeout or error our entry is removed.
         """
+        if limit > 1:
+            return self._wait_for_slot(key, token, ttl, owner, deadline, limit)
         directory = key.encode()
         places = list(range(PLACES_PER_TRY))
         while True:
 
             def request(lease: _Lease, places: list[int] = places) -> Any:
-                # Put into the first free place of ``places`` (each level: "if this place
-                # is free, take it, else try the next"), then read the line.
-                offer: Any = None
-                for place in reversed(places):
-                    entry = directory + _place_name(place)
-                    offer = etcdrpc.TxnRequest(
-                        compare=[etcdrpc.Compare(
-                            key=entry, target=etcdrpc.Compare.CREATE,
-                            result=etcdrpc.Compare.EQUAL, create_revision=0,
-                        )],
-                        success=[_put(entry, owner.stored_with(_token(lease, token, place)), lease.id)],
-                        failure=[] if offer is None else [etcdrpc.RequestOp(request_txn=offer)],
-                    )
-                return etcdrpc.TxnRequest(success=[
-                    etcdrpc.RequestOp(request_txn=offer), _range(directory, keys_only=True),
-                ])
+                return _offer(
+                    directory, places, lambda at: owner.stored_with(_token(lease, token, at)),
+                    lease.id, keys_only=True,
+                )
 
             lease, reply = self._put_with_lease(request, ttl, key)
             queue = reply.responses[1].response_range.kvs
@@ -590,7 +633,10 @@ class EtcdBackend(LockBackend):
             if not earlier:
                 return created_at
             predecessor = max(earlier, key=lambda kv: kv.create_revision)
-            outcome = self._watch_predecessor(key, predecessor, seen_at, lease, deadline)
+            watch = functools.partial(
+                self._deleted, predecessor.key, predecessor.create_revision, seen_at, key=key
+            )
+            outcome = self._watch_alive(key, lease, deadline, watch)
             if outcome is None:
                 return None
             if not outcome:
@@ -600,11 +646,12 @@ class EtcdBackend(LockBackend):
             reply = self._call("KV", "Range", _range(directory, keys_only=True).request_range, key)
             queue, seen_at = reply.kvs, reply.header.revision
 
-    def _watch_predecessor(
-        self, key: str, predecessor: Any, seen_at: int, lease: _Lease, deadline: float | None
+    def _watch_alive(
+        self, key: str, lease: _Lease, deadline: float | None, watch: Callable[[float], bool]
     ) -> bool | None:
-        """Block until ``predecessor`` is deleted (True), our lease is gone (False) or
-        ``deadline`` passes (None), keeping our lease alive every third of its TTL."""
+        """Block until ``watch(timeout)`` reports what it watches for (True: the entry
+        before ours deleted, say), our lease is gone (False) or ``deadline`` passes
+        (None), keeping our lease alive every third of its TTL in between."""
         retry_at = -math.inf
         while True:
             now = self.clock()
@@ -628,10 +675,10 @@ class EtcdBackend(LockBackend):
                 lease.valid_until = sent_at + lease.ttl - clock_drift(lease.ttl)
                 continue
             bound = keepalive_at if deadline is None else min(deadline, keepalive_at)
-            if self._deleted(predecessor.key, predecessor.create_revision, seen_at, bound - now, key):
+            if watch(bound - now):
                 return True
 
-    def _deleted(self, entry: bytes, created_at: int, seen_at: int, timeout: float, key: str) -> bool:
+    def _deleted(self, entry: bytes, created_at: int, seen_at: int, timeout: float, *, key: str) -> bool:
         """Watch ``entry``, which existed at revision ``seen_at`` as created at
         ``created_at``: True on its deletion (or when the watch broke and the line must
         be re-read), False when ``timeout`` passed.
@@ -684,6 +731,247 @@ class EtcdBackend(LockBackend):
             self._revoke(lease.id, None)
         except LockBackendUnavailable:
             self._reaper.add(lease)
+
+    # -- semaphores (limit > 1) ------------------------------------------------------------
+    #
+    # One line per key, whatever the limit: an entry holds a slot once fewer entries than
+    # its own limit are ahead of it and none ahead is of its task (_holds). Each acquirer
+    # enforces its own limit, stored in its token, so a deploy that changes N needs no
+    # cleanup and never runs more than the larger N at once; an exclusive lock (limit 1)
+    # is the same rule at rank 0, with its own code unchanged.
+
+    def slot_key(self, key: str, slot: int | None) -> str:
+        # Every slot is an entry of the key's line; its token names its place.
+        return key
+
+    def _try_acquire_slot(
+        self, key: str, token: str, ttl: float, owner: Owner, limit: int
+    ) -> Granted | Refused:
+        """Join the line only if fewer than ``limit`` entries are in it and none of our
+        task: into an empty line in one transaction (as an exclusive attempt); else the
+        line that transaction read decides, and the put is guarded by "nobody joined
+        since". A refusal writes nothing."""
+        directory = key.encode()
+        owner_json = self._owner_json(owner)
+        tokens: list[str] = []
+        line: list[_Entry] = []
+        read_at: int | None = None
+
+        def request(lease: _Lease) -> Any:
+            place = 0 if read_at is None else _free_places(directory, line)[0]
+            tokens.append(_token(lease, token, place, limit))
+            txn = etcdrpc.TxnRequest()
+            guard = txn.compare.add()
+            guard.key, guard.range_end = directory, _prefix_end(directory)
+            guard.target = etcdrpc.Compare.CREATE
+            if read_at is None:  # empty: no entry created at all
+                guard.result = etcdrpc.Compare.EQUAL
+            else:  # no entry created after the read (deletions only free room)
+                guard.result, guard.create_revision = etcdrpc.Compare.LESS, read_at + 1
+            put = txn.success.add().request_put
+            put.key, put.lease = directory + _place_name(place), lease.id
+            put.value = tokens[-1].encode() + owner_json
+            txn.failure.append(_range(directory))
+            return txn
+
+        while True:
+            lease, reply = self._put_with_lease(request, ttl, key)
+            if reply.succeeded:
+                # The slot is our rank, or more if some left meanwhile: below limit.
+                fencing_token, valid_until = reply.header.revision, lease.valid_until
+                return Granted(fencing_token, token=tokens[-1], valid_until=valid_until, slot=len(line))
+            # Applied once and put nothing: the lease is clean.
+            self._give_back(lease)
+            line, read_at = _entries(reply.responses[0].response_range.kvs), reply.header.revision
+            twin = next((e for e in line if owner.task_id and e.task == owner.task_id), None)
+            if twin is not None:
+                return Refused(holder_ttl=None, holder_task_id=twin.task)
+            if len(line) >= limit:
+                return Refused(holder_ttl=None, holder_task_id=line[0].task)
+
+    def _wait_for_slot(
+        self, key: str, token: str, ttl: float, owner: Owner, deadline: float | None, limit: int
+    ) -> Granted | None:
+        """Queue an entry of ours (as ``_wait_turn`` does) and block until it holds a slot."""
+        directory = key.encode()
+        places = list(range(PLACES_PER_TRY))
+        while True:
+
+            def request(lease: _Lease, places: list[int] = places) -> Any:
+                return _offer(
+                    directory, places, lambda at: owner.stored_with(_token(lease, token, at, limit)),
+                    lease.id, keys_only=False,
+                )
+
+            lease, reply = self._put_with_lease(request, ttl, key)
+            line = _entries(reply.responses[1].response_range.kvs)
+            taken = _place_taken(reply.responses[0].response_txn, places)
+            if taken is None:
+                self._give_back(lease)
+                places = _free_places(directory, line)
+                continue
+            ours = _token(lease, token, taken, limit)
+            entry = _Entry(directory + _place_name(taken), reply.header.revision, limit, owner.task_id)
+            try:
+                value = owner.stored_with(ours).encode()
+                outcome = self._wait_for_room(key, directory, entry, value, lease, line, deadline)
+            except BaseException:
+                self._abandon(lease)
+                raise
+            if outcome is None:  # timed out
+                self._abandon(lease)
+                return None
+            if isinstance(outcome, tuple):
+                slot, fencing_token = outcome
+                return Granted(fencing_token, token=ours, valid_until=lease.valid_until, slot=slot)
+            # Our entry vanished: queue again, at the back, with a new lease.
+            self._abandon(lease)
+
+    def _wait_for_room(
+        self,
+        key: str,
+        directory: bytes,
+        ours: _Entry,
+        value: bytes,
+        lease: _Lease,
+        line: list[_Entry],
+        deadline: float | None,
+    ) -> tuple[int, int] | bool | None:
+        """(slot, fencing token) once our entry holds a slot; False if it vanished; None
+        on timeout.
+
+        One wake-up per freed slot: only the first waiter watches the whole line (for
+        deletions ahead of it, counted without a read); a waiter behind another that is
+        kept only by its rank watches just that entry, which is written again once it
+        holds its slot (or deleted), and then moves up to watch the line.
+        """
+        seen_at = ours.created
+        waited = False
+        while True:
+            index = _index_of(line, ours)
+            if index is None:
+                return False
+            ahead = line[:index]
+            if not _holds(ahead, ours):
+                waited = True
+                if _tells_when_held(ahead, ours):
+                    predecessor = ahead[-1]
+                    watch = functools.partial(self._touched, predecessor, seen_at, key=key)
+                    outcome = self._watch_alive(key, lease, deadline, watch)
+                    if outcome is not True:
+                        return outcome
+                else:
+                    room = _Room(ahead, ours, seen_at)
+                    watch = functools.partial(self._room_made, directory, room, key=key)
+                    outcome = self._watch_alive(key, lease, deadline, watch)
+                    if outcome is not True:
+                        return outcome
+                    if room.vanished:
+                        return False
+                    if room.holds:
+                        line = [*room.ahead, ours]
+                        continue
+                reply = self._call("KV", "Range", _range(directory).request_range, key)
+                line, seen_at = _entries(reply.kvs), reply.header.revision
+                continue
+            if not waited:  # held from the read that queued us: our put is the grant
+                return len(ahead), ours.created
+            # Held after waiting: write our entry again. Its revision is the fencing token
+            # (above every token granted before, however the line moved), the write tells
+            # the waiter behind us, and the compare proves our entry is still there.
+            held_at = self._rewrite(key, ours, value, lease)
+            return False if held_at is None else (len(ahead), held_at)
+
+    def _rewrite(self, key: str, ours: _Entry, value: bytes, lease: _Lease) -> int | None:
+        """Put our entry again, unchanged, if it is still the one we created; the put's
+        revision, or None when it is gone."""
+        txn = etcdrpc.TxnRequest()
+        same = txn.compare.add()
+        same.key, same.target, same.result = ours.key, etcdrpc.Compare.CREATE, etcdrpc.Compare.EQUAL
+        same.create_revision = ours.created
+        put = txn.success.add().request_put
+        put.key, put.value, put.lease = ours.key, value, lease.id
+        reply = self._call("KV", "Txn", txn, key)
+        return int(reply.header.revision) if reply.succeeded else None
+
+    def _touched(self, predecessor: _Entry, seen_at: int, timeout: float, *, key: str) -> bool:
+        """Watch ``predecessor`` (a waiter as of revision ``seen_at``): True once it is
+        written again (it holds a slot) or deleted, or when the line must be re-read;
+        False when ``timeout`` passed. Started at the current revision, with one read
+        after it started for what happened before (as ``_deleted``)."""
+
+        def created(reply: Any) -> bool:
+            if reply.header.revision <= seen_at:
+                return False
+            read = self._call("KV", "Range", _range(predecessor.key, keys_only=True).request_range, key)
+            return not any(kv.create_revision == kv.mod_revision == predecessor.created for kv in read.kvs)
+
+        def events(reply: Any) -> bool:
+            return bool(reply.events)
+
+        return self._watching(predecessor.key, b"", [], timeout, created, events)
+
+    def _room_made(self, directory: bytes, room: _Room, timeout: float, *, key: str) -> bool:
+        """Watch the deletions in the whole line, counting those ahead of us in ``room``:
+        True once we hold a slot, our entry vanished, or the line must be re-read; False
+        when ``timeout`` passed."""
+
+        def created(reply: Any) -> bool:
+            if reply.header.revision > room.seen_at:
+                read = self._call("KV", "Range", _range(directory).request_range, key)
+                room.catch_up(_entries(read.kvs), read.header.revision)
+            return room.holds or room.vanished
+
+        def events(reply: Any) -> bool:
+            return room.deleted(reply.events)
+
+        return self._watching(directory, _prefix_end(directory), [etcdrpc.WatchCreateRequest.NOPUT],
+                              timeout, created, events)
+
+    def _watching(
+        self,
+        start: bytes,
+        end: bytes,
+        filters: list[Any],
+        timeout: float,
+        created: Callable[[Any], bool],
+        events: Callable[[Any], bool],
+    ) -> bool:
+        """One watch of ``start`` (to ``end``, if given) for up to ``timeout`` seconds:
+        True as soon as ``created(reply)`` or ``events(reply)`` says so (or the watch
+        broke: the caller re-reads), False when the time is up."""
+        index = self._cluster._current
+        done = threading.Event()
+
+        def requests() -> Iterator[Any]:
+            yield etcdrpc.WatchRequest(create_request=etcdrpc.WatchCreateRequest(
+                key=start, range_end=end, filters=filters,
+            ))
+            done.wait()  # closing the request side would end the watch
+
+        call = self._cluster.stub("Watch", index).Watch(
+            requests(), timeout=max(timeout, 0.001), metadata=self._cluster.metadata
+        )
+        try:
+            for reply in call:
+                if reply.created:
+                    if created(reply):
+                        return True
+                    continue
+                if reply.canceled:  # compacted: re-read the line
+                    return True
+                if events(reply):
+                    self.wakeups += 1
+                    return True
+            return True
+        except grpc.RpcError as exc:
+            if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+                return False
+            self._cluster.failed(index)  # the re-read fails over, or reports the cluster down
+            return True
+        finally:
+            done.set()
+            call.cancel()
 
     # -- renewal and release ---------------------------------------------------------------
 
@@ -788,19 +1076,25 @@ class EtcdBackend(LockBackend):
         # By owner (the worker's main process, once a pool process is dead) or by token
         # alone: remove the entries whose stored owner (or token) is exactly ``value``,
         # holder or queued, each only if it is still the entry we read; True if one was
-        # the holder. (A HeldLock is released in one request by _release_held.)
+        # a holder (of the lock, or of a semaphore's slot). (A HeldLock is released in
+        # one request by _release_held.)
         wanted = value.encode()
         reply = self._call("KV", "Range", _range(key.encode()).request_range, key)
+        holders = _holders(reply.kvs)
         released = False
-        for place, kv in enumerate(reply.kvs):
+        for kv, holder in zip(reply.kvs, holders, strict=True):
             stored_token, newline, stored_owner = kv.value.partition(b"\n")
             if newline and (stored_owner if field == "owner" else stored_token) == wanted:
                 deleted = self._delete_entry(kv.key, etcdrpc.Compare(
                     target=etcdrpc.Compare.CREATE, result=etcdrpc.Compare.EQUAL,
                     create_revision=kv.create_revision,
                 ), key)
-                released = released or (deleted and place == 0)
+                released = released or (deleted and holder)
         return released
+
+    def _release_by_owner(self, key: str, owner_json: str, limit: int) -> bool:
+        # One read of the line finds the owner's entry, whatever its slot.
+        return self._release(key, "owner", owner_json)
 
     def _delete_entry(self, entry: bytes, guard: Any, key: str) -> bool:
         """Delete ``entry`` if ``guard`` (a Compare, its key filled in here) holds."""
@@ -903,8 +1197,9 @@ class EtcdBackend(LockBackend):
 
     def _held(self, key: str | None) -> Iterable[LockInfo]:
         """One read of every entry under the prefix (or the key's directory), in create
-        revision order: each directory's first entry is its holder, the rest its line.
-        Then each holder's lease, for the TTL left (whole seconds: etcd counts them)."""
+        revision order: each directory's first entry is its holder (for a semaphore, every
+        entry that holds a slot, see ``_holds``), the rest its line. Then each holder's
+        lease, for the TTL left (whole seconds: etcd counts them)."""
         directory = f"{self.prefix}/".encode() if key is None else self._full_key(key).encode()
         reply = self._call("KV", "Range", _range(directory).request_range, key)
         lines: dict[bytes, list[Any]] = {}
@@ -916,18 +1211,26 @@ class EtcdBackend(LockBackend):
             lines.setdefault(kv.key[:cut], []).append(kv)
         found = []
         for path, line in lines.items():
-            holder = line[0]
+            holders = _holders(line)
+            waiting = holders.count(False)
             name = path[start:-1].decode()
-            asked = etcdrpc.LeaseTimeToLiveRequest(ID=holder.lease)
-            left = self._call("Lease", "LeaseTimeToLive", asked, name)
-            if left.TTL < 0:
-                continue  # its lease ended: etcd deletes the entry now (0: under a second)
-            token, owner = split_stored(holder.value)
-            found.append(LockInfo(
-                key=_unescaped(name), owner=owner, token=token, fencing_token=holder.create_revision,
-                ttl=float(left.TTL), waiting=len(line) - 1,
-                location=f"{self.url} {holder.key.decode(errors='replace')}",
-            ))
+            for rank, (holder, holds) in enumerate(zip(line, holders, strict=True)):
+                if not holds:
+                    continue
+                asked = etcdrpc.LeaseTimeToLiveRequest(ID=holder.lease)
+                left = self._call("Lease", "LeaseTimeToLive", asked, name)
+                if left.TTL < 0:
+                    continue  # its lease ended: etcd deletes the entry now (0: under a second)
+                token, owner = split_stored(holder.value)
+                limit = _limit_of(holder.value)
+                found.append(LockInfo(
+                    # A slot's grant is its entry's last write (see _wait_for_room); an
+                    # exclusive lock's entry is written once.
+                    key=_unescaped(name), owner=owner, token=token,
+                    fencing_token=holder.create_revision if limit == 1 else holder.mod_revision,
+                    ttl=float(left.TTL), waiting=waiting, slot=None if limit == 1 else rank, limit=limit,
+                    location=f"{self.url} {holder.key.decode(errors='replace')}",
+                ))
         return found
 
     def close(self) -> None:
@@ -953,16 +1256,88 @@ def _lease_of(token: str) -> int | None:
 
 def _place_of(token: str) -> int:
     """The place in one of our tokens (checked by :func:`_lease_of` first)."""
-    return int(token[32:], 16)
+    return int(token[32:40], 16)
 
 
-def _token(lease: _Lease, token: str, place: int) -> str:
-    """The token of an acquisition with ``lease`` in ``place`` (``token``: 16+ random hex)."""
-    return f"{lease.id:016x}{token[:16]}{place:08x}"
+def _token(lease: _Lease, token: str, place: int, limit: int = 1) -> str:
+    """The token of an acquisition with ``lease`` in ``place`` (``token``: 16+ random hex);
+    a semaphore's entry (``limit`` > 1) ends in its limit."""
+    slots = "" if limit == 1 else f"{limit:04x}"
+    return f"{lease.id:016x}{token[:16]}{place:08x}{slots}"
+
+
+def _limit_of(value: bytes) -> int:
+    """The limit of the acquisition that stored ``value``: 1 for an exclusive lock."""
+    token = value.partition(b"\n")[0]
+    return int(token[40:44], 16) if len(token) == 44 else 1
 
 
 def _place_name(place: int) -> bytes:
     return b"%x" % place
+
+
+def _offer(
+    directory: bytes, places: Sequence[int], value_of: Callable[[int], str], lease_id: int, *, keys_only: bool
+) -> Any:
+    """Put into the first free place of ``places`` (each level: "if this place is free,
+    take it, else try the next"), storing ``value_of(place)``, then read the line."""
+    offer: Any = None
+    for place in reversed(places):
+        entry = directory + _place_name(place)
+        offer = etcdrpc.TxnRequest(
+            compare=[etcdrpc.Compare(
+                key=entry, target=etcdrpc.Compare.CREATE, result=etcdrpc.Compare.EQUAL, create_revision=0,
+            )],
+            success=[_put(entry, value_of(place), lease_id)],
+            failure=[] if offer is None else [etcdrpc.RequestOp(request_txn=offer)],
+        )
+    return etcdrpc.TxnRequest(success=[
+        etcdrpc.RequestOp(request_txn=offer), _range(directory, keys_only=keys_only),
+    ])
+
+
+def _entries(kvs: Sequence[Any]) -> list[_Entry]:
+    """A line read with its values (create-revision order) as :class:`_Entry`."""
+    return [_Entry(kv.key, kv.create_revision, _limit_of(kv.value), stored_task_id(kv.value)) for kv in kvs]
+
+
+def _index_of(line: Sequence[_Entry], entry: _Entry) -> int | None:
+    """Where ``entry`` is in ``line`` (None: gone; its place may hold a newcomer)."""
+    return next((i for i, e in enumerate(line) if e.key == entry.key and e.created == entry.created), None)
+
+
+def _holders(kvs: Sequence[Any]) -> list[bool]:
+    """Which entries of a line read with its values (create-revision order) hold the
+    lock or a slot: for an exclusive lock's line, the first alone."""
+    line = _entries(kvs)
+    return [_holds(line[:rank], entry) for rank, entry in enumerate(line)]
+
+
+def _holds(ahead: Sequence[_Entry], entry: _Entry) -> bool:
+    """Whether ``entry``, with ``ahead`` before it in its line, holds a slot: fewer than
+    its own limit are ahead of it, and none of its task (a redelivered copy of a running
+    task waits for the first delivery, never takes a second slot). Once true, it stays
+    true: entries ahead only leave."""
+    if len(ahead) >= entry.limit:
+        return False
+    return not entry.task or all(e.task != entry.task for e in ahead)
+
+
+def _tells_when_held(ahead: Sequence[_Entry], entry: _Entry) -> bool:
+    """Whether the entry just before ``entry`` will write itself again before ``entry``
+    can hold a slot, so ``entry`` may watch it alone: it is a semaphore's waiter kept
+    only by its rank, with a limit no smaller than ``entry``'s (then ``entry`` holding
+    implies it holds). Otherwise (a holder, an exclusive lock's waiter, a smaller limit, a
+    redelivered copy) ``entry`` watches the whole line."""
+    if not ahead:
+        return False
+    predecessor, before = ahead[-1], ahead[:-1]
+    return (
+        predecessor.limit > 1
+        and entry.limit <= predecessor.limit
+        and len(before) >= predecessor.limit
+        and (not predecessor.task or all(e.task != predecessor.task for e in before))
+    )
 
 
 def _place_taken(reply: Any, places: Sequence[int]) -> int | None:
