@@ -20,6 +20,7 @@ from celery_singleton_lock import (
     LockKeyError,
     connect,
 )
+from celery_singleton_lock.backends.owner import Owner
 from celery_singleton_lock.testing import EtcdCluster, etcd_binary
 from tests.conftest import wait_until
 from tests.contract import BackendSpec, CrossProcessContract, ServerOperations
@@ -401,3 +402,127 @@ def test_a_line_longer_than_one_offer_of_places_queues_in_order(backend, etcd_ur
     assert order == list(range(9))
     for waiter in backends:
         waiter.close()
+
+
+# -- semaphores (limit > 1) --------------------------------------------------------------
+
+
+def _queue_slot_waiters(etcd_url, key: str, count: int, limit: int, queued: int):
+    """``count`` threads that queue for a slot of ``key`` one after another (each queued,
+    behind ``queued`` entries, before the next starts); each records its turn, then
+    waits for permission to release."""
+    order: list[int] = []
+    proceed = [threading.Event() for _ in range(count)]
+    backends = [connect(etcd_url) for _ in range(count)]
+    observer = connect(etcd_url)
+
+    def wait(i: int) -> None:
+        held = backends[i].acquire(key, ttl=10, blocking=True, timeout=30, limit=limit)
+        order.append(i)
+        proceed[i].wait(30)
+        backends[i].release(held)
+
+    threads = []
+    for i in range(count):
+        threads.append(threading.Thread(target=wait, args=(i,)))
+        threads[-1].start()
+        wait_until(lambda i=i: len(entries(observer, key)) == queued + i + 1, 10, f"waiter {i} to queue")
+    observer.close()
+    return order, proceed, backends, threads
+
+
+def test_semaphore_waiters_get_slots_in_the_order_they_queued(backend, etcd_url, unique_key):
+    holders = [backend.acquire(unique_key, ttl=10, limit=2) for _ in range(2)]
+    order, proceed, backends, threads = _queue_slot_waiters(etcd_url, unique_key, 3, 2, 2)
+    assert order == []
+    backend.release(holders[1])
+    wait_until(lambda: order == [0], 10, "the first waiter's slot")
+    backend.release(holders[0])
+    wait_until(lambda: order == [0, 1], 10, "the second waiter's slot")
+    proceed[0].set()
+    wait_until(lambda: order == [0, 1, 2], 10, "the third waiter's slot")
+    for event in proceed:
+        event.set()
+    for thread in threads:
+        thread.join(10)
+    for waiter in backends:
+        waiter.close()
+
+
+def test_each_freed_slot_wakes_one_waiter_and_moves_the_next_up(backend, etcd_url, unique_key):
+    # Five waiters on a full semaphore of 2. A freed slot wakes the first waiter (it
+    # watches the line); its grant wakes the one behind it, which watches the line from
+    # then on. Nobody else wakes: the cost of a slot does not grow with the line.
+    holders = [backend.acquire(unique_key, ttl=10, limit=2) for _ in range(2)]
+    order, proceed, backends, threads = _queue_slot_waiters(etcd_url, unique_key, 5, 2, 2)
+    assert [b.wakeups for b in backends] == [0] * 5
+    expected = [0] * 5
+    for turn in range(5):
+        if turn < 2:
+            backend.release(holders[turn])
+        else:
+            proceed[turn - 2].set()
+        wait_until(lambda turn=turn: len(order) == turn + 1, 10, f"slot {turn}")
+        expected[turn] += 1
+        if turn + 1 < 5:
+            expected[turn + 1] += 1
+        wait_until(lambda: [b.wakeups for b in backends] == expected, 10, f"wake-ups {expected}")
+    assert order == [0, 1, 2, 3, 4]
+    for event in proceed:
+        event.set()
+    for thread in threads:
+        thread.join(10)
+    for waiter in backends:
+        waiter.close()
+
+
+def test_a_deploy_that_changes_the_limit_needs_no_cleanup(backend, etcd_url, unique_key):
+    # The old deploy's two holders (limit 2) stay while the new one (limit 4) starts:
+    # the new limit counts every holder, old or new, and so does the old one.
+    old = [backend.acquire(unique_key, ttl=10, limit=2) for _ in range(2)]
+    new = [backend.acquire(unique_key, ttl=10, limit=4) for _ in range(2)]
+    assert None not in old + new
+    assert backend.acquire(unique_key, ttl=10, limit=4) is None
+    assert backend.acquire(unique_key, ttl=10, limit=2) is None
+    # And back to 2: a waiter of limit 2 gets in once fewer than 2 are ahead of it.
+    waiter = connect(etcd_url)
+    got: list = []
+    thread = threading.Thread(
+        target=lambda: got.append(waiter.acquire(unique_key, ttl=10, blocking=True, timeout=30, limit=2))
+    )
+    thread.start()
+    wait_until(lambda: len(entries(backend, unique_key)) == 5, 10, "the waiter to queue")
+    for held in old + new[:1]:
+        assert backend.release(held) is True
+    thread.join(10)
+    assert got[0] is not None
+    assert got[0].fencing_token > max(h.fencing_token for h in old + new)
+    assert sorted(info.limit for info in backend.lock_info(unique_key)) == [2, 4]
+    assert backend.acquire(unique_key, ttl=10, limit=2) is None  # two ahead
+    third = backend.acquire(unique_key, ttl=10, limit=4)  # but fewer than 4
+    assert third is not None
+    for held in (third, new[1], got[0]):
+        assert held.release() is True
+    assert entries(backend, unique_key) == []
+    waiter.close()
+
+
+def test_a_waiting_redelivered_copy_never_takes_a_second_slot(backend, etcd_url, unique_key):
+    first = backend.acquire(unique_key, ttl=10, limit=3, owner=Owner.here("task-a"))
+    copy = connect(etcd_url)
+    got: list = []
+    thread = threading.Thread(target=lambda: got.append(copy.acquire(
+        unique_key, ttl=10, blocking=True, timeout=30, limit=3, owner=Owner.here("task-a")
+    )))
+    thread.start()
+    wait_until(lambda: len(entries(backend, unique_key)) == 2, 10, "the copy to queue")
+    other = backend.acquire(unique_key, ttl=10, limit=3, owner=Owner.here("task-b"))
+    assert other is not None  # a free slot for anyone else
+    assert [info.owner.task_id for info in backend.lock_info(unique_key)] == ["task-a", "task-b"]
+    assert backend.release(first) is True
+    thread.join(10)
+    assert got[0] is not None
+    assert got[0].fencing_token > other.fencing_token
+    for held in (other, got[0]):
+        assert held.release() is True
+    copy.close()
