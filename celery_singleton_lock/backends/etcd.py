@@ -51,6 +51,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qsl, unquote, urlsplit
 
+from celery_singleton_lock.backends._queue import holds, tells_when_held
 from celery_singleton_lock.backends.base import (
     Granted,
     LockBackend,
@@ -154,7 +155,7 @@ class _Room:
 
     @property
     def holds(self) -> bool:
-        return not self.vanished and _holds(self.ahead, self.ours)
+        return not self.vanished and holds(self.ahead, self.ours)
 
     def deleted(self, events: Sequence[Any]) -> bool:
         """Count deletions (watch events) after ``seen_at``; True if one was ahead of us
@@ -852,9 +853,9 @@ class EtcdBackend(LockBackend):
             if index is None:
                 return False
             ahead = line[:index]
-            if not _holds(ahead, ours):
+            if not holds(ahead, ours):
                 waited = True
-                if _tells_when_held(ahead, ours):
+                if tells_when_held(ahead, ours):
                     predecessor = ahead[-1]
                     watch = functools.partial(self._touched, predecessor, seen_at, key=key)
                     outcome = self._watch_alive(key, lease, deadline, watch)
@@ -1214,8 +1215,8 @@ class EtcdBackend(LockBackend):
             holders = _holders(line)
             waiting = holders.count(False)
             name = path[start:-1].decode()
-            for rank, (holder, holds) in enumerate(zip(line, holders, strict=True)):
-                if not holds:
+            for rank, (holder, holding) in enumerate(zip(line, holders, strict=True)):
+                if not holding:
                     continue
                 asked = etcdrpc.LeaseTimeToLiveRequest(ID=holder.lease)
                 left = self._call("Lease", "LeaseTimeToLive", asked, name)
@@ -1310,34 +1311,7 @@ def _holders(kvs: Sequence[Any]) -> list[bool]:
     """Which entries of a line read with its values (create-revision order) hold the
     lock or a slot: for an exclusive lock's line, the first alone."""
     line = _entries(kvs)
-    return [_holds(line[:rank], entry) for rank, entry in enumerate(line)]
-
-
-def _holds(ahead: Sequence[_Entry], entry: _Entry) -> bool:
-    """Whether ``entry``, with ``ahead`` before it in its line, holds a slot: fewer than
-    its own limit are ahead of it, and none of its task (a redelivered copy of a running
-    task waits for the first delivery, never takes a second slot). Once true, it stays
-    true: entries ahead only leave."""
-    if len(ahead) >= entry.limit:
-        return False
-    return not entry.task or all(e.task != entry.task for e in ahead)
-
-
-def _tells_when_held(ahead: Sequence[_Entry], entry: _Entry) -> bool:
-    """Whether the entry just before ``entry`` will write itself again before ``entry``
-    can hold a slot, so ``entry`` may watch it alone: it is a semaphore's waiter kept
-    only by its rank, with a limit no smaller than ``entry``'s (then ``entry`` holding
-    implies it holds). Otherwise (a holder, an exclusive lock's waiter, a smaller limit, a
-    redelivered copy) ``entry`` watches the whole line."""
-    if not ahead:
-        return False
-    predecessor, before = ahead[-1], ahead[:-1]
-    return (
-        predecessor.limit > 1
-        and entry.limit <= predecessor.limit
-        and len(before) >= predecessor.limit
-        and (not predecessor.task or all(e.task != predecessor.task for e in before))
-    )
+    return [holds(line[:rank], entry) for rank, entry in enumerate(line)]
 
 
 def _place_taken(reply: Any, places: Sequence[int]) -> int | None:
