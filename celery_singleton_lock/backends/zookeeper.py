@@ -35,6 +35,7 @@ import _socket
 import collections
 import contextlib
 import functools
+import hashlib
 import importlib
 import logging
 import math
@@ -49,11 +50,12 @@ import time
 import types
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 from urllib.parse import parse_qsl, quote, unquote, urlsplit
 
 from celery_singleton_lock import _native
 from celery_singleton_lock._per_process import PerProcess
+from celery_singleton_lock.backends._queue import holds, tells_when_held
 from celery_singleton_lock.backends.base import Granted, LockBackend, LockInfo, Refused
 from celery_singleton_lock.backends.owner import Owner, split_stored, stored_task_id
 from celery_singleton_lock.errors import (
@@ -107,8 +109,10 @@ MIN_TRY = 0.25
 _CREATE_CONTAINER = 19
 _CONTAINER_FLAG = 4
 _EPHEMERAL_SEQUENTIAL = 3
-#: A node of ours: "<token>-<sequence>".
-_NODE = re.compile(r"([0-9a-f]{32})-(\d{10})")
+#: A node of ours: "<token>-<sequence>"; a semaphore's: "<token>-<limit>-<task>-<sequence>"
+#: (task: 16 hex digits of the task id's SHA-256, or nothing), so the line's names alone
+#: tell who holds a slot (see _queue.py).
+_NODE = re.compile(r"([0-9a-f]{32})(?:-(\d{1,4})-([0-9a-f]{16})?)?-(\d{10})")
 _TRUE = ("1", "true", "yes", "on")
 _CLIENT_OPTIONS = (
     "user", "password", "use_ssl", "ca", "certfile", "keyfile", "keyfile_password",
@@ -653,7 +657,14 @@ class ZooKeeperBackend(LockBackend):
         return Refused(holder_ttl=None, holder_task_id=task_id)
 
     def _join_line(
-        self, session: _Session, key: str, token: str, owner: Owner, deadline: float, sent_at: float
+        self,
+        session: _Session,
+        key: str,
+        token: str,
+        owner: Owner,
+        deadline: float,
+        sent_at: float,
+        limit: int = 1,
     ) -> tuple[str, Any, list[str]]:
         """Create our node in ``key``'s line and read the line, in one round trip.
 
@@ -661,8 +672,9 @@ class ZooKeeperBackend(LockBackend):
         """
         value = owner.stored_with(token).encode()
         acl = self._client_options["acl"]
+        name = f"{token}-" if limit == 1 else f"{token}-{limit}-{_task_digest(owner.task_id)}-"
         for _ in range(4):  # the line's container, then the prefix, may have to be made first
-            create = self._send(session, Create2(f"{key}/{token}-", value, acl, _EPHEMERAL_SEQUENTIAL))
+            create = self._send(session, Create2(f"{key}/{name}", value, acl, _EPHEMERAL_SEQUENTIAL))
             children = session.client.get_children_async(key)
             # One session's replies come in order: once the read is answered, so is the
             # create (one wake-up for both).
@@ -737,13 +749,15 @@ class ZooKeeperBackend(LockBackend):
         limit: int = 1,
     ) -> Granted | None:
         """Queue a node of our own in ``key``'s line and block until every earlier node is
-        gone (FIFO).
+        gone (FIFO); for a semaphore, until it holds a slot (``_wait_for_slot``).
 
         Only the node just before ours is watched, so a release wakes one waiter. A
         connection lost while we wait costs nothing while it comes back within
         connect_timeout (the session and our place live on); on timeout or error our node
         is removed.
         """
+        if limit > 1:
+            return self._wait_for_slot(key, token, ttl, owner, deadline, limit)
         start = self.clock() + self.connect_timeout
         session = self._session(ttl, key, start)
         while True:
@@ -807,6 +821,180 @@ class ZooKeeperBackend(LockBackend):
                 session, lambda: session.client.get_children_async(key), budget, key
             )
             session.proved(read_at)
+
+    # -- semaphores (limit > 1) ------------------------------------------------------------
+    #
+    # One line per key, whatever the limit: a node holds a slot once fewer nodes than its
+    # own limit (in its name) are ahead of it and none ahead is of its task (_queue.py).
+    # Unlike kazoo's Semaphore, nothing stores the limit for the key, so a deploy that
+    # changes it needs no cleanup.
+
+    def slot_key(self, key: str, slot: int | None) -> str:
+        # Every slot is a node of the key's line, which this process knows by its token.
+        return key
+
+    def _try_acquire_slot(
+        self, key: str, token: str, ttl: float, owner: Owner, limit: int
+    ) -> Granted | Refused:
+        """As an exclusive attempt: the create and the read of the line in one round
+        trip, a refused node deleted in a second; the line's names decide."""
+        deadline = self.clock() + self.connect_timeout
+        session = self._session(ttl, key, deadline)
+        sent_at = self.clock()
+        path, stat, children = self._join_line(session, key, token, owner, deadline, sent_at, limit)
+        line = _queued(children)
+        index = _index_of(line, _basename(path))
+        ahead = line if index is None else line[:index]
+        if index is not None and holds(ahead, line[index]):
+            self._hold_node(session, key, token, path, stat.ephemeralOwner, ttl, sent_at)
+            return Granted(stat.czxid, slot=index)
+        twin = bool(owner.task_id) and any(e.task == _task_digest(owner.task_id) for e in ahead)
+        holder = None if twin or not ahead else session.client.get_async(f"{key}/{ahead[0].name}")
+        self._delete_or_defer(session, key, token, path, deadline)
+        task_id = owner.task_id if twin else None
+        if holder is not None:
+            with contextlib.suppress(LockError, KazooException):
+                task_id = stored_task_id(self._result(session, holder, deadline, key)[0])
+        return Refused(holder_ttl=None, holder_task_id=task_id)
+
+    def _wait_for_slot(
+        self, key: str, token: str, ttl: float, owner: Owner, deadline: float | None, limit: int
+    ) -> Granted | None:
+        """Queue a node of ours (as ``_wait_turn`` does) and block until it holds a slot."""
+        start = self.clock() + self.connect_timeout
+        session = self._session(ttl, key, start)
+        data = owner.stored_with(token).encode()
+        while True:
+            sent_at = self.clock()
+            path, stat, children = self._join_line(session, key, token, owner, start, sent_at, limit)
+            try:
+                outcome = self._wait_for_room(
+                    session, key, path, stat.czxid, data, children, sent_at, deadline
+                )
+            except BaseException:
+                self._delete_or_defer(session, key, token, path, self.clock() + self.connect_timeout)
+                raise
+            if outcome is None:  # timed out
+                self._delete_or_defer(session, key, token, path, self.clock() + self.connect_timeout)
+                return None
+            if outcome is not False:
+                slot, fencing_token, proved_at = outcome
+                self._hold_node(session, key, token, path, stat.ephemeralOwner, ttl, proved_at)
+                return Granted(fencing_token, valid_until=proved_at + ttl - clock_drift(ttl), slot=slot)
+            # Our node vanished (its session expired, an operator deleted it): queue again.
+            start = self.clock() + self.connect_timeout
+
+    def _wait_for_room(
+        self,
+        session: _Session,
+        key: str,
+        path: str,
+        created: int,
+        data: bytes,
+        children: list[str],
+        read_at: float,
+        deadline: float | None,
+    ) -> tuple[int, int, float] | Literal[False] | None:
+        """(slot, fencing token, when it was proved) once our node holds a slot; False
+        if it vanished; None when ``deadline`` passed.
+
+        One wake-up per freed slot: only the first waiter watches the nodes ahead of it
+        (an exists watch each, sent together), counting their deletions without a read;
+        a waiter behind another that is kept only by its place watches just that node,
+        whose data is written again once it holds its slot (or which is deleted), and
+        then moves up to watch the nodes ahead.
+        """
+        ours = _basename(path)
+        waited = False
+        while True:
+            line = _queued(children)
+            index = _index_of(line, ours)
+            if index is None:
+                return False
+            ahead, entry = line[:index], line[index]
+            if not holds(ahead, entry):
+                waited = True
+                chained = tells_when_held(ahead, entry)
+                watched = ahead[-1:] if chained else ahead
+                left = self._watch_nodes(session, key, watched, deadline, ahead, entry)
+                if left is None:
+                    return None
+                if not chained:  # enough of those ahead left: we hold
+                    children = [node.name for node in [*left, entry]]
+                    continue
+                budget = self.clock() + self.connect_timeout
+                children, read_at = self._read(
+                    session, lambda: session.client.get_children_async(key), budget, key
+                )
+                session.proved(read_at)
+                continue
+            if not waited:  # held from the read that queued us: our create is the grant
+                return index, created, read_at
+            # Held after waiting: write our data again. Its zxid is the fencing token
+            # (above every token granted before, however the line moved), the write wakes
+            # the waiter behind us, and it proves our node is still there.
+            budget = self.clock() + self.connect_timeout
+            sent_at = self.clock()
+            try:
+                stat = self._result(session, session.client.set_async(path, data), budget, key)
+            except NoNodeError:
+                return False
+            session.proved(sent_at)
+            return index, stat.mzxid, sent_at
+
+    def _watch_nodes(
+        self,
+        session: _Session,
+        key: str,
+        watched: Sequence[_InLine],
+        deadline: float | None,
+        ahead: Sequence[_InLine],
+        entry: _InLine,
+    ) -> list[_InLine] | None:
+        """Watch ``watched``, the last node of ``ahead`` (a waiter): until it is deleted or
+        written again (the line must then be re-read); or all of ``ahead``: until enough
+        of them are deleted for ``entry`` to hold. The nodes of ``ahead`` left; None on
+        timeout."""
+        events: collections.deque[Any] = collections.deque()
+        woken = _Signal()
+
+        def watch(event: Any) -> None:
+            events.append(event)
+            woken.set()
+
+        every = len(watched) == len(ahead)
+        left = list(ahead)
+        budget = self.clock() + self.connect_timeout
+        checks = [
+            (node, session.client.exists_async(f"{key}/{node.name}", watch=watch)) for node in watched
+        ]
+        gone = {node.name for node, check in checks if self._result(session, check, budget, key) is None}
+        if gone and not every:
+            return left
+        left = [node for node in left if node.name not in gone]  # gone before we looked
+        while True:
+            batch = _drain(events)
+            deleted = {_basename(event.path) for event in batch if event.type == "DELETED"}
+            written = {_basename(event.path) for event in batch} - deleted
+            if not every:
+                if batch:
+                    self.wakeups += 1
+                    return left
+            else:
+                kept = [node for node in left if node.name not in deleted]
+                if len(kept) < len(left):
+                    self.wakeups += 1
+                left = kept
+                if holds(left, entry):
+                    return left
+                for name in written & {node.name for node in left}:
+                    # A waiter ahead (of another limit) wrote itself again: watch on.
+                    session.client.exists_async(f"{key}/{name}", watch=watch)
+            remaining = None if deadline is None else deadline - self.clock()
+            if remaining is not None and remaining <= 0:
+                return None
+            if not woken.wait(remaining):
+                return None
 
     # -- renewal and release ---------------------------------------------------------------
 
@@ -881,7 +1069,8 @@ class ZooKeeperBackend(LockBackend):
                 return True
         # By owner (the worker's main process, once a pool process is dead): remove the
         # nodes whose stored owner is exactly that one, holder or queued; True if one was
-        # the holder. Any session may delete any node (ACLs allowing).
+        # a holder (of the lock, or of a slot). Any session may delete any node (ACLs
+        # allowing).
         with state.guard:
             sessions = list(state.sessions.values())
         # Any session of ours will do (none of them owns those nodes); a process that
@@ -892,6 +1081,7 @@ class ZooKeeperBackend(LockBackend):
         except NoNodeError:
             return False
         reads = [(name, session.client.get_async(f"{key}/{name}")) for name in line]
+        holding = _holders(_queued(line))
         wanted = value.encode()
         released = False
         for place, (name, read) in enumerate(reads):
@@ -909,8 +1099,12 @@ class ZooKeeperBackend(LockBackend):
                 continue
             with state.guard:
                 state.held.pop((key, data.split(b"\n", 1)[0].decode()), None)
-            released = released or place == 0
+            released = released or holding[place]
         return released
+
+    def _release_by_owner(self, key: str, owner_json: str, limit: int) -> bool:
+        # One read of the line finds the owner's node, whatever its slot.
+        return self._release(key, "owner", owner_json)
 
     # -- for operators (celery locks) -------------------------------------------------------
 
@@ -925,7 +1119,8 @@ class ZooKeeperBackend(LockBackend):
 
     def _held(self, key: str | None) -> Iterable[LockInfo]:
         """The lines of every lock container (or of one), read pipelined, then each first
-        node's data and stat: its czxid is the fencing token, its ctime when it was made.
+        node's data and stat (for a semaphore, every node holding a slot): its czxid is
+        the fencing token (a slot's: its mzxid), its ctime when it was made.
         A node lives as long as its holder's session: no TTL is kept on the server."""
         deadline = self.clock() + self.connect_timeout
         session = self._reader(key, deadline)
@@ -940,25 +1135,34 @@ class ZooKeeperBackend(LockBackend):
         else:
             containers = [self._full_key(key)]
         reads = [(container, session.client.get_children_async(container)) for container in containers]
-        firsts = []
+        holders = []
         for container, read in reads:
             try:
-                line = _line(self._result(session, read, deadline, key))
+                line = _queued(self._result(session, read, deadline, key))
             except NoNodeError:
                 continue
-            if line:
-                firsts.append((container, line, session.client.get_async(f"{container}/{line[0]}")))
+            holding = _holders(line)
+            waiting = holding.count(False)
+            holders += [
+                (container, place, node, waiting, session.client.get_async(f"{container}/{node.name}"))
+                for place, (node, holds_it) in enumerate(zip(line, holding, strict=True)) if holds_it
+            ]
         found = []
-        for container, line, read in firsts:
+        for container, place, node, waiting, read in holders:
             try:
                 data, stat = self._result(session, read, deadline, key)
             except NoNodeError:
                 continue  # released since we read the line
             token, owner = split_stored(data)
+            exclusive = node.limit == 1
             found.append(LockInfo(
-                key=unquote(_basename(container)), owner=owner, token=token, fencing_token=stat.czxid,
-                ttl=None, held_since=stat.ctime / 1000, waiting=len(line) - 1,
-                location=f"{self.url} {container}/{line[0]}",
+                # A slot's grant is its node's last write (see _wait_for_room); an
+                # exclusive lock's node is written once.
+                key=unquote(_basename(container)), owner=owner, token=token,
+                fencing_token=stat.czxid if exclusive else stat.mzxid,
+                ttl=None, held_since=stat.ctime / 1000, waiting=waiting,
+                slot=None if exclusive else place, limit=node.limit,
+                location=f"{self.url} {container}/{node.name}",
             ))
         return found
 
@@ -1293,6 +1497,47 @@ def _line(children: Sequence[str]) -> list[str]:
     """Our nodes of a lock, in the order they queued (their sequence numbers)."""
     ours = [name for name in children if _NODE.fullmatch(name)]
     return sorted(ours, key=lambda name: int(name[-10:]))
+
+
+@dataclass(frozen=True)
+class _InLine:
+    """A node of a line by its name: its limit (1: an exclusive lock's) and the digest
+    of its task id."""
+
+    name: str
+    limit: int
+    task: str | None
+
+
+def _queued(children: Sequence[str]) -> list[_InLine]:
+    """The line (see :func:`_line`), each node with its limit and task."""
+    line = []
+    for name in _line(children):
+        match = _NODE.fullmatch(name)
+        assert match is not None  # _line keeps only these
+        line.append(_InLine(name, int(match[2] or 1), match[3]))
+    return line
+
+
+def _index_of(line: Sequence[_InLine], name: str) -> int | None:
+    return next((i for i, node in enumerate(line) if node.name == name), None)
+
+
+def _holders(line: Sequence[_InLine]) -> list[bool]:
+    """Which nodes of ``line`` hold the lock or a slot: of an exclusive lock, the first."""
+    return [holds(line[:place], node) for place, node in enumerate(line)]
+
+
+def _task_digest(task_id: str | None) -> str:
+    """A task id as it is in a semaphore node's name: 16 hex digits (nothing: no task)."""
+    return hashlib.sha256(task_id.encode()).hexdigest()[:16] if task_id else ""
+
+
+def _drain(events: collections.deque[Any]) -> list[Any]:
+    drained = []
+    while events:
+        drained.append(events.popleft())
+    return drained
 
 
 def _flag(value: object) -> bool:
