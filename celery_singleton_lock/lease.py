@@ -74,6 +74,9 @@ class LeaseBackend(Protocol):
     def release(self, held: HeldLock) -> bool:
         """Release ``held`` if it is still ours."""
 
+    def keep_until(self, held: HeldLock, deadline: float) -> bool:
+        """Keep ``held`` taken until ``deadline`` (on ``clock``), then let it go."""
+
 
 @runtime_checkable
 class ForNativeThread(Protocol):

@@ -29,6 +29,19 @@ backend stands down (``Ignore``) instead of running the body again.
 
 The marker is a lock in the ``<prefix>.queued`` namespace whose owner is the queued task's
 id; it is not renewed, so a lost message blocks its signature for one marker TTL at most.
+
+``debounce=S`` (``debounce_max_wait=M``) uses the same namespace to let only the latest
+call of a key run (docs/limits.md)::
+
+    apply_async ─► [M] burst lock: taken by a burst's first call for M s, else its refusal
+                   names the burst and the time left in it
+                ─► record "debounce:<key>[:<burst>]": take it, breaking the previous call's
+                ─► publish, countdown min(S, time left), the burst in a header
+    __call__ (worker) ─► the record names a later call ─► skipped, "superseded by <id>"
+                      └► names this call, or is gone ─► the lock, as above
+
+``throttle=S``: a run that succeeded hands its lock to ``LockBackend.keep_until`` instead of
+releasing it, so the key stays taken until S seconds after the run started.
 """
 
 from __future__ import annotations
@@ -397,7 +410,7 @@ class SingletonTask(Task):  # type: ignore[misc]
             delay = max(delay, _seconds_until_start(options))
             record_ttl = min(delay + options_.enqueue_once_ttl, MAX_TTL)
             self._record_latest(backend, _debounce_record_key(key, burst), task_id, record_ttl)
-        except LockBackendUnavailable as exc:
+        except LockError as exc:
             # Without its record the call runs undebounced: one run too many, none lost.
             logger.warning("%s[%s]: publishing without debouncing it: %s", self.name, task_id, exc)
             return publish(task_id)
@@ -796,12 +809,8 @@ def _let_go(held: HeldLock, keep_until: float | None) -> None:
     if keep_until is None:
         held.release_quietly()
         return
-    backend = held.backend
-    if not isinstance(backend, LockBackend):  # a lease of some other kind: no throttle
-        held.release_quietly()
-        return
     try:
-        backend.keep_until(held, keep_until)
+        held.backend.keep_until(held, keep_until)
     except LockError as exc:
         # It ends by its TTL instead: the window is at most one TTL, never unbounded.
         logger.error(

@@ -421,3 +421,22 @@ def test_throttle_with_lock_limit_keeps_each_runs_slot_n_starts_per_window(
     assert [send_digest.delay(1).get() for _ in range(3)] == ["sent", "sent", None]
     clock.advance(10)
     assert send_digest.delay(1).get() == "sent"
+
+
+def test_a_call_made_while_the_lock_server_is_down_is_published_undebounced(
+    queue_app: Celery, published, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    from celery_singleton_lock.errors import LockBackendUnavailable
+
+    @singleton_task(queue_app, debounce=5)
+    def job(n: int) -> int:
+        return n
+
+    def down(*args: Any, **kwargs: Any) -> Any:
+        raise LockBackendUnavailable("no answer", url="memory://")
+
+    monkeypatch.setattr(settings_for(queue_app).backend("queued"), "attempt", down)
+    result = job.delay(1)
+    assert [m["headers"]["id"] for m in published] == [result.id]
+    assert DEBOUNCE_HEADER not in published[0]["headers"]  # it runs like any call
+    assert "publishing without debouncing it" in caplog.text
