@@ -53,6 +53,7 @@ from urllib.parse import parse_qsl, unquote, urlsplit
 
 from celery_singleton_lock.backends._queue import holds, tells_when_held
 from celery_singleton_lock.backends.base import (
+    MIN_TTL,
     Granted,
     LockBackend,
     LockInfo,
@@ -65,7 +66,7 @@ from celery_singleton_lock.errors import (
     LockError,
     LockKeyError,
 )
-from celery_singleton_lock.lease import HeldLock, clock_drift
+from celery_singleton_lock.lease import HeldLock, LeaseKeeper, clock_drift
 
 try:
     import grpc
@@ -1072,6 +1073,46 @@ class EtcdBackend(LockBackend):
         # itself; revoking a lease named by a token that proved nothing could end another
         # holder's lock (a handle whose token is a prefix of the holder's names its lease).
         return ours
+
+    def keep_until(self, held: HeldLock, deadline: float) -> bool:
+        """Keep ``held`` taken until ``deadline`` (``throttle``) without this process's
+        help: its entry moves to a lease of its own, granted for the time left (etcd
+        counts whole seconds: rounded up), by a transaction that compares the entry.
+        Nothing renews that lease, so the server frees the key by itself, at most a
+        second past the deadline, even if this process dies meanwhile; while it lives,
+        it revokes the lease at the deadline, which frees the key (and wakes a waiter)
+        on time. The old lease, which carries nothing now, is kept as a spare.
+
+        :returns: False when the lock was no longer ours.
+        """
+        remaining = deadline - self.clock()
+        lease_id = _lease_of(held.token)
+        if remaining < MIN_TTL or held.taken_by != os.getpid() or held.released or lease_id is None:
+            return self.release(held)
+        LeaseKeeper.for_process().untrack(held)
+        window = self._grant(remaining, held.key, self.clock() + self.connect_timeout)
+        entry = self._full_key(held.key).encode() + _place_name(_place_of(held.token))
+        value = held.token.encode() + self._owner_json(held.owner)
+        txn = etcdrpc.TxnRequest()
+        unchanged = txn.compare.add()
+        unchanged.key, unchanged.value = entry, value
+        unchanged.target, unchanged.result = etcdrpc.Compare.VALUE, etcdrpc.Compare.EQUAL
+        put = txn.success.add().request_put
+        put.key, put.value, put.lease = entry, value, window.id
+        try:
+            moved = bool(self._call("KV", "Txn", txn, held.key).succeeded)
+        except BaseException:
+            self._reaper.add(window)  # it may carry our entry: revoked once a member answers
+            raise
+        held._mark_released()  # the window's lease ends it: a later release() has nothing to do
+        if not moved:
+            self._abandon(window)
+            return False
+        self._give_back(_Lease(lease_id, held.ttl, held._valid_until))
+        timer = threading.Timer(remaining, self._abandon, (window,))
+        timer.daemon = True
+        timer.start()
+        return True
 
     def _release(self, key: str, field: str, value: str) -> bool:
         # By owner (the worker's main process, once a pool process is dead) or by token

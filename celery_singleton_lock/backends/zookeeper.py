@@ -56,7 +56,7 @@ from urllib.parse import parse_qsl, quote, unquote, urlsplit
 from celery_singleton_lock import _native
 from celery_singleton_lock._per_process import PerProcess
 from celery_singleton_lock.backends._queue import holds, tells_when_held
-from celery_singleton_lock.backends.base import Granted, LockBackend, LockInfo, Refused
+from celery_singleton_lock.backends.base import MIN_TTL, Granted, LockBackend, LockInfo, Refused
 from celery_singleton_lock.backends.owner import Owner, split_stored, stored_task_id
 from celery_singleton_lock.errors import (
     ConfigurationError,
@@ -64,7 +64,7 @@ from celery_singleton_lock.errors import (
     LockError,
     mask_url,
 )
-from celery_singleton_lock.lease import LeaseKeeper, clock_drift
+from celery_singleton_lock.lease import HeldLock, LeaseKeeper, clock_drift
 
 try:
     from kazoo.client import KazooClient
@@ -1039,6 +1039,37 @@ class ZooKeeperBackend(LockBackend):
                     node.expires_at = sent_at + node.ttl
             session.proved(sent_at)
         return found
+
+    def keep_until(self, held: HeldLock, deadline: float) -> bool:
+        """Keep ``held`` taken until ``deadline`` (``throttle``): one renewal proves the
+        node ours, then the janitor deletes it at the deadline (as it deletes a node whose
+        renewal stopped), with no renewal and no thread of its own meanwhile. A node
+        lives by its session, so should this process die first, the key is freed with
+        it, early (a TTL node would outlive it, but needs the server's
+        ``extendedTypesEnabled`` and counts from the node's last change, not a deadline).
+
+        :returns: False when the lock was no longer ours.
+        """
+        remaining = deadline - self.clock()
+        if remaining < MIN_TTL or held.taken_by != os.getpid() or held.released:
+            return self.release(held)
+        LeaseKeeper.for_process().untrack(held)
+        ours = self.renew([held])[0]
+        key = self._full_key(held.key)
+        state = self._state.get()
+        with state.guard:
+            node = state.held.get((key, held.token))
+            if node is not None:
+                node.expires_at = deadline
+            janitor = state.janitor
+        held._mark_released()  # the janitor ends it: a later release() has nothing to do
+        if not ours or node is None:
+            with state.guard:
+                state.held.pop((key, held.token), None)
+            return False
+        if janitor is not None:
+            janitor.due(deadline)
+        return True
 
     def _release(self, key: str, field: str, value: str) -> bool:
         state = self._state.get()

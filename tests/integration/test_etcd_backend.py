@@ -21,6 +21,7 @@ from celery_singleton_lock import (
     connect,
 )
 from celery_singleton_lock.backends.owner import Owner
+from celery_singleton_lock.lease import LeaseKeeper
 from celery_singleton_lock.testing import EtcdCluster, etcd_binary
 from tests.conftest import wait_until
 from tests.contract import BackendSpec, CrossProcessContract, ServerOperations
@@ -526,3 +527,18 @@ def test_a_waiting_redelivered_copy_never_takes_a_second_slot(backend, etcd_url,
     for held in (other, got[0]):
         assert held.release() is True
     copy.close()
+
+
+def test_keep_until_moves_the_entry_to_a_lease_nobody_renews(backend, unique_key):
+    # throttle's window outlives the worker: the server ends the lease by itself.
+    held = backend.acquire(unique_key, ttl=1)
+    old_lease = int(held.token[:16], 16)
+    assert backend.keep_until(held, backend.clock() + 3) is True
+    (entry,) = entries(backend, unique_key)
+    assert entry.lease != old_lease
+    assert entry.value.startswith(held.token.encode() + b"\n")
+    left = backend._cluster.call("Lease", "LeaseTimeToLive", etcdrpc.LeaseTimeToLiveRequest(ID=entry.lease))
+    assert 2 <= left.TTL <= 3
+    assert held not in LeaseKeeper.for_process().tracked()
+    assert backend.release(held) is False  # the window's lease ends it, not a release
+    wait_until(lambda: entries(backend, unique_key) == [], 5, "the window to end")

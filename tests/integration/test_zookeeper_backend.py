@@ -18,6 +18,7 @@ from kazoo.client import KazooClient
 from celery_singleton_lock import ConfigurationError, LockBackendUnavailable, LockLost, connect
 from celery_singleton_lock.backends.owner import Owner
 from celery_singleton_lock.backends.zookeeper import ZooKeeperBackend
+from celery_singleton_lock.lease import LeaseKeeper
 from celery_singleton_lock.signals import lock_lost
 from celery_singleton_lock.testing import ZooKeeperEnsemble
 from tests.conftest import wait_until
@@ -631,3 +632,16 @@ def test_a_waiting_redelivered_copy_never_takes_a_second_slot(backend, backends,
     assert got[0].fencing_token > other.fencing_token
     for held in (other, got[0]):
         assert held.release() is True
+
+
+def test_keep_until_leaves_the_node_to_the_janitor_with_no_renewal(backend, backends, raw, unique_key):
+    held = backend.acquire(unique_key, ttl=1)
+    directory = backend._full_key(unique_key)
+    assert backend.keep_until(held, backend.clock() + 1.5) is True
+    assert held not in LeaseKeeper.for_process().tracked()
+    assert len(raw.get_children(directory)) == 1
+    assert backend.release(held) is False  # the janitor ends it at the deadline
+    waiter = backends()
+    got = waiter.acquire(unique_key, ttl=5, blocking=True, timeout=5)
+    assert got is not None
+    assert got.release() is True
