@@ -33,7 +33,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
@@ -1434,13 +1434,15 @@ CLUSTER_SLOTS = 16384
 
 
 class RedisCluster:
-    """A Redis Cluster of ``masters`` masters (no replicas), all on free loopback ports,
-    stopped by PID: the Redis deployment of managed services and ``rediscluster://``.
+    """A Redis Cluster of ``masters`` masters, each with ``replicas`` replicas, all on free
+    loopback ports, stopped by PID: the Redis deployment of managed services and
+    ``rediscluster://``.
 
-    The slots are split evenly with ``CLUSTER ADDSLOTSRANGE`` and the nodes introduced
-    with ``CLUSTER MEET`` (what ``redis-cli --cluster create`` does, without its pauses);
-    :meth:`start` returns once every node reports ``cluster_state:ok`` and knows every
-    slot's owner.
+    The slots are split evenly with ``CLUSTER ADDSLOTSRANGE``, the nodes introduced with
+    ``CLUSTER MEET`` and the replicas attached with ``CLUSTER REPLICATE`` (what
+    ``redis-cli --cluster create`` does, without its pauses); :meth:`start` returns once
+    every node reports ``cluster_state:ok`` and knows every slot's owner, and every
+    replica's link to its master is up.
 
     >>> with RedisCluster() as cluster:  # doctest: +SKIP
     ...     backend = connect(cluster.url)
@@ -1450,14 +1452,33 @@ class RedisCluster:
     """
 
     def __init__(
-        self, *, masters: int = 3, password: str | None = None, startup_timeout: float = 30.0
+        self,
+        *,
+        masters: int = 3,
+        replicas: int = 0,
+        password: str | None = None,
+        startup_timeout: float = 30.0,
     ) -> None:
         self.password = password
         self.startup_timeout = startup_timeout
         self._auth = ["--masterauth", password] if password else []
-        #: Each master's cluster bus port (port + 10000 would pass 65535 for a high port).
-        self.bus_ports = [0] * masters
-        self.masters = [self._server(index) for index in range(masters)]
+        self._masters = masters
+        count = masters * (1 + replicas)
+        #: Each node's cluster bus port (port + 10000 would pass 65535 for a high port).
+        self.bus_ports = [0] * count
+        #: Every node: the masters, then the replicas (replica ``i`` follows master ``i % masters``).
+        self.nodes = [self._server(index) for index in range(count)]
+
+    @property
+    def masters(self) -> list[RedisServer]:
+        return self.nodes[: self._masters]
+
+    @property
+    def replicas(self) -> list[RedisServer]:
+        return self.nodes[self._masters :]
+
+    def master_of(self, replica: RedisServer) -> RedisServer:
+        return self.masters[self.replicas.index(replica) % self._masters]
 
     def _server(self, index: int) -> RedisServer:
         self.bus_ports[index] = free_port()
@@ -1469,17 +1490,17 @@ class RedisCluster:
         ])
 
     def _launch(self, index: int) -> None:
-        """Start master ``index``; on new ports if its ports were taken meanwhile (free
+        """Start node ``index``; on new ports if its ports were taken meanwhile (free
         ports are picked before the servers bind them, and other tests pick too)."""
         for _ in range(3):
             try:
-                self.masters[index].start()
+                self.nodes[index].start()
             except RuntimeError:
-                self.masters[index].stop()
-                self.masters[index] = self._server(index)
+                self.nodes[index].stop()
+                self.nodes[index] = self._server(index)
             else:
                 return
-        self.masters[index].start()
+        self.nodes[index].start()
 
     @property
     def url(self) -> str:
@@ -1518,44 +1539,62 @@ class RedisCluster:
 
     def start(self) -> RedisCluster:
         try:
-            for index in range(len(self.masters)):
+            for index in range(len(self.nodes)):
                 self._launch(index)
-            share = CLUSTER_SLOTS // len(self.masters)
+            share = CLUSTER_SLOTS // self._masters
             for index, server in enumerate(self.masters):
-                last = CLUSTER_SLOTS - 1 if index == len(self.masters) - 1 else (index + 1) * share - 1
+                last = CLUSTER_SLOTS - 1 if index == self._masters - 1 else (index + 1) * share - 1
                 self.ask(server, "CLUSTER", "SET-CONFIG-EPOCH", index + 1)
                 self.ask(server, "CLUSTER", "ADDSLOTSRANGE", index * share, last)
-            for server in self.masters[1:]:
+            for server in self.nodes[1:]:
                 self.ask(server, "CLUSTER", "MEET", "127.0.0.1", self.masters[0].port, self.bus_ports[0])
+            for replica in self.replicas:
+                master_id = self.node_id(self.master_of(replica))
+
+                def knows_master(replica: RedisServer = replica, master_id: str = master_id) -> bool:
+                    return master_id.encode() in self.ask(replica, "CLUSTER", "NODES")
+
+                self._wait(knows_master, "every replica knows its master")
+                self.ask(replica, "CLUSTER", "REPLICATE", master_id)
             self.wait_ok()
         except BaseException:
             self.stop()
             raise
         return self
 
+    def _wait(self, condition: Callable[[], bool], what: str, timeout: float | None = None) -> None:
+        deadline = time.monotonic() + (self.startup_timeout if timeout is None else timeout)
+        while True:
+            with suppress(Exception):  # a node not up yet counts as not there
+                if condition():
+                    return
+            if time.monotonic() > deadline:
+                msg = f"Redis Cluster: not {what} within {timeout or self.startup_timeout}s"
+                raise RuntimeError(msg)
+            time.sleep(0.05)  # the cluster bus has no event to wait on from outside: ask again
+
     def _ok(self) -> bool:
-        for server in self.masters:
-            try:
-                info = self.ask(server, "CLUSTER", "INFO")
-                slots = self.ask(server, "CLUSTER", "SLOTS")
-            except Exception:  # not up yet
-                return False
+        for server in self.nodes:
+            info = self.ask(server, "CLUSTER", "INFO")
             text = info.decode() if isinstance(info, bytes) else str(info)
-            if "cluster_state:ok" not in text or len(slots) < len(self.masters):
+            if "cluster_state:ok" not in text or len(self.ask(server, "CLUSTER", "SLOTS")) < self._masters:
                 return False
+        for replica in self.replicas:
+            client = self.client(replica)
+            try:
+                if client.info("replication").get("master_link_status") != "up":
+                    return False
+            finally:
+                client.close()
         return True
 
     def wait_ok(self, timeout: float | None = None) -> None:
-        """Wait until every node reports ``cluster_state:ok`` and sees every master.
+        """Wait until every node reports ``cluster_state:ok`` and sees every master, and
+        every replica's link to its master is up.
 
         :raises RuntimeError: not within ``timeout`` (default ``startup_timeout``).
         """
-        deadline = time.monotonic() + (self.startup_timeout if timeout is None else timeout)
-        while not self._ok():
-            if time.monotonic() > deadline:
-                msg = f"Redis Cluster not ok within {timeout or self.startup_timeout}s"
-                raise RuntimeError(msg)
-            time.sleep(0.05)  # the cluster bus has no event to wait on from outside: ask again
+        self._wait(self._ok, "ok", timeout)
 
     def node_id(self, server: RedisServer) -> str:
         reply = self.ask(server, "CLUSTER", "MYID")
@@ -1596,7 +1635,7 @@ class RedisCluster:
 
     def stop(self) -> None:
         """Kill every node by PID; safe to call twice."""
-        for server in self.masters:
+        for server in self.nodes:
             server.stop()
 
     def __enter__(self) -> RedisCluster:

@@ -36,6 +36,7 @@ Replication is asynchronous: see docs/cluster.md for what a failover can do to a
 from __future__ import annotations
 
 import copy
+import functools
 import ipaddress
 import threading
 import time
@@ -49,7 +50,8 @@ from urllib.parse import urlsplit
 import redis
 from redis.crc import key_slot
 
-from celery_singleton_lock.backends.base import LockInfo, NodeStatus
+from celery_singleton_lock.backends.base import Granted, LockInfo, NodeStatus, Refused
+from celery_singleton_lock.backends.owner import Owner
 from celery_singleton_lock.backends.redis import (
     MAX_IDLE_LANES,
     Lane,
@@ -60,6 +62,7 @@ from celery_singleton_lock.backends.redis import (
     _generation,
     milliseconds,
 )
+from celery_singleton_lock.backends.sentinel import replica_wait, unacknowledged
 from celery_singleton_lock.errors import ConfigurationError, LockBackendUnavailable, LockError, mask_url
 
 __all__ = ["ClusterAddress", "ClusterBackend", "parse_cluster_url"]
@@ -235,6 +238,12 @@ def _redirection(reply: ReplyError) -> tuple[str, int, tuple[str, int] | None] |
 class ClusterBackend(RedisBackend):
     """Locks on a Redis Cluster; see the module docstring.
 
+    :param min_replicas: an acquisition (and a renewal) counts only once this many
+        replicas of the slot's master acknowledged it (``WAIT``, on the connection of
+        the call); 0 (the default) does not wait for them. An acquisition not acknowledged
+        in time is released and fails with LockBackendUnavailable.
+    :param min_replicas_timeout: seconds to wait for those acknowledgements (below
+        ``connect_timeout``; default 1, or half of it when shorter).
     :param client_options: for every connection to every node (``ssl_ca_certs``,
         ``username``/``password``...); URL query parameters work too.
     """
@@ -271,9 +280,14 @@ class ClusterBackend(RedisBackend):
         prefix: str = "singleton-lock",
         connect_timeout: float = 5.0,
         clock: Callable[[], float] = time.monotonic,
+        min_replicas: int = 0,
+        min_replicas_timeout: float | None = None,
         **client_options: Any,
     ) -> None:
         self.address = parse_cluster_url(url, option="singleton_lock_backend")
+        self.min_replicas, self.min_replicas_timeout, self._wait_request = replica_wait(
+            min_replicas, min_replicas_timeout, connect_timeout
+        )
         self._node_options: dict[str, Any] = {}
         self._nodes: dict[tuple[str, int], _Node] = {}
         #: slot -> the master serving it; None until the table is read
@@ -460,25 +474,31 @@ class ClusterBackend(RedisBackend):
     ) -> Any:
         """The Redis backend's one round trip, sent to the master serving ``key``'s slot,
         following MOVED and ASK and waiting out TRYAGAIN (see the module docstring)."""
+        return self._exchange(request, key, call, unanswered)[0]
+
+    def _exchange(
+        self,
+        request: bytes,
+        key: str | None,
+        call: Callable[[], ScriptCall],
+        unanswered: Callable[[], None] | None = None,
+        *,
+        acknowledged: bool = False,
+    ) -> tuple[Any, int]:
+        """:meth:`_request`, and with ``acknowledged`` a ``WAIT`` for ``min_replicas``
+        behind the call in the same round trip; the reply and how many replicas
+        acknowledged (0 without ``acknowledged``)."""
         asking: _Node | None = None
         redirects = 0
         started: float | None = None
         pause = RETRY_PAUSE[0]
+        tail = self._wait_request if acknowledged else b""
         while True:
             node = asking or (self._slots[self._slot_of(key)] if key is not None else None)
             lane = self._lane_on(node or self._node_of(key), key)
             head = _ASKING if asking is not None else b""
             try:
-                lane.send(head + request)
-                if head:
-                    lane.read()
-                reply = lane.read()
-                if type(reply) is ReplyError and str(reply).startswith("NOSCRIPT"):
-                    again = call()  # a master that has not run the script yet
-                    lane.send(head + again.script.pack_eval(again.keys, again.args))
-                    if head:
-                        lane.read()
-                    reply = lane.read()
+                reply, replicas = self._round_trip(lane, head + request + tail, head, tail, call)
             except BaseException as exc:
                 lane.close()
                 if not isinstance(exc, OSError):
@@ -488,7 +508,9 @@ class ClusterBackend(RedisBackend):
                 self._raise_socket_error(exc, key)
             self._give_back(lane)
             if type(reply) is not ReplyError:
-                return reply
+                if type(replicas) is ReplyError:
+                    raise self._reply_error(replicas, key)
+                return reply, int(replicas)
             redirection = _redirection(reply)
             if redirection is None:
                 raise self._reply_error(reply, key)
@@ -511,6 +533,45 @@ class ClusterBackend(RedisBackend):
             if self._stopped.wait(pause):
                 raise LockBackendUnavailable(f"{self.url} is closed", url=self.url, key=key)
             pause = min(pause * 2, RETRY_PAUSE[1])
+
+    @staticmethod
+    def _round_trip(
+        lane: Lane, request: bytes, head: bytes, tail: bytes, call: Callable[[], ScriptCall]
+    ) -> tuple[Any, Any]:
+        """Send ``request`` (``head``: ASKING, then the call, then ``tail``: a WAIT) and
+        read its replies: the call's, and the WAIT's (0 without one). A master that has
+        not run the script yet gets it again as EVAL."""
+        lane.send(request)
+        if head:
+            lane.read()
+        reply = lane.read()
+        replicas = lane.read() if tail else 0
+        if type(reply) is ReplyError and str(reply).startswith("NOSCRIPT"):
+            again = call()
+            lane.send(head + again.script.pack_eval(again.keys, again.args) + tail)
+            if head:
+                lane.read()
+            reply = lane.read()
+            replicas = lane.read() if tail else 0
+        return reply, replicas
+
+    def _try_acquire(
+        self, key: str, token: str, ttl: float, owner: Owner, *, waiting: bool = False,
+        woken: bool = False,
+    ) -> Granted | Refused:
+        if not self.min_replicas:
+            return super()._try_acquire(key, token, ttl, owner, waiting=waiting, woken=woken)
+        call = self.acquire_call(key, token, ttl, owner, waiting=waiting, woken=woken)
+        reply, replicas = self._exchange(
+            call.pack(), key, lambda: call, lambda: self.late_releases.add(key, token, ttl),
+            acknowledged=True,
+        )
+        result = self.acquire_reply(reply)
+        if isinstance(result, Granted) and replicas < self.min_replicas:
+            # Not replicated: a failover now would lose it. It is not ours to use.
+            self.late_releases.add(key, token, ttl)
+            raise unacknowledged(self, replicas, "the lock", key)
+        return result
 
     def _reply_error(self, reply: ReplyError, key: str | None) -> Exception:
         redirection = _redirection(reply)
@@ -546,6 +607,7 @@ class ClusterBackend(RedisBackend):
         for index, (key, _, _) in enumerate(items):
             groups.setdefault(self._node_of(key), []).append(index)
         ours = [False] * len(items)
+        tail = self._wait_request if self.min_replicas else b""
         again: list[int] = []
         sent: list[tuple[Lane, list[int], ScriptCall]] = []
         try:
@@ -557,18 +619,24 @@ class ClusterBackend(RedisBackend):
                 call = ScriptCall(self._renew_here_script, [], args, None)
                 lane = self._lane_on(node, None)
                 sent.append((lane, indexes, call))
-                lane.send(call.pack())
+                lane.send(call.pack() + tail)
             due = time.monotonic() + self.connect_timeout
             while sent:
                 lane, indexes, call = sent[0]
                 reply = lane.read_within(due - time.monotonic())
+                replicas = lane.read_within(due - time.monotonic()) if tail else 0
                 if type(reply) is ReplyError and str(reply).startswith("NOSCRIPT"):
-                    lane.send(call.script.pack_eval(call.keys, call.args))
+                    lane.send(call.script.pack_eval(call.keys, call.args) + tail)
                     reply = lane.read_within(self.connect_timeout)
+                    replicas = lane.read_within(self.connect_timeout) if tail else 0
                 sent.pop(0)
                 self._give_back(lane)
-                if type(reply) is ReplyError:
-                    raise self._reply_error(reply, None)
+                for each in (reply, replicas):
+                    if type(each) is ReplyError:
+                        raise self._reply_error(each, None)
+                if replicas < self.min_replicas:
+                    # Not counted: a failover now would bring back the TTL before it.
+                    raise unacknowledged(self, replicas, "the renewal", None)
                 for index, flag in zip(indexes, reply, strict=True):
                     if flag == 1:
                         ours[index] = True
@@ -582,7 +650,12 @@ class ClusterBackend(RedisBackend):
         for index in again:
             key, token, ttl = items[index]
             call = ScriptCall(self._renew_script, [self._hashed(key)], [token, milliseconds(ttl)], key)
-            ours[index] = self.run(call) == [1]
+            reply, replicas = self._exchange(
+                call.pack(), key, functools.partial(_same, call), acknowledged=bool(tail)
+            )
+            if replicas < self.min_replicas:
+                raise unacknowledged(self, replicas, "the renewal", key)
+            ours[index] = reply == [1]
         return ours
 
     def close(self) -> None:
@@ -624,6 +697,11 @@ class ClusterBackend(RedisBackend):
         for node in masters:
             statuses += RedisBackend._ping(self._on(node))
         return statuses
+
+
+def _same(call: ScriptCall) -> ScriptCall:
+    """``call`` itself: with functools.partial, the lazy call of a call already made."""
+    return call
 
 
 def _why(exc: BaseException, timeout: float) -> str:

@@ -38,7 +38,7 @@ import weakref
 from collections.abc import Callable, Sequence
 from contextlib import suppress
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 from urllib.parse import unquote, urlsplit
 
 import redis
@@ -57,7 +57,7 @@ from celery_singleton_lock.backends.owner import Owner
 from celery_singleton_lock.backends.redis import RedisBackend, ReplyError, ScriptCall
 from celery_singleton_lock.errors import ConfigurationError, LockBackendUnavailable, LockError, mask_url
 
-__all__ = ["SentinelAddress", "SentinelBackend", "parse_sentinel_url"]
+__all__ = ["SentinelAddress", "SentinelBackend", "parse_sentinel_url", "replica_wait", "unacknowledged"]
 
 logger = logging.getLogger("celery_singleton_lock.sentinel")
 
@@ -356,28 +356,10 @@ class SentinelBackend(RedisBackend):
         **client_options: Any,
     ) -> None:
         self.address = parse_sentinel_url(url, option="singleton_lock_backend")
-        self.min_replicas = _check_count(min_replicas, "min_replicas")
-        _check_count(min_other_sentinels, "min_other_sentinels")
-        if min_replicas_timeout is None:
-            min_replicas_timeout = min(1.0, connect_timeout / 2)
-        if (
-            isinstance(min_replicas_timeout, bool)
-            or not isinstance(min_replicas_timeout, int | float)
-            or not 0 < min_replicas_timeout < connect_timeout
-        ):
-            msg = (
-                "singleton_lock_backend_options: min_replicas_timeout must be a number of "
-                f"seconds above 0 and below connect_timeout ({connect_timeout:g}), got "
-                f"{min_replicas_timeout!r}"
-            )
-            raise ConfigurationError(msg, option="singleton_lock_backend_options")
-        self.min_replicas_timeout = float(min_replicas_timeout)
-        wait_ms = b"%d" % max(1, round(self.min_replicas_timeout * 1000))
-        count = b"%d" % self.min_replicas
-        #: ``WAIT <min_replicas> <ms>``, packed once: sent after every acknowledged call.
-        self._wait_request = b"*3\r\n$4\r\nWAIT\r\n$%d\r\n%s\r\n$%d\r\n%s\r\n" % (
-            len(count), count, len(wait_ms), wait_ms,
+        self.min_replicas, self.min_replicas_timeout, self._wait_request = replica_wait(
+            min_replicas, min_replicas_timeout, connect_timeout
         )
+        _check_count(min_other_sentinels, "min_other_sentinels")
         # Sentinels are asked one after the other: together within connect_timeout.
         share = connect_timeout / len(self.address.sentinels)
         self.sentinel_options: dict[str, Any] = {
@@ -583,12 +565,7 @@ class SentinelBackend(RedisBackend):
         return reply, int(acknowledged)
 
     def _unacknowledged(self, acknowledged: int, what: str, key: str | None) -> LockBackendUnavailable:
-        msg = (
-            f"{what} was applied by the master of {self.url}, but only {acknowledged} of "
-            f"min_replicas={self.min_replicas} replicas acknowledged it within "
-            f"{self.min_replicas_timeout:g}s, so it does not count"
-        )
-        return _Unacknowledged(msg, url=self.url, key=key)
+        return unacknowledged(self, acknowledged, what, key)
 
     def close(self) -> None:
         self._stopped.set()
@@ -596,6 +573,56 @@ class SentinelBackend(RedisBackend):
         super().close()
         for sentinel in self.sentinel.sentinels:
             sentinel.close()
+
+
+def replica_wait(
+    min_replicas: Any, min_replicas_timeout: Any, connect_timeout: float
+) -> tuple[int, float, bytes]:
+    """``min_replicas`` and ``min_replicas_timeout`` (None: 1 s, or half of
+    ``connect_timeout`` when shorter) checked, and the ``WAIT`` request they make, packed
+    once to follow every acknowledged call (Sentinel and Cluster).
+
+    :raises ConfigurationError: naming ``singleton_lock_backend_options``.
+    """
+    count = _check_count(min_replicas, "min_replicas")
+    if min_replicas_timeout is None:
+        min_replicas_timeout = min(1.0, connect_timeout / 2)
+    if (
+        isinstance(min_replicas_timeout, bool)
+        or not isinstance(min_replicas_timeout, int | float)
+        or not 0 < min_replicas_timeout < connect_timeout
+    ):
+        msg = (
+            "singleton_lock_backend_options: min_replicas_timeout must be a number of "
+            f"seconds above 0 and below connect_timeout ({connect_timeout:g}), got "
+            f"{min_replicas_timeout!r}"
+        )
+        raise ConfigurationError(msg, option="singleton_lock_backend_options")
+    wait_ms = b"%d" % max(1, round(min_replicas_timeout * 1000))
+    replicas = b"%d" % count
+    request = b"*3\r\n$4\r\nWAIT\r\n$%d\r\n%s\r\n$%d\r\n%s\r\n" % (
+        len(replicas), replicas, len(wait_ms), wait_ms,
+    )
+    return count, float(min_replicas_timeout), request
+
+
+class _AcknowledgedBy(Protocol):
+    url: str
+    min_replicas: int
+    min_replicas_timeout: float
+
+
+def unacknowledged(
+    backend: _AcknowledgedBy, acknowledged: int, what: str, key: str | None
+) -> LockBackendUnavailable:
+    """The error of a write that fewer than ``min_replicas`` replicas acknowledged in time:
+    it was applied, but does not count."""
+    msg = (
+        f"{what} was applied by the master of {backend.url}, but only {acknowledged} of "
+        f"min_replicas={backend.min_replicas} replicas acknowledged it within "
+        f"{backend.min_replicas_timeout:g}s, so it does not count"
+    )
+    return _Unacknowledged(msg, url=backend.url, key=key)
 
 
 def _failover_may_explain(error: LockBackendUnavailable) -> bool:

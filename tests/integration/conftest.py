@@ -29,8 +29,8 @@ def redis_url() -> Iterator[str]:
 
 @pytest.fixture(scope="session")
 def redis_cluster() -> Iterator[RedisCluster]:
-    """One Redis Cluster of our own for the session: three masters, no replicas."""
-    with RedisCluster() as cluster:
+    """One Redis Cluster of our own for the session: three masters, a replica each."""
+    with RedisCluster(replicas=1) as cluster:
         yield cluster
 
 

@@ -1,6 +1,6 @@
-"""Redis Cluster (three masters, one cluster per session): the contract suite through
-``rediscluster://``, a slot migration while locks are held and waited on, and renewal of
-1,000 locks in one request per master."""
+"""Redis Cluster (three masters with a replica each, one cluster per session): the
+contract suite through ``rediscluster://``, a slot migration while locks are held and
+waited on, renewal of 1,000 locks in one request per master, and ``min_replicas``."""
 
 from __future__ import annotations
 
@@ -11,15 +11,16 @@ from collections.abc import Iterator
 import pytest
 import redis
 
-from celery_singleton_lock import ConfigurationError, connect
+from celery_singleton_lock import ConfigurationError, LockBackendUnavailable, connect
 from celery_singleton_lock.backends.cluster import ClusterBackend
 from celery_singleton_lock.lease import HeldLock, LeaseKeeper
 from celery_singleton_lock.testing import RedisCluster, RedisServer
 from tests.conftest import wait_until
 from tests.contract import BackendSpec, CrossProcessContract, ServerOperations
 
-#: Our counting's own commands, and the cluster's own traffic: not lock operations.
-_NOT_OURS = {"cmdstat_info", "cmdstat_cluster"}
+#: Our counting's own commands, and the cluster's own traffic (replicas' acknowledgements
+#: of the replication stream): not lock operations.
+_NOT_OURS = {"cmdstat_info", "cmdstat_cluster", "cmdstat_replconf", "cmdstat_ping", "cmdstat_psync"}
 
 
 def operations_served(clients: list[redis.Redis]) -> int:
@@ -216,5 +217,57 @@ def test_a_keys_slot_is_the_one_redis_computes_for_its_lock_name(key):
         assert isinstance(backend, ClusterBackend)
         full = backend._full_key(key)
         assert backend._slot_of(full) == RedisCluster.slot_of("{" + full + "}")
+    finally:
+        backend.close()
+
+
+# -- min_replicas: an acquisition counts once a replica has it ----------------------------
+
+
+def _replica_of_owner(
+    cluster: RedisCluster, backend: ClusterBackend, key: str
+) -> tuple[RedisServer, RedisServer]:
+    owner = cluster.owner_of(RedisCluster.slot_of("{" + backend._full_key(key) + "}"))
+    return owner, next(r for r in cluster.replicas if cluster.master_of(r) is owner)
+
+
+def test_with_min_replicas_each_acquisition_and_renewal_waits_for_a_replica(redis_cluster, unique_key):
+    backend = connect(redis_cluster.url, min_replicas=1)
+    try:
+        owner, _ = _replica_of_owner(redis_cluster, backend, unique_key)
+        client = redis_cluster.client(owner)
+        try:
+            def waits() -> int:
+                return int(client.info("commandstats").get("cmdstat_wait", {}).get("calls", 0))
+
+            warm = backend.acquire(unique_key, ttl=10)  # the master learns our scripts
+            assert warm is not None
+            backend.renew([warm])
+            backend.release(warm)
+            before = waits()
+            held = backend.acquire(unique_key, ttl=10)
+            assert held is not None
+            assert backend.renew([held]) == [True]
+            assert waits() - before == 2  # one WAIT behind the grant, one behind the renewal
+            assert backend.release(held) is True
+        finally:
+            client.close()
+    finally:
+        backend.close()
+
+
+def test_with_min_replicas_a_grant_no_replica_acknowledged_fails_and_is_released(redis_cluster, unique_key):
+    backend = connect(redis_cluster.url, min_replicas=1, min_replicas_timeout=0.2, connect_timeout=2)
+    try:
+        _, replica = _replica_of_owner(redis_cluster, backend, unique_key)
+        replica.pause()  # well within cluster-node-timeout: no failover
+        try:
+            with pytest.raises(LockBackendUnavailable) as info:
+                backend.acquire(unique_key, ttl=10)
+        finally:
+            replica.resume()
+        assert "only 0 of min_replicas=1 replicas acknowledged it within 0.2s" in str(info.value)
+        # The grant was applied by the master but is nobody's: released by its token.
+        wait_until(lambda: not backend.lock_info(unique_key), 5, "the unacknowledged grant released")
     finally:
         backend.close()
