@@ -1,9 +1,9 @@
 """(n) Redis Cluster: the uncontended cycle through ``rediscluster://`` beside our single
-Redis, same run.
+Redis, same run, and what ``min_replicas=1`` (a WAIT per acquisition) costs.
 
-A Redis Cluster of this scenario's own (three masters, no replicas, ``testing.RedisCluster``)
-beside the suite's single Redis. Three backends take turns in each repetition, one
-process, one key each, acquire + release:
+Redis Clusters of this scenario's own (``testing.RedisCluster``: three masters, then
+three masters with a replica each) beside the suite's single Redis. In round 1 three
+backends take turns in each repetition, one process, one key, acquire + release:
 
 - our single Redis (the suite's server): the reference;
 - ``redis://`` straight to the cluster master that owns the key's slot (a cluster node
@@ -11,8 +11,9 @@ process, one key each, acquire + release:
 - ``rediscluster://``: the same master, found through the slot table; the difference to
   the line above is our routing layer's cost.
 
-``min_replicas`` is not offered for a cluster (docs/cluster.md says why), so no WAIT is
-measured here; scenario (l) measures it behind Sentinel.
+In round 2, on the cluster with replicas, ``rediscluster://`` takes turns with
+``rediscluster://`` and ``min_replicas=1``: every acquisition waits for the master's
+replica; the difference is the WAIT's price.
 """
 
 from __future__ import annotations
@@ -24,11 +25,12 @@ from typing import Any
 from benchmarks.env import Env
 from benchmarks.harness import Goal, ScenarioResult, Table, fmt, median, rotate, spread
 
-BACKENDS = ["single", "node", "cluster"]
+BACKENDS = ["single", "node", "cluster", "cluster-wait"]
 LABELS = {
     "single": "celery-singleton-lock, one Redis (reference)",
     "node": "redis:// to the cluster master owning the key's slot",
     "cluster": "rediscluster:// (3 masters, routed by slot)",
+    "cluster-wait": "rediscluster://, a replica each, min_replicas=1 (round 2)",
 }
 KEY = "bench:n"
 CYCLES = 500
@@ -44,47 +46,67 @@ def _cycles(backend: Any, n: int) -> None:
         backend.release(held)
 
 
+Rates = dict[str, list[float]]
+
+
+def _race(env: Env, backends: dict[str, Any], reps: int) -> tuple[Rates, Rates]:
+    """``backends`` taking turns for ``reps`` repetitions: the cycles/s and the client's
+    CPU µs per cycle of each, per repetition."""
+    rate: Rates = {name: [] for name in backends}
+    cpu_us: Rates = {name: [] for name in backends}
+    for backend in backends.values():
+        _cycles(backend, 100)  # warm-up: connections, scripts, the slot table
+    for rep in range(reps):
+        elapsed = dict.fromkeys(backends, 0.0)
+        cpu = dict.fromkeys(backends, 0.0)
+        done = dict.fromkeys(backends, 0)
+        for chunk in range(CHUNKS):
+            for name in rotate(list(backends), rep + chunk):
+                count = CYCLES // (4 if env.quick else 1)
+                gc.collect()
+                started, cpu_started = time.perf_counter(), time.process_time()
+                _cycles(backends[name], count)
+                elapsed[name] += time.perf_counter() - started
+                cpu[name] += time.process_time() - cpu_started
+                done[name] += count
+        for name in backends:
+            rate[name].append(done[name] / elapsed[name])
+            cpu_us[name].append(cpu[name] / done[name] * 1e6)
+    return rate, cpu_us
+
+
 def run(env: Env, reps: int = 9) -> ScenarioResult:
     from celery_singleton_lock import connect
     from celery_singleton_lock.testing import RedisCluster
 
     res = ScenarioResult("n", "(n) Redis Cluster: uncontended cycle through rediscluster://")
     reps = env.reps(reps)
+    # Round 1, masters only (the reference has no replica either): what routing costs.
     with RedisCluster() as cluster:
         owner = cluster.owner_of(cluster.slot_of("{singleton-lock:" + KEY + "}"))
         backends = {
-            "single": connect(env.url),
-            "node": connect(owner.url + "/0"),
-            "cluster": connect(cluster.url),
+            "single": connect(env.url), "node": connect(owner.url + "/0"), "cluster": connect(cluster.url),
         }
         try:
-            rate: dict[str, list[float]] = {name: [] for name in BACKENDS}
-            cpu_us: dict[str, list[float]] = {name: [] for name in BACKENDS}
-            for backend in backends.values():
-                _cycles(backend, 100)  # warm-up: connections, scripts, the slot table
-            for rep in range(reps):
-                elapsed = dict.fromkeys(BACKENDS, 0.0)
-                cpu = dict.fromkeys(BACKENDS, 0.0)
-                done = dict.fromkeys(BACKENDS, 0)
-                for chunk in range(CHUNKS):
-                    for name in rotate(BACKENDS, rep + chunk):
-                        count = CYCLES // (4 if env.quick else 1)
-                        gc.collect()
-                        started, cpu_started = time.perf_counter(), time.process_time()
-                        _cycles(backends[name], count)
-                        elapsed[name] += time.perf_counter() - started
-                        cpu[name] += time.process_time() - cpu_started
-                        done[name] += count
-                for name in BACKENDS:
-                    rate[name].append(done[name] / elapsed[name])
-                    cpu_us[name].append(cpu[name] / done[name] * 1e6)
+            rate, cpu_us = _race(env, backends, reps)
         finally:
             for backend in backends.values():
                 backend.close()
+    # Round 2, a replica per master: what a WAIT costs, against the same cluster without it.
+    with RedisCluster(replicas=1) as cluster:
+        backends = {"replicated": connect(cluster.url), "cluster-wait": connect(cluster.url, min_replicas=1)}
+        try:
+            waits, waits_cpu = _race(env, backends, reps)
+        finally:
+            for backend in backends.values():
+                backend.close()
+    rate["cluster-wait"], cpu_us["cluster-wait"] = waits["cluster-wait"], waits_cpu["cluster-wait"]
 
     def ratio(name: str, to: str) -> list[float]:
         return [a / b for a, b in zip(rate[name], rate[to], strict=True)]
 
+    # The WAIT's price per acquisition: the cycle's time with it, less without it (round 2).
+    wait_us = [(1 / w - 1 / c) * 1e6 for w, c in zip(waits["cluster-wait"], waits["replicated"], strict=True)]
     table = Table(
         res.title,
         ["backend", "cycles/s (median)", "min-max", "x one Redis", "µs per cycle",
@@ -100,13 +122,16 @@ def run(env: Env, reps: int = 9) -> ScenarioResult:
         f"one process, one key, {CHUNKS} slices of {CYCLES} acquire+release cycles per "
         f"backend per repetition, backends taking turns, {reps} repetitions; ratios within "
         "each repetition, then the median.",
-        "The cluster (three masters, no replicas) is this scenario's own, on the same "
-        "machine (loopback); the reference is the suite's single Redis.",
+        "The clusters (three masters; round 2: a replica each) are this scenario's own, on "
+        "the same machine (loopback); the reference is the suite's single Redis. The "
+        "min_replicas row's ratio is against round 1's reference.",
+        f"min_replicas=1 costs {fmt(median(wait_us), 1)} µs per acquisition here (the cycle "
+        "with the WAIT, less the cycle without): one replication round trip on loopback.",
         "client CPU µs/cycle: this process's CPU time (time.process_time) per cycle; the "
         "routing layer's own cost is the cluster row less the redis:// row to the same master.",
     ]
     res.tables.append(table)
-    res.raw = {"rate": rate, "cpu_us": cpu_us}
+    res.raw = {"rate": rate, "wait_us": wait_us, "cpu_us": cpu_us}
     through = median(ratio("cluster", "single"))
     layer = median(ratio("cluster", "node"))
     res.goals += [
@@ -114,5 +139,7 @@ def run(env: Env, reps: int = 9) -> ScenarioResult:
              through >= 0.9),
         Goal("n", "rediscluster:// ≥ 0.9 x redis:// to the same master (routing off the hot path)",
              f"{layer:.2f} x", layer >= 0.9),
+        Goal("n", "min_replicas=1: cost of one WAIT per acquisition (measured)",
+             f"{median(wait_us):.1f} µs/cycle", None if not wait_us else True),
     ]
     return res
