@@ -294,7 +294,7 @@ class ClusterBackend(RedisBackend):
         self._slots: list[_Node | None] = [None] * SLOTS
         self._refreshed_at = -REFRESH_INTERVAL
         self._topology_guard = threading.Lock()
-        self._idle: dict[tuple[str, int], list[Lane]] = {}
+        self._idle: dict[_Node, list[Lane]] = {}
         self._idle_generation = _generation[0]
         #: A node that answered ASK for the next lane this thread takes (a waiter's BLPOP).
         self._asked = threading.local()
@@ -438,7 +438,7 @@ class ClusterBackend(RedisBackend):
         """An idle lane to ``node``, or a new one. :raises LockBackendUnavailable:"""
         if self._idle_generation != _generation[0]:  # a forked child: not the parent's
             self._idle, self._idle_generation = {}, _generation[0]
-        lanes = self._idle.get(node.address)
+        lanes = self._idle.get(node)
         while lanes:
             try:
                 lane = lanes.pop()
@@ -456,7 +456,7 @@ class ClusterBackend(RedisBackend):
             raise error from None
 
     def _give_back(self, lane: Lane) -> None:
-        lanes = self._idle.setdefault(lane.node.address, [])  # type: ignore[attr-defined]  # a _NodeLane
+        lanes = self._idle.setdefault(lane.node, [])  # type: ignore[attr-defined]  # a _NodeLane
         if len(lanes) < MAX_IDLE_LANES and self._idle_generation == _generation[0]:
             lane.used_at = time.monotonic()
             lanes.append(lane)
@@ -474,6 +474,28 @@ class ClusterBackend(RedisBackend):
     ) -> Any:
         """The Redis backend's one round trip, sent to the master serving ``key``'s slot,
         following MOVED and ASK and waiting out TRYAGAIN (see the module docstring)."""
+        node = self._slots[self._slot_of(key)] if key is not None else None
+        if node is None:
+            return self._exchange(request, key, call, unanswered)[0]
+        # The hot path: the slot's master is known, and answers.
+        lane = self._lane_on(node, key)
+        try:
+            lane.send(request)
+            reply = lane.read()
+        except BaseException as exc:
+            lane.close()
+            if not isinstance(exc, OSError):
+                raise
+            if unanswered is not None:
+                unanswered()
+            self._raise_socket_error(exc, key)
+        self._give_back(lane)
+        if type(reply) is not ReplyError:
+            return reply
+        if _redirection(reply) is None and not str(reply).startswith("NOSCRIPT"):
+            raise self._reply_error(reply, key)
+        # Nothing was run (a redirection, or a master new to the script): the way that
+        # follows redirections sends it again.
         return self._exchange(request, key, call, unanswered)[0]
 
     def _exchange(
