@@ -594,6 +594,58 @@ class BackendContract:
         assert held[1].backend.renew([held[1]]) == [True]
         assert held[1].release() is True
 
+    def test_keep_until_holds_a_semaphore_slot_to_the_deadline_then_frees_it_for_a_waiter(
+        self, backend, second_backend, unique_key
+    ):
+        # throttle with lock_limit: a slot kept past its run (and its 0.6 s lease) frees
+        # at the deadline, waking a waiter for the semaphore.
+        kept = backend.acquire(unique_key, ttl=30, limit=2)
+        held = backend.acquire(unique_key, ttl=0.6, limit=2)
+        assert kept is not None
+        assert held is not None
+        deadline = time.monotonic() + 1.5
+        assert backend.keep_until(held, backend.clock() + 1.5) is True
+        assert second_backend.acquire(unique_key, ttl=1, limit=2) is None
+        got = second_backend.acquire(unique_key, ttl=5, limit=2, blocking=True, timeout=5)
+        woke_at = time.monotonic()
+        assert got is not None
+        assert got.slot == held.slot
+        assert deadline - 0.05 <= woke_at < deadline + self.expiry_lateness
+        assert second_backend.release(got) is True
+        assert backend.release(kept) is True
+
+    def test_a_waiting_copy_of_a_task_holding_a_slot_gets_one_only_after_its_release(
+        self, backend, second_backend, unique_key
+    ):
+        # A redelivered copy that waits takes none of the free slots while its first
+        # delivery runs; other tasks do.
+        running = backend.acquire(unique_key, ttl=30, limit=3, owner=Owner.here("task-r"))
+        assert running is not None
+        got: list[tuple[HeldLock | None, float]] = []
+
+        def wait() -> None:
+            outcome = second_backend.acquire(
+                unique_key, ttl=30, limit=3, owner=Owner.here("task-r"), blocking=True, timeout=10
+            )
+            got.append((outcome, time.monotonic()))
+
+        waiter = threading.Thread(target=wait)
+        waiter.start()
+        try:
+            other = backend.acquire(unique_key, ttl=30, limit=3, owner=Owner.here("task-s"))
+            assert other is not None
+            assert other.release() is True
+            assert not got  # the copy waits on
+            released_at = time.monotonic()
+            assert running.release() is True
+        finally:
+            waiter.join(10)
+        held, got_at = got[0]
+        assert held is not None
+        assert got_at >= released_at
+        assert held.fencing_token > running.fencing_token
+        assert held.release() is True
+
     def test_release_owned_frees_exactly_that_owners_slot(self, backend, unique_key):
         a = backend.acquire(unique_key, ttl=10, limit=3, owner=Owner.here("task-a"))
         b = backend.acquire(unique_key, ttl=10, limit=3, owner=Owner.here("task-b"))
