@@ -186,10 +186,9 @@ def _slot_byte(slot: int) -> int:
     return _HOLD if slot == 0 else _GUARD + slot
 
 
-def _slot_of(key: str) -> tuple[str, int]:
-    """A slot record's key (``LockBackend.slot_key``) as the key and the slot number."""
-    name, _, slot = key.partition(SLOT_MARK)
-    return name, int(slot or 0)
+def _slot_of(key: str) -> int:
+    """The slot number in a slot record's key (``LockBackend.slot_key``): 0 for a key."""
+    return int(key.partition(SLOT_MARK)[2]) if SLOT_MARK in key else 0
 
 
 def _hold_taken(fd: int, byte: int = _HOLD) -> bool:
@@ -257,7 +256,7 @@ class _Record:
         return max(self.fence + 1, self.high + 1, time.time_ns() // 1000)
 
     def token_of(self, slot: int) -> str:
-        if slot == 0:
+        if not slot:
             return self.token
         entry = self.slots.get(slot)
         return "" if entry is None else entry.token
@@ -294,7 +293,8 @@ class _Record:
         return max(0.0, self.expires - _now())
 
     def cleared(self) -> _Record:
-        return replace(self, value="", expires=None, boot="", limit=1)
+        """Slot 0 freed (the other slots' holders stay)."""
+        return _Record(key=self.key, fence=self.fence, ttl=self.ttl, high=self.high, slots=self.slots)
 
 
 def _task_id_in(value: str) -> str | None:
@@ -338,13 +338,18 @@ def _read(fd: int) -> _Record:
         # raw_decode: the first JSON object; blanks after it are what is left of a longer
         # record written before (see _write).
         fields, _ = json.JSONDecoder().raw_decode(data.decode())
-        return _Record(
+        record = _Record(
             key=str(fields.get("key", "")),
             fence=int(fields.get("fence", 0)),
             value=str(fields.get("value", "")),
             ttl=float(fields.get("ttl", 0.0)),
             expires=None if fields.get("expires") is None else float(fields["expires"]),
             boot=str(fields.get("boot", "")),
+        )
+        if len(fields) == _EXCLUSIVE_FIELDS:  # no semaphore's fields (see _write)
+            return record
+        return replace(
+            record,
             limit=int(fields.get("limit", 1)),
             high=int(fields.get("high", 0)),
             slots={
@@ -354,6 +359,10 @@ def _read(fd: int) -> _Record:
         )
     except (ValueError, TypeError, AttributeError, KeyError, UnicodeDecodeError):
         return _Record()
+
+
+#: The fields of an exclusive lock's record (a semaphore's adds limit, high and slots).
+_EXCLUSIVE_FIELDS = 6
 
 
 def _write(fd: int, record: _Record) -> None:
@@ -725,8 +734,9 @@ class FileBackend(LockBackend):
         return self._path(self._full_key(key))
 
     def _path(self, full_key: str) -> str:
-        # A semaphore's slots are bytes of its key's one file (see _try_acquire_slot).
-        name = hashlib.sha256(full_key.partition(SLOT_MARK)[0].encode()).hexdigest()
+        if SLOT_MARK in full_key:  # a semaphore's slots are bytes of its key's one file
+            full_key = full_key.partition(SLOT_MARK)[0]
+        name = hashlib.sha256(full_key.encode()).hexdigest()
         return f"{self._directory}/{name}.lock"
 
     def _unavailable(self, key: str, exc: OSError) -> LockBackendUnavailable:
@@ -774,9 +784,10 @@ class FileBackend(LockBackend):
                 return Refused(left, record.task_id)
             fence = record.next_fence()
             marker = _is_marker(owner)
-            _write(fd, replace(
-                record, key=key, fence=fence, value=owner.stored_with(token), ttl=ttl,
-                expires=_now() + ttl if marker else None, boot=_BOOT if marker else "", limit=1,
+            _write(fd, _Record(
+                key=key, fence=fence, value=owner.stored_with(token), ttl=ttl,
+                expires=_now() + ttl if marker else None, boot=_BOOT if marker else "",
+                high=record.high, slots=record.slots,  # a semaphore's other slots stay
             ))
         if not marker:
             _process.keep(path, token, fd)
@@ -878,7 +889,7 @@ class FileBackend(LockBackend):
                     results.append(False)
                     continue
                 with _guarded(fd, write=False):
-                    results.append(_read(fd).token_of(_slot_of(key)[1]) == token)
+                    results.append(_read(fd).token_of(_slot_of(key)) == token)
             except OSError as exc:
                 raise self._unavailable(key, exc) from None
         return results
@@ -909,11 +920,13 @@ class FileBackend(LockBackend):
 
     def _release(self, key: str, field: str, value: str) -> bool:
         path = self._path(key)
-        slot = _slot_of(key)[1]
+        slot = _slot_of(key)
         try:
             if field == "token":
                 fd = _process.pop_held(path, value)
                 if fd is not None:
+                    if not slot:
+                        return self._release_fd(path, fd, lambda record: record.token == value)
                     return self._release_fd(path, fd, lambda record: record.token_of(slot) == value, slot)
                 return slot == 0 and self._release_marker(path, lambda record: record.token == value)
             return self._release_owner(path, value, (slot,))
@@ -933,12 +946,12 @@ class FileBackend(LockBackend):
         try:
             with _guarded(fd, write=True):
                 record = _read(fd)
-                matches = ours(record) and not (slot == 0 and record.is_marker) and _same_file(fd, path)
+                matches = ours(record) and not (not slot and record.is_marker) and _same_file(fd, path)
                 if matches:
-                    _write(fd, record.cleared_slot(slot))
+                    _write(fd, record.cleared_slot(slot) if slot else record.cleared())
             # Unlocked, not only closed: a child forked a moment ago may not have closed
             # its copy of the description yet, and must not keep the lock for us.
-            _lock(fd, _slot_byte(slot), fcntl.F_UNLCK, wait=False)
+            _lock(fd, _slot_byte(slot) if slot else _HOLD, fcntl.F_UNLCK, wait=False)
         finally:
             _process.close(fd)
         return matches

@@ -632,12 +632,10 @@ class PostgresBackend(LockBackend):
     # nothing; a lost race commits without waiting for the WAL flush, as SQL_ACQUIRE's.
     SQL_ACQUIRE_SLOT = """
     WITH slot AS (
-        SELECT n, CASE WHEN n = 0 THEN %(key)s::text ELSE %(key)s::text || %(mark)s::text || n END AS key
-          FROM generate_series(0, %(limit)s::int - 1) AS n
+        SELECT key, n - 1 AS n FROM unnest(%(keys)s::text[]) WITH ORDINALITY AS slot(key, n)
     ), live AS MATERIALIZED (
-        SELECT slot.n, held.token, held.owner, held.expires_at
-          FROM {table} AS held JOIN slot USING (key)
-         WHERE held.token IS NOT NULL AND held.expires_at > clock_timestamp()
+        SELECT key, token, owner, expires_at FROM {table}
+         WHERE key = ANY(%(keys)s::text[]) AND token IS NOT NULL AND expires_at > clock_timestamp()
     ), twin AS (
         SELECT owner, expires_at FROM live
          WHERE token <> %(token)s AND strpos(owner, %(task)s::text) > 0
@@ -645,8 +643,8 @@ class PostgresBackend(LockBackend):
     ), pick AS (
         SELECT slot.n, slot.key FROM slot
          WHERE NOT EXISTS (SELECT FROM twin)
-           AND NOT EXISTS (SELECT FROM live WHERE live.n = slot.n AND live.token <> %(token)s)
-         ORDER BY NOT EXISTS (SELECT FROM live WHERE live.n = slot.n), slot.n
+           AND NOT EXISTS (SELECT FROM live WHERE live.key = slot.key AND live.token <> %(token)s)
+         ORDER BY NOT EXISTS (SELECT FROM live WHERE live.key = slot.key), slot.n
          LIMIT 1
     ), taken AS (
         INSERT INTO {table} AS held (key, token, owner, expires_at)
@@ -887,7 +885,7 @@ class PostgresBackend(LockBackend):
         token = f"{token}.{limit}.{os.getpid()}"
         task = None if owner.task_id is None else f'"task_id":{json.dumps(owner.task_id)}'
         params = {
-            "key": key, "mark": SLOT_MARK, "limit": limit, "token": token,
+            "keys": [self.slot_key(key, slot) for slot in range(limit)], "token": token,
             "owner": owner.as_json(), "ttl": ttl, "task": task,
         }
         # Each lost race is a slot another acquirer took: the next try sees it taken.
