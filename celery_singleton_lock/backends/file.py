@@ -840,7 +840,11 @@ class FileBackend(LockBackend):
                 marker = slot == 0 and record.marker_left() > 0  # a record with no lock
                 if free is None and not marker and _lock(fd, byte, fcntl.F_WRLCK, wait=False):
                     free = slot
-                elif free is None or marker or _hold_taken(fd, byte):
+                elif free is None or marker or (
+                    # Above the free slot, only a holder's task id matters: only a slot
+                    # with a record can name one.
+                    (slot in record.slots or (slot == 0 and record.value)) and _hold_taken(fd, byte)
+                ):
                     holders.append(slot)
             if owner.task_id is not None and any(record.task_id_of(n) == owner.task_id for n in holders):
                 # A redelivered copy of a run that holds a slot: never a second one.

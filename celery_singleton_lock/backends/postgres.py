@@ -616,35 +616,30 @@ class PostgresBackend(LockBackend):
      WHERE key = %(key)s AND NOT EXISTS (SELECT FROM taken) AND NOT EXISTS (SELECT FROM live)
     """
 
-    # ``acquire`` of a semaphore slot (limit > 1): the lowest free slot among the rows
-    # %(key)s (slot 0, the exclusive lock's own row) and %(key)s || %(mark)s || n, in one
-    # statement; a slot holding our own token counts as free (a retry after a lost reply).
-    # %(key)s full key, %(mark)s SLOT_MARK, %(limit)s slots, %(token)s, %(owner)s owner
-    # JSON, %(ttl)s seconds, %(task)s the owner's '"task_id":"..."' as the owner JSON
-    # spells it (NULL without a task id): a live slot whose owner has it is a redelivered
-    # copy's own run (JSON escapes every quote inside a string, so it never matches inside
-    # another field, and the closing quote makes it exact).
+    # ``acquire`` of a semaphore slot (limit > 1): the lowest free slot among %(keys)s
+    # (text[]: the key itself, slot 0, then key || SLOT_MARK || n), in one statement; a
+    # slot holding our own token counts as free and comes first (a retry after a lost
+    # reply). %(token)s, %(owner)s owner JSON, %(ttl)s seconds, %(task)s the owner's
+    # '"task_id":"..."' as the owner JSON spells it (NULL without a task id): a live slot
+    # whose owner has it is the run of which we are a redelivered copy, and no slot is
+    # taken (JSON escapes every quote inside a string, so it never matches inside another
+    # field, and the closing quote makes it exact).
     # returns (fence, slot, NULL, NULL, NULL) when granted; (NULL, NULL, owner, seconds
-    # left, NULL) when refused: the owner's task id in a live slot, else the soonest expiry
-    # of the slots; (NULL, NULL, NULL, NULL, _) when a concurrent acquirer took the slot
-    # picked: try again. The fencing token comes from the same sequence: above every
-    # earlier one of the key, all slots counted. A refusal seen in the snapshot writes
-    # nothing; a lost race commits without waiting for the WAL flush, as SQL_ACQUIRE's.
+    # left, NULL) when refused: that run's, else the slot that expires soonest;
+    # (NULL, NULL, NULL, NULL, _) when a concurrent acquirer took the slot picked: try
+    # again. Tokens come from the one sequence: above every earlier one of the key, all
+    # slots counted. A refusal seen in the snapshot writes nothing; a lost race commits
+    # without waiting for the WAL flush, as SQL_ACQUIRE's.
     SQL_ACQUIRE_SLOT = """
-    WITH slot AS (
-        SELECT key, n - 1 AS n FROM unnest(%(keys)s::text[]) WITH ORDINALITY AS slot(key, n)
-    ), live AS MATERIALIZED (
-        SELECT key, token, owner, expires_at FROM {table}
+    WITH live AS MATERIALIZED (
+        SELECT key, token <> %(token)s AS other, owner, expires_at FROM {table}
          WHERE key = ANY(%(keys)s::text[]) AND token IS NOT NULL AND expires_at > clock_timestamp()
-    ), twin AS (
-        SELECT owner, expires_at FROM live
-         WHERE token <> %(token)s AND strpos(owner, %(task)s::text) > 0
-         LIMIT 1
     ), pick AS (
-        SELECT slot.n, slot.key FROM slot
-         WHERE NOT EXISTS (SELECT FROM twin)
-           AND NOT EXISTS (SELECT FROM live WHERE live.key = slot.key AND live.token <> %(token)s)
-         ORDER BY NOT EXISTS (SELECT FROM live WHERE live.key = slot.key), slot.n
+        SELECT key, n - 1 AS n FROM unnest(%(keys)s::text[]) WITH ORDINALITY AS slot(key, n)
+         WHERE NOT EXISTS (
+            SELECT FROM live WHERE other AND (live.key = slot.key OR strpos(owner, %(task)s::text) > 0)
+         )
+         ORDER BY NOT EXISTS (SELECT FROM live WHERE live.key = slot.key), n
          LIMIT 1
     ), taken AS (
         INSERT INTO {table} AS held (key, token, owner, expires_at)
@@ -658,11 +653,12 @@ class PostgresBackend(LockBackend):
     )
     SELECT fence, (SELECT n FROM pick), NULL, NULL, NULL FROM taken
     UNION ALL
-    SELECT NULL, NULL, owner, extract(epoch FROM expires_at - clock_timestamp())::float8, NULL FROM twin
-    UNION ALL
     SELECT NULL, NULL, owner, extract(epoch FROM expires_at - clock_timestamp())::float8, NULL
-      FROM (SELECT owner, expires_at FROM live ORDER BY expires_at LIMIT 1) AS soonest
-     WHERE NOT EXISTS (SELECT FROM pick) AND NOT EXISTS (SELECT FROM twin)
+      FROM (
+        SELECT owner, expires_at FROM live WHERE other
+         ORDER BY strpos(owner, %(task)s::text) > 0 IS TRUE DESC, expires_at LIMIT 1
+      ) AS holder
+     WHERE NOT EXISTS (SELECT FROM pick)
     UNION ALL
     SELECT NULL, NULL, NULL, NULL, set_config('synchronous_commit', 'off', true)
      WHERE EXISTS (SELECT FROM pick) AND NOT EXISTS (SELECT FROM taken)

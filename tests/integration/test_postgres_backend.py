@@ -423,3 +423,32 @@ def test_a_lock_whose_server_is_down_past_its_ttl_is_lost_before_anyone_else_hol
         holder.close()
         other.close()
         LeaseKeeper.for_process().untrack(held)
+
+
+# -- semaphores ----------------------------------------------------------------------------
+
+
+def test_a_slot_attempt_sent_again_with_its_token_takes_its_slot_again_not_a_second(backend, unique_key):
+    # A reply lost after the statement applied: _execute sends it again, with the token.
+    full_key = backend._full_key(unique_key)
+    owner = Owner.here("task-z")
+    lower = backend.acquire(unique_key, ttl=10, limit=3)
+    first = backend._try_acquire_slot(full_key, "again", 10, owner, 3)
+    assert lower.slot == 0
+    assert first.slot == 1
+    assert lower.release() is True  # slot 0 is free now, and lower
+    again = backend._try_acquire_slot(full_key, "again", 10, owner, 3)
+    assert again.slot == 1
+    assert again.fencing_token > first.fencing_token
+    assert [(info.slot, info.owner.task_id) for info in backend.lock_info(unique_key)] == [(1, "task-z")]
+    assert backend._release(backend.slot_key(full_key, 1), "token", again.token) is True
+
+
+def test_a_full_semaphore_refuses_with_its_soonest_expiry(backend, unique_key):
+    held = [backend.acquire(unique_key, ttl=ttl, limit=2) for ttl in (30, 5)]
+    try:
+        refused = backend.attempt(unique_key, ttl=10, limit=2)
+        assert 4 < refused.holder_ttl <= 5  # the waiter's bound: the first slot to end
+    finally:
+        for each in held:
+            each.release()
