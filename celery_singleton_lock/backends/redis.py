@@ -42,6 +42,7 @@ Footprint: a lock leaves nothing behind once released (a signal list lives at mo
 from __future__ import annotations
 
 import copy
+import json
 import logging
 import os
 import selectors
@@ -50,13 +51,20 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from hashlib import sha1
 from types import TracebackType
 from typing import Any, NoReturn
 from urllib.parse import parse_qsl, unquote, urlsplit
 
-from celery_singleton_lock.backends.base import Granted, LockBackend, LockInfo, NodeStatus, Refused
+from celery_singleton_lock.backends.base import (
+    SLOT_MARK,
+    Granted,
+    LockBackend,
+    LockInfo,
+    NodeStatus,
+    Refused,
+)
 from celery_singleton_lock.backends.owner import Owner, split_stored, stored_task_id
 from celery_singleton_lock.errors import ConfigurationError, LockBackendUnavailable, LockError, mask_url
 from celery_singleton_lock.lease import clock_drift
@@ -372,18 +380,21 @@ class RedisBackend(LockBackend):
     return {redis.call('pttl', KEYS[1]), value}
     """
 
-    # KEYS[1] lock
-    # marks it (one space) for a waiter, if it is held and not marked yet
-    # returns 1 when it is held, 0 when it is free
+    # KEYS[i] lock (a semaphore's: each of its slot records)
+    # marks each (one space) for a waiter, if it is held and not marked yet
+    # returns 1 when any is held, 0 when all are free
     LUA_MARK = """
-    local value = redis.call('get', KEYS[1])
-    if not value then
-      return 0
+    local held = 0
+    for _, key in ipairs(KEYS) do
+      local value = redis.call('get', key)
+      if value then
+        held = 1
+        if string.byte(value, -1) ~= 32 then
+          redis.call('append', key, ' ')
+        end
+      end
     end
-    if string.byte(value, -1) ~= 32 then
-      redis.call('append', KEYS[1], ' ')
-    end
-    return 1
+    return held
     """
 
     # KEYS[i] locks
@@ -433,11 +444,133 @@ class RedisBackend(LockBackend):
     if not marked then
       return 1
     end
-    if redis.call('lpush', KEYS[2], 1) > 1 then
-      redis.call('ltrim', KEYS[2], 0, 0)
+    -- One announcement per slot that can be free at once (a semaphore's value names
+    -- its limit after the fencing token; an exclusive lock's does not: 1).
+    local limit = tonumber(string.match(value, '^[^:]*:%d+:(%d+)')) or 1
+    if redis.call('lpush', KEYS[2], 1) > limit then
+      redis.call('ltrim', KEYS[2], 0, limit - 1)
     end
     redis.call('pexpire', KEYS[2], ARGV[3])
     return 2
+    """
+
+    # KEYS[1..n] the slot records of one semaphore (KEYS[1]: the exclusive lock's own,
+    # slot 0), KEYS[n+1] Redlock only: the key's fencing counter
+    # ARGV[1] token; ARGV[2] ':<limit>', a newline and the owner JSON (and a space: a woken
+    # waiter's grant); ARGV[3] ttl ms; ARGV[4] '1': the caller waits if refused, so mark
+    # every slot held; ARGV[5] '"task_id":<the owner's task id as JSON>' ('' for none): a
+    # slot held under it refuses us; ARGV[6] n, the limit; ARGV[7] '1': count tokens in
+    # KEYS[n+1] (Redlock's masters count in step), else the server's clock
+    # stores "<token>:<fencing token>:<limit>\n<owner JSON>" in the lowest free slot
+    # returns {fencing token, slot} when granted; {PTTL ms, value} of the slot that our
+    # task id holds, else of the slot that expires first, when refused
+    #
+    # The clock's tokens: above every token of a slot still held (one of them may have
+    # been granted in this same microsecond), and the script returns only once the clock
+    # has passed its own, so no later grant of any slot of the key (an exclusive one too,
+    # which reads no other slot) reads the same microsecond. Each wait is a microsecond at
+    # most; where a server's clock would not move inside a script, the token is the
+    # highest held one plus 1.
+    LUA_ACQUIRE_SLOT = """
+    local n = tonumber(ARGV[6])
+    local free, floor, soonest, soonest_value = nil, 0, nil, nil
+    local values = {}
+    for i = 1, n do
+      local value = redis.call('get', KEYS[i])
+      values[i] = value
+      if value then
+        if ARGV[5] ~= '' and string.find(value, ARGV[5], 1, true) then
+          return {redis.call('pttl', KEYS[i]), value}
+        end
+        local fence = tonumber(string.match(value, '^[^:]*:(%d+)')) or 0
+        if fence > floor then
+          floor = fence
+        end
+        local pttl = redis.call('pttl', KEYS[i])
+        if not soonest or pttl < soonest then
+          soonest, soonest_value = pttl, value
+        end
+      elseif not free then
+        free = i
+      end
+    end
+    if not free then
+      if ARGV[4] == '1' then
+        for i = 1, n do
+          if values[i] and string.byte(values[i], -1) ~= 32 then
+            redis.call('append', KEYS[i], ' ')
+          end
+        end
+      end
+      return {soonest, soonest_value}
+    end
+    local fence
+    if ARGV[7] == '1' then
+      fence = tonumber(redis.call('get', KEYS[n + 1]) or '0') + 1
+      if fence == 1 then
+        local now = redis.call('time')
+        fence = now[1] * 1000000 + now[2]
+      end
+      redis.call('set', KEYS[n + 1], string.format('%.0f', fence), 'px', ARGV[3])
+    else
+      local now = redis.call('time')
+      fence = now[1] * 1000000 + now[2]
+      local spins = 0
+      while fence <= floor and spins < 100 do
+        now = redis.call('time')
+        fence = now[1] * 1000000 + now[2]
+        spins = spins + 1
+      end
+      if fence <= floor then
+        fence = floor + 1
+      end
+    end
+    local text = string.format('%.0f', fence)
+    redis.call('set', KEYS[free], ARGV[1] .. ':' .. text .. ARGV[2], 'px', ARGV[3])
+    if ARGV[7] ~= '1' then
+      local spins = 0
+      repeat
+        local now = redis.call('time')
+        spins = spins + 1
+      until now[1] * 1000000 + now[2] > fence or spins >= 100
+    end
+    return {fence, free - 1}
+    """
+
+    # KEYS[1..n] the slot records of one semaphore, KEYS[n+1] its signal list
+    # ARGV as LUA_RELEASE's: the slot whose field matches (at most one) is released
+    # returns 0 when none was ours; 1 when deleted; 2 when deleted and a waiter was woken
+    LUA_RELEASE_SLOTS = """
+    local signal = KEYS[#KEYS]
+    for i = 1, #KEYS - 1 do
+      local value = redis.call('get', KEYS[i])
+      if value then
+        local marked = string.byte(value, -1) == 32
+        if marked then
+          value = string.sub(value, 1, -2)
+        end
+        local ours
+        if ARGV[1] == 'token' then
+          ours = string.sub(value, 1, #ARGV[2] + 1) == ARGV[2] .. ':'
+        else
+          local cut = string.find(value, '\\n', 1, true)
+          ours = cut and string.sub(value, cut + 1) == ARGV[2]
+        end
+        if ours then
+          redis.call('del', KEYS[i])
+          if not marked then
+            return 1
+          end
+          local limit = tonumber(string.match(value, '^[^:]*:%d+:(%d+)')) or 1
+          if redis.call('lpush', signal, 1) > limit then
+            redis.call('ltrim', signal, 0, limit - 1)
+          end
+          redis.call('pexpire', signal, ARGV[3])
+          return 2
+        end
+      end
+    end
+    return 0
     """
 
     _acquire_script = Script(LUA_ACQUIRE)
@@ -445,6 +578,8 @@ class RedisBackend(LockBackend):
     _renew_script = Script(LUA_RENEW)
     _mark_script = Script(LUA_MARK)
     _release_script = Script(LUA_RELEASE)
+    _acquire_slot_script = Script(LUA_ACQUIRE_SLOT)
+    _release_slots_script = Script(LUA_RELEASE_SLOTS)
 
     def __init__(
         self,
@@ -457,6 +592,11 @@ class RedisBackend(LockBackend):
     ) -> None:
         super().__init__(url, prefix=prefix, connect_timeout=connect_timeout, clock=clock)
         self.check_url(url, option="singleton_lock_backend")
+        if "{" in prefix or "}" in prefix:
+            # The hash tag of every key is "{prefix:key}", and a slot record is told from
+            # a lock by its leading brace.
+            msg = f"prefix: a Redis key prefix cannot hold braces, got {prefix!r}"
+            raise ConfigurationError(msg, option="singleton_lock_prefix")
         options: dict[str, Any] = {
             "socket_connect_timeout": connect_timeout,
             "socket_timeout": connect_timeout,
@@ -667,7 +807,31 @@ class RedisBackend(LockBackend):
         return None
 
     def _hashed(self, key: str) -> str:
-        return "{" + key + "}"
+        """The Redis key of ``key`` (fully prefixed, or a slot record's key from
+        :meth:`slot_key`, which is one already)."""
+        return key if key[0] == "{" else "{" + key + "}"
+
+    def slot_key(self, key: str, slot: int | None) -> str:
+        """Slot ``slot`` of the semaphore ``key`` (fully prefixed): ``{prefix:key}`` and
+        the slot's number after ``SLOT_MARK``, outside the braces, so every slot record
+        has the lock's hash tag (one cluster slot, as the signal list); slot 0 is the
+        exclusive lock's own record."""
+        if not slot:
+            return key
+        return "{" + key + "}" + SLOT_MARK + str(slot)
+
+    def slot_keys(self, key: str, limit: int) -> list[str]:
+        """The Redis keys of the ``limit`` slot records of ``key`` (fully prefixed)."""
+        lock = "{" + key + "}"
+        return [lock, *(lock + SLOT_MARK + str(slot) for slot in range(1, limit))]
+
+    @staticmethod
+    def lock_of(key: str) -> str:
+        """The lock (fully prefixed) that ``key`` is a slot record of; ``key`` itself
+        when it is a lock."""
+        if key[0] != "{":
+            return key
+        return key[1 : key.rindex("}" + SLOT_MARK)]
 
     # Each operation is a script call built by ``*_call`` and a reply read by ``*_reply``:
     # the hooks below run one call on this server, and the Redlock backend sends the same
@@ -705,6 +869,36 @@ class RedisBackend(LockBackend):
             return Granted(reply)
         return Refused(max(int(reply[0]), 1) / 1000, stored_task_id(reply[1]))
 
+    def acquire_slot_call(
+        self,
+        key: str,
+        token: str,
+        ttl: float,
+        owner: Owner,
+        limit: int,
+        *,
+        counted: bool = False,
+        waiting: bool = False,
+        woken: bool = False,
+    ) -> ScriptCall:
+        """The script call that tries to take the lowest free of ``limit`` slots of the
+        semaphore ``key`` (fully prefixed); the keywords as :meth:`acquire_call`'s."""
+        rest = f":{limit}{_owner_part(owner)}"
+        if woken:
+            rest += " "
+        task = "" if owner.task_id is None else '"task_id":' + json.dumps(owner.task_id)
+        keys = self.slot_keys(key, limit)
+        if counted:
+            keys.append("{" + key + "}:fence")
+        args = [token, rest, milliseconds(ttl), "1" if waiting else "0", task, limit, "1" if counted else "0"]
+        return ScriptCall(self._acquire_slot_script, keys, args, key)
+
+    @staticmethod
+    def acquire_slot_reply(reply: Any) -> Granted | Refused:
+        if type(reply[1]) is int:
+            return Granted(int(reply[0]), slot=reply[1])
+        return Refused(max(int(reply[0]), 1) / 1000, stored_task_id(reply[1]))
+
     @staticmethod
     def holder_token(reply: Any) -> bytes | None:
         """The holder's token in a refused acquire's reply (None when granted or gone)."""
@@ -712,11 +906,11 @@ class RedisBackend(LockBackend):
             return None
         return bytes(reply[1].split(b"\n", 1)[0].split(b":", 1)[0])
 
-    def mark_call(self, key: str) -> ScriptCall:
-        """The script call that marks ``key`` (fully prefixed) for a waiter, if it is held,
-        so that its release wakes one (Redlock's waiters, when the master they marked
-        failed and they move to another)."""
-        return ScriptCall(self._mark_script, [self._hashed(key)], [], key)
+    def mark_call(self, key: str, limit: int = 1) -> ScriptCall:
+        """The script call that marks ``key`` (fully prefixed; each of its ``limit``
+        slots) for a waiter, where held, so that its release wakes one (Redlock's
+        waiters, when the master they marked failed and they move to another)."""
+        return ScriptCall(self._mark_script, self.slot_keys(key, limit), [], key)
 
     def renew_call(self, items: Sequence[tuple[str, str, float]]) -> ScriptCall:
         """The script call that replaces the TTL of every (key, token, ttl) still ours."""
@@ -732,9 +926,17 @@ class RedisBackend(LockBackend):
     def release_call(self, key: str, field: str, value: str) -> ScriptCall:
         """The script call that deletes ``key`` if its ``field`` ("token" or "owner")
         equals ``value`` exactly, waking one waiter if one marked it."""
-        lock = self._hashed(key)
         return ScriptCall(
-            self._release_script, [lock, lock + ":signal"], [field, value, SIGNAL_LIFETIME_MS], key
+            self._release_script, [self._hashed(key), self.signal_key(key)],
+            [field, value, SIGNAL_LIFETIME_MS], key,
+        )
+
+    def release_slots_call(self, key: str, limit: int, field: str, value: str) -> ScriptCall:
+        """The script call that releases the slot of the semaphore ``key`` (fully
+        prefixed) whose ``field`` equals ``value``, among its ``limit`` slots."""
+        return ScriptCall(
+            self._release_slots_script, [*self.slot_keys(key, limit), self.signal_key(key)],
+            [field, value, SIGNAL_LIFETIME_MS], key,
         )
 
     @staticmethod
@@ -746,8 +948,9 @@ class RedisBackend(LockBackend):
         return self._hashed(key) + ":fence"
 
     def signal_key(self, key: str) -> str:
-        """The list a release of ``key`` (fully prefixed) pushes one announcement onto."""
-        return self._hashed(key) + ":signal"
+        """The list a release of ``key`` (fully prefixed, or any slot record of it) pushes
+        one announcement onto: one per lock, whatever the slot."""
+        return "{" + self.lock_of(key) + "}:signal"
 
     # -- the hooks ----------------------------------------------------------------------
 
@@ -775,6 +978,18 @@ class RedisBackend(LockBackend):
             return Granted(reply)
         return self.acquire_reply(reply)
 
+    def _try_acquire_slot(
+        self, key: str, token: str, ttl: float, owner: Owner, limit: int, *, waiting: bool = False,
+        woken: bool = False,
+    ) -> Granted | Refused:
+        """One attempt at the lowest free of ``limit`` slots, in one script call (see
+        ``LUA_ACQUIRE_SLOT``); the keywords as :meth:`_try_acquire`'s."""
+        call = self.acquire_slot_call(key, token, ttl, owner, limit, waiting=waiting, woken=woken)
+        reply = self._request(
+            call.pack(), key, lambda: call, lambda: self.late_releases.add(key, token, ttl, limit)
+        )
+        return self.acquire_slot_reply(reply)
+
     def _wait_turn(
         self,
         key: str,
@@ -787,8 +1002,14 @@ class RedisBackend(LockBackend):
     ) -> Granted | None:
         handed_over = self._handed_over.pop(key, None)
         polite = handed_over is not None and self.clock() - handed_over < POLITE_WINDOW
+        if limit == 1:
+            def attempt(woken: bool) -> Granted | Refused:
+                return self._try_acquire(key, token, ttl, owner, waiting=True, woken=woken)
+        else:
+            def attempt(woken: bool) -> Granted | Refused:
+                return self._try_acquire_slot(key, token, ttl, owner, limit, waiting=True, woken=woken)
         return wait_in_line(
-            lambda woken: self._try_acquire(key, token, ttl, owner, waiting=True, woken=woken),
+            attempt,
             lambda timeout: self._block(key, timeout),
             clock=self.clock, ttl=ttl, deadline=deadline, polite=polite,
             unknown_bound=self.connect_timeout,
@@ -802,6 +1023,11 @@ class RedisBackend(LockBackend):
         return self.renew_reply(self.run(self.renew_call(items)))
 
     def _release(self, key: str, field: str, value: str) -> bool:
+        if key[0] == "{":  # a slot record of a semaphore
+            reply = self.run(self.release_call(key, field, value))
+            if reply == 2 and field == "token":
+                self.note_handover(self.lock_of(key))
+            return self.release_reply(reply)
         # release_call's request, packed here in one step: this is the hot path.
         lock = ("{" + key + "}").encode()
         expected = value.encode()
@@ -813,6 +1039,11 @@ class RedisBackend(LockBackend):
         if reply == 2 and field == "token":
             self.note_handover(key)
         return self.release_reply(reply)
+
+    def _release_by_owner(self, key: str, owner_json: str, limit: int) -> bool:
+        if limit == 1:
+            return self._release(key, "owner", owner_json)
+        return self.release_reply(self.run(self.release_slots_call(key, limit, "owner", owner_json)))
 
     def note_handover(self, key: str) -> None:
         """A release of ours of ``key`` woke a waiter: our next blocking acquire of it
@@ -846,16 +1077,21 @@ class RedisBackend(LockBackend):
 
     def _held(self, key: str | None) -> Iterable[LockInfo]:
         """SCAN for ``{prefix:*}`` (a signal list or a Redlock counter ends in ``:signal`` or
-        ``:fence``, a lock in ``}``), then each lock's value and PTTL in one MULTI, so both
-        belong to one holder. The fencing token is in the value, after the token."""
+        ``:fence``, a lock in ``}``, a semaphore's slot record in ``}`` ``SLOT_MARK`` and its
+        number), then each record's value and PTTL in one MULTI, so both belong to one
+        holder. The fencing token (and a semaphore's limit) is in the value, after the token."""
         start = f"{self.prefix}:"
         with self._answering(key):
             if key is not None:
-                names = [self._hashed(self._full_key(key))]
+                lock = self._hashed(self._full_key(key))
+                pattern = _glob_escaped(lock) + SLOT_MARK + "*"
+                slots = {_text(n) for n in self._client.scan_iter(match=pattern, count=1000)}
+                names = [lock, *sorted(slots)]
             else:
-                pattern = "{" + _glob_escaped(start) + "*}"
+                every = "{" + _glob_escaped(start) + "*}"
+                patterns = [every, every + SLOT_MARK + "*"]
                 names = sorted({
-                    name.decode() if isinstance(name, bytes) else name
+                    _text(name) for pattern in patterns
                     for name in self._client.scan_iter(match=pattern, count=1000)
                 })
             found: list[LockInfo] = []
@@ -867,12 +1103,19 @@ class RedisBackend(LockBackend):
                 if value is None or pttl is None or pttl < 0:
                     continue  # released or expired since the scan
                 tokens, owner = split_stored(value)
-                token, _, fence = tokens.partition(":")
+                token, _, numbers = tokens.partition(":")
+                fence, _, limit_text = numbers.partition(":")
                 fencing_token = int(fence) if fence.isdigit() else None
+                lock_name, mark, slot_text = name.rpartition("}" + SLOT_MARK)
+                if not mark:
+                    lock_name = name[:-1]
+                limit = int(limit_text.rstrip()) if limit_text.rstrip().isdigit() else 1
+                slot = int(slot_text) if mark and slot_text.isdigit() else (0 if limit > 1 else None)
                 found.append(LockInfo(
-                    key=name[len(start) + 1:-1], owner=owner, token=token,
+                    key=lock_name[len(start) + 1:], owner=owner, token=token,
                     fencing_token=fencing_token, ttl=pttl / 1000,
-                    held_since=_granted_at(fencing_token), location=f"{self.url} {name}",
+                    held_since=_granted_at(fencing_token), slot=slot, limit=limit,
+                    location=f"{self.url} {name}",
                 ))
         return found
 
@@ -969,7 +1212,7 @@ def wait_in_line(
         sent_at = clock()
         result = attempt(woken)
         if isinstance(result, Granted):
-            return Granted(result.fencing_token, result.token, sent_at + ttl - clock_drift(ttl))
+            return replace(result, valid_until=sent_at + ttl - clock_drift(ttl))
         remaining = None if deadline is None else deadline - clock()
         if remaining is not None and remaining <= 0:
             return None
@@ -1178,18 +1421,20 @@ class _LateReleases:
     def __init__(self, node: RedisBackend, clock: Callable[[], float]) -> None:
         self._node = node
         self._clock = clock
-        self._pending: dict[tuple[str, str], float] = {}  # (full key, token) -> give up at
+        #: (full key, token, limit: the slots it may hold) -> when to give up
+        self._pending: dict[tuple[str, str, int], float] = {}
         self._guard = threading.Lock()
         self._stopped = threading.Event()
         self._thread: threading.Thread | None = None
         self._pid = os.getpid()
 
-    def add(self, key: str, token: str, ttl: float) -> None:
-        """Release ``token``'s acquisition of ``key`` (fully prefixed) as soon as possible."""
+    def add(self, key: str, token: str, ttl: float, limit: int = 1) -> None:
+        """Release ``token``'s acquisition of ``key`` (fully prefixed; any of its ``limit``
+        slots, for a semaphore) as soon as possible."""
         with self._guard:
             if self._pid != os.getpid():  # a forked child: the parent's thread is not here
                 self._pending, self._thread, self._pid = {}, None, os.getpid()
-            self._pending[(key, token)] = self._clock() + ttl
+            self._pending[(key, token, limit)] = self._clock() + ttl
             if self._thread is None and not self._stopped.is_set():
                 self._thread = threading.Thread(
                     target=self._run, name="singleton-lock-late-release", daemon=True
@@ -1210,21 +1455,28 @@ class _LateReleases:
                     self._thread = None
                     return
                 due = list(self._pending)
-            for key, token in due:
+            for key, token, limit in due:
+                node = self._node
+                call = (
+                    node.release_call(key, "token", token) if limit == 1
+                    else node.release_slots_call(key, limit, "token", token)
+                )
                 try:
-                    deleted = self._node.release_reply(
-                        self._node.run(self._node.release_call(key, "token", token))
-                    )
+                    deleted = node.release_reply(node.run(call))
                 except Exception:  # best effort, never a dead thread: the TTL frees it anyway
                     logger.debug("late release of %r failed; trying again", key, exc_info=True)
                     continue
                 with self._guard:
-                    self._pending.pop((key, token), None)
+                    self._pending.pop((key, token, limit), None)
                 if deleted:
                     logger.debug("released %r, taken by an attempt whose reply was lost", key)
             if self._stopped.wait(pause):
                 continue
             pause = min(pause * 2, LATE_RELEASE_PAUSE[1])
+
+
+def _text(name: str | bytes) -> str:
+    return name.decode() if isinstance(name, bytes) else name
 
 
 def _glob_escaped(text: str) -> str:

@@ -37,7 +37,7 @@ import time
 import weakref
 from collections.abc import Callable, Sequence
 from contextlib import suppress
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Protocol, TypeVar
 from urllib.parse import unquote, urlsplit
 
@@ -460,11 +460,23 @@ class SentinelBackend(RedisBackend):
     def _try_acquire(
         self, key: str, token: str, ttl: float, owner: Owner, **marks: bool
     ) -> Granted | Refused:
+        return self._failover_acquire(key, token, ttl, owner, 1, marks)
+
+    def _try_acquire_slot(
+        self, key: str, token: str, ttl: float, owner: Owner, limit: int, **marks: bool
+    ) -> Granted | Refused:
+        return self._failover_acquire(key, token, ttl, owner, limit, marks)
+
+    def _failover_acquire(
+        self, key: str, token: str, ttl: float, owner: Owner, limit: int, marks: dict[str, bool]
+    ) -> Granted | Refused:
+        """One attempt at the lock (``limit`` 1) or a slot of the semaphore ``key``,
+        through a failover (see :meth:`_through_failover`)."""
         if not self.watch.running:
             self.watch.ensure_running()
         started = self.clock()
         try:
-            return self._acknowledged_acquire(key, token, ttl, owner, **marks)
+            return self._acknowledged_acquire(key, token, ttl, owner, limit, marks)
         except LockBackendUnavailable as error:
             if not _failover_may_explain(error):
                 raise
@@ -474,28 +486,33 @@ class SentinelBackend(RedisBackend):
             # The first try's outcome is unknown (it is queued for a late release by its
             # token): each next try is a new acquisition with a token of its own.
             this = secrets.token_hex(16)
-            result = self._acknowledged_acquire(key, this, ttl, owner, **marks)
+            result = self._acknowledged_acquire(key, this, ttl, owner, limit, marks)
             if isinstance(result, Granted):
-                return Granted(result.fencing_token, token=this, valid_until=result.valid_until)
+                return replace(result, token=this)
             return result
 
         return self._again(attempt, started, first)
 
     def _acknowledged_acquire(
-        self, key: str, token: str, ttl: float, owner: Owner, **marks: bool
+        self, key: str, token: str, ttl: float, owner: Owner, limit: int, marks: dict[str, bool]
     ) -> Granted | Refused:
         if not self.min_replicas:
-            return super()._try_acquire(key, token, ttl, owner, **marks)
-        call = self.acquire_call(key, token, ttl, owner, **marks)
+            if limit == 1:
+                return super()._try_acquire(key, token, ttl, owner, **marks)
+            return super()._try_acquire_slot(key, token, ttl, owner, limit, **marks)
+        if limit == 1:
+            call = self.acquire_call(key, token, ttl, owner, **marks)
+        else:
+            call = self.acquire_slot_call(key, token, ttl, owner, limit, **marks)
         try:
             reply, acknowledged = self._run_and_wait(call)
         except LockBackendUnavailable:
-            self.late_releases.add(key, token, ttl)  # it may have been applied
+            self.late_releases.add(key, token, ttl, limit)  # it may have been applied
             raise
-        result = self.acquire_reply(reply)
+        result = self.acquire_reply(reply) if limit == 1 else self.acquire_slot_reply(reply)
         if isinstance(result, Granted) and acknowledged < self.min_replicas:
             # Not replicated: a failover now would lose it. It is not ours to use.
-            self.late_releases.add(key, token, ttl)
+            self.late_releases.add(key, token, ttl, limit)
             raise self._unacknowledged(acknowledged, "the lock", key)
         return result
 
@@ -522,6 +539,13 @@ class SentinelBackend(RedisBackend):
                 raise
             first = error
         return self._again(lambda: super(SentinelBackend, self)._release(key, field, value), started, first)
+
+    def _release_by_owner(self, key: str, owner_json: str, limit: int) -> bool:
+        if limit == 1:  # through _release, and its failover
+            return super()._release_by_owner(key, owner_json, limit)
+        return self._through_failover(
+            lambda: super(SentinelBackend, self)._release_by_owner(key, owner_json, limit)
+        )
 
     def _block(self, key: str, timeout: float) -> bool:
         if not self.watch.running:
