@@ -20,12 +20,18 @@ with BLPOP, only on the key's herald (a master chosen by a hash of the key, the 
 while it fails), so a release announces itself there alone, not on every master. Handoff
 is fair as on one Redis (see backends/redis.py).
 
-Fencing tokens: each master counts on from its own counter, restarted from its clock in
-microseconds where it is gone (see backends/redis.py). The token is the highest among the
-masters that granted; when they disagree, the others are raised to it before the lock is
-reported held, so every later quorum (which shares a master with this one) counts on from
-there. A counter lives one lock TTL after its last grant; later, the masters' clocks alone
-keep tokens going up. See docs/redlock.md for what that promises and when it does not hold.
+Fencing tokens: each master counts on from its own counter (one per key, for a lock and
+every slot of a semaphore), restarted from its clock in microseconds where it is gone (see
+backends/redis.py). The count is the highest among the masters that granted; when they
+disagree, the others are raised to it before the lock is reported held, so every later
+quorum (which shares a master with this one) counts on from there. The token is that count
+times ``MAX_LIMIT`` plus the slot (0 for a lock): see :func:`fencing_token`. A counter lives
+one lock TTL after its last grant; later, the masters' clocks alone keep tokens going up.
+See docs/redlock.md for what that promises and when it does not hold.
+
+Semaphores (``limit`` > 1): a slot is held when a quorum of masters granted the same slot
+number (each grants its lowest free one, in one script call over the key's slot records);
+the slot most masters granted wins, and the other grants are released at once.
 """
 
 from __future__ import annotations
@@ -40,7 +46,14 @@ from dataclasses import replace
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
-from celery_singleton_lock.backends.base import Granted, LockBackend, LockInfo, NodeStatus, Refused
+from celery_singleton_lock.backends.base import (
+    MAX_LIMIT,
+    Granted,
+    LockBackend,
+    LockInfo,
+    NodeStatus,
+    Refused,
+)
 from celery_singleton_lock.backends.owner import Owner
 from celery_singleton_lock.backends.redis import (
     POLITE_WINDOW,
@@ -53,13 +66,25 @@ from celery_singleton_lock.backends.redis import (
 from celery_singleton_lock.errors import ConfigurationError, LockBackendUnavailable, mask_url
 from celery_singleton_lock.lease import clock_drift
 
-__all__ = ["RedlockBackend", "node_urls"]
+__all__ = ["RedlockBackend", "fencing_token", "node_urls"]
 
 _NODE_SCHEMES = ("redis", "rediss", "unix")
 #: Seconds a master that failed a call is passed over as a key's herald.
 HERALD_RECHECK = 5.0
 #: Fewer masters than this tolerate no failure at all: use one Redis then.
 MIN_NODES = 3
+
+
+def fencing_token(count: int, slot: int) -> int:
+    """The fencing token of a grant of ``slot`` (0: an exclusive lock) whose quorum's
+    counters stand at ``count``: ``count * MAX_LIMIT + slot``.
+
+    The count alone would not do for a semaphore: holders of two slots granted at the same
+    time may each find the same highest count, on different masters. Holders at once hold
+    different slots, and a later grant counts above an earlier one, so these never repeat
+    and only rise.
+    """
+    return count * MAX_LIMIT + slot
 
 
 def node_urls(url: str | Sequence[str], *, option: str = "url") -> list[str]:
@@ -202,6 +227,10 @@ class RedlockBackend(LockBackend):
         clone._handed_over = {}
         return clone
 
+    def slot_key(self, key: str, slot: int | None) -> str:
+        """As on one Redis (:meth:`RedisBackend.slot_key`): the masters' keys are its keys."""
+        return self.nodes[0].slot_key(key, slot)
+
     # -- sending one call to many masters at once --------------------------------------
 
     def _lane(self) -> list[Line]:
@@ -287,44 +316,69 @@ class RedlockBackend(LockBackend):
     def _try_acquire(self, key: str, token: str, ttl: float, owner: Owner) -> Granted | Refused:
         return self._attempt(key, token, ttl, owner)
 
-    def _attempt(
-        self, key: str, token: str, ttl: float, owner: Owner, *, waiting: bool = False,
-        woken: bool = False,
+    def _try_acquire_slot(
+        self, key: str, token: str, ttl: float, owner: Owner, limit: int
     ) -> Granted | Refused:
+        return self._attempt(key, token, ttl, owner, limit)
+
+    def _attempt(
+        self, key: str, token: str, ttl: float, owner: Owner, limit: int = 1, *,
+        waiting: bool = False, woken: bool = False,
+    ) -> Granted | Refused:
+        """One attempt at the lock (``limit`` 1) or at a slot of the semaphore ``key``.
+
+        A slot is held when a quorum of masters granted the SAME slot: two holders of one
+        slot would need two quorums, which share a master, and a master keeps one holder
+        per slot, so no more than ``limit`` hold at once. Each master grants its lowest
+        free slot; where they differ (contenders seen in another order), the slot most of
+        them granted wins and the others are released at once.
+        """
         started = self.clock()
-        # Every master has the same scripts and keys: the first one builds the call. The
-        # masters count in step (a counter each, the clock only where it is gone): tokens
-        # drawn from their clocks would never agree, which would cost a second round trip
-        # (_settle_fences) on every acquire.
-        call = self.nodes[0].acquire_call(key, token, ttl, owner, counted=True)
+        first = self.nodes[0]
+
+        def call_for(*, waiting: bool = False, woken: bool = False) -> ScriptCall:
+            # The masters count in step (a counter each, the clock only where it is gone):
+            # tokens drawn from their clocks would never agree, which would cost a second
+            # round trip (_settle_fences) on every acquire.
+            if limit == 1:
+                return first.acquire_call(key, token, ttl, owner, counted=True, waiting=waiting, woken=woken)
+            return first.acquire_slot_call(
+                key, token, ttl, owner, limit, counted=True, waiting=waiting, woken=woken
+            )
+
         # Waiters mark the lock, and wait, only on the key's herald: a release then
         # announces itself there alone, not on every master.
         special = None
         if waiting or woken:
-            special = {self._herald(key): self.nodes[0].acquire_call(
-                key, token, ttl, owner, counted=True, waiting=waiting, woken=woken
-            )}
-        results = self._broadcast(call, special=special)
+            special = {self._herald(key): call_for(waiting=waiting, woken=woken)}
+        results = self._broadcast(call_for(), special=special)
         if special is not None:
             herald = next(iter(special))
             now_herald = self._herald(key)
             if isinstance(results[herald], _Failed) and now_herald != herald:
                 # The herald failed just now: the next one is marked instead, since the
                 # wait goes there (an acquire sent to it alone could grant it alone).
-                self._broadcast(self.nodes[0].mark_call(key), to={now_herald})
-        granted: dict[int, int] = {}
+                self._broadcast(first.mark_call(key, limit), to={now_herald})
+        granted: dict[int, tuple[int, int]] = {}  # master -> (its count, the slot)
         refused: dict[bytes, list[Refused]] = {}  # by the holder's token
         for i, result in enumerate(results):
             if isinstance(result, _Failed):
                 continue
-            outcome = RedisBackend.acquire_reply(result)
+            read = RedisBackend.acquire_reply if limit == 1 else RedisBackend.acquire_slot_reply
+            outcome = read(result)
             if isinstance(outcome, Granted):
-                granted[i] = outcome.fencing_token
+                granted[i] = (outcome.fencing_token, outcome.slot or 0)
             else:
                 refused.setdefault(RedisBackend.holder_token(result) or b"", []).append(outcome)
-        fencing_token = self._settle_fences(key, ttl, granted) if len(granted) >= self.quorum else None
-        if fencing_token is not None and ttl - (self.clock() - started) - clock_drift(ttl) > 0:
-            return Granted(fencing_token)
+        slots = [slot for _, slot in granted.values()]
+        slot = min(set(slots), key=lambda s: (-slots.count(s), s), default=0)
+        quorum = {i: count for i, (count, each) in granted.items() if each == slot}
+        count = self._settle_fences(key, ttl, quorum) if len(quorum) >= self.quorum else None
+        if count is not None and ttl - (self.clock() - started) - clock_drift(ttl) > 0:
+            strays = set(granted) - set(quorum)
+            if strays:  # other slots granted to us by masters outside the quorum
+                self._undo(key, token, ttl, limit, strays, results)
+            return Granted(fencing_token(count, slot), slot=None if limit == 1 else slot)
         # Not held: undo it wherever it may have been granted (a master that timed out
         # may have granted it too), all at once, so others need not wait for our TTL. A
         # master the request never reached has nothing to undo: trying would only spend
@@ -333,16 +387,27 @@ class RedlockBackend(LockBackend):
             i for i, r in enumerate(results) if i in granted or (isinstance(r, _Failed) and r.sent)
         }
         if undo:
-            undone = self._broadcast(self.nodes[0].release_call(key, "token", token), to=undo)
-            for i in undo:
-                # A master that got the request but answered neither it nor the undo (hung,
-                # or slow) may apply the acquire later: it releases the token once it answers.
-                failed = results[i]
-                if isinstance(failed, _Failed) and failed.sent and isinstance(undone[i], _Failed):
-                    self.nodes[i].late_releases.add(key, token, ttl)
+            self._undo(key, token, ttl, limit, undo, results)
         if len(self.nodes) - sum(isinstance(r, _Failed) for r in results) < self.quorum:
             raise self._unavailable(results, key)
         return self._refusal(refused)
+
+    def _undo(
+        self, key: str, token: str, ttl: float, limit: int, masters: set[int], results: Sequence[Any]
+    ) -> None:
+        """Release ``token``'s grant (of whichever slot) on ``masters`` at once."""
+        first = self.nodes[0]
+        call = (
+            first.release_call(key, "token", token) if limit == 1
+            else first.release_slots_call(key, limit, "token", token)
+        )
+        undone = self._broadcast(call, to=masters)
+        for i in masters:
+            # A master that got the request but answered neither it nor the undo (hung,
+            # or slow) may apply the acquire later: it releases the token once it answers.
+            failed = results[i]
+            if isinstance(failed, _Failed) and failed.sent and isinstance(undone[i], _Failed):
+                self.nodes[i].late_releases.add(key, token, ttl, limit)
 
     def _wait_turn(
         self,
@@ -357,14 +422,15 @@ class RedlockBackend(LockBackend):
         handed_over = self._handed_over.pop(key, None)
         polite = handed_over is not None and self.clock() - handed_over < POLITE_WINDOW
         return wait_in_line(
-            lambda woken: self._attempt(key, token, ttl, owner, waiting=True, woken=woken),
+            lambda woken: self._attempt(key, token, ttl, owner, limit, waiting=True, woken=woken),
             lambda timeout: self._block(key, timeout),
             clock=self.clock, ttl=ttl, deadline=deadline, polite=polite,
             unknown_bound=self.connect_timeout,
         )
 
     def _settle_fences(self, key: str, ttl: float, granted: dict[int, int]) -> int | None:
-        """The fencing token of a granted quorum, or None when it cannot be made safe.
+        """The count of a granted quorum (its fencing token: :func:`fencing_token`), or None
+        when it cannot be made safe.
 
         Masters whose counter is behind the highest are raised to it; unless a quorum ends
         at that value, a later quorum might count from a lower one, so we do not hold.
@@ -450,7 +516,14 @@ class RedlockBackend(LockBackend):
         if field == "token" and 2 in replies:
             if len(self._handed_over) > 1024:  # keys never acquired again: forget them
                 self._handed_over.clear()
-            self._handed_over[key] = self.clock()
+            self._handed_over[RedisBackend.lock_of(key)] = self.clock()
+        return sum(RedisBackend.release_reply(r) for r in replies) >= self.quorum
+
+    def _release_by_owner(self, key: str, owner_json: str, limit: int) -> bool:
+        if limit == 1:
+            return self._release(key, "owner", owner_json)
+        results = self._broadcast(self.nodes[0].release_slots_call(key, limit, "owner", owner_json))
+        replies = self._answered(results, key)
         return sum(RedisBackend.release_reply(r) for r in replies) >= self.quorum
 
     def _held(self, key: str | None) -> Iterable[LockInfo]:
@@ -477,7 +550,7 @@ class RedlockBackend(LockBackend):
             ttls = [c.ttl for c in copies if c.ttl is not None]
             held.append(replace(
                 copies[0],
-                fencing_token=max(fences) if fences else None,
+                fencing_token=fencing_token(max(fences), copies[0].slot or 0) if fences else None,
                 ttl=min(ttls) if ttls else None,
                 held_since=None,  # Redlock's tokens count on: they are not times
                 location=f"on {len(copies)} of {len(self.nodes)} masters",

@@ -13,7 +13,7 @@ import redis
 from celery import Celery
 
 from celery_singleton_lock import ConfigurationError, LockBackendUnavailable, connect
-from celery_singleton_lock.backends.base import Refused
+from celery_singleton_lock.backends.base import MAX_LIMIT, Refused
 from celery_singleton_lock.backends.redlock import RedlockBackend, node_urls
 from celery_singleton_lock.config import read_settings
 from celery_singleton_lock.lease import LeaseKeeper
@@ -202,8 +202,9 @@ def test_the_lock_and_its_fencing_counter_are_on_every_master(redlock, masters, 
         assert value is not None
         token, _, fence = value.split(b"\n", 1)[0].decode().partition(":")
         assert token == held.token
-        assert int(fence) <= held.fencing_token  # this master's count, then raised
-        assert int(client.get(lock_key(redlock, unique_key) + ":fence")) == held.fencing_token
+        assert int(fence) <= held.fencing_token // MAX_LIMIT  # this master's count, then raised
+        # The token is the quorum's count, times MAX_LIMIT, plus the slot (0 for a lock).
+        assert int(client.get(lock_key(redlock, unique_key) + ":fence")) * MAX_LIMIT == held.fencing_token
         client.close()
     assert redlock.release(held) is True
 
@@ -214,7 +215,7 @@ def test_a_master_counting_ahead_sets_the_token_and_the_others_catch_up(redlock,
     ahead = redis.Redis.from_url(masters[2].url + "/0")
     ahead.incrby(lock_key(redlock, unique_key) + ":fence", 1_000_000)  # as if its clock ran ahead
     second = redlock.acquire(unique_key, ttl=5)
-    assert second.fencing_token == first.fencing_token + 1_000_001
+    assert second.fencing_token == first.fencing_token + 1_000_001 * MAX_LIMIT
     redlock.release(second)
     masters[2].stop()  # the master that counted highest is gone ...
     third = redlock.acquire(unique_key, ttl=5)
@@ -450,7 +451,7 @@ def test_counters_expire_after_the_ttl_and_tokens_still_go_up(shared_masters, un
     wait_until(lambda: not any(c.exists(fence) for c in clients), 3, "the counters to expire")
     second = backend.acquire(unique_key, ttl=5)
     assert second.fencing_token > first.fencing_token  # reseeded from the masters' clocks
-    assert [int(c.get(fence)) for c in clients] == [second.fencing_token] * 3  # in step again
+    assert [int(c.get(fence)) * MAX_LIMIT for c in clients] == [second.fencing_token] * 3  # in step again
     backend.release(second)
     for client in clients:
         client.close()
