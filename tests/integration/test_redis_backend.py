@@ -13,7 +13,9 @@ import pytest
 import redis
 
 from celery_singleton_lock import ConfigurationError, LockBackendUnavailable, connect
-from celery_singleton_lock.backends.base import LockBackend
+from celery_singleton_lock.backends.base import SLOT_MARK, LockBackend
+from celery_singleton_lock.backends.owner import Owner
+from celery_singleton_lock.backends.redis import SIGNAL_LIFETIME_MS
 from celery_singleton_lock.lease import HeldLock, LeaseKeeper
 from celery_singleton_lock.testing import RedisServer
 from tests.conftest import wait_until
@@ -382,3 +384,90 @@ def test_scripts_the_server_forgot_are_sent_again(own_server, unique_key):
     assert backend.release(again) is True
     backend.close()
     client.close()
+
+
+# -- semaphores: what only Redis's keys and commands can show ---------------------------
+
+
+def test_slot_records_share_the_locks_hash_tag_and_hold_the_limit(redis_url, redis_client, unique_key):
+    backend = connect(redis_url + "/0", prefix="shop")
+    held = [backend.acquire(unique_key, ttl=5, limit=3, owner=Owner.here(f"t{i}")) for i in range(3)]
+    lock = "{shop:" + unique_key + "}"
+    # One cluster slot for the whole semaphore: slot 0 is the lock's own record.
+    assert sorted(redis_client.keys("*" + unique_key + "*")) == sorted(
+        k.encode() for k in (lock, lock + SLOT_MARK + "1", lock + SLOT_MARK + "2")
+    )
+    for h in held:
+        record = lock if h.slot == 0 else lock + SLOT_MARK + str(h.slot)
+        tokens = redis_client.get(record).split(b"\n", 1)[0].decode()
+        assert tokens == f"{h.token}:{h.fencing_token}:3"  # `celery locks list`: "slot 2 of 3"
+    assert {(i.slot, i.limit) for i in backend.lock_info(unique_key)} == {(0, 3), (1, 3), (2, 3)}
+    for h in held:
+        assert h.release() is True
+    assert redis_client.keys("*" + unique_key + "*") == []  # no counter: nothing stored
+    backend.close()
+
+
+def test_an_uncontended_slot_is_one_script_call_each_way(own_server, unique_key):
+    backend = connect(own_server.url + "/0")
+    client = redis.Redis.from_url(own_server.url + "/0")
+    backend.release(backend.acquire(unique_key, ttl=5, limit=4))  # scripts loaded
+    client.config_resetstat()
+    for _ in range(10):
+        backend.release(backend.acquire(unique_key, ttl=5, limit=4))
+    calls = command_calls(client)
+    assert calls["evalsha"] == 20  # one round trip to acquire, one to release
+    assert calls["set"] == 10
+    assert calls["del"] == 10
+    assert "lpush" not in calls  # nobody waited: nothing announced
+    backend.close()
+    client.close()
+
+
+def test_a_released_semaphore_leaves_only_short_lived_signals_behind(own_server):
+    client = redis.Redis.from_url(own_server.url + "/9")  # a database nobody else uses
+    client.flushdb()
+    backend = connect(own_server.url + "/9")
+    for i in range(100):
+        backend.release(backend.acquire(f"footprint:{i}", ttl=0.5, limit=3))
+    assert client.dbsize() == 0
+    # With waiters: a signal list is left, and it lives SIGNAL_LIFETIME_MS at most.
+    held = [backend.acquire("crowded", ttl=30, limit=2) for _ in range(2)]
+    waiter = connect(own_server.url + "/9")
+    got: list[object] = []
+    thread = threading.Thread(
+        target=lambda: got.append(waiter.acquire("crowded", ttl=30, limit=2, blocking=True, timeout=20))
+    )
+    thread.start()
+    wait_until(lambda: client.info("clients")["blocked_clients"] >= 1, 5, "the waiter to block")
+    for h in held:
+        backend.release(h)
+    thread.join(10)
+    assert got[0] is not None
+    waiter.release(got[0])
+    assert 0 < client.pttl("{singleton-lock:crowded}:signal") <= SIGNAL_LIFETIME_MS
+    wait_until(lambda: client.dbsize() == 0, SIGNAL_LIFETIME_MS / 1000 + 3, "the signal list to expire")
+    backend.close()
+    waiter.close()
+    client.close()
+
+
+def test_a_slot_grant_counts_above_every_held_slot_even_one_ahead_of_the_clock(
+    redis_url, redis_client, unique_key
+):
+    # As after a failover onto a server whose clock is behind the old one's: a held slot
+    # carries a token ahead of this clock. The next grant of any slot is above it.
+    backend = connect(redis_url + "/0")
+    seconds, micros = redis_client.time()
+    ahead = (seconds + 3600) * 1_000_000 + micros
+    record = backend.slot_key(backend._full_key(unique_key), 2)
+    redis_client.set(record, f"old:{ahead}:3\n" + Owner.here("elsewhere").as_json(), px=5000)
+    held = backend.acquire(unique_key, ttl=5, limit=3)
+    assert held.slot == 0
+    assert held.fencing_token == ahead + 1
+    again = backend.acquire(unique_key, ttl=5, limit=3)
+    assert again.fencing_token == ahead + 2
+    assert held.release() is True
+    assert again.release() is True
+    redis_client.delete(record)
+    backend.close()
