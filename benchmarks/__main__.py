@@ -35,6 +35,7 @@ SCENARIOS = {
     "l": ("benchmarks.scenario_sentinel", "(l) Redis behind Sentinel, and min_replicas=1"),
     "m": ("benchmarks.scenario_footprint", "(m) 1,000,000 signatures run once: server memory left"),
     "n": ("benchmarks.scenario_cluster", "(n) Redis Cluster: cycle through rediscluster://"),
+    "s": ("benchmarks.scenario_semaphore", "(s) Semaphores on one Redis: limit=4 vs the lock"),
 }
 
 RESULTS = Path(__file__).resolve().parent / "results"
