@@ -595,6 +595,23 @@ class ClusterBackend(RedisBackend):
             raise unacknowledged(self, replicas, "the lock", key)
         return result
 
+    def _try_acquire_slot(
+        self, key: str, token: str, ttl: float, owner: Owner, limit: int, *, waiting: bool = False,
+        woken: bool = False,
+    ) -> Granted | Refused:
+        if not self.min_replicas:
+            return super()._try_acquire_slot(key, token, ttl, owner, limit, waiting=waiting, woken=woken)
+        call = self.acquire_slot_call(key, token, ttl, owner, limit, waiting=waiting, woken=woken)
+        reply, replicas = self._exchange(
+            call.pack(), key, lambda: call, lambda: self.late_releases.add(key, token, ttl, limit),
+            acknowledged=True,
+        )
+        result = self.acquire_slot_reply(reply)
+        if isinstance(result, Granted) and replicas < self.min_replicas:
+            self.late_releases.add(key, token, ttl, limit)  # as _try_acquire's
+            raise unacknowledged(self, replicas, "the semaphore slot", key)
+        return result
+
     def _reply_error(self, reply: ReplyError, key: str | None) -> Exception:
         redirection = _redirection(reply)
         if redirection is None:

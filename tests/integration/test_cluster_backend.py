@@ -231,7 +231,8 @@ def _replica_of_owner(
     return owner, next(r for r in cluster.replicas if cluster.master_of(r) is owner)
 
 
-def test_with_min_replicas_each_acquisition_and_renewal_waits_for_a_replica(redis_cluster, unique_key):
+@pytest.mark.parametrize("limit", [1, 3])  # a lock, and a semaphore's slot
+def test_with_min_replicas_each_acquisition_and_renewal_waits_for_a_replica(redis_cluster, unique_key, limit):
     backend = connect(redis_cluster.url, min_replicas=1)
     try:
         owner, _ = _replica_of_owner(redis_cluster, backend, unique_key)
@@ -240,12 +241,12 @@ def test_with_min_replicas_each_acquisition_and_renewal_waits_for_a_replica(redi
             def waits() -> int:
                 return int(client.info("commandstats").get("cmdstat_wait", {}).get("calls", 0))
 
-            warm = backend.acquire(unique_key, ttl=10)  # the master learns our scripts
+            warm = backend.acquire(unique_key, ttl=10, limit=limit)  # the master learns our scripts
             assert warm is not None
             backend.renew([warm])
             backend.release(warm)
             before = waits()
-            held = backend.acquire(unique_key, ttl=10)
+            held = backend.acquire(unique_key, ttl=10, limit=limit)
             assert held is not None
             assert backend.renew([held]) == [True]
             assert waits() - before == 2  # one WAIT behind the grant, one behind the renewal

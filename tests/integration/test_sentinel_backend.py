@@ -230,6 +230,28 @@ def test_an_acknowledged_lock_is_on_the_replica_when_acquire_returns(redis_senti
     assert backend.release(held) is True
 
 
+def test_an_acknowledged_semaphore_slot_is_on_the_replica_when_acquire_returns(
+    redis_sentinel, backends, unique_key
+):
+    backend = connect(redis_sentinel.url, min_replicas=1)
+    backends.append(backend)
+    first = backend.acquire(unique_key, ttl=10, limit=2)
+    second = backend.acquire(unique_key, ttl=10, limit=2)  # slot 1: a record of its own
+    assert first is not None
+    assert second is not None
+    assert second.slot == 1
+    (replica,) = redis_sentinel.replicas()
+    client = client_of(redis_sentinel, replica)
+    try:
+        stored = client.get(backend.slot_key(backend._full_key(unique_key), 1))
+    finally:
+        client.close()
+    assert stored is not None
+    assert stored.split(b"\n", 1)[0].split(b":", 1)[0].decode() == second.token
+    assert backend.release(second) is True
+    assert backend.release(first) is True
+
+
 def test_without_a_replica_to_acknowledge_it_a_lock_is_not_granted(redis_sentinel, backends, unique_key):
     backend = connect(redis_sentinel.url, connect_timeout=1, min_replicas=1, min_replicas_timeout=0.2)
     backends.append(backend)
