@@ -255,6 +255,23 @@ class BackendContract:
         assert deadline - 0.05 <= woke_at < deadline + self.expiry_lateness
         second_backend.release(got)
 
+    def test_keep_until_holds_a_semaphore_slot_to_the_deadline_and_the_others_go_on(
+        self, backend, second_backend, unique_key
+    ):
+        # throttle with lock_limit: each successful run keeps its own slot.
+        kept, other = (backend.acquire(unique_key, ttl=0.6, limit=2) for _ in range(2))
+        deadline = time.monotonic() + 1.5
+        assert backend.keep_until(kept, backend.clock() + 1.5) is True
+        assert backend.release(other) is True
+        again = second_backend.acquire(unique_key, ttl=5, limit=2)  # the other slot is free
+        assert again is not None
+        assert second_backend.acquire(unique_key, ttl=5, limit=2) is None
+        got = second_backend.acquire(unique_key, ttl=5, limit=2, blocking=True, timeout=5)
+        assert got is not None
+        assert deadline - 0.05 <= time.monotonic() < deadline + self.expiry_lateness
+        second_backend.release(again)
+        second_backend.release(got)
+
     def test_renewal_keeps_a_lease_past_its_ttl(self, backend, second_backend, unique_key):
         held = backend.acquire(unique_key, ttl=0.6)
         time.sleep(1.5)  # two and a half TTLs: only renewal can keep it
