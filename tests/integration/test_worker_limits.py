@@ -128,3 +128,31 @@ def test_contention_retries_do_not_spend_the_tasks_own_retries(workers, worker_a
     finally:
         backend.close()
     assert [e[3] for e in starts(events_of(worker_app, run))] == [0, 1]
+# -- lock_limit ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("task_name", "runs"), [("limited_wait", 12), ("limited_retry", 12), ("limited_skip", 3)]
+)
+def test_lock_limit_runs_at_most_n_bodies_of_a_key_at_once(workers, worker_app, run, task_name, runs):  # noqa: F811
+    task = getattr(worker_app, task_name)
+    results = [send(task, run, 1) for _ in range(12)]
+    values = [r.get(timeout=60) for r in results]
+    events = events_of(worker_app, run)
+    assert values.count("ran") == runs
+    assert count(events, "start") == runs
+    assert max_overlap(events) == 3
+
+
+def test_a_killed_runs_slot_is_freed_by_the_main_process_at_once(workers, worker_app, run, redis_url):  # noqa: F811
+    result = send(worker_app.limited_killable, run)
+    wait_until(lambda: count(events_of(worker_app, run), "start") == 1, 20, "the task to start")
+    backend = connect(redis_url + "/3")
+    try:
+        key = worker_app.limited_killable.lock_key_for((run,), {})
+        (slot,) = backend.lock_info(key)
+        assert slot.limit == 3
+        worker_app.app.control.revoke(result.id, terminate=True, signal="SIGKILL")
+        wait_until(lambda: backend.lock_info(key) == [], 5, "the main process to free the killed run's slot")
+    finally:
+        backend.close()

@@ -231,3 +231,10 @@ def throttled_wait(run: str) -> str:
     record(run, "start")
     record(run, "end")
     return "ran"
+
+
+@app.task(base=SingletonTask, lock_limit=3, lock_ttl=30)
+def limited_killable(run: str) -> str:
+    record(run, "start")
+    time.sleep(60)
+    return "not killed"
