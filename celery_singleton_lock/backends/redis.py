@@ -1,11 +1,13 @@
 """One Redis server: ``redis://``, ``rediss://`` (TLS) and ``unix://`` URLs.
 
-Keys (the hash tag keeps a lock and its signal list in one cluster slot)::
+Keys (the hash tag keeps a lock, its slots and its signal list in one cluster slot)::
 
-    {prefix:key}          "<token>\n<owner JSON: host, pid, task_id>", then one space
-                          once a waiter was refused; its TTL is the lease
+    {prefix:key}          "<token>:<fencing token>\n<owner JSON: host, pid, task_id>",
+                          then one space once a waiter was refused; its TTL is the lease
+    {prefix:key}<SLOT_MARK>n  slot n > 0 of a semaphore (slot 0 is {prefix:key}):
+                          "<token>:<fencing token>:<limit>\n<owner JSON>", as a lock's
     {prefix:key}:signal   release announcements; waiters block on it with BLPOP
-    {prefix:key}:fence    Redlock only: the last fencing token, one lock TTL after a grant
+    {prefix:key}:fence    Redlock only: the last count, one lock TTL after a grant
 
 Every operation is one round trip and one script call: acquire, release and the renewal
 of any number of locks. An uncontended acquire+release is 6 server commands (EVALSHA,
@@ -34,6 +36,15 @@ was woken takes the lock marked (others may still wait). The releasing process d
 take the lock straight back: when its release woke a waiter, its next blocking acquire of
 that key queues behind the waiters first (``POLITE_WAIT`` at most) instead of racing the
 one it woke. Non-blocking attempts are never queued: one may still take a free lock first.
+
+Semaphores (``limit`` N > 1): one script call (``LUA_ACQUIRE_SLOT``) reads the N slot
+records with MGET and takes the lowest free one, refuses a task id that holds a slot
+already (a redelivered copy), or reports the soonest expiry; a waiter marks every slot
+held, and a release of a marked slot pushes one announcement on the key's one signal
+list (kept to N entries), so one waiter is woken per freed slot. Tokens stay the server's
+clock, strictly increasing across all slots with nothing stored: see the script's
+comment. An uncontended slot is 1 round trip each way, as a lock is; slot 0's release is
+the lock's. ``limit=1`` runs the exclusive scripts, unchanged.
 
 Footprint: a lock leaves nothing behind once released (a signal list lives at most
 ``SIGNAL_LIFETIME_MS``, and only where a waiter was); see benchmarks scenario (m).
