@@ -1633,6 +1633,76 @@ class RedisCluster:
         self.migrate_keys(slot, source, target)
         self.end_move(slot, target)
 
+    def role(self, server: RedisServer) -> str:
+        """``master`` or ``slave``, as the node says of itself now."""
+        return str(self.replication(server)["role"])
+
+    def replica_of(self, master: RedisServer) -> RedisServer:
+        """A node that replicates ``master`` now."""
+        for server in self.nodes:
+            if server is not master and server.process is not None:
+                info = self.replication(server)
+                if info["role"] == "slave" and int(info["master_port"]) == master.port:
+                    return server
+        msg = f"no replica of port {master.port}"
+        raise RuntimeError(msg)
+
+    def kill(self, master: RedisServer) -> RedisServer:
+        """SIGKILL ``master`` (nothing is persisted); returns its replica once the cluster
+        has promoted it (``cluster-node-timeout``, 2 s, then an election)."""
+        replica = self.replica_of(master)
+        master.stop()
+
+        def promoted() -> bool:
+            info = self.ask(replica, "CLUSTER", "INFO")
+            return self.role(replica) == "master" and b"cluster_state:ok" in info
+
+        self._wait(promoted, f"port {replica.port} promoted")
+        return replica
+
+    def rejoin(self, server: RedisServer, master: RedisServer) -> None:
+        """Start a killed node again (empty, a new node id) as a replica of ``master``,
+        then hand it ``master``'s slots back (``CLUSTER FAILOVER``): the roles are as they
+        were before :meth:`kill`."""
+        # The dead node's entry goes first: the new one takes its address.
+        old_ids = {line.split()[0] for line in self.ask(master, "CLUSTER", "NODES").decode().splitlines()
+                   if f":{server.port}@" in line}
+        for node in self.nodes:
+            if node is not server and node.process is not None:
+                for old in old_ids:
+                    self.ask(node, "CLUSTER", "FORGET", old)
+        server.start()
+        bus_port = self.bus_ports[self.nodes.index(master)]
+        self.ask(server, "CLUSTER", "MEET", "127.0.0.1", master.port, bus_port)
+        master_id = self.node_id(master)
+        self._wait(lambda: master_id.encode() in self.ask(server, "CLUSTER", "NODES"), "its master known")
+        self.ask(server, "CLUSTER", "REPLICATE", master_id)
+        self._wait(lambda: self.replication(server).get("master_link_status") == "up", "the node in sync")
+        # A manual failover needs the master to know its new replica (gossip); it gives up
+        # quietly after 5 s otherwise, so it is asked again then.
+        replica_line = f"{self.node_id(server)} 127.0.0.1:{server.port}"
+        self._wait(lambda: replica_line.encode() in self.ask(master, "CLUSTER", "NODES"), "the replica known")
+        for attempt in range(3):
+            self.ask(server, "CLUSTER", "FAILOVER")
+            try:
+                self._wait(lambda: self.role(server) == "master" and self.role(master) == "slave",
+                           "the roles back", timeout=6.0)
+            except RuntimeError:
+                if attempt == 2:
+                    raise
+            else:
+                break
+        self.wait_ok()
+
+    def replication(self, server: RedisServer) -> dict[str, Any]:
+        """The node's ``INFO replication``."""
+        client = self.client(server)
+        try:
+            info: dict[str, Any] = client.info("replication")
+            return info
+        finally:
+            client.close()
+
     def stop(self) -> None:
         """Kill every node by PID; safe to call twice."""
         for server in self.nodes:

@@ -221,6 +221,35 @@ class _Redirected(LockBackendUnavailable):
         self.address = address
 
 
+class _NodeRefused(LockBackendUnavailable):
+    """A master refused the connection: nothing was sent, so the call may go to the
+    master the cluster names once it has failed that one over."""
+
+
+class _Retries:
+    """The pauses between the tries of one call that the cluster turned away for a while
+    (TRYAGAIN, CLUSTERDOWN, a master that refuses connections), all within
+    ``connect_timeout`` from the first."""
+
+    __slots__ = ("_backend", "_pause", "_started")
+
+    def __init__(self, backend: ClusterBackend) -> None:
+        self._backend = backend
+        self._started: float | None = None
+        self._pause = RETRY_PAUSE[0]
+
+    def pause(self, error: Exception) -> None:
+        """Wait before the next try. :raises: ``error`` once the time is up."""
+        backend = self._backend
+        now = backend.clock()
+        self._started = now if self._started is None else self._started
+        if now + self._pause - self._started > backend.connect_timeout:
+            raise error
+        if backend._stopped.wait(self._pause):
+            raise LockBackendUnavailable(f"{backend.url} is closed", url=backend.url) from None
+        self._pause = min(self._pause * 2, RETRY_PAUSE[1])
+
+
 def _redirection(reply: ReplyError) -> tuple[str, int, tuple[str, int] | None] | None:
     """(kind, slot, address) of a MOVED or ASK reply; (kind, -1, None) for TRYAGAIN and
     CLUSTERDOWN; None for any other error."""
@@ -293,6 +322,9 @@ class ClusterBackend(RedisBackend):
         #: slot -> the master serving it; None until the table is read
         self._slots: list[_Node | None] = [None] * SLOTS
         self._refreshed_at = -REFRESH_INTERVAL
+        #: A connection to a master failed: read the table again before the next call.
+        self._stale = False
+        self._failed: set[tuple[str, int]] = set()
         self._topology_guard = threading.Lock()
         self._idle: dict[_Node, list[Lane]] = {}
         self._idle_generation = _generation[0]
@@ -366,6 +398,8 @@ class ClusterBackend(RedisBackend):
         with self._topology_guard:
             known = {n.address for n in self._slots if n is not None}
             candidates = [*sorted(known), *(a for a in self.address.nodes if a not in known)]
+            # A node that failed us is asked last: it is likely dead, maybe silent.
+            candidates.sort(key=lambda address: address in self._failed)
             share = self.connect_timeout / len(candidates)
             failures = []
             for address in candidates:
@@ -391,6 +425,8 @@ class ClusterBackend(RedisBackend):
                     continue
                 self._slots = self._table(ranges, address)
                 self._refreshed_at = self.clock()
+                self._stale = False
+                self._failed.clear()
                 return
         msg = f"no node of Redis Cluster {self.url} answered CLUSTER SLOTS: {'; '.join(failures)}"
         raise LockBackendUnavailable(msg, url=self.url, key=key)
@@ -411,6 +447,22 @@ class ClusterBackend(RedisBackend):
         slots[slot] = self._node_at(address)
         if self.clock() - self._refreshed_at >= REFRESH_INTERVAL:
             with suppress(LockBackendUnavailable):  # the patched slot serves meanwhile
+                self._refresh()
+
+    def _node_failed(self, node: _Node) -> None:
+        """A connection to ``node`` failed: its idle lanes are closed (if it died, all of
+        them are dead), and the table is read again before the next call (if it was
+        failed over, the cluster names its replica)."""
+        self._failed.add(node.address)
+        self._stale = True
+        for lane in self._idle.pop(node, []):
+            lane.close()
+
+    def _refresh_stale(self) -> None:
+        """Read the table again after a failed connection, at most every ``REFRESH_INTERVAL``
+        (until the cluster has failed the master over, it names the dead one)."""
+        if self.clock() - self._refreshed_at >= REFRESH_INTERVAL:
+            with suppress(LockBackendUnavailable):
                 self._refresh()
 
     def _masters(self) -> list[_Node]:
@@ -453,6 +505,10 @@ class ClusterBackend(RedisBackend):
             error = self._meaning(exc, key)
             if error is None:
                 raise
+            if isinstance(exc, redis.ConnectionError | redis.TimeoutError):
+                self._node_failed(node)
+            if isinstance(exc.__context__, ConnectionRefusedError):
+                raise _NodeRefused(str(error), url=self.url, key=key) from None
             raise error from None
 
     def _give_back(self, lane: Lane) -> None:
@@ -474,11 +530,14 @@ class ClusterBackend(RedisBackend):
     ) -> Any:
         """The Redis backend's one round trip, sent to the master serving ``key``'s slot,
         following MOVED and ASK and waiting out TRYAGAIN (see the module docstring)."""
-        node = self._slots[self._slot_of(key)] if key is not None else None
+        node = self._slots[self._slot_of(key)] if key is not None and not self._stale else None
         if node is None:
             return self._exchange(request, key, call, unanswered)[0]
         # The hot path: the slot's master is known, and answers.
-        lane = self._lane_on(node, key)
+        try:
+            lane = self._lane_on(node, key)
+        except _NodeRefused:  # nothing was sent: the way that rides through failovers
+            return self._exchange(request, key, call, unanswered)[0]
         try:
             lane.send(request)
             reply = lane.read()
@@ -486,6 +545,7 @@ class ClusterBackend(RedisBackend):
             lane.close()
             if not isinstance(exc, OSError):
                 raise
+            self._node_failed(node)
             if unanswered is not None:
                 unanswered()
             self._raise_socket_error(exc, key)
@@ -512,12 +572,20 @@ class ClusterBackend(RedisBackend):
         acknowledged (0 without ``acknowledged``)."""
         asking: _Node | None = None
         redirects = 0
-        started: float | None = None
-        pause = RETRY_PAUSE[0]
+        retries = _Retries(self)
         tail = self._wait_request if acknowledged else b""
         while True:
-            node = asking or (self._slots[self._slot_of(key)] if key is not None else None)
-            lane = self._lane_on(node or self._node_of(key), key)
+            if self._stale:
+                self._refresh_stale()
+            node = asking or self._node_of(key)
+            try:
+                lane = self._lane_on(node, key)
+            except _NodeRefused as refused:
+                # Nothing was sent: once the cluster has failed that master over, the
+                # table names its replica. Tried again until connect_timeout.
+                retries.pause(refused)
+                asking = None
+                continue
             head = _ASKING if asking is not None else b""
             try:
                 reply, replicas = self._round_trip(lane, head + request + tail, head, tail, call)
@@ -525,6 +593,7 @@ class ClusterBackend(RedisBackend):
                 lane.close()
                 if not isinstance(exc, OSError):
                     raise
+                self._node_failed(node)
                 if unanswered is not None:
                     unanswered()
                 self._raise_socket_error(exc, key)
@@ -548,13 +617,7 @@ class ClusterBackend(RedisBackend):
                     asking = self._node_at(address)
                 continue
             # TRYAGAIN (a migration splits the call's keys) or CLUSTERDOWN: not run; soon.
-            now = self.clock()
-            started = now if started is None else started
-            if now + pause - started > self.connect_timeout:
-                raise self._reply_error(reply, key)
-            if self._stopped.wait(pause):
-                raise LockBackendUnavailable(f"{self.url} is closed", url=self.url, key=key)
-            pause = min(pause * 2, RETRY_PAUSE[1])
+            retries.pause(self._reply_error(reply, key))
 
     @staticmethod
     def _round_trip(
@@ -637,20 +700,49 @@ class ClusterBackend(RedisBackend):
                 else:
                     self._stopped.wait(RETRY_PAUSE[0])
                 return False
+            except LockBackendUnavailable as error:
+                if not isinstance(error.__context__, redis.ConnectionError):
+                    raise
+                # The master went away under the wait (a release announced there may be
+                # gone with it): the lock is tried again, on the master named next.
+                self._node_failed(self._node_of(key))
+                self._stopped.wait(RETRY_PAUSE[0])
+                return False
         return False
 
     def _renew(self, items: Sequence[tuple[str, str, float]]) -> list[bool]:
         """One request per master, all sent before any reply is read; a lock not found
         where the table said is renewed again on its own, routed."""
+        if self._stale:
+            self._refresh_stale()
         groups: dict[_Node, list[int]] = {}
         for index, (key, _, _) in enumerate(items):
             groups.setdefault(self._node_of(key), []).append(index)
         ours = [False] * len(items)
+        for index in self._renew_on_masters(items, groups, ours):
+            key, token, ttl = items[index]
+            call = ScriptCall(self._renew_script, [self._hashed(key)], [token, milliseconds(ttl)], key)
+            reply, replicas = self._exchange(
+                call.pack(), key, functools.partial(_same, call), acknowledged=bool(self.min_replicas)
+            )
+            if replicas < self.min_replicas:
+                raise unacknowledged(self, replicas, "the renewal", key)
+            ours[index] = reply == [1]
+        return ours
+
+    def _renew_on_masters(
+        self, items: Sequence[tuple[str, str, float]], groups: dict[_Node, list[int]], ours: list[bool]
+    ) -> list[int]:
+        """Renew each master's ``groups`` of ``items`` in one script call on each, all sent
+        before any reply is read; set ``ours`` where renewed; the indexes of the items
+        not found where the table said."""
         tail = self._wait_request if self.min_replicas else b""
         again: list[int] = []
         sent: list[tuple[Lane, list[int], ScriptCall]] = []
+        current: _Node | None = None  # the master being written to or read from
         try:
             for node, indexes in groups.items():
+                current = node
                 args: list[Any] = []
                 for index in indexes:
                     key, token, ttl = items[index]
@@ -662,6 +754,7 @@ class ClusterBackend(RedisBackend):
             due = time.monotonic() + self.connect_timeout
             while sent:
                 lane, indexes, call = sent[0]
+                current = lane.node  # type: ignore[attr-defined]  # a _NodeLane
                 reply = lane.read_within(due - time.monotonic())
                 replicas = lane.read_within(due - time.monotonic()) if tail else 0
                 if type(reply) is ReplyError and str(reply).startswith("NOSCRIPT"):
@@ -681,21 +774,16 @@ class ClusterBackend(RedisBackend):
                         ours[index] = True
                     else:
                         again.append(index)
+        except LockError:  # a LockBackendUnavailable is an OSError too: not the socket's
+            raise
         except OSError as exc:
+            if current is not None:
+                self._node_failed(current)
             self._raise_socket_error(exc, None)
         finally:
             for lane, _, _ in sent:
                 lane.close()
-        for index in again:
-            key, token, ttl = items[index]
-            call = ScriptCall(self._renew_script, [self._hashed(key)], [token, milliseconds(ttl)], key)
-            reply, replicas = self._exchange(
-                call.pack(), key, functools.partial(_same, call), acknowledged=bool(tail)
-            )
-            if replicas < self.min_replicas:
-                raise unacknowledged(self, replicas, "the renewal", key)
-            ours[index] = reply == [1]
-        return ours
+        return again
 
     def close(self) -> None:
         self._stopped.set()

@@ -272,3 +272,55 @@ def test_with_min_replicas_a_grant_no_replica_acknowledged_fails_and_is_released
         wait_until(lambda: not backend.lock_info(unique_key), 5, "the unacknowledged grant released")
     finally:
         backend.close()
+
+
+# -- a master's failover ------------------------------------------------------------------
+
+
+def _renewed(backend: ClusterBackend, held: HeldLock) -> bool:
+    try:
+        return backend.renew([held]) == [True]
+    except LockBackendUnavailable:  # the master is dead and not failed over yet
+        return False
+
+
+@pytest.mark.slow
+def test_a_masters_failover_while_held_and_waited_on_carries_on_at_the_promoted_replica(
+    redis_cluster, unique_key
+):
+    backend = connect(redis_cluster.url, connect_timeout=10)
+    # Taken with min_replicas=1: the grant is on the replica before the master dies.
+    # (The promoted replica has no replica of its own: min_replicas=1 fails there until
+    # the old master rejoins, as it should.)
+    acknowledged = connect(redis_cluster.url, min_replicas=1)
+    master, replica = _replica_of_owner(redis_cluster, backend, unique_key)
+    try:
+        holder = acknowledged.acquire(unique_key, ttl=30)
+        assert holder is not None
+        LeaseKeeper.for_process().untrack(holder)  # renewed here, through the failover
+        got: list[HeldLock] = []
+
+        def wait() -> None:
+            held = backend.acquire(unique_key, ttl=10, blocking=True, timeout=30)
+            assert held is not None
+            got.append(held)
+            backend.release(held)
+
+        waiter = threading.Thread(target=wait)
+        waiter.start()
+        wait_until(lambda: blocked_clients(redis_cluster, master) >= 1, 10, "the waiter blocked there")
+        try:
+            assert redis_cluster.kill(master) is replica
+            # The first call after the kill learns the master is gone; the next goes to the
+            # promoted replica (the lease keeper tries again in the same way).
+            wait_until(lambda: _renewed(backend, holder), 5, "a renewal at the promoted replica")
+            wait_until(lambda: blocked_clients(redis_cluster, replica) >= 1, 10, "the waiter moved")
+            assert backend.release(holder) is True
+            waiter.join(30)
+        finally:
+            redis_cluster.rejoin(master, replica)
+        assert len(got) == 1
+        assert got[0].fencing_token > holder.fencing_token
+    finally:
+        backend.close()
+        acknowledged.close()
