@@ -1449,6 +1449,9 @@ class RedisCluster:
     ...     cluster.move_slot(cluster.slot_of("{singleton-lock:report}"), cluster.masters[1])
 
     :param password: ``requirepass`` (and ``masterauth``) of every node.
+    :param tls: paths ``(cert_file, key_file, ca_file)``: every node also listens for
+        TLS (``tls_port``), and the cluster bus and replication run over TLS
+        (:attr:`tls_url`, ``redisclusters://``).
     """
 
     def __init__(
@@ -1457,9 +1460,11 @@ class RedisCluster:
         masters: int = 3,
         replicas: int = 0,
         password: str | None = None,
+        tls: tuple[str, str, str] | None = None,
         startup_timeout: float = 30.0,
     ) -> None:
         self.password = password
+        self.tls = tls
         self.startup_timeout = startup_timeout
         self._auth = ["--masterauth", password] if password else []
         self._masters = masters
@@ -1482,11 +1487,12 @@ class RedisCluster:
 
     def _server(self, index: int) -> RedisServer:
         self.bus_ports[index] = free_port()
-        return RedisServer(password=self.password, extra_args=[
+        tls = ["--tls-cluster", "yes", "--tls-replication", "yes"] if self.tls else []
+        return RedisServer(password=self.password, tls=self.tls, extra_args=[
             "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
             "--cluster-port", str(self.bus_ports[index]),
             # A node that stops answering is failed this late; a new cluster turns ok as late.
-            "--cluster-node-timeout", "2000", *self._auth,
+            "--cluster-node-timeout", "2000", *self._auth, *tls,
         ])
 
     def _launch(self, index: int) -> None:
@@ -1507,6 +1513,12 @@ class RedisCluster:
         """Our ``rediscluster://`` URL naming every master as a startup node."""
         auth = f":{self.password}@" if self.password else ""
         return f"rediscluster://{auth}{','.join(f'127.0.0.1:{m.port}' for m in self.masters)}"
+
+    @property
+    def tls_url(self) -> str:
+        """Our ``redisclusters://`` URL naming every master's TLS port (``tls`` given)."""
+        auth = f":{self.password}@" if self.password else ""
+        return f"redisclusters://{auth}{','.join(f'127.0.0.1:{m.tls_port}' for m in self.masters)}"
 
     def client(self, server: RedisServer) -> Any:
         """A plain redis-py client of one node (close it after use)."""

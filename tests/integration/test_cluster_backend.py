@@ -17,6 +17,7 @@ from celery_singleton_lock.lease import HeldLock, LeaseKeeper
 from celery_singleton_lock.testing import RedisCluster, RedisServer
 from tests.conftest import wait_until
 from tests.contract import BackendSpec, CrossProcessContract, ServerOperations
+from tests.integration.certificates import self_signed
 
 #: Our counting's own commands, and the cluster's own traffic (replicas' acknowledgements
 #: of the replication stream): not lock operations.
@@ -324,3 +325,19 @@ def test_a_masters_failover_while_held_and_waited_on_carries_on_at_the_promoted_
     finally:
         backend.close()
         acknowledged.close()
+
+
+def test_redisclusters_reaches_every_master_over_tls(tmp_path, unique_key):
+    key_file, certificate = self_signed(tmp_path, "redis")
+    with RedisCluster(tls=(str(certificate), str(key_file), str(certificate))) as cluster:
+        backend = connect(cluster.tls_url, ssl_ca_certs=str(certificate))
+        try:
+            held = [backend.acquire(f"{unique_key}:{n}", ttl=10) for n in range(30)]
+            assert all(held)
+            assert backend.renew(held) == [True] * 30
+            assert [backend.release(h) for h in held] == [True] * 30
+            assert isinstance(backend, ClusterBackend)
+            # The cluster names its masters by their TLS ports to a TLS client.
+            assert {n.address[1] for n in backend._slots if n} == {m.tls_port for m in cluster.masters}
+        finally:
+            backend.close()
