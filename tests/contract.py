@@ -713,26 +713,7 @@ class CrossProcessContract(BackendContract):
     def test_processes_counting_under_the_lock_lose_no_update(self, backend_spec, unique_key, tmp_path):
         counter = tmp_path / "counter"
         counter.write_text("0 0")
-        context = clean_context()
-        start = context.Barrier(9)  # all 8 connected, then they go at once
-        processes = [
-            context.Process(
-                target=contract_processes.count_under_lock,
-                args=(backend_spec, unique_key, str(counter), 25, start),
-            )
-            for _ in range(8)
-        ]
-        try:
-            for process in processes:
-                process.start()
-            start.wait(60)
-            for process in processes:
-                process.join(120)
-                assert process.exitcode == 0
-        finally:
-            for process in processes:
-                if process.is_alive():
-                    process.kill()
+        _run_together(8, contract_processes.count_under_lock, backend_spec, unique_key, str(counter), 25)
         assert counter.read_text().split()[0] == "200"
 
     def test_processes_under_a_semaphore_never_exceed_its_limit_and_tokens_never_repeat(
@@ -740,26 +721,9 @@ class CrossProcessContract(BackendContract):
     ):
         journal = tmp_path / "journal"
         journal.write_text("")
-        context = clean_context()
-        start = context.Barrier(9)
-        processes = [
-            context.Process(
-                target=contract_processes.enter_under_semaphore,
-                args=(backend_spec, unique_key, 3, str(journal), 6, start),
-            )
-            for _ in range(8)
-        ]
-        try:
-            for process in processes:
-                process.start()
-            start.wait(60)
-            for process in processes:
-                process.join(120)
-                assert process.exitcode == 0
-        finally:
-            for process in processes:
-                if process.is_alive():
-                    process.kill()
+        rounds = 6
+        enter = contract_processes.enter_under_semaphore
+        _run_together(8, enter, backend_spec, unique_key, 3, str(journal), rounds)
         inside: set[str] = set()
         most = 0
         entered: dict[str, list[int]] = {}
@@ -772,8 +736,8 @@ class CrossProcessContract(BackendContract):
             else:
                 inside.remove(token)
         tokens = [token for each in entered.values() for token in each]
-        assert len(tokens) == 48
-        assert len(set(tokens)) == 48  # never repeated, across every slot
+        assert len(tokens) == 8 * rounds
+        assert len(set(tokens)) == 8 * rounds  # never repeated, across every slot
         assert all(each == sorted(each) for each in entered.values())  # and rising
         assert most <= 3
         assert most == 3  # the slots were really shared
@@ -1046,6 +1010,25 @@ def clean_context() -> Any:
 
 
 @contextmanager
+def _run_together(count: int, target: Callable[..., None], *args: Any) -> None:
+    """Run ``target(*args, start)`` in ``count`` clean child processes, released together
+    by the barrier ``start`` once all are connected; each must exit with 0."""
+    context = clean_context()
+    start = context.Barrier(count + 1)
+    processes = [context.Process(target=target, args=(*args, start)) for _ in range(count)]
+    try:
+        for process in processes:
+            process.start()
+        start.wait(60)
+        for process in processes:
+            process.join(120)
+            assert process.exitcode == 0
+    finally:
+        for process in processes:
+            if process.is_alive():
+                process.kill()
+
+
 def _child(method: str, target: Callable[..., None], *args: Any) -> Iterator[tuple[Any, Connection]]:
     """A child process running ``target(*args, pipe)``, ``method`` "clean" (see
     :func:`clean_context`) or "fork" (a copy of this process, its leases included);
