@@ -1260,17 +1260,39 @@ class FileBackend(LockBackend):
         _refuse_marker_slots(owner, limit)
         path = self._path(key)
         waiter = _Waiter(token, ttl, owner)
+        # A redelivered copy can take a slot only once its first run let its own go:
+        # watching that slot alone, it leaves the free ones alone meanwhile.
+        wanted = self._slots_of_task(key, path, owner, limit) or range(limit)
         with _process.guard:
             room = _process.slot_rooms.get((path, limit))
             if room is None:
                 room = _process.slot_rooms[(path, limit)] = _SlotRoom()
             with room.guard:
                 room.waiters.append(waiter)
-                unwatched = [slot for slot in range(limit) if slot not in room.watching]
+                unwatched = [slot for slot in wanted if slot not in room.watching]
                 room.watching.update(unwatched)
         for slot in unwatched:
             _native.NativeThread(functools.partial(self._watch, path, key, limit, room, slot))
         return self._await(key, room, waiter, deadline)
+
+    def _slots_of_task(self, key: str, path: str, owner: Owner, limit: int) -> list[int]:
+        """The slots below ``limit`` that a run of ``owner``'s task id holds (none
+        without a task id)."""
+        if owner.task_id is None:
+            return []
+        try:
+            with self._existing(path) as fd:
+                if fd is None:
+                    return []
+                with _guarded(fd, write=False):
+                    record = _read(fd)
+                return [
+                    slot for slot in (0, *record.slots)
+                    if slot < limit and record.task_id_of(slot) == owner.task_id
+                    and _hold_taken(fd, _slot_byte(slot))
+                ]
+        except OSError as exc:
+            raise self._unavailable(key, exc) from None
 
     def _watch(self, path: str, key: str, limit: int, room: _SlotRoom, slot: int) -> None:
         """A slot's watcher: block in ``F_OFD_SETLKW`` on the slot's byte, which the kernel
@@ -1283,6 +1305,8 @@ class FileBackend(LockBackend):
                 fd = self._open(path)
                 try:
                     _lock(fd, byte, fcntl.F_WRLCK, wait=True)  # woken at release or death
+                    if not self._still_watched(path, limit, room, slot):
+                        return  # nobody waits any more: let it go before anything else
                     if not _same_file(fd, path):
                         continue
                     handed = self._hand_over(fd, path, key, limit, room, slot)
@@ -1339,7 +1363,7 @@ class FileBackend(LockBackend):
         return waiter, Granted(fence, valid_until=valid_until, slot=slot)
 
     def _still_watched(self, path: str, limit: int, room: _SlotRoom, slot: int) -> bool:
-        """After a handover: go on watching the slot while anybody waits."""
+        """Whether anybody waits (then the slot is watched on); else its watcher ends."""
         with _process.guard, room.guard:
             if any(w.state == _WAITING for w in room.waiters):
                 return True

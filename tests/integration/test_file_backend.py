@@ -636,3 +636,26 @@ def test_a_wait_interrupted_by_an_exception_leaves_no_lock_behind(file_url, uniq
     again = connect(file_url).acquire(unique_key, ttl=5)
     assert again is not None
     again.release()
+
+
+def test_a_semaphore_waiter_gets_whichever_slot_frees_first_and_its_watchers_end(file_url, unique_key):
+    backend = connect(file_url)
+    held = [backend.acquire(unique_key, ttl=10, limit=3) for _ in range(3)]
+    assert [h.slot for h in held] == [0, 1, 2]
+    got: list = []
+    waiter = threading.Thread(
+        target=lambda: got.append(backend.acquire(unique_key, ttl=10, limit=3, blocking=True, timeout=10))
+    )
+    waiter.start()
+    path = backend.path_of(unique_key)
+    wait_until(lambda: (path, 3) in file_backend._process.slot_rooms, 5, "the waiter's watchers")
+    assert held[2].release() is True  # the last slot, not the first
+    waiter.join(10)
+    assert got[0] is not None
+    assert got[0].slot == 2
+    for each in (held[0], held[1], got[0]):
+        assert each.release() is True
+    # Each watcher let its freed slot go and ended; nothing of the wait is left.
+    wait_until(lambda: (path, 3) not in file_backend._process.slot_rooms, 5, "the watchers to end")
+    assert backend.acquire(unique_key, ttl=10, limit=3, blocking=True, timeout=5).release() is True
+    assert backend.lock_info(unique_key) == []
