@@ -1009,7 +1009,6 @@ def clean_context() -> Any:
     return context
 
 
-@contextmanager
 def _run_together(count: int, target: Callable[..., None], *args: Any) -> None:
     """Run ``target(*args, start)`` in ``count`` clean child processes, released together
     by the barrier ``start`` once all are connected; each must exit with 0."""
@@ -1029,6 +1028,7 @@ def _run_together(count: int, target: Callable[..., None], *args: Any) -> None:
                 process.kill()
 
 
+@contextmanager
 def _child(method: str, target: Callable[..., None], *args: Any) -> Iterator[tuple[Any, Connection]]:
     """A child process running ``target(*args, pipe)``, ``method`` "clean" (see
     :func:`clean_context`) or "fork" (a copy of this process, its leases included);
