@@ -43,8 +43,8 @@ process that waits runs one watcher thread per slot, blocked in ``F_OFD_SETLKW``
 byte: the kernel grants a freed byte to exactly one blocked description, whichever slot
 is freed first, by release or death, and that watcher hands it to the room's first
 waiter. Blocked requests cannot be cancelled: after the last waiter left, the watchers
-stay blocked until their slot frees, then let it go at once (for a moment, an attempt may
-then find it taken), and end.
+stay blocked until their slot frees, then let it go at once and end; an attempt that
+meets a slot passing through a watcher looks again (``_PASSING_RESCANS``).
 
 **Fork.** A forked child shares its parent's open file descriptions, locks included:
 an explicit unlock in the child would free the parent's lock, and a child that kept the
@@ -318,6 +318,18 @@ def _granted_record(record: _Record, slot: int, key: str, value: str, ttl: float
     if slot == 0:
         return replace(record, key=key, fence=fence, value=value, ttl=ttl, expires=None, boot="", limit=limit)
     return replace(record, key=key, high=fence, slots={**record.slots, slot: _Slot(value, fence, limit)})
+
+
+class _Passing:
+    """A slot's byte held with no holder written: a watcher between the kernel's grant
+    and its next step (see :meth:`FileBackend._take_free_slot`)."""
+
+
+_PASSING = _Passing()
+#: Looks again at a semaphore whose only untaken-looking slots were passing through a
+#: watcher: a watcher that nobody waits for any more lets its slot go a few system calls
+#: after the kernel woke it, and a refusal then would turn away a call with a slot free.
+_PASSING_RESCANS = 5
 
 
 def _refuse_marker_slots(owner: Owner, limit: int) -> None:
@@ -807,8 +819,9 @@ class FileBackend(LockBackend):
         """
         _refuse_marker_slots(owner, limit)
         path = self._path(key)
+        passing = 0
         try:
-            for _ in range(_REOPENS):
+            for _ in range(_REOPENS + _PASSING_RESCANS):
                 fd = self._open(path)
                 try:
                     outcome = self._take_free_slot(fd, path, key, token, ttl, owner, limit)
@@ -816,7 +829,12 @@ class FileBackend(LockBackend):
                         continue  # deleted or replaced after our open: its locks mean nothing
                     if isinstance(outcome, Granted):
                         fd = -1  # kept: it holds the slot
-                    return outcome
+                        return outcome
+                    if outcome is _PASSING and passing < _PASSING_RESCANS:
+                        passing += 1
+                        time.sleep(0)  # let the watcher run (and this thread's GIL go)
+                        continue
+                    return outcome if isinstance(outcome, Refused) else Refused(None)
                 finally:
                     if fd != -1:
                         _process.close(fd)
@@ -827,8 +845,10 @@ class FileBackend(LockBackend):
 
     def _take_free_slot(
         self, fd: int, path: str, key: str, token: str, ttl: float, owner: Owner, limit: int
-    ) -> Granted | Refused | None:
-        """The attempt of :meth:`_try_acquire_slot` on ``fd``; None: the file was replaced."""
+    ) -> Granted | Refused | _Passing | None:
+        """The attempt of :meth:`_try_acquire_slot` on ``fd``; None: the file was replaced;
+        ``_PASSING``: every slot taken, one by a watcher that has not written a holder yet
+        (it is letting the slot go, or handing it over: a look again settles which)."""
         with _guarded(fd, write=True):
             if not _same_file(fd, path):
                 return None
@@ -852,6 +872,8 @@ class FileBackend(LockBackend):
                     _lock(fd, _slot_byte(free), fcntl.F_UNLCK, wait=False)
                 return Refused(None, owner.task_id)
             if free is None:
+                if any(not record.token_of(slot) for slot in holders if not (slot == 0 and record.is_marker)):
+                    return _PASSING
                 left = record.marker_left()
                 return Refused(left or None, record.task_id_of(holders[0]) if holders else None)
             granted = _granted_record(record, free, key, owner.stored_with(token), ttl, limit)

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import gc
 import multiprocessing
 import os
@@ -659,3 +660,32 @@ def test_a_semaphore_waiter_gets_whichever_slot_frees_first_and_its_watchers_end
     wait_until(lambda: (path, 3) not in file_backend._process.slot_rooms, 5, "the watchers to end")
     assert backend.acquire(unique_key, ttl=10, limit=3, blocking=True, timeout=5).release() is True
     assert backend.lock_info(unique_key) == []
+
+
+def test_a_slot_passing_through_a_watcher_is_looked_at_again_not_refused(file_url, unique_key, monkeypatch):
+    # A watcher whose waiters left is woken by a release and lets the slot go a few
+    # system calls later; an attempt in between must not turn a call away.
+    backend = connect(file_url)
+    held = [backend.acquire(unique_key, ttl=10, limit=2) for _ in range(2)]
+    assert held[1].release() is True
+    path = backend.path_of(unique_key)
+    watcher = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+    try:
+        assert file_backend._lock(watcher, file_backend._slot_byte(1), fcntl.F_WRLCK, wait=False)
+        yields: list[float] = []
+
+        def let_go(seconds: float) -> None:
+            yields.append(seconds)
+            file_backend._lock(watcher, file_backend._slot_byte(1), fcntl.F_UNLCK, wait=False)
+
+        monkeypatch.setattr(file_backend.time, "sleep", let_go)
+        again = backend.acquire(unique_key, ttl=10, limit=2)
+        assert again is not None
+        assert again.slot == 1
+        assert yields == [0]
+        monkeypatch.undo()
+        assert backend.acquire(unique_key, ttl=10, limit=2) is None  # a real holder: refused
+    finally:
+        os.close(watcher)
+    assert again.release() is True
+    assert held[0].release() is True
