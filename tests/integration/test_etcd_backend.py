@@ -20,12 +20,12 @@ from celery_singleton_lock import (
     LockKeyError,
     connect,
 )
-from celery_singleton_lock.backends.owner import Owner
 from celery_singleton_lock.lease import LeaseKeeper
 from celery_singleton_lock.testing import EtcdCluster, etcd_binary
 from tests.conftest import wait_until
 from tests.contract import BackendSpec, CrossProcessContract, ServerOperations
 from tests.integration.etcd_helpers import entries, names_written, revision
+from tests.queue_contract import QueueContract, connections, queue_waiters
 
 
 def _revoke(backend, lease_id: int) -> None:
@@ -74,6 +74,22 @@ def backend(etcd_url):
     backend.close()
 
 
+@pytest.fixture
+def backends(etcd_url):
+    """Make more backends of the server (each its own leases, as another process's)."""
+    with connections(etcd_url) as make:
+        yield make
+
+
+@pytest.fixture
+def line_length(backend):
+    return lambda key: len(entries(backend, key))
+
+
+class TestEtcdQueue(QueueContract):
+    pass
+
+
 def test_an_entry_takes_the_first_place_and_is_bound_to_its_own_lease(backend, etcd_server, unique_key):
     held = backend.acquire(unique_key + "/with/slashes", ttl=5)
     (entry,) = entries(backend, unique_key + "/with/slashes")
@@ -92,87 +108,18 @@ def test_an_entry_takes_the_first_place_and_is_bound_to_its_own_lease(backend, e
     other.close()
 
 
-def _queue_waiters(etcd_url, key: str, count: int):
-    """``count`` threads that queue for ``key`` one after another (each queued before the
-    next starts); each records its turn and then waits for permission to release."""
-    order: list[int] = []
-    proceed = [threading.Event() for _ in range(count)]
-    backends = [connect(etcd_url) for _ in range(count)]
-    observer = connect(etcd_url)
-
-    def wait(i: int) -> None:
-        held = backends[i].acquire(key, ttl=10, blocking=True, timeout=30)
-        order.append(i)
-        proceed[i].wait(30)
-        backends[i].release(held)
-
-    threads = []
-    for i in range(count):
-        threads.append(threading.Thread(target=wait, args=(i,)))
-        threads[-1].start()
-        wait_until(lambda i=i: len(entries(observer, key)) == i + 2, 10, f"waiter {i} to queue")
-    observer.close()
-    return order, proceed, backends, threads
-
-
-def test_waiters_get_the_lock_in_the_order_they_queued(backend, etcd_url, unique_key):
-    holder = backend.acquire(unique_key, ttl=10)
-    order, proceed, backends, threads = _queue_waiters(etcd_url, unique_key, 5)
-    backend.release(holder)
-    for i in range(5):
-        wait_until(lambda i=i: len(order) == i + 1, 10, f"turn {i}")
-        proceed[i].set()
-    for thread in threads:
-        thread.join(10)
-    assert order == [0, 1, 2, 3, 4]
-    for waiter in backends:
-        waiter.close()
-
-
-def test_each_release_wakes_exactly_one_waiter(backend, etcd_url, etcd_server, unique_key):
+def test_each_release_sends_exactly_one_watch_event(backend, backends, line_length, etcd_server, unique_key):
     member = etcd_server.members[0]
     holder = backend.acquire(unique_key, ttl=10)
-    order, proceed, backends, threads = _queue_waiters(etcd_url, unique_key, 5)
+    line = queue_waiters(backends, line_length, unique_key, 5)
     watch_events_before = member.grpc_messages("Watch", "sent")
     backend.release(holder)
     for i in range(5):
-        wait_until(lambda i=i: len(order) == i + 1, 10, f"turn {i}")
-        # Only the waiter right behind the released entry was told; nobody else woke.
-        assert sum(b.wakeups for b in backends) == i + 1
+        wait_until(lambda i=i: len(line.order) == i + 1, 10, f"turn {i}")
+        # Only the waiter right behind the released entry was told, by one event.
         assert member.grpc_messages("Watch", "sent") - watch_events_before == i + 1
-        proceed[i].set()
-    for thread in threads:
-        thread.join(10)
-    for waiter in backends:
-        waiter.close()
-
-
-def test_a_waiter_that_gives_up_leaves_the_line_and_wakes_the_next(backend, etcd_url, unique_key):
-    holder = backend.acquire(unique_key, ttl=10)
-    quitter = connect(etcd_url)
-    assert quitter.acquire(unique_key, ttl=10, blocking=True, timeout=0.3) is None
-    assert len(entries(backend, unique_key)) == 1  # its entry went with it
-    # A waiter queued behind one that gives up moves up and still gets the lock.
-    patient = connect(etcd_url)
-    got: list = []
-    late = threading.Thread(
-        target=lambda: got.append(quitter.acquire(unique_key, ttl=10, blocking=True, timeout=0.5))
-    )
-    late.start()
-    wait_until(lambda: len(entries(backend, unique_key)) == 2, 5, "the quitter to queue")
-    behind = threading.Thread(
-        target=lambda: got.append(patient.acquire(unique_key, ttl=10, blocking=True, timeout=10))
-    )
-    behind.start()
-    late.join(5)
-    assert got == [None]
-    backend.release(holder)
-    behind.join(5)
-    assert got[1] is not None
-    assert got[1].fencing_token > holder.fencing_token
-    patient.release(got[1])
-    quitter.close()
-    patient.close()
+        line.proceed[i].set()
+    line.finish()
 
 
 def _lease_ids(cluster: EtcdCluster) -> set[int]:
@@ -235,12 +182,12 @@ def test_authenticated_cluster_takes_the_user_from_the_url():
             backend.close()
 
 
-def test_only_the_exact_token_renews_or_releases(backend, second_backend_factory, unique_key):
+def test_only_the_exact_token_renews_or_releases(backend, backends, unique_key):
     # An etcd token starts with its lease id: a handle with a prefix of the holder's
     # token names the holder's lease. Its release once revoked that lease, which deleted
     # the holder's entry (issue 9, item 7).
     held = backend.acquire(unique_key, ttl=10)
-    forger = second_backend_factory()
+    forger = backends()
     # A token with the holder's lease and place but other random digits names the
     # holder's entry: only the stored value tells them apart.
     for token in ("", held.token[:16], held.token[:39], held.token[:16] + "0" * 16 + held.token[32:],
@@ -253,19 +200,6 @@ def test_only_the_exact_token_renews_or_releases(backend, second_backend_factory
     assert backend.renew([held]) == [True]
     assert [entry.create_revision for entry in entries(backend, unique_key)] == [held.fencing_token]
     assert backend.release(held) is True
-
-
-@pytest.fixture
-def second_backend_factory(etcd_url):
-    made: list = []
-
-    def make(**options):
-        made.append(connect(etcd_url, **options))
-        return made[-1]
-
-    yield make
-    for backend in made:
-        backend.close()
 
 
 def test_a_request_etcd_refuses_as_too_large_is_a_key_error_not_an_outage(unique_key):
@@ -388,145 +322,18 @@ def test_a_waiter_whose_place_was_taken_again_queues_behind_the_newcomer(backend
     second.close()
 
 
-def test_a_line_longer_than_one_offer_of_places_queues_in_order(backend, etcd_url, unique_key):
+def test_a_line_longer_than_one_offer_of_places_queues_in_order(backend, backends, line_length, unique_key):
     # A waiter offers places 0-7 in one transaction; the ninth entry finds them all taken
     # and offers the free places of the line it read instead.
     holder = backend.acquire(unique_key, ttl=10)
-    order, proceed, backends, threads = _queue_waiters(etcd_url, unique_key, 9)
+    line = queue_waiters(backends, line_length, unique_key, 9)
     assert sorted(e.key[-1:] for e in entries(backend, unique_key)) == [b"%x" % i for i in range(10)]
     backend.release(holder)
     for i in range(9):
-        wait_until(lambda i=i: len(order) == i + 1, 10, f"turn {i}")
-        proceed[i].set()
-    for thread in threads:
-        thread.join(10)
-    assert order == list(range(9))
-    for waiter in backends:
-        waiter.close()
-
-
-# -- semaphores (limit > 1) --------------------------------------------------------------
-
-
-def _queue_slot_waiters(etcd_url, key: str, count: int, limit: int, queued: int):
-    """``count`` threads that queue for a slot of ``key`` one after another (each queued,
-    behind ``queued`` entries, before the next starts); each records its turn, then
-    waits for permission to release."""
-    order: list[int] = []
-    proceed = [threading.Event() for _ in range(count)]
-    backends = [connect(etcd_url) for _ in range(count)]
-    observer = connect(etcd_url)
-
-    def wait(i: int) -> None:
-        held = backends[i].acquire(key, ttl=10, blocking=True, timeout=30, limit=limit)
-        order.append(i)
-        proceed[i].wait(30)
-        backends[i].release(held)
-
-    threads = []
-    for i in range(count):
-        threads.append(threading.Thread(target=wait, args=(i,)))
-        threads[-1].start()
-        wait_until(lambda i=i: len(entries(observer, key)) == queued + i + 1, 10, f"waiter {i} to queue")
-    observer.close()
-    return order, proceed, backends, threads
-
-
-def test_semaphore_waiters_get_slots_in_the_order_they_queued(backend, etcd_url, unique_key):
-    holders = [backend.acquire(unique_key, ttl=10, limit=2) for _ in range(2)]
-    order, proceed, backends, threads = _queue_slot_waiters(etcd_url, unique_key, 3, 2, 2)
-    assert order == []
-    backend.release(holders[1])
-    wait_until(lambda: order == [0], 10, "the first waiter's slot")
-    backend.release(holders[0])
-    wait_until(lambda: order == [0, 1], 10, "the second waiter's slot")
-    proceed[0].set()
-    wait_until(lambda: order == [0, 1, 2], 10, "the third waiter's slot")
-    for event in proceed:
-        event.set()
-    for thread in threads:
-        thread.join(10)
-    for waiter in backends:
-        waiter.close()
-
-
-def test_each_freed_slot_wakes_one_waiter_and_moves_the_next_up(backend, etcd_url, unique_key):
-    # Five waiters on a full semaphore of 2. A freed slot wakes the first waiter (it
-    # watches the line); its grant wakes the one behind it, which watches the line from
-    # then on. Nobody else wakes: the cost of a slot does not grow with the line.
-    holders = [backend.acquire(unique_key, ttl=10, limit=2) for _ in range(2)]
-    order, proceed, backends, threads = _queue_slot_waiters(etcd_url, unique_key, 5, 2, 2)
-    assert [b.wakeups for b in backends] == [0] * 5
-    expected = [0] * 5
-    for turn in range(5):
-        if turn < 2:
-            backend.release(holders[turn])
-        else:
-            proceed[turn - 2].set()
-        wait_until(lambda turn=turn: len(order) == turn + 1, 10, f"slot {turn}")
-        expected[turn] += 1
-        if turn + 1 < 5:
-            expected[turn + 1] += 1
-        wait_until(lambda: [b.wakeups for b in backends] == expected, 10, f"wake-ups {expected}")
-    assert order == [0, 1, 2, 3, 4]
-    for event in proceed:
-        event.set()
-    for thread in threads:
-        thread.join(10)
-    for waiter in backends:
-        waiter.close()
-
-
-def test_a_deploy_that_changes_the_limit_needs_no_cleanup(backend, etcd_url, unique_key):
-    # The old deploy's two holders (limit 2) stay while the new one (limit 4) starts:
-    # the new limit counts every holder, old or new, and so does the old one.
-    old = [backend.acquire(unique_key, ttl=10, limit=2) for _ in range(2)]
-    new = [backend.acquire(unique_key, ttl=10, limit=4) for _ in range(2)]
-    assert None not in old + new
-    assert backend.acquire(unique_key, ttl=10, limit=4) is None
-    assert backend.acquire(unique_key, ttl=10, limit=2) is None
-    # And back to 2: a waiter of limit 2 gets in once fewer than 2 are ahead of it.
-    waiter = connect(etcd_url)
-    got: list = []
-    thread = threading.Thread(
-        target=lambda: got.append(waiter.acquire(unique_key, ttl=10, blocking=True, timeout=30, limit=2))
-    )
-    thread.start()
-    wait_until(lambda: len(entries(backend, unique_key)) == 5, 10, "the waiter to queue")
-    for held in old + new[:1]:
-        assert backend.release(held) is True
-    thread.join(10)
-    assert got[0] is not None
-    assert got[0].fencing_token > max(h.fencing_token for h in old + new)
-    assert sorted(info.limit for info in backend.lock_info(unique_key)) == [2, 4]
-    assert backend.acquire(unique_key, ttl=10, limit=2) is None  # two ahead
-    third = backend.acquire(unique_key, ttl=10, limit=4)  # but fewer than 4
-    assert third is not None
-    for held in (third, new[1], got[0]):
-        assert held.release() is True
-    assert entries(backend, unique_key) == []
-    waiter.close()
-
-
-def test_a_waiting_redelivered_copy_never_takes_a_second_slot(backend, etcd_url, unique_key):
-    first = backend.acquire(unique_key, ttl=10, limit=3, owner=Owner.here("task-a"))
-    copy = connect(etcd_url)
-    got: list = []
-    thread = threading.Thread(target=lambda: got.append(copy.acquire(
-        unique_key, ttl=10, blocking=True, timeout=30, limit=3, owner=Owner.here("task-a")
-    )))
-    thread.start()
-    wait_until(lambda: len(entries(backend, unique_key)) == 2, 10, "the copy to queue")
-    other = backend.acquire(unique_key, ttl=10, limit=3, owner=Owner.here("task-b"))
-    assert other is not None  # a free slot for anyone else
-    assert [info.owner.task_id for info in backend.lock_info(unique_key)] == ["task-a", "task-b"]
-    assert backend.release(first) is True
-    thread.join(10)
-    assert got[0] is not None
-    assert got[0].fencing_token > other.fencing_token
-    for held in (other, got[0]):
-        assert held.release() is True
-    copy.close()
+        wait_until(lambda i=i: len(line.order) == i + 1, 10, f"turn {i}")
+        line.proceed[i].set()
+    line.finish()
+    assert line.order == list(range(9))
 
 
 def test_keep_until_moves_the_entry_to_a_lease_nobody_renews(backend, unique_key):

@@ -16,13 +16,13 @@ import pytest
 from kazoo.client import KazooClient
 
 from celery_singleton_lock import ConfigurationError, LockBackendUnavailable, LockLost, connect
-from celery_singleton_lock.backends.owner import Owner
 from celery_singleton_lock.backends.zookeeper import ZooKeeperBackend
 from celery_singleton_lock.lease import LeaseKeeper
 from celery_singleton_lock.signals import lock_lost
 from celery_singleton_lock.testing import ZooKeeperEnsemble
 from tests.conftest import wait_until
 from tests.contract import BackendSpec, CrossProcessContract, ServerOperations
+from tests.queue_contract import QueueContract, connections
 
 
 @pytest.fixture(scope="module")
@@ -94,15 +94,17 @@ def backend(zk_url):
 @pytest.fixture
 def backends(zk_url):
     """Make more backends of the server (each its own sessions, as another process's)."""
-    made: list = []
+    with connections(zk_url) as make:
+        yield make
 
-    def make(url: str | None = None, **options):
-        made.append(connect(url or zk_url, **options))
-        return made[-1]
 
-    yield make
-    for each in made:
-        each.close()
+@pytest.fixture
+def line_length(backend, raw):
+    return lambda key: len(raw.get_children(backend._full_key(key)))
+
+
+class TestZooKeeperQueue(QueueContract):
+    pass
 
 
 class Proxy:
@@ -211,70 +213,6 @@ def test_keys_with_dots_and_odd_characters_are_locks_of_their_own(backend, uniqu
     assert len({backend._full_key(h.key) for h in held}) == len(keys)
     for each in held:
         assert backend.release(each) is True
-
-
-def _queue_waiters(zk_url, raw, directory, key: str, count: int, backends):
-    """``count`` threads that queue for ``key`` one after another (each queued before the
-    next starts); each records its turn and then waits for permission to release."""
-    order: list[int] = []
-    proceed = [threading.Event() for _ in range(count)]
-    waiters = [backends() for _ in range(count)]
-
-    def wait(i: int) -> None:
-        held = waiters[i].acquire(key, ttl=10, blocking=True, timeout=30)
-        order.append(i)
-        proceed[i].wait(30)
-        waiters[i].release(held)
-
-    threads = []
-    for i in range(count):
-        threads.append(threading.Thread(target=wait, args=(i,)))
-        threads[-1].start()
-        wait_until(lambda i=i: len(raw.get_children(directory)) == i + 2, 10, f"waiter {i} to queue")
-    return order, proceed, waiters, threads
-
-
-def test_waiters_get_the_lock_in_the_order_they_queued_and_each_release_wakes_one(
-    backend, backends, zk_url, raw, unique_key
-):
-    holder = backend.acquire(unique_key, ttl=10)
-    directory = backend._full_key(unique_key)
-    order, proceed, waiters, threads = _queue_waiters(zk_url, raw, directory, unique_key, 5, backends)
-    assert sum(w.wakeups for w in waiters) == 0
-    backend.release(holder)
-    for i in range(5):
-        wait_until(lambda i=i: len(order) == i + 1, 10, f"turn {i}")
-        # Only the waiter right behind the released node was told; nobody else woke.
-        assert sum(w.wakeups for w in waiters) == i + 1
-        proceed[i].set()
-    for thread in threads:
-        thread.join(10)
-    assert order == [0, 1, 2, 3, 4]
-
-
-def test_a_waiter_that_gives_up_leaves_the_line_and_the_next_moves_up(backend, backends, raw, unique_key):
-    holder = backend.acquire(unique_key, ttl=10)
-    directory = backend._full_key(unique_key)
-    quitter, patient = backends(), backends()
-    assert quitter.acquire(unique_key, ttl=10, blocking=True, timeout=0.3) is None
-    assert len(raw.get_children(directory)) == 1  # its node went with it
-    got: list = []
-    late = threading.Thread(
-        target=lambda: got.append(quitter.acquire(unique_key, ttl=10, blocking=True, timeout=0.6))
-    )
-    late.start()
-    wait_until(lambda: len(raw.get_children(directory)) == 2, 5, "the quitter to queue")
-    behind = threading.Thread(
-        target=lambda: got.append(patient.acquire(unique_key, ttl=10, blocking=True, timeout=10))
-    )
-    behind.start()
-    late.join(5)
-    assert got == [None]
-    backend.release(holder)
-    behind.join(5)
-    assert got[1] is not None
-    assert got[1].fencing_token > holder.fencing_token
-    assert patient.release(got[1]) is True
 
 
 def test_an_attempt_whose_reply_was_lost_leaves_no_node_behind(proxy, backends, raw, unique_key):
@@ -511,127 +449,6 @@ def test_brief_locks_beside_a_longer_held_one_never_wake_the_janitor(backend, un
         backend.release(held)
     assert janitor.wake_calls - before <= 1
     assert backend.release(long_held)
-
-
-# -- semaphores (limit > 1) --------------------------------------------------------------
-
-
-def _queue_slot_waiters(raw, directory, key: str, count: int, limit: int, queued: int, backends):
-    """``count`` threads that queue for a slot of ``key`` one after another (each queued,
-    behind ``queued`` nodes, before the next starts); each records its turn, then waits
-    for permission to release."""
-    order: list[int] = []
-    proceed = [threading.Event() for _ in range(count)]
-    waiters = [backends() for _ in range(count)]
-
-    def wait(i: int) -> None:
-        held = waiters[i].acquire(key, ttl=10, blocking=True, timeout=30, limit=limit)
-        order.append(i)
-        proceed[i].wait(30)
-        waiters[i].release(held)
-
-    threads = []
-    for i in range(count):
-        threads.append(threading.Thread(target=wait, args=(i,)))
-        threads[-1].start()
-        wait_until(
-            lambda i=i: len(raw.get_children(directory)) == queued + i + 1, 10, f"waiter {i} to queue"
-        )
-    return order, proceed, waiters, threads
-
-
-def test_semaphore_waiters_get_slots_in_the_order_they_queued(backend, backends, raw, unique_key):
-    holders = [backend.acquire(unique_key, ttl=10, limit=2) for _ in range(2)]
-    directory = backend._full_key(unique_key)
-    order, proceed, _, threads = _queue_slot_waiters(raw, directory, unique_key, 3, 2, 2, backends)
-    assert order == []
-    backend.release(holders[1])
-    wait_until(lambda: order == [0], 10, "the first waiter's slot")
-    backend.release(holders[0])
-    wait_until(lambda: order == [0, 1], 10, "the second waiter's slot")
-    proceed[0].set()
-    wait_until(lambda: order == [0, 1, 2], 10, "the third waiter's slot")
-    for event in proceed:
-        event.set()
-    for thread in threads:
-        thread.join(10)
-
-
-def test_each_freed_slot_wakes_one_waiter_and_moves_the_next_up(backend, backends, raw, unique_key):
-    # Five waiters on a full semaphore of 2. A freed slot wakes the first waiter (it
-    # watches the nodes ahead); its grant (a write of its node) wakes the one behind it,
-    # which watches the nodes ahead from then on. Nobody else wakes.
-    holders = [backend.acquire(unique_key, ttl=10, limit=2) for _ in range(2)]
-    directory = backend._full_key(unique_key)
-    order, proceed, waiters, threads = _queue_slot_waiters(raw, directory, unique_key, 5, 2, 2, backends)
-    assert [w.wakeups for w in waiters] == [0] * 5
-    expected = [0] * 5
-    for turn in range(5):
-        if turn < 2:
-            backend.release(holders[turn])
-        else:
-            proceed[turn - 2].set()
-        wait_until(lambda turn=turn: len(order) == turn + 1, 10, f"slot {turn}")
-        expected[turn] += 1
-        if turn + 1 < 5:
-            expected[turn + 1] += 1
-        wait_until(lambda: [w.wakeups for w in waiters] == expected, 10, f"wake-ups {expected}")
-    assert order == [0, 1, 2, 3, 4]
-    for event in proceed:
-        event.set()
-    for thread in threads:
-        thread.join(10)
-
-
-def test_a_deploy_that_changes_the_limit_needs_no_cleanup(backend, backends, raw, unique_key):
-    # kazoo's Semaphore stores its limit in the lock's node and refuses another; here each
-    # acquirer's limit is in its own node's name.
-    directory = backend._full_key(unique_key)
-    old = [backend.acquire(unique_key, ttl=10, limit=2) for _ in range(2)]
-    new = [backend.acquire(unique_key, ttl=10, limit=4) for _ in range(2)]
-    assert None not in old + new
-    assert backend.acquire(unique_key, ttl=10, limit=4) is None
-    assert backend.acquire(unique_key, ttl=10, limit=2) is None
-    waiter = backends()
-    got: list = []
-    thread = threading.Thread(
-        target=lambda: got.append(waiter.acquire(unique_key, ttl=10, blocking=True, timeout=30, limit=2))
-    )
-    thread.start()
-    wait_until(lambda: len(raw.get_children(directory)) == 5, 10, "the waiter to queue")
-    for held in old + new[:1]:
-        assert backend.release(held) is True
-    thread.join(10)
-    assert got[0] is not None
-    assert got[0].fencing_token > max(h.fencing_token for h in old + new)
-    assert sorted(info.limit for info in backend.lock_info(unique_key)) == [2, 4]
-    assert backend.acquire(unique_key, ttl=10, limit=2) is None  # two ahead
-    third = backend.acquire(unique_key, ttl=10, limit=4)  # but fewer than 4
-    assert third is not None
-    for held in (third, new[1], got[0]):
-        assert held.release() is True
-    assert raw.get_children(directory) == []
-
-
-def test_a_waiting_redelivered_copy_never_takes_a_second_slot(backend, backends, raw, unique_key):
-    directory = backend._full_key(unique_key)
-    first = backend.acquire(unique_key, ttl=10, limit=3, owner=Owner.here("task-a"))
-    copy = backends()
-    got: list = []
-    thread = threading.Thread(target=lambda: got.append(copy.acquire(
-        unique_key, ttl=10, blocking=True, timeout=30, limit=3, owner=Owner.here("task-a")
-    )))
-    thread.start()
-    wait_until(lambda: len(raw.get_children(directory)) == 2, 10, "the copy to queue")
-    other = backend.acquire(unique_key, ttl=10, limit=3, owner=Owner.here("task-b"))
-    assert other is not None  # a free slot for anyone else
-    assert [info.owner.task_id for info in backend.lock_info(unique_key)] == ["task-a", "task-b"]
-    assert backend.release(first) is True
-    thread.join(10)
-    assert got[0] is not None
-    assert got[0].fencing_token > other.fencing_token
-    for held in (other, got[0]):
-        assert held.release() is True
 
 
 def test_keep_until_leaves_the_node_to_the_janitor_with_no_renewal(backend, backends, raw, unique_key):
