@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import copy
 import functools
-import ipaddress
 import threading
 import time
 from binascii import crc_hqx
@@ -45,11 +44,11 @@ from collections.abc import Callable, Iterable, Sequence
 from contextlib import suppress
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import urlsplit
 
 import redis
 from redis.crc import key_slot
 
+from celery_singleton_lock.backends._hosts import host_list, split_url
 from celery_singleton_lock.backends.base import Granted, LockInfo, NodeStatus, Refused
 from celery_singleton_lock.backends.owner import Owner
 from celery_singleton_lock.backends.redis import (
@@ -116,12 +115,7 @@ def parse_cluster_url(url: str, *, option: str) -> ClusterAddress:
 
     :raises ConfigurationError: naming ``option``, the password masked.
     """
-    try:
-        parts = urlsplit(url)
-        shown = mask_url(url)
-    except ValueError as exc:  # brackets that hold no IPv6 address
-        msg = f"{option}: a rediscluster:// URL that cannot be parsed: {exc}"
-        raise ConfigurationError(msg, option=option) from None
+    parts, shown = split_url(url, kind="rediscluster://", option=option)
     scheme = parts.scheme.lower()
     if scheme not in ClusterBackend.schemes:
         msg = f"{option}: {shown!r} is not a rediscluster:// or redisclusters:// URL"
@@ -133,35 +127,8 @@ def parse_cluster_url(url: str, *, option: str) -> ClusterAddress:
         msg = f"{option}: {shown!r} has a fragment; a rediscluster:// URL takes none"
         raise ConfigurationError(msg, option=option)
     userinfo, _, hosts = parts.netloc.rpartition("@")
-    nodes = tuple(_node_address(host.strip(), shown, option) for host in hosts.split(","))
+    nodes = host_list(hosts, default_port=DEFAULT_PORT, what="node", shown=shown, option=option)
     return ClusterAddress(nodes, scheme == "redisclusters", userinfo, parts.query)
-
-
-def _node_address(host: str, shown: str, option: str) -> tuple[str, int]:
-    if host.startswith("["):
-        name, bracket, rest = host[1:].partition("]")
-        port = rest[1:] if rest.startswith(":") else ""
-        valid = bool(bracket) and (not rest or rest.startswith(":")) and _is_ipv6(name)
-    else:
-        name, _, port = host.partition(":")
-        valid = bool(name) and ":" not in port
-    if not valid:
-        msg = f"{option}: bad node address {host!r} in {shown!r} (host:port, [ipv6]:port)"
-        raise ConfigurationError(msg, option=option)
-    if not port:
-        return name, DEFAULT_PORT
-    if not (port.isascii() and port.isdigit() and 0 < int(port) < 65536):
-        msg = f"{option}: port {port!r} of {shown!r} is not a number from 1 to 65535"
-        raise ConfigurationError(msg, option=option)
-    return name, int(port)
-
-
-def _is_ipv6(text: str) -> bool:
-    try:
-        ipaddress.IPv6Address(text)
-    except ValueError:
-        return False
-    return True
 
 
 class _Node:

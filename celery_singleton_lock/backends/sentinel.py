@@ -27,7 +27,6 @@ acknowledged the new TTL; docs/sentinel.md says what this buys and what it costs
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 import os
 import secrets
@@ -39,7 +38,7 @@ from collections.abc import Callable, Sequence
 from contextlib import suppress
 from dataclasses import dataclass, replace
 from typing import Any, Protocol, TypeVar
-from urllib.parse import unquote, urlsplit
+from urllib.parse import unquote
 
 import redis
 from redis.backoff import NoBackoff
@@ -52,10 +51,11 @@ from redis.sentinel import (
     SentinelManagedSSLConnection,
 )
 
+from celery_singleton_lock.backends._hosts import host_list, split_url
 from celery_singleton_lock.backends.base import Granted, Refused
 from celery_singleton_lock.backends.owner import Owner
 from celery_singleton_lock.backends.redis import RedisBackend, ReplyError, ScriptCall
-from celery_singleton_lock.errors import ConfigurationError, LockBackendUnavailable, LockError, mask_url
+from celery_singleton_lock.errors import ConfigurationError, LockBackendUnavailable, LockError
 
 __all__ = ["SentinelAddress", "SentinelBackend", "parse_sentinel_url", "replica_wait", "unacknowledged"]
 
@@ -97,12 +97,7 @@ def parse_sentinel_url(url: str, *, option: str) -> SentinelAddress:
 
     :raises ConfigurationError: naming ``option``, the password masked.
     """
-    try:
-        parts = urlsplit(url)
-        shown = mask_url(url)
-    except ValueError as exc:  # brackets that hold no IPv6 address
-        msg = f"{option}: a sentinel:// URL that cannot be parsed: {exc}"
-        raise ConfigurationError(msg, option=option) from None
+    parts, shown = split_url(url, kind="sentinel://", option=option)
     if parts.scheme.lower() != "sentinel":
         msg = f"{option}: {shown!r} is not a sentinel:// URL"
         raise ConfigurationError(msg, option=option)
@@ -118,7 +113,9 @@ def parse_sentinel_url(url: str, *, option: str) -> SentinelAddress:
         user, colon, secret = userinfo.partition(":")
         username = unquote(user) or None
         password = unquote(secret) if colon else None
-    sentinels = tuple(_sentinel_address(host.strip(), shown, option) for host in hosts.split(","))
+    sentinels = host_list(
+        hosts, default_port=DEFAULT_SENTINEL_PORT, what="Sentinel", shown=shown, option=option
+    )
     segments = [unquote(s) for s in parts.path.split("/")[1:]]
     if not segments or not segments[0] or len(segments) > 2 or (len(segments) == 2 and not segments[1]):
         msg = (
@@ -131,33 +128,6 @@ def parse_sentinel_url(url: str, *, option: str) -> SentinelAddress:
         msg = f"{option}: the database in {shown!r} must be a number (0, 1, 2...), got {db!r}"
         raise ConfigurationError(msg, option=option)
     return SentinelAddress(sentinels, segments[0], int(db), username, password)
-
-
-def _sentinel_address(host: str, shown: str, option: str) -> tuple[str, int]:
-    if host.startswith("["):
-        name, bracket, rest = host[1:].partition("]")
-        port = rest[1:] if rest.startswith(":") else ""
-        valid = bool(bracket) and (not rest or rest.startswith(":")) and _is_ipv6(name)
-    else:
-        name, _, port = host.partition(":")
-        valid = bool(name) and ":" not in port
-    if not valid:
-        msg = f"{option}: bad Sentinel address {host!r} in {shown!r} (host:port, [ipv6]:port)"
-        raise ConfigurationError(msg, option=option)
-    if not port:
-        return name, DEFAULT_SENTINEL_PORT
-    if not (port.isascii() and port.isdigit() and 0 < int(port) < 65536):
-        msg = f"{option}: port {port!r} of {shown!r} is not a number from 1 to 65535"
-        raise ConfigurationError(msg, option=option)
-    return name, int(port)
-
-
-def _is_ipv6(text: str) -> bool:
-    try:
-        ipaddress.IPv6Address(text)
-    except ValueError:
-        return False
-    return True
 
 
 class _MasterConnection(SentinelManagedConnection):
