@@ -43,7 +43,7 @@ from binascii import crc_hqx
 from collections.abc import Callable, Iterable, Sequence
 from contextlib import suppress
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NoReturn
 
 import redis
 from redis.crc import key_slot
@@ -509,13 +509,7 @@ class ClusterBackend(RedisBackend):
             lane.send(request)
             reply = lane.read()
         except BaseException as exc:
-            lane.close()
-            if not isinstance(exc, OSError):
-                raise
-            self._node_failed(node)
-            if unanswered is not None:
-                unanswered()
-            self._raise_socket_error(exc, key)
+            self._lane_failed(lane, node, exc, key, unanswered)
         self._give_back(lane)
         if type(reply) is not ReplyError:
             return reply
@@ -524,6 +518,25 @@ class ClusterBackend(RedisBackend):
         # Nothing was run (a redirection, or a master new to the script): the way that
         # follows redirections sends it again.
         return self._exchange(request, key, call, unanswered)[0]
+
+    def _lane_failed(
+        self,
+        lane: Lane,
+        node: _Node,
+        exc: BaseException,
+        key: str | None,
+        unanswered: Callable[[], None] | None,
+    ) -> NoReturn:
+        """A call on ``lane`` (to ``node``) raised ``exc``: the lane is closed. A socket
+        error marks the master failed, tells ``unanswered`` (the call may have run) and
+        becomes LockBackendUnavailable; anything else goes on up as it was."""
+        lane.close()
+        if not isinstance(exc, OSError):
+            raise exc
+        self._node_failed(node)
+        if unanswered is not None:
+            unanswered()
+        self._raise_socket_error(exc, key)
 
     def _exchange(
         self,
@@ -557,13 +570,7 @@ class ClusterBackend(RedisBackend):
             try:
                 reply, replicas = self._round_trip(lane, head + request + tail, head, tail, call)
             except BaseException as exc:
-                lane.close()
-                if not isinstance(exc, OSError):
-                    raise
-                self._node_failed(node)
-                if unanswered is not None:
-                    unanswered()
-                self._raise_socket_error(exc, key)
+                self._lane_failed(lane, node, exc, key, unanswered)
             self._give_back(lane)
             if type(reply) is not ReplyError:
                 if type(replicas) is ReplyError:
@@ -593,18 +600,18 @@ class ClusterBackend(RedisBackend):
         """Send ``request`` (``head``: ASKING, then the call, then ``tail``: a WAIT) and
         read its replies: the call's, and the WAIT's (0 without one). A master that has
         not run the script yet gets it again as EVAL."""
-        lane.send(request)
-        if head:
-            lane.read()
-        reply = lane.read()
-        replicas = lane.read() if tail else 0
+
+        def send(packed: bytes) -> tuple[Any, Any]:
+            lane.send(packed)
+            if head:
+                lane.read()  # ASKING's OK
+            reply = lane.read()
+            return reply, lane.read() if tail else 0
+
+        reply, replicas = send(request)
         if type(reply) is ReplyError and str(reply).startswith("NOSCRIPT"):
             again = call()
-            lane.send(head + again.script.pack_eval(again.keys, again.args) + tail)
-            if head:
-                lane.read()
-            reply = lane.read()
-            replicas = lane.read() if tail else 0
+            reply, replicas = send(head + again.script.pack_eval(again.keys, again.args) + tail)
         return reply, replicas
 
     def _try_acquire(
