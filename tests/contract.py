@@ -611,26 +611,6 @@ class BackendContract:
         assert held[1].backend.renew([held[1]]) == [True]
         assert held[1].release() is True
 
-    def test_keep_until_holds_a_semaphore_slot_to_the_deadline_then_frees_it_for_a_waiter(
-        self, backend, second_backend, unique_key
-    ):
-        # throttle with lock_limit: a slot kept past its run (and its 0.6 s lease) frees
-        # at the deadline, waking a waiter for the semaphore.
-        kept = backend.acquire(unique_key, ttl=30, limit=2)
-        held = backend.acquire(unique_key, ttl=0.6, limit=2)
-        assert kept is not None
-        assert held is not None
-        deadline = time.monotonic() + 1.5
-        assert backend.keep_until(held, backend.clock() + 1.5) is True
-        assert second_backend.acquire(unique_key, ttl=1, limit=2) is None
-        got = second_backend.acquire(unique_key, ttl=5, limit=2, blocking=True, timeout=5)
-        woke_at = time.monotonic()
-        assert got is not None
-        assert got.slot == held.slot
-        assert deadline - 0.05 <= woke_at < deadline + self.expiry_lateness
-        assert second_backend.release(got) is True
-        assert backend.release(kept) is True
-
     def test_a_waiting_copy_of_a_task_holding_a_slot_gets_one_only_after_its_release(
         self, backend, second_backend, unique_key
     ):
