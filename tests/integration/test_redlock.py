@@ -14,6 +14,7 @@ from celery import Celery
 
 from celery_singleton_lock import ConfigurationError, LockBackendUnavailable, connect
 from celery_singleton_lock.backends.base import MAX_LIMIT, Refused
+from celery_singleton_lock.backends.owner import Owner
 from celery_singleton_lock.backends.redlock import RedlockBackend, node_urls
 from celery_singleton_lock.config import read_settings
 from celery_singleton_lock.lease import LeaseKeeper
@@ -465,3 +466,31 @@ def test_a_database_the_masters_do_not_have_is_a_configuration_error(shared_mast
     assert info.value.option == "singleton_lock_backend"
     assert "no database 99" in str(info.value)
     backend.close()
+
+
+# -- semaphores: the same slot on a quorum ------------------------------------------------
+
+
+def test_a_slot_is_held_on_the_slot_most_masters_granted_and_the_other_grant_is_released(
+    shared_masters, unique_key
+):
+    backend = connect(redlock_url(shared_masters[:3]))
+    clients = [redis.Redis.from_url(s.url + "/0") for s in shared_masters[:3]]
+    lock = lock_key(backend, unique_key)
+    # Master 0 alone has slot 0 taken (it saw another contender first): it grants us slot
+    # 1, the other two slot 0.
+    clients[0].set(lock, "other:1:3\n" + Owner.here("elsewhere").as_json(), px=10_000)
+    held = backend.acquire(unique_key, ttl=10, limit=3)
+    assert held is not None
+    assert held.slot == 0
+    assert held.fencing_token % MAX_LIMIT == 0  # count * MAX_LIMIT + slot 0
+    slot_1 = backend.slot_key(backend._full_key(unique_key), 1)
+    assert not clients[0].exists(slot_1)  # the stray grant of slot 1 was released at once
+    assert [c.get(lock).split(b":", 1)[0] for c in clients[1:]] == [held.token.encode()] * 2
+    assert backend.renew([held]) == [True]  # a quorum (2 of 3) renews it
+    assert backend.release(held) is True
+    clients[0].delete(lock)
+    for client in clients:
+        client.close()
+    backend.close()
+
