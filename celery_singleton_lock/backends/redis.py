@@ -538,7 +538,8 @@ class RedisBackend(LockBackend):
     end
     local text = string.format('%.0f', fence)
     redis.call('set', KEYS[free], ARGV[1] .. ':' .. text .. ARGV[2], 'px', ARGV[3])
-    return string.format('%.0f%03d', fence, free - 1)
+    local slot = free - 1
+    return text .. (slot < 10 and '00' or (slot < 100 and '0' or '')) .. slot
     """
 
     # KEYS[1..n] the slot records of one semaphore, KEYS[n+1] its signal list
@@ -890,7 +891,7 @@ class RedisBackend(LockBackend):
         rest = f":{limit}{_owner_part(owner)}"
         if woken:
             rest += " "
-        task = _task_part(owner)
+        task = _slot_parts(owner, limit)[1].decode()
         keys = self.slot_keys(key, limit)
         if counted:
             keys.append("{" + key + "}:fence")
@@ -991,8 +992,9 @@ class RedisBackend(LockBackend):
         ``LUA_ACQUIRE_SLOT``); the keywords as :meth:`_try_acquire`'s."""
         # acquire_slot_call's request, packed here in one step (as _try_acquire's).
         parts = [_slot_request_head(key, limit)]
-        rest = f":{limit}{_owner_part(owner)}{' ' if woken else ''}".encode()
-        task = _task_part(owner)
+        rest, task = _slot_parts(owner, limit)
+        if woken:
+            rest += b" "
         ttl_ms = b"%d" % milliseconds(ttl)
         count = b"%d" % limit
         parts.append(_SLOT_ARGS % (
@@ -1218,19 +1220,20 @@ def _slot_request_head(key: str, limit: int) -> bytes:
     return head
 
 
-#: Owner -> '"task_id":<its task id as JSON>' as its stored JSON has it (b"": no task id).
-_TASK_PART: dict[Owner, bytes] = {}
+#: (owner, limit) -> what a slot acquire stores after its fencing token (':<limit>', a
+#: newline and the owner JSON), and what it looks for in the stored owners: the owner's
+#: task id as its JSON has it ('"task_id":"..."'; b"": no task id).
+_SLOT_PARTS: dict[tuple[Owner, int], tuple[bytes, bytes]] = {}
 
 
-def _task_part(owner: Owner) -> bytes:
-    """What a slot acquire looks for in the stored owners: the owner's task id, as JSON."""
-    part = _TASK_PART.get(owner)
-    if part is None:
-        if len(_TASK_PART) >= 256:
-            _TASK_PART.clear()
-        part = b"" if owner.task_id is None else b'"task_id":' + json.dumps(owner.task_id).encode()
-        _TASK_PART[owner] = part
-    return part
+def _slot_parts(owner: Owner, limit: int) -> tuple[bytes, bytes]:
+    parts = _SLOT_PARTS.get((owner, limit))
+    if parts is None:
+        if len(_SLOT_PARTS) >= 256:  # every task id is a new owner: keep the cache small
+            _SLOT_PARTS.clear()
+        task = b"" if owner.task_id is None else b'"task_id":' + json.dumps(owner.task_id).encode()
+        parts = _SLOT_PARTS[(owner, limit)] = (f":{limit}{_owner_part(owner)}".encode(), task)
+    return parts
 
 
 # The fixed start of the hot path's two requests, packed once.
