@@ -35,7 +35,7 @@ import urllib.request
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from types import TracebackType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 if TYPE_CHECKING:
     from celery import Celery
@@ -88,7 +88,92 @@ def free_port() -> int:
         return port
 
 
-class RedisServer:
+_Launched = TypeVar("_Launched", bound="_Launcher")
+
+
+class _Launcher:
+    """Something of ours that :meth:`start` starts and :meth:`stop` stops by PID (safe to
+    call twice), also as a ``with`` block around them."""
+
+    def start(self: _Launched) -> _Launched:
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self: _Launched) -> _Launched:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+
+class _ServerProcess:
+    """One server process of ours (a server, or a member of a cluster), in a session of
+    its own (a Ctrl-C in a terminal reaches the test run, which stops it in order), and
+    signalled by its PID."""
+
+    #: The process once launched; None before (and, for a server, after a stop).
+    process: subprocess.Popen[bytes] | None
+
+    @property
+    def running(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def pause(self) -> None:
+        """SIGSTOP the process (a hung server)."""
+        assert self.process is not None
+        os.kill(self.process.pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        assert self.process is not None
+        os.kill(self.process.pid, signal.SIGCONT)
+
+    def kill(self) -> None:
+        """SIGKILL the process (paused or not) and reap it; its data stays."""
+        if self.process is not None and self.process.poll() is None:
+            os.kill(self.process.pid, signal.SIGCONT)
+            self.process.kill()
+            self.process.wait(timeout=10)
+
+    def _wait_ready(
+        self, ready: Callable[[], bool], deadline: float, name: str, log_path: str | None, tick: float = 0.02
+    ) -> bool:
+        """Wait until ``ready()``; False if ``deadline`` (``time.monotonic``) passes first.
+
+        :raises RuntimeError: the process exited first: ``name`` and the end of its output
+            (``log_path``, else its stderr pipe) in the message.
+        """
+        assert self.process is not None
+        while not ready():
+            if self.process.poll() is not None:
+                if log_path is not None:
+                    with open(log_path, encoding="utf-8", errors="replace") as log:
+                        output = log.read()[-2000:]
+                else:
+                    output = self.process.stderr.read().decode() if self.process.stderr else ""
+                msg = f"{name} exited at start-up: {output.strip()}"
+                raise RuntimeError(msg)
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(tick)  # start-up readiness: nothing to wait on but the server's port
+        return True
+
+
+def _redis_server_binary() -> str:
+    binary = shutil.which("redis-server")
+    if binary is None:
+        msg = "redis-server is not on PATH (Debian: apt-get install redis-server)"
+        raise RuntimeError(msg)
+    return binary
+
+
+class RedisServer(_ServerProcess, _Launcher):
     """A ``redis-server`` process of our own on a free loopback port.
 
     Nothing is persisted; the process is stopped by its PID on :meth:`stop` (or at
@@ -139,10 +224,7 @@ class RedisServer:
         return f"unix://{self._dir.name}/redis.sock"
 
     def start(self) -> RedisServer:
-        binary = shutil.which("redis-server")
-        if binary is None:
-            msg = "redis-server is not on PATH (Debian: apt-get install redis-server)"
-            raise RuntimeError(msg)
+        binary = _redis_server_binary()
         self._dir = tempfile.TemporaryDirectory(prefix="csl-redis-")
         args = [
             binary,
@@ -179,19 +261,12 @@ class RedisServer:
         return self
 
     def _wait_until_ready(self) -> None:
-        assert self.process is not None
         deadline = time.monotonic() + self.startup_timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                err = self.process.stderr.read().decode() if self.process.stderr else ""
-                msg = f"redis-server exited at start-up on port {self.port}: {err.strip()}"
-                raise RuntimeError(msg)
-            if self._answers_ping():
-                return
-            time.sleep(0.01)  # start-up readiness: nothing to wait on but the socket itself
-        self.stop()
-        msg = f"redis-server on port {self.port} did not answer within {self.startup_timeout}s"
-        raise RuntimeError(msg)
+        name = f"redis-server on port {self.port}"
+        if not self._wait_ready(self._answers_ping, deadline, name, log_path=None, tick=0.01):
+            self.stop()
+            msg = f"{name} did not answer within {self.startup_timeout}s"
+            raise RuntimeError(msg)
 
     def _answers_ping(self) -> bool:
         try:
@@ -204,15 +279,6 @@ class RedisServer:
         except OSError:
             return False
 
-    def pause(self) -> None:
-        """SIGSTOP the server (a hung node)."""
-        assert self.process is not None
-        os.kill(self.process.pid, signal.SIGSTOP)
-
-    def resume(self) -> None:
-        assert self.process is not None
-        os.kill(self.process.pid, signal.SIGCONT)
-
     def restart(self) -> RedisServer:
         """Kill the server and start an empty one on the same port (a restart without
         persistence)."""
@@ -221,27 +287,13 @@ class RedisServer:
 
     def stop(self) -> None:
         """Kill the server by PID and wait for it; safe to call twice."""
-        if self.process is not None and self.process.poll() is None:
-            os.kill(self.process.pid, signal.SIGCONT)
-            self.process.kill()
-            self.process.wait(timeout=10)
+        self.kill()
         if self.process is not None and self.process.stderr:
             self.process.stderr.close()
         self.process = None
         if self._dir is not None:
             self._dir.cleanup()
             self._dir = None
-
-    def __enter__(self) -> RedisServer:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
 
 @contextmanager
@@ -271,7 +323,7 @@ def etcd_binary() -> str:
     return found
 
 
-class EtcdMember:
+class EtcdMember(_ServerProcess):
     """One ``etcd`` process of an :class:`EtcdCluster`, with ports and data of its own."""
 
     def __init__(self, name: str, workdir: str) -> None:
@@ -289,10 +341,6 @@ class EtcdMember:
     @property
     def peer_url(self) -> str:
         return f"http://127.0.0.1:{self.peer_port}"
-
-    @property
-    def running(self) -> bool:
-        return self.process is not None and self.process.poll() is None
 
     def launch(self, args: list[str]) -> None:
         client_url = f"http://{self.endpoint}"
@@ -354,24 +402,8 @@ class EtcdMember:
         except (OSError, urllib.error.URLError):
             return None
 
-    def kill(self) -> None:
-        """SIGKILL the member and reap it (its data stays for :meth:`EtcdCluster.restart`)."""
-        if self.process is not None and self.process.poll() is None:
-            os.kill(self.process.pid, signal.SIGCONT)
-            self.process.kill()
-            self.process.wait(timeout=10)
 
-    def pause(self) -> None:
-        """SIGSTOP the member (a hung node)."""
-        assert self.process is not None
-        os.kill(self.process.pid, signal.SIGSTOP)
-
-    def resume(self) -> None:
-        assert self.process is not None
-        os.kill(self.process.pid, signal.SIGCONT)
-
-
-class EtcdCluster:
+class EtcdCluster(_Launcher):
     """``size`` etcd members on free loopback ports, started together, stopped by PID.
 
     Timings are shorter than etcd's defaults (heartbeat 50 ms, election 500 ms) so that
@@ -434,16 +466,9 @@ class EtcdCluster:
     def wait_healthy(self, members: list[EtcdMember]) -> None:
         deadline = time.monotonic() + self.startup_timeout
         for member in members:
-            while not member.healthy():
-                assert member.process is not None
-                if member.process.poll() is not None:
-                    with open(member.log_path, encoding="utf-8", errors="replace") as log:
-                        tail = log.read()[-2000:]
-                    raise RuntimeError(f"etcd {member.name} exited at start-up: {tail}")
-                if time.monotonic() > deadline:
-                    self.stop()
-                    raise RuntimeError(f"etcd {member.name} not healthy within {self.startup_timeout}s")
-                time.sleep(0.02)  # start-up readiness: nothing to wait on but its HTTP port
+            if not member._wait_ready(member.healthy, deadline, f"etcd {member.name}", member.log_path):
+                self.stop()
+                raise RuntimeError(f"etcd {member.name} not healthy within {self.startup_timeout}s")
 
     def leader(self) -> EtcdMember:
         """The member that is the leader now (asks the running members)."""
@@ -459,17 +484,6 @@ class EtcdCluster:
         for member in self.members:
             member.kill()
         self._dir.cleanup()
-
-    def __enter__(self) -> EtcdCluster:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
 
 try:  # the fixtures only when pytest is there; the launcher works without it
@@ -645,7 +659,7 @@ def zookeeper_command(address: tuple[str, int], command: str, timeout: float = 1
     return b"".join(chunks).decode(errors="replace")
 
 
-class ZooKeeperMember:
+class ZooKeeperMember(_ServerProcess):
     """One ZooKeeper server process of a :class:`ZooKeeperEnsemble`, with ports, data
     directory and log of its own."""
 
@@ -667,10 +681,6 @@ class ZooKeeperMember:
     @property
     def endpoint(self) -> str:
         return f"127.0.0.1:{self.client_port}"
-
-    @property
-    def running(self) -> bool:
-        return self.process is not None and self.process.poll() is None
 
     def launch(self, config: str, java_options: Sequence[str]) -> None:
         os.makedirs(self.data_dir, exist_ok=True)
@@ -704,6 +714,10 @@ class ZooKeeperMember:
                 return line.removeprefix("Mode: ").strip()
         return None
 
+    def serving(self) -> bool:
+        """True while it serves clients (it has a :meth:`mode`)."""
+        return self.mode() is not None
+
     def metrics(self) -> dict[str, str]:
         """This member's ``mntr`` figures (``zk_packets_received``...), by name."""
         answer = self.command("mntr") or ""
@@ -715,24 +729,8 @@ class ZooKeeperMember:
         received = int(self.metrics().get("zk_packets_received", "0"))
         return received - self.words_answered
 
-    def kill(self) -> None:
-        """SIGKILL the member and reap it (its data stays for :meth:`ZooKeeperEnsemble.restart`)."""
-        if self.process is not None and self.process.poll() is None:
-            os.kill(self.process.pid, signal.SIGCONT)
-            self.process.kill()
-            self.process.wait(timeout=10)
 
-    def pause(self) -> None:
-        """SIGSTOP the member (a hung server)."""
-        assert self.process is not None
-        os.kill(self.process.pid, signal.SIGSTOP)
-
-    def resume(self) -> None:
-        assert self.process is not None
-        os.kill(self.process.pid, signal.SIGCONT)
-
-
-class ZooKeeperEnsemble:
+class ZooKeeperEnsemble(_Launcher):
     """``size`` ZooKeeper servers on free loopback ports (one: standalone), stopped by PID.
 
     The tick is 50 ms instead of 2 s, so sessions may be as short as 100 ms
@@ -840,17 +838,11 @@ class ZooKeeperEnsemble:
     def wait_serving(self, members: Sequence[ZooKeeperMember]) -> None:
         deadline = time.monotonic() + self.startup_timeout
         for member in members:
-            while member.mode() is None:
-                assert member.process is not None
-                if member.process.poll() is not None:
-                    with open(member.log_path, encoding="utf-8", errors="replace") as log:
-                        tail = log.read()[-2000:]
-                    raise RuntimeError(f"ZooKeeper {member.server_id} exited at start-up: {tail}")
-                if time.monotonic() > deadline:
-                    self.stop()
-                    msg = f"ZooKeeper {member.server_id} not serving within {self.startup_timeout}s"
-                    raise RuntimeError(msg)
-                time.sleep(0.02)  # start-up readiness: nothing to wait on but its port
+            name = f"ZooKeeper {member.server_id}"
+            if not member._wait_ready(member.serving, deadline, name, member.log_path):
+                self.stop()
+                msg = f"{name} not serving within {self.startup_timeout}s"
+                raise RuntimeError(msg)
 
     def leader(self) -> ZooKeeperMember:
         """The member that leads now (the only one of a standalone server)."""
@@ -864,17 +856,6 @@ class ZooKeeperEnsemble:
         for member in self.members:
             member.kill()
         self._dir.cleanup()
-
-    def __enter__(self) -> ZooKeeperEnsemble:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
 
 try:  # the fixture only when pytest is there
@@ -932,12 +913,13 @@ def _unprivileged_user() -> tuple[int, int] | None:
     raise RuntimeError(msg)
 
 
-class PostgresServer:
+class PostgresServer(_ServerProcess, _Launcher):
     """A PostgreSQL server of our own: ``initdb`` in a temporary directory, ``postgres``
     on a free loopback port (trust authentication, user ``postgres``, database ``test``),
     stopped by its PID. Run as the ``postgres`` (or ``nobody``) user when we are root.
 
     Its data survives :meth:`restart` (a real server restart), not :meth:`stop`.
+    :meth:`pause` stops the postmaster alone: new connections hang, running sessions go on.
 
     :param settings: extra server settings (``-c name=value``), e.g.
         ``{"shared_preload_libraries": "pg_stat_statements"}``.
@@ -1036,20 +1018,12 @@ class PostgresServer:
         self._wait_until_ready()
 
     def _wait_until_ready(self) -> None:
-        assert self.process is not None
         deadline = time.monotonic() + self.startup_timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                with open(self.log_path, errors="replace") as log:
-                    tail = log.read()[-2000:]
-                msg = f"postgres exited at start-up on port {self.port}: {tail.strip()}"
-                raise RuntimeError(msg)
-            if self._answers():
-                return
-            time.sleep(0.02)  # start-up readiness: nothing to wait on but the server itself
-        self.stop()
-        msg = f"postgres on port {self.port} did not answer within {self.startup_timeout}s"
-        raise RuntimeError(msg)
+        name = f"postgres on port {self.port}"
+        if not self._wait_ready(self._answers, deadline, name, self.log_path):
+            self.stop()
+            msg = f"{name} did not answer within {self.startup_timeout}s"
+            raise RuntimeError(msg)
 
     def _answers(self, database: str = "postgres") -> bool:
         import psycopg
@@ -1085,15 +1059,6 @@ class PostgresServer:
         self.halt(crash=crash)
         return self.start()
 
-    def pause(self) -> None:
-        """SIGSTOP the postmaster (new connections hang; running sessions go on)."""
-        assert self.process is not None
-        os.kill(self.process.pid, signal.SIGSTOP)
-
-    def resume(self) -> None:
-        assert self.process is not None
-        os.kill(self.process.pid, signal.SIGCONT)
-
     def _shut_down(self, how: signal.Signals) -> None:
         if self.process is not None and self.process.poll() is None:
             os.kill(self.process.pid, signal.SIGCONT)
@@ -1111,17 +1076,6 @@ class PostgresServer:
         if self._dir is not None:
             self._dir.cleanup()
             self._dir = None
-
-    def __enter__(self) -> PostgresServer:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
 
 try:  # the fixture only when pytest is there
@@ -1144,7 +1098,7 @@ else:
 SENTINEL_FIXTURE_PASSWORD = "sentinel-pw"  # noqa: S105
 
 
-class SentinelMember:
+class SentinelMember(_ServerProcess):
     """One ``redis-server --sentinel`` process of a :class:`RedisSentinel`, with a
     configuration file of its own (Sentinel rewrites it as the master changes)."""
 
@@ -1159,10 +1113,7 @@ class SentinelMember:
         return f"127.0.0.1:{self.port}"
 
     def launch(self, config: str) -> None:
-        binary = shutil.which("redis-server")
-        if binary is None:
-            msg = "redis-server is not on PATH (Debian: apt-get install redis-server)"
-            raise RuntimeError(msg)
+        binary = _redis_server_binary()
         with open(self.config_path, "w", encoding="utf-8") as file:
             file.write(config)
         with open(self.log_path, "ab") as log:
@@ -1182,14 +1133,8 @@ class SentinelMember:
         finally:
             client.close()
 
-    def kill(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            os.kill(self.process.pid, signal.SIGCONT)
-            self.process.kill()
-            self.process.wait(timeout=10)
 
-
-class RedisSentinel:
+class RedisSentinel(_Launcher):
     """A master, its replicas and Sentinels watching them, all on free loopback ports,
     stopped by PID: the Redis deployment that Celery's ``sentinel://`` brokers use.
 
@@ -1414,17 +1359,6 @@ class RedisSentinel:
             server.stop()
         self._dir.cleanup()
 
-    def __enter__(self) -> RedisSentinel:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
-
 
 # -- Redis Cluster -------------------------------------------------------------------------
 
@@ -1433,7 +1367,7 @@ class RedisSentinel:
 CLUSTER_SLOTS = 16384
 
 
-class RedisCluster:
+class RedisCluster(_Launcher):
     """A Redis Cluster of ``masters`` masters, each with ``replicas`` replicas, all on free
     loopback ports, stopped by PID: the Redis deployment of managed services and
     ``rediscluster://``.
@@ -1719,17 +1653,6 @@ class RedisCluster:
         """Kill every node by PID; safe to call twice."""
         for server in self.nodes:
             server.stop()
-
-    def __enter__(self) -> RedisCluster:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
 
 try:  # the fixture only when pytest is there
