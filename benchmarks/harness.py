@@ -7,6 +7,7 @@ Everything here talks only to redis-server processes this suite starts itself on
 from __future__ import annotations
 
 import contextlib
+import gc
 import importlib
 import math
 import multiprocessing
@@ -17,7 +18,7 @@ import time
 import traceback
 import uuid
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -408,6 +409,68 @@ class ScenarioResult:
     raw: dict[str, Any] = field(default_factory=dict)
     seconds: float = 0.0
     error: str | None = None
+
+
+# -- uncontended cycles ---------------------------------------------------------------------
+
+#: Per backend, one figure per repetition.
+Rates = dict[str, list[float]]
+
+
+def uncontended_cycles(backend: Any, key: str, n: int, ttl: float) -> None:
+    """``n`` acquire + release cycles of ``key`` that nobody else takes."""
+    for _ in range(n):
+        held = backend.acquire(key, ttl)
+        if held is None:
+            raise RuntimeError(f"uncontended acquire of {key!r} failed")
+        backend.release(held)
+
+
+def race_cycles(
+    backends: dict[str, Any], reps: int, *, key: Callable[[str], str], cycles: int, chunks: int, ttl: float
+) -> tuple[Rates, Rates]:
+    """``backends`` (by name) taking turns in ``chunks`` slices of ``cycles`` uncontended
+    cycles each (of ``key(name)``), for ``reps`` repetitions, after a warm-up
+    (connections, scripts): per repetition, each one's cycles/s and this process's CPU
+    µs per cycle (what the client code costs, which the load of a shared machine
+    disturbs far less than the wall clock)."""
+    rate: Rates = {name: [] for name in backends}
+    cpu_us: Rates = {name: [] for name in backends}
+    for name, backend in backends.items():
+        uncontended_cycles(backend, key(name), 100, ttl)
+    for rep in range(reps):
+        elapsed = dict.fromkeys(backends, 0.0)
+        cpu = dict.fromkeys(backends, 0.0)
+        done = dict.fromkeys(backends, 0)
+        for chunk in range(chunks):
+            for name in rotate(list(backends), rep + chunk):
+                gc.collect()
+                started, cpu_started = time.perf_counter(), time.process_time()
+                uncontended_cycles(backends[name], key(name), cycles, ttl)
+                elapsed[name] += time.perf_counter() - started
+                cpu[name] += time.process_time() - cpu_started
+                done[name] += cycles
+        for name in backends:
+            rate[name].append(done[name] / elapsed[name])
+            cpu_us[name].append(cpu[name] / done[name] * 1e6)
+    return rate, cpu_us
+
+
+def cycle_table(title: str, labels: dict[str, str], rate: Rates, cpu_us: Rates, reference: str) -> Table:
+    """One row per backend of ``labels`` (in its order): cycles/s, its spread, the ratio
+    to ``reference`` within each repetition (the median of them), µs and CPU µs per cycle."""
+    table = Table(
+        title,
+        ["backend", "cycles/s (median)", "min-max", "x one Redis", "µs per cycle",
+         "client CPU µs/cycle"],
+    )
+    for name, label in labels.items():
+        ratios = [a / b for a, b in zip(rate[name], rate[reference], strict=True)]
+        table.add(
+            label, fmt(median(rate[name]), 0), spread(rate[name]), fmt(median(ratios)),
+            fmt(1e6 / median(rate[name]), 1), fmt(median(cpu_us[name]), 1),
+        )
+    return table
 
 
 def goal_table(results: list[ScenarioResult]) -> Table:

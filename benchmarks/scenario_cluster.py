@@ -18,14 +18,12 @@ replica; the difference is the WAIT's price.
 
 from __future__ import annotations
 
-import gc
-import time
 from typing import Any
 
 from benchmarks.env import Env
-from benchmarks.harness import Goal, ScenarioResult, Table, fmt, median, rotate, spread
+from benchmarks.harness import Goal, Rates, ScenarioResult, cycle_table, fmt, median, race_cycles
 
-BACKENDS = ["single", "node", "cluster", "cluster-wait"]
+#: The backends in the order of the table, with their labels.
 LABELS = {
     "single": "celery-singleton-lock, one Redis (reference)",
     "node": "redis:// to the cluster master owning the key's slot",
@@ -38,49 +36,17 @@ CHUNKS = 4
 TTL = 30.0
 
 
-def _cycles(backend: Any, n: int) -> None:
-    for _ in range(n):
-        held = backend.acquire(KEY, TTL)
-        if held is None:
-            raise RuntimeError(f"uncontended acquire of {KEY!r} failed")
-        backend.release(held)
-
-
-Rates = dict[str, list[float]]
-
-
-def _race(env: Env, backends: dict[str, Any], reps: int) -> tuple[Rates, Rates]:
-    """``backends`` taking turns for ``reps`` repetitions: the cycles/s and the client's
-    CPU µs per cycle of each, per repetition."""
-    rate: Rates = {name: [] for name in backends}
-    cpu_us: Rates = {name: [] for name in backends}
-    for backend in backends.values():
-        _cycles(backend, 100)  # warm-up: connections, scripts, the slot table
-    for rep in range(reps):
-        elapsed = dict.fromkeys(backends, 0.0)
-        cpu = dict.fromkeys(backends, 0.0)
-        done = dict.fromkeys(backends, 0)
-        for chunk in range(CHUNKS):
-            for name in rotate(list(backends), rep + chunk):
-                count = CYCLES // (4 if env.quick else 1)
-                gc.collect()
-                started, cpu_started = time.perf_counter(), time.process_time()
-                _cycles(backends[name], count)
-                elapsed[name] += time.perf_counter() - started
-                cpu[name] += time.process_time() - cpu_started
-                done[name] += count
-        for name in backends:
-            rate[name].append(done[name] / elapsed[name])
-            cpu_us[name].append(cpu[name] / done[name] * 1e6)
-    return rate, cpu_us
-
-
 def run(env: Env, reps: int = 9) -> ScenarioResult:
     from celery_singleton_lock import connect
     from celery_singleton_lock.testing import RedisCluster
 
     res = ScenarioResult("n", "(n) Redis Cluster: uncontended cycle through rediscluster://")
     reps = env.reps(reps)
+    count = CYCLES // (4 if env.quick else 1)
+
+    def race(backends: dict[str, Any]) -> tuple[Rates, Rates]:
+        return race_cycles(backends, reps, key=lambda _: KEY, cycles=count, chunks=CHUNKS, ttl=TTL)
+
     # Round 1, masters only (the reference has no replica either): what routing costs.
     with RedisCluster() as cluster:
         owner = cluster.owner_of(cluster.slot_of("{singleton-lock:" + KEY + "}"))
@@ -88,7 +54,7 @@ def run(env: Env, reps: int = 9) -> ScenarioResult:
             "single": connect(env.url), "node": connect(owner.url + "/0"), "cluster": connect(cluster.url),
         }
         try:
-            rate, cpu_us = _race(env, backends, reps)
+            rate, cpu_us = race(backends)
         finally:
             for backend in backends.values():
                 backend.close()
@@ -96,7 +62,7 @@ def run(env: Env, reps: int = 9) -> ScenarioResult:
     with RedisCluster(replicas=1) as cluster:
         backends = {"replicated": connect(cluster.url), "cluster-wait": connect(cluster.url, min_replicas=1)}
         try:
-            waits, waits_cpu = _race(env, backends, reps)
+            waits, waits_cpu = race(backends)
         finally:
             for backend in backends.values():
                 backend.close()
@@ -107,17 +73,7 @@ def run(env: Env, reps: int = 9) -> ScenarioResult:
 
     # The WAIT's price per acquisition: the cycle's time with it, less without it (round 2).
     wait_us = [(1 / w - 1 / c) * 1e6 for w, c in zip(waits["cluster-wait"], waits["replicated"], strict=True)]
-    table = Table(
-        res.title,
-        ["backend", "cycles/s (median)", "min-max", "x one Redis", "µs per cycle",
-         "client CPU µs/cycle"],
-    )
-    for name in BACKENDS:
-        table.add(
-            LABELS[name], fmt(median(rate[name]), 0), spread(rate[name]),
-            fmt(median(ratio(name, "single"))), fmt(1e6 / median(rate[name]), 1),
-            fmt(median(cpu_us[name]), 1),
-        )
+    table = cycle_table(res.title, LABELS, rate, cpu_us, "single")
     table.notes += [
         f"one process, one key, {CHUNKS} slices of {CYCLES} acquire+release cycles per "
         f"backend per repetition, backends taking turns, {reps} repetitions; ratios within "

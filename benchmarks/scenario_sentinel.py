@@ -14,14 +14,10 @@ key each, acquire + release:
 
 from __future__ import annotations
 
-import gc
-import time
-from typing import Any
-
 from benchmarks.env import Env
-from benchmarks.harness import Goal, ScenarioResult, Table, fmt, median, rotate, spread
+from benchmarks.harness import Goal, ScenarioResult, cycle_table, fmt, median, race_cycles
 
-BACKENDS = ["single", "master", "sentinel", "sentinel-wait"]
+#: The backends in the order of the table, with their labels.
 LABELS = {
     "single": "celery-singleton-lock, one Redis (reference)",
     "master": "redis:// to the Sentinel setup's master (replicated)",
@@ -31,14 +27,6 @@ LABELS = {
 CYCLES = 500
 CHUNKS = 4
 TTL = 30.0
-
-
-def _cycles(backend: Any, key: str, n: int) -> None:
-    for _ in range(n):
-        held = backend.acquire(key, TTL)
-        if held is None:
-            raise RuntimeError(f"uncontended acquire of {key!r} failed")
-        backend.release(held)
 
 
 def run(env: Env, reps: int = 5) -> ScenarioResult:
@@ -56,28 +44,10 @@ def run(env: Env, reps: int = 5) -> ScenarioResult:
             "sentinel-wait": connect(setup.url, min_replicas=1),
         }
         try:
-            rate: dict[str, list[float]] = {name: [] for name in BACKENDS}
-            # This process's CPU per cycle: what the client code costs, which the load of
-            # a shared machine disturbs far less than the wall clock.
-            cpu_us: dict[str, list[float]] = {name: [] for name in BACKENDS}
-            for name, backend in backends.items():
-                _cycles(backend, f"bench:l:{name}", 100)  # warm-up: connections, scripts
-            for rep in range(reps):
-                elapsed = dict.fromkeys(BACKENDS, 0.0)
-                cpu = dict.fromkeys(BACKENDS, 0.0)
-                done = dict.fromkeys(BACKENDS, 0)
-                for chunk in range(CHUNKS):
-                    for name in rotate(BACKENDS, rep + chunk):
-                        count = CYCLES // (4 if env.quick else 1)
-                        gc.collect()
-                        started, cpu_started = time.perf_counter(), time.process_time()
-                        _cycles(backends[name], f"bench:l:{name}", count)
-                        elapsed[name] += time.perf_counter() - started
-                        cpu[name] += time.process_time() - cpu_started
-                        done[name] += count
-                for name in BACKENDS:
-                    rate[name].append(done[name] / elapsed[name])
-                    cpu_us[name].append(cpu[name] / done[name] * 1e6)
+            count = CYCLES // (4 if env.quick else 1)
+            rate, cpu_us = race_cycles(
+                backends, reps, key=lambda name: f"bench:l:{name}", cycles=count, chunks=CHUNKS, ttl=TTL
+            )
         finally:
             for backend in backends.values():
                 backend.close()
@@ -89,17 +59,7 @@ def run(env: Env, reps: int = 5) -> ScenarioResult:
     wait_us = [
         (1 / w - 1 / s) * 1e6 for w, s in zip(rate["sentinel-wait"], rate["sentinel"], strict=True)
     ]
-    table = Table(
-        res.title,
-        ["backend", "cycles/s (median)", "min-max", "x one Redis", "µs per cycle",
-         "client CPU µs/cycle"],
-    )
-    for name in BACKENDS:
-        table.add(
-            LABELS[name], fmt(median(rate[name]), 0), spread(rate[name]),
-            fmt(median(ratio(name, "single"))), fmt(1e6 / median(rate[name]), 1),
-            fmt(median(cpu_us[name]), 1),
-        )
+    table = cycle_table(res.title, LABELS, rate, cpu_us, "single")
     table.notes += [
         f"one process, one key per backend, {CHUNKS} slices of {CYCLES} acquire+release cycles "
         f"per backend per repetition, backends taking turns, {reps} repetitions; ratios within "
