@@ -8,6 +8,8 @@
 * ``eager_app`` is a Celery app in eager mode whose lock backend is the in-process
   memory backend on a fake clock, with a key prefix of its own (the ``memory://``
   store is shared by every app of the process).
+* ``queue_app``: the same, not eager: calls are published to kombu's in-memory broker,
+  on a queue of this test's own (a test module adds the settings it needs).
 """
 
 from __future__ import annotations
@@ -91,12 +93,25 @@ def record_signal(request: pytest.FixtureRequest) -> Callable[[Signal], list[dic
     return record
 
 
-@pytest.fixture
-def eager_app(clock: FakeClock) -> Iterator[Celery]:
+def _memory_locked_app(clock: FakeClock) -> Celery:
     app = Celery("unit", broker="memory://", backend="cache+memory://")
-    app.conf.task_always_eager = True
     app.conf.singleton_lock_backend = "memory://"
     app.conf.singleton_lock_prefix = f"unit-{uuid.uuid4().hex}"
     app.conf.singleton_lock_backend_options = {"clock": clock}
+    return app
+
+
+@pytest.fixture
+def eager_app(clock: FakeClock) -> Iterator[Celery]:
+    app = _memory_locked_app(clock)
+    app.conf.task_always_eager = True
+    yield app
+    app.close()
+
+
+@pytest.fixture
+def queue_app(clock: FakeClock) -> Iterator[Celery]:
+    app = _memory_locked_app(clock)
+    app.conf.task_default_queue = f"q-{uuid.uuid4().hex}"
     yield app
     app.close()

@@ -4,7 +4,6 @@ the memory lock backend on a fake clock, so the marker's expiry needs no waiting
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -12,20 +11,12 @@ from celery import Celery, chain
 
 from celery_singleton_lock import ConfigurationError, SingletonTask, singleton_task
 from celery_singleton_lock.backends.owner import Owner
-from tests.unit.conftest import FakeClock
 
 
 @pytest.fixture
-def queue_app(clock: FakeClock) -> Iterator[Celery]:
-    """Not eager: calls are published to an in-memory queue of this test's own."""
-    app = Celery("unit", broker="memory://", backend="cache+memory://")
-    app.conf.task_default_queue = f"q-{uuid.uuid4().hex}"
-    app.conf.singleton_lock_backend = "memory://"
-    app.conf.singleton_lock_prefix = f"unit-{uuid.uuid4().hex}"
-    app.conf.singleton_lock_backend_options = {"clock": clock}
-    app.conf.singleton_lock_enqueue_once_ttl = 60
-    yield app
-    app.close()
+def queue_app(queue_app: Celery) -> Celery:
+    queue_app.conf.singleton_lock_enqueue_once_ttl = 60
+    return queue_app
 
 
 def queued(app: Celery) -> int:

@@ -166,16 +166,9 @@ def test_keep_until_on_a_ttl_store_leaves_the_lease_to_the_server(clock: FakeClo
 
 
 @pytest.fixture
-def queue_app(clock: FakeClock) -> Iterator[Celery]:
-    """Not eager: calls go to an in-memory queue of this test's own."""
-    app = Celery("unit", broker="memory://", backend="cache+memory://")
-    app.conf.task_default_queue = f"q-{uuid.uuid4().hex}"
-    app.conf.singleton_lock_backend = "memory://"
-    app.conf.singleton_lock_prefix = f"unit-{uuid.uuid4().hex}"
-    app.conf.singleton_lock_backend_options = {"clock": clock}
-    app.conf.task_store_eager_result = True  # task.apply() stores what a worker would
-    yield app
-    app.close()
+def queue_app(queue_app: Celery) -> Celery:
+    queue_app.conf.task_store_eager_result = True  # task.apply() stores what a worker would
+    return queue_app
 
 
 @pytest.fixture
