@@ -691,36 +691,14 @@ class EtcdBackend(LockBackend):
         start, one read after it started catches; it compares the create revision, as the
         place may already hold a newcomer's entry (who would then wait for us: a cycle).
         """
-        index = self._cluster._current
-        done = threading.Event()
 
-        def requests() -> Iterator[Any]:
-            yield etcdrpc.WatchRequest(create_request=etcdrpc.WatchCreateRequest(
-                key=entry, filters=[etcdrpc.WatchCreateRequest.NOPUT],
-            ))
-            done.wait()  # closing the request side would end the watch
+        def created(reply: Any) -> bool:
+            return bool(reply.header.revision > seen_at and not self._exists(entry, created_at, key))
 
-        call = self._cluster.stub("Watch", index).Watch(
-            requests(), timeout=max(timeout, 0.001), metadata=self._cluster.metadata
-        )
-        try:
-            for reply in call:
-                if reply.created:
-                    if reply.header.revision > seen_at and not self._exists(entry, created_at, key):
-                        return True
-                    continue
-                if reply.events or reply.canceled:  # canceled: compacted; re-read the line
-                    self.wakeups += 1
-                    return True
-            return True
-        except grpc.RpcError as exc:
-            if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
-                return False
-            self._cluster.failed(index)  # the re-read fails over, or reports the cluster down
-            return True
-        finally:
-            done.set()
-            call.cancel()
+        def events(reply: Any) -> bool:
+            return bool(reply.events)
+
+        return self._watching(entry, b"", [etcdrpc.WatchCreateRequest.NOPUT], timeout, created, events)
 
     def _exists(self, entry: bytes, created_at: int, key: str) -> bool:
         reply = self._call("KV", "Range", _range(entry, keys_only=True).request_range, key)
