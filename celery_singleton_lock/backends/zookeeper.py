@@ -749,22 +749,32 @@ class ZooKeeperBackend(LockBackend):
         limit: int = 1,
     ) -> Granted | None:
         """Queue a node of our own in ``key``'s line and block until every earlier node is
-        gone (FIFO); for a semaphore, until it holds a slot (``_wait_for_slot``).
+        gone (FIFO); for a semaphore, until it holds a slot (``_wait_for_room``).
 
         Only the node just before ours is watched, so a release wakes one waiter. A
         connection lost while we wait costs nothing while it comes back within
         connect_timeout (the session and our place live on); on timeout or error our node
         is removed.
         """
-        if limit > 1:
-            return self._wait_for_slot(key, token, ttl, owner, deadline, limit)
         start = self.clock() + self.connect_timeout
         session = self._session(ttl, key, start)
+        data = owner.stored_with(token).encode()
         while True:
             sent_at = self.clock()
-            path, stat, children = self._join_line(session, key, token, owner, start, sent_at)
+            path, stat, children = self._join_line(session, key, token, owner, start, sent_at, limit)
             try:
-                outcome = self._wait_in_line(session, key, path, children, sent_at, deadline)
+                # (slot, fencing token, when it was proved), False or None, as _wait_for_room
+                outcome: tuple[int | None, int, float] | Literal[False] | None
+                if limit > 1:
+                    outcome = self._wait_for_room(
+                        session, key, path, stat.czxid, data, children, sent_at, deadline
+                    )
+                else:
+                    found_at = self._wait_in_line(session, key, path, children, sent_at, deadline)
+                    if found_at is None or found_at is False:
+                        outcome = found_at
+                    else:
+                        outcome = (None, stat.czxid, found_at)  # an exclusive lock: no slot
             except BaseException:
                 self._delete_or_defer(session, key, token, path, self.clock() + self.connect_timeout)
                 raise
@@ -772,8 +782,9 @@ class ZooKeeperBackend(LockBackend):
                 self._delete_or_defer(session, key, token, path, self.clock() + self.connect_timeout)
                 return None
             if outcome is not False:
-                self._hold_node(session, key, token, path, stat.ephemeralOwner, ttl, outcome)
-                return Granted(stat.czxid, valid_until=outcome + ttl - clock_drift(ttl))
+                slot, fencing_token, proved_at = outcome
+                self._hold_node(session, key, token, path, stat.ephemeralOwner, ttl, proved_at)
+                return Granted(fencing_token, valid_until=proved_at + ttl - clock_drift(ttl), slot=slot)
             # Our node vanished (the session expired while we waited, or an operator
             # deleted it): queue again, at the back.
             start = self.clock() + self.connect_timeout
@@ -786,7 +797,7 @@ class ZooKeeperBackend(LockBackend):
         children: list[str],
         read_at: float,
         deadline: float | None,
-    ) -> float | bool | None:
+    ) -> float | Literal[False] | None:
         """When the read that found us first was sent (monotonic); False if our node
         vanished; None when ``deadline`` passed."""
         ours = _basename(path)
@@ -856,33 +867,6 @@ class ZooKeeperBackend(LockBackend):
             with contextlib.suppress(LockError, KazooException):
                 task_id = stored_task_id(self._result(session, holder, deadline, key)[0])
         return Refused(holder_ttl=None, holder_task_id=task_id)
-
-    def _wait_for_slot(
-        self, key: str, token: str, ttl: float, owner: Owner, deadline: float | None, limit: int
-    ) -> Granted | None:
-        """Queue a node of ours (as ``_wait_turn`` does) and block until it holds a slot."""
-        start = self.clock() + self.connect_timeout
-        session = self._session(ttl, key, start)
-        data = owner.stored_with(token).encode()
-        while True:
-            sent_at = self.clock()
-            path, stat, children = self._join_line(session, key, token, owner, start, sent_at, limit)
-            try:
-                outcome = self._wait_for_room(
-                    session, key, path, stat.czxid, data, children, sent_at, deadline
-                )
-            except BaseException:
-                self._delete_or_defer(session, key, token, path, self.clock() + self.connect_timeout)
-                raise
-            if outcome is None:  # timed out
-                self._delete_or_defer(session, key, token, path, self.clock() + self.connect_timeout)
-                return None
-            if outcome is not False:
-                slot, fencing_token, proved_at = outcome
-                self._hold_node(session, key, token, path, stat.ephemeralOwner, ttl, proved_at)
-                return Granted(fencing_token, valid_until=proved_at + ttl - clock_drift(ttl), slot=slot)
-            # Our node vanished (its session expired, an operator deleted it): queue again.
-            start = self.clock() + self.connect_timeout
 
     def _wait_for_room(
         self,
