@@ -50,6 +50,21 @@ def _body(run: str, seconds: float) -> str:
     return "ran"
 
 
+def _until_killed(run: str) -> str:
+    """A body that outlives any test: the test kills it (or the task's time limit does)."""
+    record(run, "start")
+    time.sleep(60)
+    return "not killed"
+
+
+def _retry_once(task: Any, run: str) -> str:
+    """A body that retries itself once (``self.retry()``), then runs."""
+    record(run, "start", task.request.retries)
+    if task.request.retries == 0:
+        raise task.retry(countdown=0)
+    return f"ran after {task.request.retries} retry"
+
+
 @task_skipped.connect
 def _on_skipped(sender: Any, key: str, task_id: str, **_: Any) -> None:
     run = sender.request.args[0] if sender.request.args else sender.request.kwargs.get("run")
@@ -117,24 +132,17 @@ def watch_loss(run: str) -> str:
 
 @app.task(base=SingletonTask, bind=True)
 def retry_self(self: Any, run: str) -> str:
-    record(run, "start", self.request.retries)
-    if self.request.retries == 0:
-        raise self.retry(countdown=0)
-    return f"ran after {self.request.retries} retry"
+    return _retry_once(self, run)
 
 
 @app.task(base=SingletonTask, lock_ttl=30)
 def killable(run: str) -> str:
-    record(run, "start")
-    time.sleep(60)
-    return "not killed"
+    return _until_killed(run)
 
 
 @app.task(base=SingletonTask, lock_ttl=3)
 def crashable(run: str) -> str:
-    record(run, "start")
-    time.sleep(60)
-    return "not killed"
+    return _until_killed(run)
 
 
 @app.task(base=SingletonTask, max_retries=1)
@@ -146,10 +154,7 @@ def guarded(run: str) -> str:
 @app.task(base=SingletonTask, bind=True, max_retries=1)
 def retries_once(self: Any, run: str) -> str:
     """Spends its own single retry: lock-server outages before it must not have."""
-    record(run, "start", self.request.retries)
-    if self.request.retries == 0:
-        raise self.retry(countdown=0)
-    return f"ran after {self.request.retries} retry"
+    return _retry_once(self, run)
 
 
 @app.task(base=SingletonTask, lock_ttl=2)
@@ -167,9 +172,7 @@ def stubborn(run: str, seconds: float) -> str:
 
 @app.task(base=SingletonTask, lock_ttl=30, time_limit=1.5)
 def hard_limited(run: str) -> str:
-    record(run, "start")
-    time.sleep(60)
-    return "not killed"
+    return _until_killed(run)
 
 
 @lock_contended.connect
@@ -205,10 +208,7 @@ def debounced_capped(run: str, n: int) -> int:
 @app.task(base=SingletonTask, bind=True, max_retries=1, on_contention=Retry(countdown=0.2, jitter=0))
 def contends_then_retries(self: Any, run: str) -> str:
     """Its own budget is one self.retry(); contention retries have Retry()'s own (100)."""
-    record(run, "start", self.request.retries)
-    if self.request.retries == 0:
-        raise self.retry(countdown=0)
-    return f"ran after {self.request.retries} retry"
+    return _retry_once(self, run)
 
 
 @app.task(base=SingletonTask, lock_limit=3, on_contention=Wait(timeout=30))
@@ -235,6 +235,4 @@ def throttled_wait(run: str) -> str:
 
 @app.task(base=SingletonTask, lock_limit=3, lock_ttl=30)
 def limited_killable(run: str) -> str:
-    record(run, "start")
-    time.sleep(60)
-    return "not killed"
+    return _until_killed(run)
