@@ -100,7 +100,14 @@ CLEANUP_BATCH = 1000
 #: A refusal whose holder the statement's snapshot could not show (a row written by a
 #: concurrent transaction after the statement began) is tried again this often.
 REFUSAL_RETRIES = 3
-#: PostgreSQL identifiers are at most 63 bytes; the sequence name adds "_fence".
+#: The waiters' queue is the table ``<table><WAITERS_SUFFIX>``.
+WAITERS_SUFFIX = "_wait"
+#: A queue entry lasts this long when its wait has no timeout, and is renewed by its
+#: waiter after half of it (a waiter that died leaves an entry no release picks anyway:
+#: its listening session is gone).
+QUEUE_TTL = 600.0
+#: PostgreSQL identifiers are at most 63 bytes; the sequence name adds "_fence" (the
+#: waiters' table's, "_wait", is shorter).
 MAX_TABLE_NAME = 63 - len("_fence")
 _SQLSTATE_CONNECTION = ("08", "57P")  # connection exceptions, operator intervention
 _IDENTIFIER = re.compile(r"[^\x00.]+")
@@ -339,6 +346,9 @@ class _Channel:
     listening: bool = False
     waiters: int = 0
     last_waited: float = field(default_factory=time.monotonic)
+    #: Queue tickets a release picked (the notification's payload), until their waiter
+    #: takes them: each wakes that waiter alone.
+    woken: set[int] = field(default_factory=set)
 
 
 class _Listener:
@@ -364,6 +374,7 @@ class _Listener:
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
         self._conn: _Connection | None = None
+        self._session: int | None = None
 
     def _next(self) -> int:
         return next(self._events)
@@ -375,9 +386,18 @@ class _Listener:
             state = self._channels.get(channel)
             return state.generation if state is not None and state.listening else None
 
-    def wait(self, channel: str, seen: int | None, timeout: float) -> None:
-        """Block until ``channel`` has a generation other than ``seen`` (an announcement,
-        or a subscription just made), or ``timeout`` seconds."""
+    def session(self, channel: str) -> int | None:
+        """The server session (backend pid) listening to ``channel`` now; None while it
+        is not subscribed. A queue entry names it, so a release skips the entries of a
+        session that is gone."""
+        with self._guard:
+            state = self._channels.get(channel)
+            return self._session if state is not None and state.listening else None
+
+    def wait(self, channel: str, seen: int | None, timeout: float, ticket: int | None = None) -> bool:
+        """Block until ``channel`` has a generation other than ``seen`` (an announcement
+        to all, or a subscription just made), a release picked ``ticket``, or ``timeout``
+        seconds. True when the wake-up was ``ticket``'s."""
         deadline = time.monotonic() + timeout
         with self._guard:
             state = self._channels.setdefault(channel, _Channel())
@@ -386,13 +406,24 @@ class _Listener:
                 if not state.listening:
                     self._start()
                 while not (state.listening and (seen is None or state.generation != seen)):
+                    if ticket in state.woken:
+                        state.woken.discard(ticket)
+                        return True
                     remaining = deadline - time.monotonic()
                     if remaining <= 0:
-                        return
+                        return False
                     self._changed.wait(min(remaining, threading.TIMEOUT_MAX))
+                return False
             finally:
                 state.waiters -= 1
                 state.last_waited = time.monotonic()
+
+    def forget(self, channel: str, ticket: int) -> None:
+        """Drop ``ticket``'s wake-up, if one came that its waiter did not wait for."""
+        with self._guard:
+            state = self._channels.get(channel)
+            if state is not None:
+                state.woken.discard(ticket)
 
     def _start(self) -> None:
         # Called with the guard held.
@@ -458,6 +489,8 @@ class _Listener:
             self._conninfo, time.monotonic() + self._connect_timeout, pgbouncer=False, listening=True
         )
         self._conn = conn  # only for a forked child to let go of
+        with self._guard:
+            self._session = conn.pgconn.backend_pid
         # Notifications that arrive while LISTEN runs come through psycopg's handler.
         conn.add_notify_handler(self._on_notify)
         return conn
@@ -503,23 +536,30 @@ class _Listener:
 
     def _lost(self) -> None:
         with self._guard:
+            self._session = None
             for state in self._channels.values():
                 state.listening = False
             self._changed.notify_all()
 
     def _drain(self, conn: _Connection) -> None:
         while (notify := conn.pgconn.notifies()) is not None:
-            self._announce(notify.relname.decode("ascii", "replace"))
+            self._announce(notify.relname.decode("ascii", "replace"), notify.extra.decode("ascii", "replace"))
 
     def _on_notify(self, notify: psycopg.Notify) -> None:
-        self._announce(notify.channel)
+        self._announce(notify.channel, notify.payload)
 
-    def _announce(self, name: str) -> None:
+    def _announce(self, name: str, payload: str) -> None:
+        """A release on channel ``name``: for the waiter whose queue ticket is the
+        payload, or (no payload) for every waiter of the key."""
         with self._guard:
             state = self._channels.get(name)
-            if state is not None:
+            if state is None:
+                return
+            if payload.isdigit():
+                state.woken.add(int(payload))
+            else:
                 state.generation = self._next()
-                self._changed.notify_all()
+            self._changed.notify_all()
 
     def _forget_after_fork(self) -> None:
         for fd in (self._wake_r, self._wake_w):
@@ -557,6 +597,20 @@ os.register_at_fork(after_in_child=_forget_after_fork)
 
 
 # -- the backend -------------------------------------------------------------------------
+
+
+@dataclass
+class _Queued:
+    """A wait's entry in its key's queue of waiters (one per waiting thread)."""
+
+    key: str
+    ticket: int
+    #: The listening session the entry names: a release skips entries of sessions gone.
+    session: int
+    #: When the entry is renewed (half its time).
+    renew_at: float
+    #: A release picked it: the next attempt, if refused, renews it first (not woken).
+    woken: bool = False
 
 
 class PostgresBackend(LockBackend):
@@ -674,9 +728,17 @@ class PostgresBackend(LockBackend):
     RETURNING held.key, held.token
     """
 
-    # ``release``: free the row if its {column} ("token" or "owner") is exactly %(value)s,
-    # and announce it on the key's channel (sent at commit: before the reply).
-    # returns one row when released, none when it was not ours.
+    # ``release``: free the rows of %(keys)s (text[]: the key, or a semaphore's slot keys)
+    # whose {column} ("token" or "owner") is exactly %(value)s, and wake one waiter per
+    # row freed: the oldest entries of %(base)s (the key) in the waiters' queue that no
+    # release picked yet and whose listening session (pid) still exists. Each is marked
+    # woken and told on the key's channel %(channel)s with its ticket as the payload;
+    # a freed row that found no entry is announced with no payload, to every waiter of
+    # the key (one that queued after this statement's snapshot was taken cannot be seen
+    # here, and is woken so). Notifications are sent at commit: before the reply.
+    # SKIP LOCKED: two releases at once pick two entries, not one twice.
+    # returns one row (the rows freed) when something was released, none otherwise.
+    # Without waiters, the queue costs one probe of an empty index.
     # A release commits without waiting for the WAL flush: one that a server crash
     # forgets leaves the lease to end by its TTL, which is what happens to any release
     # that fails, and the next grant's flush writes it out anyway (the WAL is one stream).
@@ -684,22 +746,44 @@ class PostgresBackend(LockBackend):
     SQL_RELEASE = """
     WITH freed AS (
         UPDATE {table} SET token = NULL, owner = NULL, expires_at = clock_timestamp()
-         WHERE key = %(key)s AND {column} = %(value)s AND expires_at > clock_timestamp()
-        RETURNING key
-    )
-    SELECT pg_notify(%(channel)s, ''), set_config('synchronous_commit', 'off', true) FROM freed
-    """
-
-    # ``release`` of a semaphore's slot by {column} ("token" or "owner") among the rows
-    # %(keys)s (text[]): every one whose {column} is exactly %(value)s, announced once on
-    # the key's channel. returns one row per slot released.
-    SQL_RELEASE_SLOTS = """
-    WITH freed AS (
-        UPDATE {table} SET token = NULL, owner = NULL, expires_at = clock_timestamp()
          WHERE key = ANY(%(keys)s::text[]) AND {column} = %(value)s AND expires_at > clock_timestamp()
         RETURNING key
+    ), woken AS (
+        UPDATE {waiters} AS queued SET woken = true
+          FROM (
+            SELECT key, ticket FROM {waiters} AS entry
+             WHERE key = %(base)s AND NOT woken AND expires_at > clock_timestamp()
+               AND EXISTS (SELECT FROM pg_stat_get_activity(entry.pid))
+             ORDER BY ticket LIMIT (SELECT count(*) FROM freed)
+               FOR UPDATE SKIP LOCKED
+          ) AS picked
+         WHERE queued.key = picked.key AND queued.ticket = picked.ticket
+        RETURNING queued.ticket
     )
-    SELECT pg_notify(%(channel)s, ''), set_config('synchronous_commit', 'off', true) FROM freed
+    SELECT count(*), set_config('synchronous_commit', 'off', true),
+           (SELECT count(pg_notify(%(channel)s, ticket::text)) FROM woken),
+           CASE WHEN (SELECT count(*) FROM woken) < count(*) THEN pg_notify(%(channel)s, '') END
+      FROM freed HAVING count(*) > 0
+    """
+
+    # ``queue``: enter %(key)s's queue of waiters as %(ticket)s (NULL: a new ticket), or
+    # stay in it not woken (a waiter that was woken and refused again), listening on the
+    # session %(pid)s, until %(ttl)s seconds from now. returns (ticket,).
+    # Like a refusal, it commits without waiting for the WAL flush: a crash forgets the
+    # queue, and each waiter's wait is bounded by its holder's lease anyway.
+    SQL_QUEUE = """
+    INSERT INTO {waiters} AS queued (key, ticket, pid, expires_at)
+    VALUES (%(key)s, coalesce(%(ticket)s, nextval({sequence})), %(pid)s,
+            clock_timestamp() + %(ttl)s * interval '1 second')
+    ON CONFLICT (key, ticket) DO UPDATE
+        SET pid = excluded.pid, woken = false, expires_at = excluded.expires_at
+    RETURNING ticket, set_config('synchronous_commit', 'off', true)
+    """
+
+    # ``dequeue``: leave %(key)s's queue (a wait that ended).
+    SQL_DEQUEUE = """
+    WITH gone AS (DELETE FROM {waiters} WHERE key = %(key)s AND ticket = %(ticket)s RETURNING 1)
+    SELECT set_config('synchronous_commit', 'off', true) FROM gone
     """
 
     # ``cleanup``: delete rows free or expired for %(age)s seconds, a batch at a time,
@@ -710,6 +794,13 @@ class PostgresBackend(LockBackend):
          WHERE expires_at < clock_timestamp() - %(age)s * interval '1 second'
          LIMIT %(batch)s FOR UPDATE SKIP LOCKED
     ) AND expires_at < clock_timestamp() - %(age)s * interval '1 second'
+    """
+
+    # ``cleanup`` of the queue: entries whose time is up or whose listening session is
+    # gone (a waiter that died, or whose listening connection was replaced).
+    SQL_CLEANUP_QUEUE = """
+    DELETE FROM {waiters} AS entry
+     WHERE expires_at < clock_timestamp() OR NOT EXISTS (SELECT FROM pg_stat_get_activity(entry.pid))
     """
 
     # ``held`` (celery locks): the live leases under %(start)s (the prefix and ':'), or the
@@ -739,7 +830,15 @@ class PostgresBackend(LockBackend):
         fence       bigint NOT NULL DEFAULT nextval({sequence}),
         expires_at  timestamptz NOT NULL
     );
-    ALTER SEQUENCE {sequence_name} OWNED BY {table}.fence
+    ALTER SEQUENCE {sequence_name} OWNED BY {table}.fence;
+    CREATE TABLE IF NOT EXISTS {waiters} (
+        key         text NOT NULL,
+        ticket      bigint NOT NULL,
+        pid         integer NOT NULL,
+        woken       boolean NOT NULL DEFAULT false,
+        expires_at  timestamptz NOT NULL,
+        PRIMARY KEY (key, ticket)
+    )
     """
 
     def __init__(
@@ -779,7 +878,6 @@ class PostgresBackend(LockBackend):
         self._pool = _Pool(self._conninfo, max_connections, pgbouncer=self.pgbouncer)
         self._local = threading.local()
         self._sql = self._statements()
-        self._table_ready = False
         self._next_cleanup = time.monotonic() + random.uniform(0, self.cleanup_after / 4)  # noqa: S311
         self.late_releases = _LateReleases(self)
 
@@ -825,6 +923,7 @@ class PostgresBackend(LockBackend):
         sequence_parts = (*parts[:-1], f"{name}_fence")
         names: dict[str, Any] = {
             "table": sql.Identifier(*parts),
+            "waiters": sql.Identifier(*parts[:-1], f"{name}{WAITERS_SUFFIX}"),
             "sequence_name": sql.Identifier(*sequence_parts),
             # nextval takes the name as text: a regclass literal, quoted as an identifier.
             "sequence": sql.Literal(sql.Identifier(*sequence_parts).as_string(None)),
@@ -834,15 +933,15 @@ class PostgresBackend(LockBackend):
             "acquire_slot": sql.SQL(self.SQL_ACQUIRE_SLOT).format(**names),
             "renew": sql.SQL(self.SQL_RENEW).format(**names),
             "cleanup": sql.SQL(self.SQL_CLEANUP).format(**names),
+            "cleanup_queue": sql.SQL(self.SQL_CLEANUP_QUEUE).format(**names),
+            "queue": sql.SQL(self.SQL_QUEUE).format(**names),
+            "dequeue": sql.SQL(self.SQL_DEQUEUE).format(**names),
             "create": sql.SQL(self.SQL_CREATE).format(**names),
             "held": sql.SQL(self.SQL_HELD).format(**names),
             "now": sql.SQL(self.SQL_NOW),
         }
         for column in ("token", "owner"):
             out[f"release_{column}"] = sql.SQL(self.SQL_RELEASE).format(
-                column=sql.Identifier(column), **names
-            )
-            out[f"release_slots_{column}"] = sql.SQL(self.SQL_RELEASE_SLOTS).format(
                 column=sql.Identifier(column), **names
             )
         return {name: query.as_bytes(None) for name, query in out.items()}
@@ -896,7 +995,38 @@ class PostgresBackend(LockBackend):
                 return Refused(float(rows[0][3]), _task_id(rows[0][2]))
         return Refused(None)
 
+    def wait(
+        self,
+        key: str,
+        ttl: float,
+        *,
+        timeout: float | None,
+        owner: Owner | None = None,
+        refused: Refused | None = None,
+        sender: Any = None,
+        limit: int = 1,
+    ) -> HeldLock | None:
+        # The wait's place in the key's queue (see _wait_for_release) is left when it
+        # ends, however it ends.
+        self._local.queued = None
+        self._local.wait_ends = None if timeout is None else time.monotonic() + timeout
+        try:
+            return super().wait(
+                key, ttl, timeout=timeout, owner=owner, refused=refused, sender=sender, limit=limit
+            )
+        finally:
+            self._dequeue()
+
     def _wait_for_release(self, key: str, timeout: float) -> None:
+        """Wait in the key's queue: a release wakes the oldest waiter of the key (one per
+        row freed), by its ticket, not every process that waits.
+
+        The first call of a wait (and the first after a release picked this waiter, or
+        after the listening connection was replaced) enters the queue, or renews its
+        entry, and returns at once: the attempt that follows then comes after the entry,
+        so a release either sees the entry or is seen by the attempt. A release whose
+        snapshot predates the entry announces itself to every waiter of the key instead,
+        and every wait notes what was announced before its attempt (``seen``)."""
         last_key, seen = getattr(self._local, "seen", (None, None))
         self._local.seen = (None, None)
         if last_key != key:
@@ -905,7 +1035,46 @@ class PostgresBackend(LockBackend):
             threading.Event().wait(min(timeout, self.poll_interval))
             return
         listener = _listener_for(self._listen_conninfo, self.connect_timeout)
-        listener.wait(self._channel(key), seen, timeout)
+        channel = self._channel(key)
+        session = listener.session(channel)
+        if session is None:  # subscribe first: the entry names the listening session
+            listener.wait(channel, None, timeout)
+            session = listener.session(channel)
+            if session is None:
+                return
+        queued: _Queued | None = getattr(self._local, "queued", None)
+        now = time.monotonic()
+        if queued is None or queued.key != key or queued.session != session or queued.woken or (
+            now >= queued.renew_at
+        ):
+            self._enqueue(listener, key, session, queued.ticket if queued and queued.key == key else None)
+            return
+        queued.woken = listener.wait(channel, seen, timeout, queued.ticket)
+
+    def _enqueue(self, listener: _Listener, key: str, session: int, ticket: int | None) -> None:
+        wait_ends = getattr(self._local, "wait_ends", None)
+        left = QUEUE_TTL if wait_ends is None else max(0.0, wait_ends - time.monotonic())
+        entry_ttl = min(QUEUE_TTL, left + MIN_TRY)
+        params = {"key": key, "ticket": ticket, "pid": session, "ttl": entry_ttl}
+        rows = self._execute(self._sql["queue"], params, key, create=True)
+        if rows:
+            queued = _Queued(key, int(rows[0][0]), session, time.monotonic() + entry_ttl / 2)
+            listener.forget(self._channel(key), queued.ticket)  # a wake-up of before is spent
+            self._local.queued = queued
+
+    def _dequeue(self) -> None:
+        queued: _Queued | None = getattr(self._local, "queued", None)
+        self._local.queued = None
+        if queued is None:
+            return
+        if self._listen_conninfo is not None:
+            listener = _listener_for(self._listen_conninfo, self.connect_timeout)
+            listener.forget(self._channel(queued.key), queued.ticket)
+        try:
+            self._execute(self._sql["dequeue"], {"key": queued.key, "ticket": queued.ticket}, queued.key)
+        except (LockBackendUnavailable, ConfigurationError) as exc:
+            # Releases skip it once its listening session is gone or its time is up.
+            logger.debug("leaving the queue of %r failed: %s", queued.key, exc)
 
     def _renew(self, items: Sequence[tuple[str, str, float]]) -> list[bool]:
         if not all(_ours(token) for _, token, _ in items):
@@ -924,11 +1093,8 @@ class PostgresBackend(LockBackend):
         return _ours(held.token) and super()._release_held(held)
 
     def _release(self, key: str, field: str, value: str) -> bool:
-        # A slot's release is announced on its key's channel, where its waiters listen.
-        params = {"key": key, "value": value, "channel": self._channel(key.partition(SLOT_MARK)[0])}
-        rows = self._execute(self._sql[f"release_{'token' if field == 'token' else 'owner'}"], params, key)
-        self._maybe_clean_up()
-        return len(rows) == 1
+        # A slot's release wakes a waiter of its key, in the key's queue and channel.
+        return self._release_rows(key.partition(SLOT_MARK)[0], [key], field, value)
 
     def _release_by_owner(self, key: str, owner_json: str, limit: int) -> bool:
         if limit == 1:
@@ -938,10 +1104,13 @@ class PostgresBackend(LockBackend):
     def _release_slots(self, key: str, field: str, value: str, limit: int) -> bool:
         """Release, in one statement, every slot of ``key`` below ``limit`` whose ``field``
         is exactly ``value``."""
-        keys = [self.slot_key(key, slot) for slot in range(limit)]
-        params = {"keys": keys, "value": value, "channel": self._channel(key)}
-        statement = self._sql[f"release_slots_{'token' if field == 'token' else 'owner'}"]
-        rows = self._execute(statement, params, key)
+        return self._release_rows(key, [self.slot_key(key, slot) for slot in range(limit)], field, value)
+
+    def _release_rows(self, base: str, keys: list[str], field: str, value: str) -> bool:
+        params = {"keys": keys, "value": value, "base": base, "channel": self._channel(base)}
+        statement = self._sql[f"release_{'token' if field == 'token' else 'owner'}"]
+        # create: a table made before the waiters' queue gets its queue here.
+        rows = self._execute(statement, params, base, create=True)
         self._maybe_clean_up()
         return bool(rows)
 
@@ -1008,6 +1177,7 @@ class PostgresBackend(LockBackend):
         self._next_cleanup = time.monotonic() + self.cleanup_after / 4 * random.uniform(0.5, 1.5)  # noqa: S311
         try:
             self._execute(self._sql["cleanup"], {"age": self.cleanup_after, "batch": CLEANUP_BATCH}, None)
+            self._execute(self._sql["cleanup_queue"], None, None)
         except (LockBackendUnavailable, ConfigurationError) as exc:  # the next one tries again
             logger.debug("clean-up of old free rows failed: %s", exc)
 
@@ -1147,7 +1317,7 @@ class PostgresBackend(LockBackend):
         msg = (
             f"singleton_lock_backend: cannot use the lock table {self.table} in {self.url} "
             f"({reason}). Have its owner create it and let this user use it:\n\n{self.ddl}\n"
-            f"GRANT SELECT, INSERT, UPDATE, DELETE ON {self.table} TO <user>;\n"
+            f"GRANT SELECT, INSERT, UPDATE, DELETE ON {self.table}, {self.table}{WAITERS_SUFFIX} TO <user>;\n"
             f"GRANT USAGE ON SEQUENCE {self.table}_fence TO <user>;\n"
         )
         return ConfigurationError(msg, option="singleton_lock_backend")

@@ -187,7 +187,8 @@ def test_a_user_without_create_rights_gets_the_ddl_to_run(postgres_url, schema, 
         assert f"GRANT SELECT, INSERT, UPDATE, DELETE ON {schema}.locks" in message
         # The DDL it prints works: run by the owner, it lets this user lock.
         _sql(postgres_url, backend.ddl)
-        _sql(postgres_url, f"GRANT SELECT, INSERT, UPDATE, DELETE ON {schema}.locks TO {role}")
+        tables = f"{schema}.locks, {schema}.locks_wait"
+        _sql(postgres_url, f"GRANT SELECT, INSERT, UPDATE, DELETE ON {tables} TO {role}")
         _sql(postgres_url, f"GRANT USAGE ON SEQUENCE {schema}.locks_fence TO {role}")
         held = backend.acquire(unique_key, ttl=5)
         assert held is not None
@@ -452,3 +453,84 @@ def test_a_full_semaphore_refuses_with_its_soonest_expiry(backend, unique_key):
     finally:
         for each in held:
             each.release()
+
+
+# -- one waiter woken per release ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("limit", [1, 2])
+def test_a_release_wakes_one_waiter_the_oldest_and_skips_entries_of_sessions_gone(
+    spec, postgres_url, unique_key, limit
+):
+    holder = spec.connect()
+    waiters = [spec.connect() for _ in range(5)]
+    attempts = [0]
+    guard = threading.Lock()
+
+    def counting(attempt):
+        def counted(*args):
+            with guard:
+                attempts[0] += 1
+            return attempt(*args)
+
+        return counted
+
+    for waiter in waiters:
+        for name in ("_try_acquire", "_try_acquire_slot"):
+            setattr(waiter, name, counting(getattr(waiter, name)))
+    full_key = holder._full_key(unique_key)
+    queue = f"{holder.table}_wait"
+
+    def queued() -> int:
+        rows = _sql(postgres_url, f"SELECT count(*) FROM {queue} WHERE key = %s AND NOT woken", (full_key,))
+        return rows[0][0]
+
+    order: list[int] = []
+    done = [threading.Event() for _ in waiters]
+
+    def wait(index: int) -> None:
+        got = waiters[index].acquire(unique_key, ttl=30, blocking=True, timeout=30, limit=limit)
+        assert got is not None
+        order.append(index)
+        done[index].wait(30)
+        waiters[index].release(got)
+
+    threads = [threading.Thread(target=wait, args=(i,)) for i in range(len(waiters))]
+    try:
+        held = [holder.acquire(unique_key, ttl=30, limit=limit) for _ in range(limit)]
+        assert None not in held
+        # The oldest entry is a waiter that died: its session does not exist.
+        _sql(
+            postgres_url,
+            f"INSERT INTO {queue} (key, ticket, pid, expires_at) "
+            "VALUES (%s, 0, 2147483647, now() + interval '1 h')",
+            (full_key,),
+        )
+        for index, thread in enumerate(threads):  # one at a time: the queue's order is known
+            thread.start()
+            wait_until(lambda n=index + 2: queued() == n, 10, f"waiter {index} to queue")
+        for round_ in range(len(waiters)):
+            before = attempts[0]
+            if round_ == 0:
+                assert holder.release(held[0]) is True
+            else:
+                done[order[-1]].set()
+            wait_until(lambda n=round_ + 1: len(order) == n, 10, f"release {round_} to wake a waiter")
+            # No other waiter tries: each release woke one (a quiet moment to let a herd show).
+            threading.Event().wait(0.3)
+            assert attempts[0] - before == 1, (round_, attempts[0] - before)
+        assert order == list(range(len(waiters)))  # FIFO
+        done[order[-1]].set()
+        for thread in threads:
+            thread.join(10)
+        assert queued() == 1  # the dead waiter's entry; each live one left the queue
+        for each in held[1:]:
+            assert holder.release(each) is True
+    finally:
+        for event in done:
+            event.set()
+        for thread in threads:
+            if thread.is_alive():
+                thread.join(10)
+        for backend in (holder, *waiters):
+            backend.close()
