@@ -728,17 +728,18 @@ class PostgresBackend(LockBackend):
     RETURNING held.key, held.token
     """
 
-    # ``release``: free the rows of %(keys)s (text[]: the key, or a semaphore's slot keys)
-    # whose {column} ("token" or "owner") is exactly %(value)s, and wake one waiter per
-    # row freed: the oldest entries of %(base)s (the key) in the waiters' queue that no
+    # ``release``: free the rows of {rows} (the row %(key)s, or a semaphore's slot keys
+    # %(keys)s, text[]: comparing one row with an array cost measurably more) whose
+    # {column} ("token" or "owner") is exactly %(value)s, and wake one waiter per row
+    # freed: the oldest entries of %(base)s (the key) in the waiters' queue that no
     # release picked yet and whose listening session (pid) still exists. Each is marked
-    # woken and told on the key's channel %(channel)s with its ticket as the payload;
-    # a freed row that found no entry is announced with no payload, to every waiter of
-    # the key (one that queued after this statement's snapshot was taken cannot be seen
-    # here, and is woken so). Notifications are sent at commit: before the reply.
-    # SKIP LOCKED: two releases at once pick two entries, not one twice.
-    # returns one row (the rows freed) when something was released, none otherwise.
-    # Without waiters, the queue costs one probe of an empty index.
+    # woken and told on the key's channel %(channel)s, its ticket as the payload. A row
+    # freed that found no entry is announced with no payload, to every waiter of the key:
+    # an entry made after this statement's snapshot cannot be seen here, and its waiter
+    # is woken so. SKIP LOCKED: two releases at once pick two entries, not one twice.
+    # Notifications are sent at commit, before the reply.
+    # returns one row (the count freed) when something was released, none otherwise.
+    # Without waiters the queue costs one probe of its empty index.
     # A release commits without waiting for the WAL flush: one that a server crash
     # forgets leaves the lease to end by its TTL, which is what happens to any release
     # that fails, and the next grant's flush writes it out anyway (the WAL is one stream).
@@ -746,7 +747,7 @@ class PostgresBackend(LockBackend):
     SQL_RELEASE = """
     WITH freed AS (
         UPDATE {table} SET token = NULL, owner = NULL, expires_at = clock_timestamp()
-         WHERE key = ANY(%(keys)s::text[]) AND {column} = %(value)s AND expires_at > clock_timestamp()
+         WHERE {rows} AND {column} = %(value)s AND expires_at > clock_timestamp()
         RETURNING key
     ), woken AS (
         UPDATE {waiters} AS queued SET woken = true
@@ -941,9 +942,10 @@ class PostgresBackend(LockBackend):
             "now": sql.SQL(self.SQL_NOW),
         }
         for column in ("token", "owner"):
-            out[f"release_{column}"] = sql.SQL(self.SQL_RELEASE).format(
-                column=sql.Identifier(column), **names
-            )
+            for rows, where in (("", "key = %(key)s"), ("slots_", "key = ANY(%(keys)s::text[])")):
+                out[f"release_{rows}{column}"] = sql.SQL(self.SQL_RELEASE).format(
+                    column=sql.Identifier(column), rows=sql.SQL(where), **names
+                )
         return {name: query.as_bytes(None) for name, query in out.items()}
 
     # -- the steps ------------------------------------------------------------------------
@@ -1094,7 +1096,7 @@ class PostgresBackend(LockBackend):
 
     def _release(self, key: str, field: str, value: str) -> bool:
         # A slot's release wakes a waiter of its key, in the key's queue and channel.
-        return self._release_rows(key.partition(SLOT_MARK)[0], [key], field, value)
+        return self._release_rows(key.partition(SLOT_MARK)[0], key, field, value)
 
     def _release_by_owner(self, key: str, owner_json: str, limit: int) -> bool:
         if limit == 1:
@@ -1106,13 +1108,18 @@ class PostgresBackend(LockBackend):
         is exactly ``value``."""
         return self._release_rows(key, [self.slot_key(key, slot) for slot in range(limit)], field, value)
 
-    def _release_rows(self, base: str, keys: list[str], field: str, value: str) -> bool:
-        params = {"keys": keys, "value": value, "base": base, "channel": self._channel(base)}
-        statement = self._sql[f"release_{'token' if field == 'token' else 'owner'}"]
+    def _release_rows(self, base: str, keys: str | list[str], field: str, value: str) -> bool:
+        """Release the row ``keys`` (or each of the rows listed) whose ``field`` is
+        ``value``, waking a waiter of ``base`` (the key) per row freed."""
+        single = isinstance(keys, str)
+        params = {"key" if single else "keys": keys, "value": value, "base": base}
+        params["channel"] = self._channel(base)
+        column = "token" if field == "token" else "owner"
+        statement = self._sql[f"release_{column}" if single else f"release_slots_{column}"]
         # create: a table made before the waiters' queue gets its queue here.
-        rows = self._execute(statement, params, base, create=True)
+        released = self._execute(statement, params, base, create=True)
         self._maybe_clean_up()
-        return bool(rows)
+        return bool(released)
 
     def close(self) -> None:
         self.late_releases.stop()
