@@ -28,8 +28,11 @@ asynchronous standby that had not received the last grants can repeat tokens, as
 those grants themselves; ``docs/postgres.md`` says exactly when.
 
 Waiting: one connection per process (and listening URL) runs ``LISTEN`` for the keys its
-waiters want, each key on a channel of its own, and wakes those waiters when a release
-of the key is announced; a waiter costs the server nothing while it waits. A crashed
+waiters want, each key on a channel of its own; a waiter costs the server nothing while
+it waits. Waiters queue in ``<table>_wait`` (a ticket each, naming the listening
+session), and a release wakes the oldest live one per row it frees, by its ticket in the
+notification's payload: one waiter per release, FIFO, not every waiting process (see
+``SQL_RELEASE`` for the one race this leaves, and how it is covered). A crashed
 holder sends no ``NOTIFY``: its lease ends on the server's clock, and the base class
 bounds every wait by the holder's remaining lease. Behind PgBouncer in transaction mode
 ``LISTEN`` does not work: give ``listen_url`` (a direct connection) or waits become timed
