@@ -20,6 +20,7 @@ from typing import Any
 
 from benchmarks.env import Env
 from benchmarks.harness import ScenarioResult, Table, goal_table, machine_note, percentile
+from benchmarks.plot import SEMAPHORE_PNG
 
 SCENARIOS = {
     "a": ("benchmarks.scenario_throughput", "(a) Uncontended acquire+release, one process"),
@@ -36,6 +37,7 @@ SCENARIOS = {
     "m": ("benchmarks.scenario_footprint", "(m) 1,000,000 signatures run once: server memory left"),
     "n": ("benchmarks.scenario_cluster", "(n) Redis Cluster: cycle through rediscluster://"),
     "s": ("benchmarks.scenario_semaphore", "(s) Semaphores on one Redis: limit=4 vs the lock"),
+    "t": ("benchmarks.scenario_semaphore_backends", "(t) Semaphores on every backend: limit=4 vs the lock"),
 }
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -109,6 +111,8 @@ def write_results(out: Path, results: list[ScenarioResult], meta: dict[str, Any]
             md += [f"### {res.title}", "", "```", res.error, "```", ""]
     if (out / "core.png").exists():
         md += ["![handoff latency percentiles and throughput](core.png)", ""]
+    if "t" in meta["scenarios"] and (out / SEMAPHORE_PNG).exists():
+        md += [f"![(t) semaphores on every backend]({SEMAPHORE_PNG})", ""]
     (out / "core.md").write_text("\n".join(md))
     payload = {
         "meta": meta,

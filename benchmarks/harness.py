@@ -242,6 +242,33 @@ def prepare_libs(ctx: WorkerContext, libs: list[str]) -> dict[str, str | None]:
     return out
 
 
+def bind(ctx: WorkerContext, adapters: dict[str, list[str]], ttl: float = 10.0) -> dict[str, str]:
+    """Give this worker ``adapters`` ({name: [lib, url]}), each warmed up on a private
+    key, so that functions run here later find them by name (:meth:`WorkerContext.adapter`),
+    whatever server they are on; {lib: why it cannot run}."""
+    from benchmarks.libs import make_adapter
+
+    problems: dict[str, str] = {}
+    for name, (lib, url) in adapters.items():
+        try:
+            ctx._adapters[name] = make_adapter(lib, url)
+            handle = ctx._adapters[name].try_acquire(f"bench:warm:{name}:{ctx.index}", ttl)
+            ctx._adapters[name].release(handle)
+        except Exception as exc:  # reported in the table, the other libraries still run
+            problems[lib] = repr(exc)
+    return problems
+
+
+def unbind(ctx: WorkerContext, names: list[str]) -> None:
+    """Close this worker's adapters ``names`` before their server goes away (a kazoo
+    client would otherwise keep reconnecting in the background)."""
+    for name in names:
+        adapter = ctx._adapters.pop(name, None)
+        if adapter is not None:
+            with contextlib.suppress(Exception):  # the server may be gone: nothing to do
+                adapter.close()
+
+
 def _pool_worker_main(conn: Any, url: str, index: int) -> None:
     ctx = WorkerContext(index, url)
     try:

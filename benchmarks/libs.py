@@ -6,6 +6,12 @@ Every adapter offers the same three steps, so the scenarios treat them alike:
 ``acquire_blocking(key, ttl, timeout)`` the library's own way of waiting: a handle or None
 ``release(handle)``                     True when the lock was still ours
 
+and those that count slots (ours, kazoo's ``Semaphore``) two more, for a key of ``limit``
+holders at once (``limit=1`` being the library's exclusive lock):
+
+``try_acquire_slot(key, ttl, limit)``               one non-blocking attempt
+``acquire_slot_blocking(key, ttl, limit, timeout)`` waiting the library's own way
+
 Every peer talks to the server through ``redis.Redis.from_url(url)`` with redis-py's
 default options (celery-once builds exactly that client from the URL itself);
 celery-singleton-lock gets the same URL through its ``connect``. The ZooKeeper peers
@@ -41,6 +47,7 @@ LABELS = {
     "zk-raw-line": "raw kazoo create | getChildren + delete",
     "ours-zk": "celery-singleton-lock ZooKeeper",
     "kazoo": "kazoo Lock recipe",
+    "kazoo-semaphore": "kazoo Semaphore recipe (Lock recipe for limit=1)",
 }
 
 #: How each library waits for a held lock (the "wait" column).
@@ -59,6 +66,7 @@ WAIT_STYLE = {
     "zk-raw-line": "n/a (no blocking mode)",
     "ours-zk": "watch on the node just before its own",
     "kazoo": "watch on the node just before its own",
+    "kazoo-semaphore": "a lock on the semaphore (as kazoo's Lock), then a watch on its leases",
 }
 
 CELERY_ONCE_POLL_S = 0.010
@@ -150,6 +158,12 @@ class Ours:
 
     def acquire_blocking(self, key: str, ttl: float, timeout: float) -> Any:
         return self.backend.acquire(key, ttl=ttl, blocking=True, timeout=timeout)
+
+    def try_acquire_slot(self, key: str, ttl: float, limit: int) -> Any:
+        return self.backend.acquire(key, ttl=ttl, blocking=False, limit=limit)
+
+    def acquire_slot_blocking(self, key: str, ttl: float, limit: int, timeout: float) -> Any:
+        return self.backend.acquire(key, ttl=ttl, blocking=True, timeout=timeout, limit=limit)
 
     def release(self, handle: Any) -> bool:
         return bool(self.backend.release(handle))
@@ -552,6 +566,40 @@ class KazooLock(_Kazoo):
         return bool(handle.release())
 
 
+class KazooSemaphore(KazooLock):
+    """kazoo's ``client.Semaphore(path, identifier, max_leases=limit)`` recipe, one object
+    per path and limit, made once, as :class:`KazooLock` does with ``Lock``; for
+    ``limit=1`` its ``Lock`` recipe itself, what kazoo offers for one holder at a time.
+    The limit lives in the path's data, so a path keeps the limit it was first given."""
+
+    name = "kazoo-semaphore"
+
+    def __init__(self, url: str) -> None:
+        super().__init__(url)
+        self._semaphores: dict[tuple[str, int], Any] = {}
+
+    def _slots(self, key: str, limit: int) -> Any:
+        if limit == 1:
+            return self._lock(key)
+        if (key, limit) not in self._semaphores:
+            self._semaphores[key, limit] = self.client.Semaphore(
+                zk_path(key), self._identifier, max_leases=limit)
+        return self._semaphores[key, limit]
+
+    def try_acquire_slot(self, key: str, ttl: float, limit: int) -> Any:
+        slots = self._slots(key, limit)
+        return slots if slots.acquire(blocking=False) else None
+
+    def acquire_slot_blocking(self, key: str, ttl: float, limit: int, timeout: float) -> Any:
+        from kazoo.exceptions import LockTimeout
+
+        slots = self._slots(key, limit)
+        try:
+            return slots if slots.acquire(blocking=True, timeout=timeout) else None
+        except LockTimeout:  # its way of saying "not within timeout"
+            return None
+
+
 class OursZooKeeper(Ours):
     """celery-singleton-lock on ZooKeeper: ``connect("zookeeper://127.0.0.1:PORT")``."""
 
@@ -573,6 +621,7 @@ ADAPTERS: dict[str, type] = {
     "zk-raw-line": KazooRawLine,
     "ours-zk": OursZooKeeper,
     "kazoo": KazooLock,
+    "kazoo-semaphore": KazooSemaphore,
 }
 
 

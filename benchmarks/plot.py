@@ -8,9 +8,13 @@ from pathlib import Path
 from benchmarks.harness import ScenarioResult, median
 from benchmarks.libs import LABELS
 
+#: Scenario (t)'s figure, written beside ``core.png``.
+SEMAPHORE_PNG = "semaphore.png"
+
 
 def plot(results: list[ScenarioResult], path: Path) -> bool:
-    """Draw what the results have; False (and no file) when there is nothing to draw."""
+    """Draw what the results have; False (and no file) when there is nothing to draw.
+    Scenario (t) gets a figure of its own beside ``path``: :data:`SEMAPHORE_PNG`."""
     import matplotlib
     import matplotlib.ticker
 
@@ -18,6 +22,8 @@ def plot(results: list[ScenarioResult], path: Path) -> bool:
     import matplotlib.pyplot as plt
 
     by_key = {r.key: r for r in results if r.raw}
+    if "t" in by_key:
+        plot_semaphores(by_key["t"], path.with_name(SEMAPHORE_PNG))
     panels = [k for k in ("a", "b", "c") if k in by_key]
     if not panels:
         return False
@@ -75,3 +81,65 @@ def plot(results: list[ScenarioResult], path: Path) -> bool:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return True
+
+
+def plot_semaphores(res: ScenarioResult, path: Path) -> None:
+    """Scenario (t), per backend: limit=4 over the lock uncontended, 16 processes' limit=4
+    throughput over limit=1, and limit=4's handoff p50/p99, each against its goal."""
+    import matplotlib
+    import matplotlib.ticker
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from benchmarks.scenario_semaphore_backends import (
+        GOAL_P99_MS,
+        GOAL_SPEEDUP,
+        GOAL_UNCONTENDED,
+        LIMIT,
+    )
+
+    bars = [(name, lib) for name, result in res.raw.items() if name != "failed"
+            for lib in result["libs"]]
+    labels = [name if lib == "ours" else f"{name}\n{LABELS[lib].split(' (')[0]}" for name, lib in bars]
+    colors = ["#d62728" if lib == "ours" else "#7f7f7f" for _, lib in bars]
+
+    def values(field: str, part: str, pick: str) -> list[float]:
+        out = []
+        for name, lib in bars:
+            entry = res.raw[name][part][f"{lib}:{LIMIT}"]
+            out.append(median(entry[field]) if pick == "self" else
+                       median([r[pick] for r in entry["runs"]]))
+        return out
+
+    fig, axes = plt.subplots(1, 3, figsize=(18, 6))
+    panels = [
+        (axes[0], values("x_lock", "uncontended", "self"), GOAL_UNCONTENDED,
+         f"limit={LIMIT} cycles/s over limit=1 (one process, uncontended)"),
+        (axes[1], values("x_limit1", "contended", "self"), GOAL_SPEEDUP,
+         f"16 processes: limit={LIMIT} acq/s over limit=1 (same hold)"),
+    ]
+    for ax, ys, goal, title in panels:
+        ax.barh(range(len(bars)), ys, color=colors)
+        ax.axvline(goal, color="#d62728", linestyle="--", linewidth=1, label=f"goal ≥ {goal}")
+        ax.set_title(title, fontsize=10)
+        ax.legend(fontsize=8, loc="lower right")
+    p50, p99 = values("", "contended", "p50"), values("", "contended", "p99")
+    height = 0.4
+    axes[2].barh([i - height / 2 for i in range(len(bars))], p50, height, label="p50", color="#1f77b4")
+    axes[2].barh([i + height / 2 for i in range(len(bars))], p99, height, label="p99", color="#ff7f0e")
+    axes[2].axvline(GOAL_P99_MS, color="#d62728", linestyle="--", linewidth=1,
+                    label=f"goal p99 ≤ {GOAL_P99_MS:.0f} ms (Redis)")
+    axes[2].set_xscale("log")
+    axes[2].xaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
+    axes[2].set_title(f"16 processes: limit={LIMIT} handoff, ms (log)", fontsize=10)
+    axes[2].legend(fontsize=8, loc="lower right")
+    for ax in axes:
+        ax.set_yticks(range(len(bars)))
+        ax.set_yticklabels(labels if ax is axes[0] else [], fontsize=8)
+        ax.invert_yaxis()
+    fig.suptitle("(t) semaphores on every backend: celery-singleton-lock (red), "
+                 "kazoo's Semaphore (grey); medians over repetitions")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

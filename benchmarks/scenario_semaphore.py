@@ -34,6 +34,7 @@ from benchmarks.harness import (
     sleep_until_ns,
     spread,
 )
+from benchmarks.libs import make_adapter
 
 TTL = 10.0
 WAIT_TIMEOUT = 10.0
@@ -48,47 +49,79 @@ LIMITS = (1, 4)
 CHUNKS = 16
 FN = "benchmarks.scenario_semaphore"
 
-_backends: dict[str, Any] = {}
-
-
-def _backend(url: str) -> Any:
-    if url not in _backends:
-        from celery_singleton_lock import connect
-
-        _backends[url] = connect(url)
-    return _backends[url]
-
 
 # -- run inside the worker processes ------------------------------------------------------
+#
+# ``adapter`` names a library adapter (benchmarks/libs.py) that counts slots: one made on
+# the pool's own server (``"ours"``), or one bound to another server beforehand
+# (harness.bind), so scenario (t) runs the same loop on every backend.
 
 
-def warm(ctx: WorkerContext) -> None:
+def warm(ctx: WorkerContext, adapter: str = "ours") -> None:
     """Import, connect and load the scripts before anything is timed."""
-    backend = _backend(ctx.url)
+    slots = ctx.adapter(adapter)
     for limit in LIMITS:
+        key = f"bench:s:warm:{limit}:{ctx.index}"
         for _ in range(20):
-            backend.release(backend.acquire(f"bench:s:warm:{ctx.index}", ttl=TTL, limit=limit))
+            slots.release(slots.try_acquire_slot(key, TTL, limit))
 
 
 def contend(
-    ctx: WorkerContext, key: str, limit: int, hold: float, start_ns: int, end_ns: int
+    ctx: WorkerContext, key: str, limit: int, hold: float, start_ns: int, end_ns: int,
+    adapter: str = "ours",
 ) -> dict[str, Any]:
-    backend = _backend(ctx.url)
+    slots = ctx.adapter(adapter)
     events: list[tuple[int, int]] = []
     timeouts = lost = 0
     sleep_until_ns(start_ns)
     while time.monotonic_ns() < end_ns:
-        held = backend.acquire(key, ttl=TTL, blocking=True, timeout=WAIT_TIMEOUT, limit=limit)
+        held = slots.acquire_slot_blocking(key, TTL, limit, WAIT_TIMEOUT)
         if held is None:
             timeouts += 1
             continue
         t_acq = time.monotonic_ns()
         time.sleep(hold)
         t_rel = time.monotonic_ns()
-        if not backend.release(held):
+        if not slots.release(held):
             lost += 1
         events.append((t_acq, t_rel))
     return {"events": events, "timeouts": timeouts, "lost": lost}
+
+
+# -- in this process --------------------------------------------------------------------
+
+
+def cycles(slots: Any, key: str, limit: int, n: int) -> tuple[float, float]:
+    """``n`` uncontended acquire+release cycles of ``key`` with ``limit`` through the
+    adapter ``slots``: (wall-clock seconds, this process's CPU seconds)."""
+    gc.collect()
+    t0 = time.perf_counter()
+    c0 = time.process_time()
+    for _ in range(n):
+        held = slots.try_acquire_slot(key, TTL, limit)
+        if held is None or not slots.release(held):
+            raise RuntimeError(f"uncontended cycle of {key!r} with limit={limit} failed")
+    return time.perf_counter() - t0, time.process_time() - c0
+
+
+def contended_run(
+    pool: WorkerPool, key: str, limit: int, hold: float, seconds: float, adapter: str = "ours",
+) -> tuple[list[dict[str, Any]], int, int]:
+    """Every pool worker contends for ``key`` for ``seconds`` (from a common start half a
+    second ahead): their :func:`contend` results, the start and the end."""
+    start = time.monotonic_ns() + 500_000_000
+    end = start + int(seconds * 1e9)
+    results = pool.run_all(
+        list(range(len(pool))), f"{FN}:contend", timeout=seconds + 60, key=key, limit=limit,
+        hold=hold, start_ns=start, end_ns=end, adapter=adapter,
+    )
+    return results, start, end
+
+
+def per_rep_ratios(runs: list[dict[str, Any]], base: list[dict[str, Any]]) -> list[float]:
+    """acquisitions/s of each repetition of ``runs`` over those of ``base`` in the same
+    repetition."""
+    return [r["per_s"] / b["per_s"] for r, b in zip(runs, base, strict=False) if b["per_s"]]
 
 
 # -- analysis -----------------------------------------------------------------------------
@@ -121,9 +154,7 @@ def analyse(results: list[dict[str, Any]], limit: int, start_ns: int, end_ns: in
 
 
 def _uncontended(env: Env, reps: int, n: int) -> tuple[Table, dict[str, list[float]], dict[str, Any]]:
-    from celery_singleton_lock import connect
-
-    backend = connect(env.url)
+    slots = make_adapter("ours", env.url)
     names = list(UNCONTENDED)
     rate: dict[str, list[float]] = {name: [] for name in names}
     ratio: dict[str, list[float]] = {name: [] for name in names}
@@ -132,8 +163,7 @@ def _uncontended(env: Env, reps: int, n: int) -> tuple[Table, dict[str, list[flo
     try:
         env.reset_server()
         for limit in UNCONTENDED.values():  # warm-up
-            for _ in range(200):
-                backend.release(backend.acquire(f"bench:s:{limit}", ttl=TTL, limit=limit))
+            cycles(slots, f"bench:s:{limit}", limit, 200)
         for rep in range(reps):
             elapsed = dict.fromkeys(names, 0.0)
             used = dict.fromkeys(names, 0.0)
@@ -141,27 +171,20 @@ def _uncontended(env: Env, reps: int, n: int) -> tuple[Table, dict[str, list[flo
             for chunk in range(CHUNKS):
                 for name in rotate(names, rep + chunk):
                     limit = UNCONTENDED[name]
-                    key = f"bench:s:{limit}"
-                    gc.collect()
                     s0 = env.stats.snapshot()
-                    t0 = time.perf_counter()
-                    c0 = time.process_time()
-                    for _ in range(n // CHUNKS):
-                        held = backend.acquire(key, ttl=TTL, limit=limit)
-                        if held is None or not backend.release(held):
-                            raise RuntimeError(f"uncontended {name} failed")
-                    elapsed[name] += time.perf_counter() - t0
-                    used[name] += time.process_time() - c0
+                    wall, cpu_s = cycles(slots, f"bench:s:{limit}", limit, n // CHUNKS)
+                    elapsed[name] += wall
+                    used[name] += cpu_s
                     commands[name] += env.stats.delta(s0, env.stats.snapshot())[0]
-            cycles = (n // CHUNKS) * CHUNKS
+            done = (n // CHUNKS) * CHUNKS
             for name in names:
-                rate[name].append(cycles / elapsed[name])
-                cmds[name].append(commands[name] / cycles)
-                cpu[name].append(used[name] / cycles * 1e6)
+                rate[name].append(done / elapsed[name])
+                cmds[name].append(commands[name] / done)
+                cpu[name].append(used[name] / done * 1e6)
             for name in names:
                 ratio[name].append(rate[name][-1] / rate[names[0]][-1])
     finally:
-        backend.close()
+        slots.close()
     table = Table(
         "(s1) Uncontended acquire+release, one process: semaphore vs lock",
         ["what", "cycles/s (median)", "µs/cycle", "client CPU µs/cycle", "min-max",
@@ -199,20 +222,14 @@ def run(env: Env, reps: int = 7, n: int = 4000, seconds: float = 3.0) -> Scenari
     runs: dict[tuple[float, int], list[dict[str, Any]]] = {(h, lim): [] for h in HOLDS for lim in LIMITS}
     errors: list[str] = []
     try:
-        workers = list(range(PROCESSES))
-        pool.run_all(workers, f"{FN}:warm", timeout=120)
+        pool.run_all(list(range(PROCESSES)), f"{FN}:warm", timeout=120)
         for rep in range(contended_reps):
             for hold, limit in rotate(list(runs), rep):
                 env.reset_server()
-                start = time.monotonic_ns() + 500_000_000
-                end = start + int(seconds * 1e9)
                 s0 = env.stats.snapshot()
                 try:
-                    results = pool.run_all(
-                        workers, f"{FN}:contend", timeout=seconds + 60,
-                        key=f"bench:s:contended:{limit}", limit=limit, hold=hold,
-                        start_ns=start, end_ns=end,
-                    )
+                    results, start, end = contended_run(
+                        pool, f"bench:s:contended:{limit}", limit, hold, seconds)
                 except WorkerError as exc:
                     errors.append(f"rep {rep} hold {hold} limit {limit}: {str(exc)[:300]}")
                     continue
@@ -235,8 +252,7 @@ def run(env: Env, reps: int = 7, n: int = 4000, seconds: float = 3.0) -> Scenari
             if not rs:
                 table2.add(fmt(hold * 1000, 0), str(limit), "ERROR", "", "", "", "", "", "")
                 continue
-            base = runs[(hold, 1)]
-            per_rep = [r["per_s"] / b["per_s"] for r, b in zip(rs, base, strict=False) if b["per_s"]]
+            per_rep = per_rep_ratios(rs, runs[(hold, 1)])
             if limit == 4:
                 speedups[hold] = median(per_rep)
             table2.add(

@@ -38,7 +38,6 @@ from benchmarks.harness import (
     Goal,
     ScenarioResult,
     Table,
-    WorkerContext,
     WorkerError,
     fmt,
     fmt_cmds,
@@ -191,38 +190,14 @@ def lock_requests(counts: Counter[str]) -> int:
 # -- run inside the worker processes ------------------------------------------------------
 
 
-def bind(ctx: WorkerContext, adapters: dict[str, list[str]]) -> dict[str, str]:
-    """Give this worker ``adapters`` ({name: [lib, url]}) so that the functions of
-    scenarios (b) and (c) find them by name; {lib: why it cannot run}."""
-    problems: dict[str, str] = {}
-    for name, (lib, url) in adapters.items():
-        try:
-            ctx._adapters[name] = make_adapter(lib, url)
-            handle = ctx._adapters[name].try_acquire(f"bench:i:warm:{ctx.index}", TTL)
-            ctx._adapters[name].release(handle)
-        except Exception as exc:  # reported in the table, the other libraries still run
-            problems[lib] = repr(exc)
-    return problems
-
-
-def unbind(ctx: WorkerContext, names: list[str]) -> None:
-    """Close this worker's ZooKeeper clients before the server goes away (a kazoo
-    client would otherwise keep reconnecting in the background)."""
-    for name in names:
-        adapter = ctx._adapters.pop(name, None)
-        if adapter is not None:
-            with contextlib.suppress(Exception):  # the server may be gone: nothing to do
-                adapter.close()
-
-
 def _bind(env: Env, workers: list[int], adapters: dict[str, list[str]], errors: dict[str, str]) -> None:
-    for reply in env.pool.run_all(workers, f"{FN}:bind", timeout=120, adapters=adapters):
+    for reply in env.pool.run_all(workers, "benchmarks.harness:bind", timeout=120, adapters=adapters):
         for lib, why in reply.items():
             errors.setdefault(lib, why)
 
 
 def _unbind(env: Env, workers: list[int], names: list[str]) -> None:
-    env.pool.run_all(workers, f"{FN}:unbind", timeout=60, names=names)
+    env.pool.run_all(workers, "benchmarks.harness:unbind", timeout=60, names=names)
 
 
 # -- the three measurements ---------------------------------------------------------------
