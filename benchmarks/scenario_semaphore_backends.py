@@ -51,10 +51,12 @@ UNCONTENDED_REPS = 5
 #: The 16-process part: 3 repetitions on every backend (the least that gives a median of
 #: per-repetition ratios), so the whole scenario stays near 5 minutes on 2 cores.
 CONTENDED_REPS = 3
-CHUNKS = 4
-#: Wall-clock seconds a slice of part 1 aims at; its cycle count comes from the warm-up's
-#: rate on that backend (a Redis cycle takes ~0.2 ms here, a ZooKeeper one ~2 ms).
-SLICE_S = 0.1
+#: Part 1's slices per kind and repetition: many short ones, as in (s), so a burst of
+#: machine noise hits the lock and the semaphore alike.
+CHUNKS = 16
+#: Wall-clock seconds a slice aims at; its cycle count comes from the warm-up's pace on
+#: that backend (a Redis cycle takes ~0.1-0.2 ms here, a ZooKeeper one ~1.3 ms).
+SLICE_S = 0.025
 GOAL_UNCONTENDED = 0.9
 GOAL_SPEEDUP = 3.5
 GOAL_P99_MS = 2.0
@@ -159,7 +161,7 @@ def _uncontended(url: str, libs: list[str], reps: int) -> dict[str, Any]:
             sem.cycles(adapters[lib], keys[lib, limit], limit, 20)
             wall, _ = sem.cycles(adapters[lib], keys[lib, limit], limit, 30)
             warm_rate.append(30 / wall)
-        per_slice = max(20, min(1000, int(SLICE_S * min(warm_rate))))
+        per_slice = max(20, min(500, int(SLICE_S * min(warm_rate))))
         for rep in range(reps):
             elapsed = dict.fromkeys(kinds, 0.0)
             used = dict.fromkeys(kinds, 0.0)
