@@ -271,8 +271,8 @@ def _contended(res: ScenarioResult, url: str, reps: int, seconds: float) -> None
         f"8 spawned processes, {seconds:.0f} s per library per repetition, {reps} repetitions, "
         f"interleaved; hold {HOLD_S * 1000:.0f} ms; ttl {TTL} s.",
         "handoff: from the holder's release call to another process's acquire returning.",
-        "ours: a release's NOTIFY wakes every process waiting for the key; each tries once "
-        "(one wins, the others wait again), so statements per acquisition grow with the waiters. "
+        "ours: waiters queue in the table's _wait table; a release that saw waiters wakes the "
+        "oldest by a second statement (NOTIFY with its ticket), so one waiter tries per release. "
         "advisory: the server queues blocked sessions itself and grants the next.",
     ]
     res.tables.append(table)
