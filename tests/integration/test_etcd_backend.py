@@ -336,6 +336,33 @@ def test_a_line_longer_than_one_offer_of_places_queues_in_order(backend, backend
     assert line.order == list(range(9))
 
 
+def test_a_waiter_offers_the_place_its_last_release_freed(backend, etcd_url, unique_key):
+    # A process contending in a loop queues again right after its release, when a long
+    # line's lowest places are all taken and its own is free: it offers that place with
+    # the lowest ones, and queues in one transaction instead of two.
+    looper = connect(etcd_url)
+    held = [backend.acquire(unique_key, ttl=10, limit=10) for _ in range(9)]
+    last = looper.acquire(unique_key, ttl=10, limit=10)
+    assert last.token[32:40] == f"{9:08x}"
+    assert looper.release(last) is True
+    sent: list[str] = []
+    call = looper._cluster.call
+
+    def counted(service: str, method: str, request: object, **options: object) -> object:
+        sent.append(method)
+        return call(service, method, request, **options)
+
+    looper._cluster.call = counted
+    again = looper.acquire(unique_key, ttl=10, blocking=True, timeout=5, limit=10)
+    assert again is not None
+    assert again.token[32:40] == f"{9:08x}"
+    assert sent == ["Txn"]
+    assert looper.release(again) is True
+    for handle in held:
+        assert backend.release(handle) is True
+    looper.close()
+
+
 def test_keep_until_moves_the_entry_to_a_lease_nobody_renews(backend, unique_key):
     # throttle's window outlives the worker: the server ends the lease by itself.
     held = backend.acquire(unique_key, ttl=1)
