@@ -573,26 +573,35 @@ class BackendContract:
         assert held[1].release() is True
 
     def test_threads_under_a_semaphore_never_exceed_its_limit(self, backend, unique_key):
-        inside: list[int] = []
-        most = [0]
-        guard = threading.Lock()
+        rounds = 6 * 5
+        state = {"inside": 0, "most": 0, "to_start": rounds, "errors": []}
+        changed = threading.Condition()
 
         def work() -> None:
-            for _ in range(5):
-                with backend.lock(unique_key, ttl=10, timeout=30, limit=3):
-                    with guard:
-                        inside.append(1)
-                        most[0] = max(most[0], len(inside))
-                    time.sleep(0.005)  # the protected work
-                    with guard:
-                        inside.pop()
+            try:
+                for _ in range(5):
+                    with backend.lock(unique_key, ttl=10, timeout=30, limit=3), changed:
+                        state["to_start"] -= 1
+                        state["inside"] += 1
+                        state["most"] = max(state["most"], state["inside"])
+                        changed.notify_all()
+                        # Until all 3 were held once (or nobody is left to take them),
+                        # hold the slot: the limit must be reached, however slow the
+                        # server (it cannot hide a semaphore that grants fewer), and
+                        # must never be passed.
+                        changed.wait_for(lambda: state["most"] >= 3 or state["to_start"] == 0, 20)
+                        state["inside"] -= 1
+            except Exception as exc:  # reported by the test, not lost in a thread
+                state["errors"].append(exc)
 
         threads = [threading.Thread(target=work) for _ in range(6)]
         for thread in threads:
             thread.start()
         for thread in threads:
-            thread.join(60)
-        assert most[0] == 3, most  # never more, and the slots were really shared
+            thread.join(120)
+        assert state["errors"] == []
+        assert state["to_start"] == 0
+        assert state["most"] == 3  # never more, and the slots were really shared
 
     def test_semaphore_slots_are_listed_apart_and_one_is_broken_alone(
         self, backend, second_backend, unique_key
@@ -719,8 +728,7 @@ class CrossProcessContract(BackendContract):
         assert len(tokens) == 8 * rounds
         assert len(set(tokens)) == 8 * rounds  # never repeated, across every slot
         assert all(each == sorted(each) for each in entered.values())  # and rising
-        assert most <= 3
-        assert most == 3  # the slots were really shared
+        assert most <= 3  # that all 3 are granted at once, the in-process promises show
 
     # -- 2. a crashed holder ------------------------------------------------------------
 
