@@ -1305,15 +1305,28 @@ class Line:
         same scripts, so a caller packs it once."""
         return call.pack()
 
+    @property
+    def connected(self) -> bool:
+        """Whether a :meth:`send` would go out at once, without connecting first."""
+        return self._lane is not None
+
+    def connect(self, key: str | None) -> Lane:
+        """Connect now, if not connected (a caller connects many lines at once).
+
+        :raises LockBackendUnavailable: the server could not be reached.
+        """
+        if self._lane is None:
+            self._lane = self._node._take_lane(key)
+        return self._lane
+
     def send(self, request: bytes, key: str | None) -> None:
         """Write ``request`` (from :meth:`pack`), connecting first if need be.
 
         :raises LockBackendUnavailable: it was not sent, so the server cannot apply it.
         """
-        if self._lane is None:
-            self._lane = self._node._take_lane(key)
+        lane = self.connect(key)
         try:
-            self._lane.send(request)
+            lane.send(request)
         except OSError as exc:
             self.close()
             self._node._raise_socket_error(exc, key)

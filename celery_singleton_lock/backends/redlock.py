@@ -39,6 +39,7 @@ from __future__ import annotations
 import copy
 import os
 import random
+import threading
 import time
 import zlib
 from collections.abc import Callable, Collection, Iterable, Sequence
@@ -46,6 +47,7 @@ from dataclasses import replace
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
+from celery_singleton_lock import _native
 from celery_singleton_lock.backends.base import (
     MAX_LIMIT,
     Granted,
@@ -267,8 +269,11 @@ class RedlockBackend(LockBackend):
         for i, other in (special or {}).items():
             calls[i] = other
         try:
+            for i, failure in _connect_together(lane, to, call.key).items():
+                results[i] = _Failed(failure, sent=False)
+                self._failed_at[i] = self.clock()
             for i, line in enumerate(lane):
-                if to is not None and i not in to:
+                if (to is not None and i not in to) or results[i] is not None:
                     continue
                 try:
                     line.send(request if calls[i] is call else line.pack(calls[i]), call.key)
@@ -570,3 +575,38 @@ class RedlockBackend(LockBackend):
         self._lanes = []
         for node in self.nodes:
             node.close()
+
+
+def _connect_together(lines: Sequence[Line], to: Collection[int] | None, key: str | None) -> dict[int, str]:
+    """Connect the lines (those in ``to``) that have no connection yet, all at once, so a
+    round of masters that do not answer costs one ``node_timeout``, not one per master;
+    the reasons of those that failed, by index.
+
+    Only the first round, or one after a connection failed, has any to connect. One line
+    alone, or any under gevent (whose sockets belong to the hub of the thread that made
+    them: the lease keeper's OS thread has its own), connects in this thread, in turn.
+    """
+    waiting = [i for i, line in enumerate(lines) if (to is None or i in to) and not line.connected]
+    failures: dict[int, str] = {}
+    unexpected: list[BaseException] = []
+
+    def connect(i: int) -> None:
+        try:
+            lines[i].connect(key)
+        except LockBackendUnavailable as exc:
+            failures[i] = str(exc)
+        except BaseException as exc:  # raised below, in the caller's thread
+            unexpected.append(exc)
+
+    if len(waiting) == 1 or _native.patched():
+        for i in waiting:
+            connect(i)
+    elif waiting:
+        threads = [threading.Thread(target=connect, args=(i,), daemon=True) for i in waiting]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    if unexpected:
+        raise unexpected[0]
+    return failures
