@@ -104,6 +104,10 @@ _SPECS: dict[str, tuple[str, str, tuple[str, ...], str, tuple[float, ...]]] = {
         (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, float("inf")),
     ),
     "lost": ("counter", "singleton_lock_lost", _TASK, "Leases proved gone while their holder ran.", ()),
+    "superseded": (
+        "counter", "singleton_lock_superseded", _TASK,
+        "Debounced calls that ended as skipped: a later call of their key runs instead.", (),
+    ),
     "errors": (
         "counter", "singleton_lock_backend_errors", (*_TASK, "operation"),
         "Lock server errors, by operation (acquire, renew, release).", (),
@@ -208,6 +212,11 @@ class MetricsObserver(_observe.Observer):
         self.sink("contended", (*labels, outcome), 1)
         if outcome == "waited":
             self.sink("wait", labels, seconds)
+
+    def superseded(self, task: Any, key: str, later_task_id: str) -> None:
+        # The debounce records live in the task's own lock server (its "queued" keys).
+        backend = task.lock_options().settings.backend("queued")
+        self.sink("superseded", (_observe.task_name(task), _observe.backend_scheme(backend)), 1)
 
     def renewed(self, backend: Any, seconds: float) -> None:
         self.sink("renew", (_observe.backend_scheme(backend),), seconds)

@@ -14,10 +14,11 @@ import pytest
 from celery import Celery
 from celery.signals import before_task_publish
 
-from celery_singleton_lock import ConfigurationError, SingletonTask, singleton_task
+from celery_singleton_lock import ConfigurationError, SingletonTask, _observe, singleton_task
 from celery_singleton_lock.backends.memory import MemoryBackend
 from celery_singleton_lock.config import settings_for
 from celery_singleton_lock.lease import LeaseKeeper
+from celery_singleton_lock.metrics import MetricsObserver
 from celery_singleton_lock.results import skip_info
 from celery_singleton_lock.signals import task_skipped
 from celery_singleton_lock.task import DEBOUNCE_HEADER
@@ -221,6 +222,26 @@ def test_a_burst_runs_once_with_the_latest_arguments(queue_app: Celery, publishe
     assert (info.holder_task_id, info.reason) == (last, f"superseded by {last}")
     assert skip_info(results[-1]) is None
     assert other.id not in {r.id for r in results}
+
+
+def test_a_superseded_call_is_counted_in_the_metrics_apart_from_contention(
+    queue_app: Celery, published, monkeypatch
+) -> None:
+    observed: list[tuple[str, tuple[str, ...], float]] = []
+    sink = MetricsObserver(lambda name, labels, value: observed.append((name, labels, value)))
+    monkeypatch.setattr(_observe, "observer", sink)
+
+    @singleton_task(queue_app, debounce=30)
+    def sync(account: int) -> int:
+        return account
+
+    sync.delay(7)
+    sync.delay(7)  # supersedes the first
+    outcomes = [run_as_worker(sync, m).get() for m in published]
+    assert outcomes == [None, 7]
+    assert [o for o in observed if o[0] in ("superseded", "contended")] == [
+        ("superseded", (sync.name, "memory"), 1)
+    ]
 
 
 def test_max_wait_shortens_the_countdowns_to_the_windows_end(
