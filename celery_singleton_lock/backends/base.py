@@ -275,7 +275,6 @@ class LockBackend(ABC):
             ``timeout=math.inf`` is the same as None.
         """
         timeout = _check_timeout(timeout)
-        limit = self._check_limit(limit)
         if blocking and self.queues_waiters:
             # A queue store's wait begins with a place in line, which is granted at once
             # when the line is empty. Trying first would queue twice: a refused attempt
