@@ -470,7 +470,8 @@ class RedisBackend(LockBackend):
     # slot 0), KEYS[n+1] Redlock only: the key's fencing counter
     # ARGV[1] token; ARGV[2] ':<limit>', a newline and the owner JSON (and a space: a woken
     # waiter's grant); ARGV[3] ttl ms; ARGV[4] '1': the caller waits if refused, so mark
-    # every slot held; ARGV[5] '"task_id":<the owner's task id as JSON>' ('' for none): a
+    # every slot held (refused for its task id: the slot that task holds, whose release
+    # is what it waits for); ARGV[5] '"task_id":<the owner's task id as JSON>' ('' for none): a
     # slot held under it refuses us; ARGV[6] n, the limit; ARGV[7] '1': count tokens in
     # KEYS[n+1] (Redlock's masters count in step), else the server's clock
     # stores "<token>:<fencing token>:<limit>\n<owner JSON>" in the lowest free slot
@@ -493,6 +494,9 @@ class RedisBackend(LockBackend):
       local value = values[i]
       if value then
         if ARGV[5] ~= '' and string.find(value, ARGV[5], 1, true) then
+          if ARGV[4] == '1' and string.byte(value, -1) ~= 32 then
+            redis.call('append', KEYS[i], ' ')
+          end
           return {redis.call('pttl', KEYS[i]), value}
         end
         local fence = tonumber(string.match(value, '^[^:]*:(%d+)')) or 0
